@@ -1,0 +1,3 @@
+"""mergeops: continual model merging with governance."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from mergeops.cli import main
+
+main()

@@ -1,0 +1,168 @@
+"""The `mergeops` command line: parse, call the library, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from mergeops import __version__
+from mergeops.errors import MergeopsError, UsageError
+
+app = typer.Typer(
+    help="Continual model merging with governance: fold each new fine-tuned checkpoint into a running "
+         "merged model and record where every model came from.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+JsonOption = typer.Option(False, "--json", help="Print exactly one JSON document on stdout.")
+PolicyOption = typer.Option(..., "--policy", help="Policy file (TOML).", exists=False)
+
+
+def _print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=False) + "\n")
+
+
+def _progress(total: int, description: str, enabled: bool) -> Progress | None:
+    """A byte progress bar on stderr, only for people (a terminal, not --json) and only for big jobs."""
+    if not enabled or total < 256 << 20 or not err.is_terminal:
+        return None
+    progress = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                        TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
+    progress.add_task(description, total=total)
+    return progress
+
+
+def _not_yet(command: str, capability: str) -> NoReturn:
+    raise UsageError(f"`mergeops {command}` is not available in mergeops {__version__} yet; it arrives "
+                     f"with {capability}.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"mergeops {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Show the version and exit.")) -> None:
+    pass
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="A model folder."), as_json: bool = JsonOption) -> None:
+    """Validate a model folder and show its digest, size, dtypes, files and problems (exit 1 if any)."""
+    from mergeops.intake.inspect import inspect_folder
+    from mergeops.model import ModelFolder
+
+    folder, _ = ModelFolder.scan(path)
+    progress = _progress(folder.total_bytes if folder else 0, f"inspecting {path}", not as_json)
+    if progress:
+        with progress:
+            report = inspect_folder(path, lambda n: progress.advance(0, n))
+    else:
+        report = inspect_folder(path)
+    if as_json:
+        _print_json(report.to_json())
+    elif folder is None:
+        for problem in report.problems:
+            err.print(f"problem: {problem.message}", markup=False)
+    else:
+        table = Table(title=str(path), show_header=False)
+        table.add_row("digest", report.digest or "-")
+        table.add_row("architecture", report.architecture or "-")
+        table.add_row("parameters", f"{report.parameters:,}")
+        table.add_row("tensors", str(report.tensors))
+        table.add_row("dtypes", ", ".join(f"{k}: {v}" for k, v in report.dtypes.items()) or "-")
+        table.add_row("files", ", ".join(f["name"] for f in report.files) or "-")
+        out.print(table)
+        for problem in report.problems:
+            err.print(f"problem: {problem.message}", markup=False)
+        if not report.problems:
+            out.print("no problems found")
+    if report.problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def keygen(out_dir: Path = typer.Option(..., "--out", help="Directory for the new keys.")) -> None:
+    """Create a signing key pair and a MergeLock key."""
+    _not_yet("keygen", "the provenance ledger")
+
+
+@app.command()
+def fold(checkpoint: Path, policy: Path = PolicyOption, stream: str | None = typer.Option(None),
+         metrics: Path | None = typer.Option(None), as_json: bool = JsonOption) -> None:
+    """Fold one checkpoint into a stream's running merged model."""
+    _not_yet("fold", "the continual merge engine")
+
+
+@app.command()
+def daemon(policy: Path = PolicyOption, once: bool = typer.Option(False, "--once")) -> None:
+    """Watch every registry of every stream and fold arrivals."""
+    _not_yet("daemon", "the daemon")
+
+
+@app.command()
+def status(policy: Path = PolicyOption, as_json: bool = JsonOption) -> None:
+    """Per stream: latest version, method, folded / rejected / pending, daemon liveness."""
+    _not_yet("status", "the daemon")
+
+
+@app.command()
+def lineage(target: str, policy: Path = PolicyOption, as_json: bool = JsonOption) -> None:
+    """Where did this model come from? STREAM, STREAM@VERSION, or a model folder path."""
+    _not_yet("lineage", "the provenance ledger")
+
+
+@app.command()
+def audit(policy: Path = PolicyOption, as_json: bool = JsonOption) -> None:
+    """Verify the ledger's hash chain and signatures and re-hash every retained output."""
+    _not_yet("audit", "the provenance ledger")
+
+
+@app.command()
+def protect(model_dir: Path, out_dir: Path = typer.Option(..., "--out"), key: Path = typer.Option(...),
+            as_json: bool = JsonOption) -> None:
+    """Protect a model with MergeLock so it cannot be merged into others."""
+    _not_yet("protect", "MergeLock")
+
+
+@app.command()
+def unprotect(model_dir: Path, out_dir: Path = typer.Option(..., "--out"), key: Path = typer.Option(...)) -> None:
+    """Undo MergeLock with the key that applied it."""
+    _not_yet("unprotect", "MergeLock")
+
+
+@app.command()
+def publish(policy: Path = PolicyOption, stream: str | None = typer.Option(None),
+            version: int | None = typer.Option(None)) -> None:
+    """Copy, sign and publish a version of a stream."""
+    _not_yet("publish", "the provenance ledger")
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path("demo-run"), help="Where the demo writes its models."),
+         checkpoints: int = typer.Option(3, min=1, max=20)) -> None:
+    """Generate a small base model and fine-tunes into a local registry and inspect them."""
+    from mergeops.demo import run_demo
+
+    for line in run_demo(workdir, checkpoints):
+        out.print(line, markup=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except MergeopsError as exc:
+        err.print(f"mergeops: error: {exc}", markup=False)
+        sys.exit(exc.exit_code)

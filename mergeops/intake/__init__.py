@@ -1,0 +1,1 @@
+"""Intake: is a model folder complete, well-formed, and compatible with the stream's base?"""

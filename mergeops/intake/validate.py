@@ -1,0 +1,76 @@
+"""Where a checkpoint is validated: structure (via ModelFolder.scan), values, and fit to a base."""
+
+from __future__ import annotations
+
+import torch
+
+from mergeops.model import ModelFolder, Problem
+
+# Tensors named like trainable parameters must be floating point; buffers such as BERT's
+# ``position_ids`` are legitimately integer.
+_PARAMETER_SUFFIXES = (".weight", ".bias")
+
+
+_FINITE_CHUNK = 1 << 20  # elements: isfinite allocates temporaries of the input's size
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, using memory of one small chunk rather than of the tensor."""
+    return all(bool(torch.isfinite(chunk).all()) for chunk in tensor.reshape(-1).split(_FINITE_CHUNK))
+
+
+def tensor_value_problem(name: str, tensor: torch.Tensor, file: str | None = None,
+                         expect_floating: bool | None = None) -> Problem | None:
+    """A problem with one tensor's values: non-finite entries, or an integer where a float belongs.
+
+    ``expect_floating`` comes from the base when there is one; otherwise from the tensor's name.
+    """
+    if expect_floating is None:
+        expect_floating = name.endswith(_PARAMETER_SUFFIXES)
+    if not tensor.dtype.is_floating_point:
+        if expect_floating:
+            return Problem("not_floating", f"tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')} "
+                           "where a floating-point tensor is expected; save the weights in a float dtype.",
+                           file, name)
+        return None
+    if not all_finite(tensor):
+        bad = int((~torch.isfinite(tensor)).sum())
+        kinds = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+        if kinds == "NaN" and bool(torch.isinf(tensor).any()):
+            kinds = "NaN and Inf"
+        return Problem("non_finite", f"tensor {name!r} has {bad} non-finite value(s) ({kinds}); the checkpoint "
+                       "is corrupted or training diverged, so it cannot be merged.", file, name)
+    return None
+
+
+def problems_against_base(checkpoint: ModelFolder, base: ModelFolder) -> list[Problem]:
+    """Header-level fit to the base: same tensor names and shapes, floats where the base has floats,
+    same architecture. Values are checked while folding, so each tensor is read once."""
+    problems: list[Problem] = []
+    base_arch, arch = base.architecture, checkpoint.architecture
+    if base_arch and arch and base_arch != arch:
+        problems.append(Problem("architecture_mismatch", f"{checkpoint.path} is a {arch} but the base is a "
+                                f"{base_arch}; only fine-tunes of the stream's base can be merged.",
+                                "config.json"))
+    missing = [n for n in base.tensors if n not in checkpoint.tensors]
+    extra = [n for n in checkpoint.tensors if n not in base.tensors]
+    if missing:
+        problems.append(Problem("missing_tensor", f"{checkpoint.path} lacks {len(missing)} tensor(s) of the "
+                                f"base, first {missing[0]!r}; was it saved from a different model or "
+                                "only partly (e.g. an adapter)?", None, missing[0]))
+    if extra:
+        problems.append(Problem("unexpected_tensor", f"{checkpoint.path} has {len(extra)} tensor(s) the base "
+                                f"lacks, first {extra[0]!r}; it is not a fine-tune of this base.",
+                                checkpoint.tensors[extra[0]].file, extra[0]))
+    for name, info in checkpoint.tensors.items():
+        ref = base.tensors.get(name)
+        if ref is None:
+            continue
+        if info.shape != ref.shape:
+            problems.append(Problem("shape_mismatch", f"tensor {name!r} has shape {list(info.shape)} in "
+                                    f"{checkpoint.path} but {list(ref.shape)} in the base.", info.file, name))
+        elif ref.dtype.is_floating_point and not info.dtype.is_floating_point:
+            problems.append(Problem("not_floating", f"tensor {name!r} is {info.entry.dtype} in "
+                                    f"{checkpoint.path} but floating point ({ref.entry.dtype}) in the base; "
+                                    "save the weights in a float dtype.", info.file, name))
+    return problems

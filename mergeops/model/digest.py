@@ -1,0 +1,85 @@
+"""The identity of a model folder (SPEC §3.1).
+
+The digest is ``sha256:`` + the sha256 of a ``sha256sum``-style listing, one line per file sorted by
+path bytes, so anyone can recompute it with coreutils::
+
+    cd DIR && find -L . -type f ! -path './.git*' ! -path './.cache/*' ! -path ./model.sig \\
+        ! -path ./README.md ! -path ./provenance.json | sed 's|^\\./||' | LC_ALL=C sort \\
+        | xargs -d '\\n' sha256sum | sha256sum
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from mergeops.errors import ModelFolderError
+
+# Files that carry the digest or are regenerated from it, so they cannot be part of it.
+EXCLUDED_TOP_LEVEL = frozenset({"model.sig", "README.md", "provenance.json"})
+_CHUNK = 8 << 20
+
+
+def is_digest_excluded(relative: str) -> bool:
+    top = relative.split("/", 1)[0]
+    return top.startswith(".git") or top == ".cache" or relative in EXCLUDED_TOP_LEVEL
+
+
+def digest_files(root: Path) -> list[str]:
+    """Relative paths (with ``/``) of the files the digest covers, sorted by their UTF-8 bytes.
+
+    Symlinks are followed when they stay inside the folder and refused when they leave it.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ModelFolderError(f"{root} is not a directory; give the path of a model folder.")
+    resolved_root = root.resolve()
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        for name in list(dirnames) + filenames:
+            path = here / name
+            relative = path.relative_to(root).as_posix()
+            if is_digest_excluded(relative):
+                if name in dirnames:
+                    dirnames.remove(name)
+                continue
+            if path.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(resolved_root):
+                    raise ModelFolderError(
+                        f"{relative} in {root} is a symlink to {target}, outside the model folder; "
+                        "replace it with a copy of the file.")
+            if name in filenames and path.is_file():
+                found.append(relative)
+    found.sort(key=lambda p: p.encode())
+    return found
+
+
+def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return digest.hexdigest()
+
+
+def digest_of_listing(file_hashes: Mapping[str, str]) -> str:
+    """The folder digest from ``{relative path: sha256 hex}`` of the covered files."""
+    listing = "".join(f"{file_hashes[p]}  {p}\n" for p in sorted(file_hashes, key=lambda p: p.encode()))
+    return "sha256:" + hashlib.sha256(listing.encode()).hexdigest()
+
+
+def folder_file_hashes(root: Path, known: Mapping[str, str] | None = None,
+                       progress: Callable[[int], None] | None = None) -> dict[str, str]:
+    """sha256 of every covered file; hashes in ``known`` (computed while reading) are reused."""
+    known = known or {}
+    return {p: known.get(p) or file_sha256(Path(root) / p, progress) for p in digest_files(root)}
+
+
+def folder_digest(root: Path) -> str:
+    return digest_of_listing(folder_file_hashes(root))

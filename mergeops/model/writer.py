@@ -1,0 +1,189 @@
+"""Writing a model folder atomically, one tensor at a time.
+
+The layout of every shard is fixed up front from the tensor specs, so each tensor is written straight
+to its final offset as it arrives and never waits in memory for its neighbours. Everything goes into a
+temporary sibling directory; files and directories are fsynced and then renamed into place in one
+step, so a crash leaves either no output or a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+from mergeops.model.digest import file_sha256, is_digest_excluded
+from mergeops.model.folder import INDEX_FILE, SINGLE_FILE
+from mergeops.model.safetensors_file import encode_header, write_at
+
+DEFAULT_SHARD_BYTES = 5_000_000_000
+TEMP_MARKER = ".tmp-"
+
+# Files a donor folder holds that do not belong in a new model: weights and training leftovers (the
+# card, provenance and signature are regenerated for every output and never copied).
+_NOT_CARRIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+_NOT_CARRIED_NAMES = frozenset({INDEX_FILE, "pytorch_model.bin.index.json", "trainer_state.json",
+                                "metrics.json"})
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a tensor of the output will be: its name, storage dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _plan_shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
+    """Greedy shards in spec order (keeps a layer together); a tensor above the cap gets its own."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    # Within a shard, wider dtypes first keeps every tensor aligned to its element size.
+    return [sorted(shard, key=lambda s: -s.dtype.itemsize) for shard in shards]
+
+
+class ModelWriter:
+    """Write a complete model folder at ``out``, atomically.
+
+    >>> specs = [TensorSpec("w", torch.float32, (2, 2))]
+    >>> with ModelWriter(out, specs, metadata={"k": "v"}, donor=base_dir) as writer:
+    ...     writer.write("w", torch.eye(2))
+
+    Tensors may be written in any order; each must match its spec. ``donor``'s config, tokenizer and
+    generation files are copied; ``extra_files`` (e.g. a model card) are written beside the weights.
+    On an exception inside the ``with`` block nothing appears at ``out``.
+    """
+
+    def __init__(self, out: str | os.PathLike[str], specs: Iterable[TensorSpec], *,
+                 metadata: Mapping[str, str] | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 donor: str | os.PathLike[str] | None = None) -> None:
+        self.out = Path(out)
+        self.specs = {s.name: s for s in specs}
+        if not self.specs:
+            raise ValueError("a model folder needs at least one tensor")
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shard_bytes = shard_bytes
+        self.donor = Path(donor) if donor is not None else None
+        self.extra_files: dict[str, bytes] = {}
+        self.file_hashes: dict[str, str] = {}  # relative path -> sha256 of every file written
+        self._tmp: Path | None = None
+        self._fds: dict[str, int] = {}
+        self._where: dict[str, tuple[str, int]] = {}
+        self._pending: set[str] = set()
+
+    def __enter__(self) -> ModelWriter:
+        if self.out.exists():
+            raise FileExistsError(f"{self.out} already exists; model folders are never overwritten.")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{TEMP_MARKER}", dir=self.out.parent))
+        shards = _plan_shards(list(self.specs.values()), self.shard_bytes)
+        names = [SINGLE_FILE] if len(shards) == 1 else [
+            f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        for file_name, shard in zip(names, shards, strict=True):
+            header, offsets = encode_header([(s.name, s.dtype, s.shape) for s in shard], self.metadata)
+            fd = os.open(self._tmp / file_name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fds[file_name] = fd
+            os.pwrite(fd, header, 0)
+            os.ftruncate(fd, offsets[-1] + shard[-1].nbytes if shard else len(header))
+            for spec, offset in zip(shard, offsets, strict=True):
+                self._where[spec.name] = (file_name, offset)
+        if len(names) > 1:
+            weight_map = {name: file for name, (file, _) in sorted(self._where.items())}
+            index = {"metadata": {"total_size": sum(s.nbytes for s in self.specs.values())},
+                     "weight_map": weight_map}
+            self.extra_files[INDEX_FILE] = (json.dumps(index, indent=2) + "\n").encode()
+        self._pending = set(self.specs)
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise KeyError(f"tensor {name!r} is not part of this model's layout")
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                             f"expected {spec.dtype} {spec.shape}")
+        file_name, offset = self._where[name]
+        write_at(self._fds[file_name], tensor.cpu(), offset)
+        self._pending.discard(name)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        assert self._tmp is not None
+        try:
+            if exc_type is None:
+                if self._pending:
+                    raise RuntimeError(f"{len(self._pending)} tensor(s) were never written, "
+                                       f"e.g. {sorted(self._pending)[0]!r}")
+                self._finish(self._tmp)
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            if self._tmp.exists():
+                shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _finish(self, tmp: Path) -> None:
+        for fd in self._fds.values():
+            os.fsync(fd)
+        for file_name in self._fds:
+            self.file_hashes[file_name] = file_sha256(tmp / file_name)
+        if self.donor is not None:
+            _copy_carried_files(self.donor, tmp)
+        for relative, data in self.extra_files.items():
+            (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
+            _write_durably(tmp / relative, data)
+        for path in sorted(tmp.rglob("*")):
+            relative = path.relative_to(tmp).as_posix()
+            if path.is_file() and relative not in self.file_hashes and not is_digest_excluded(relative):
+                self.file_hashes[relative] = file_sha256(path)
+        for directory in [*sorted(p for p in tmp.rglob("*") if p.is_dir()), tmp]:
+            fsync_dir(directory)
+        os.rename(tmp, self.out)
+        fsync_dir(self.out.parent)
+
+
+def _copy_carried_files(donor: Path, dest: Path) -> None:
+    for path in sorted(donor.rglob("*")):
+        relative = path.relative_to(donor).as_posix()
+        if (not path.is_file() or is_digest_excluded(relative) or path.name in _NOT_CARRIED_NAMES
+                or path.name.endswith(_NOT_CARRIED_SUFFIXES)):
+            continue
+        target = dest / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write_durably(target, path.read_bytes())
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,128 @@
+"""Small generated models for the demo, the tests and the benchmarks.
+
+A Llama-shaped base with random weights, and "fine-tunes" of it: the base plus a low-rank update on
+every linear layer and small noise elsewhere, the way real fine-tunes differ from their base. Written
+one tensor at a time, so a 1B-parameter model needs no more memory than its largest tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergeops.model import ModelFolder, ModelWriter, TensorSpec
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    hidden: int = 64
+    layers: int = 2
+    intermediate: int = 172
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 256
+
+    def config(self) -> dict[str, object]:
+        """A config.json that transformers can instantiate (LlamaForCausalLM)."""
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": self.hidden, "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
+            "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "float32",
+        }
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        head_dim = self.hidden // self.heads
+        kv = self.kv_heads * head_dim
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, self.hidden)}
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            shapes |= {
+                p + "input_layernorm.weight": (self.hidden,),
+                p + "self_attn.q_proj.weight": (self.hidden, self.hidden),
+                p + "self_attn.k_proj.weight": (kv, self.hidden),
+                p + "self_attn.v_proj.weight": (kv, self.hidden),
+                p + "self_attn.o_proj.weight": (self.hidden, self.hidden),
+                p + "post_attention_layernorm.weight": (self.hidden,),
+                p + "mlp.gate_proj.weight": (self.intermediate, self.hidden),
+                p + "mlp.up_proj.weight": (self.intermediate, self.hidden),
+                p + "mlp.down_proj.weight": (self.hidden, self.intermediate),
+            }
+        shapes |= {"model.norm.weight": (self.hidden,), "lm_head.weight": (self.vocab, self.hidden)}
+        return shapes
+
+    @property
+    def parameters(self) -> int:
+        total = 0
+        for shape in self.tensor_shapes().values():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+
+def llama_shape_for(parameters: int) -> LlamaShape:
+    """A Llama-like shape with roughly ``parameters`` parameters (for benchmarks)."""
+    for hidden, layers in ((512, 4), (768, 12), (1024, 16), (1536, 20), (2048, 22), (2560, 26), (3072, 28)):
+        shape = LlamaShape(hidden=hidden, layers=layers, intermediate=int(hidden * 2.6875) // 64 * 64,
+                           heads=hidden // 64, kv_heads=max(1, hidden // 256), vocab=32000)
+        if shape.parameters >= parameters * 0.9:
+            return shape
+    return shape
+
+
+def write_base(out: Path, shape: LlamaShape, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+               shard_bytes: int | None = None) -> Path:
+    """A random base model folder with a real Llama config.json."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = shape.tensor_shapes()
+    specs = [TensorSpec(name, dtype, s) for name, s in shapes.items()]
+    kwargs = {"shard_bytes": shard_bytes} if shard_bytes else {}
+    config = dict(shape.config(), torch_dtype=str(dtype).removeprefix("torch."))
+    with ModelWriter(out, specs, **kwargs) as writer:
+        writer.extra_files["config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+        for name, s in shapes.items():
+            if len(s) == 1:
+                tensor = torch.ones(s)
+            else:
+                tensor = torch.randn(s, generator=generator) * (1.0 / s[-1] ** 0.5)
+            writer.write(name, tensor.to(dtype))
+    return out
+
+
+def write_finetune(base: Path, out: Path, *, seed: int, scale: float = 0.02, rank: int = 4,
+                   shard_bytes: int | None = None, extra_files: dict[str, str] | None = None) -> Path:
+    """A fine-tune of ``base``: a rank-``rank`` update on every 2-D tensor plus small dense noise,
+    ``scale`` relative to each tensor's typical magnitude. Config and tokenizer come from the base."""
+    generator = torch.Generator().manual_seed(seed)
+    with ModelFolder.open(base) as model:
+        specs = [TensorSpec(n, i.dtype, i.shape) for n, i in model.tensors.items()]
+        kwargs = {"shard_bytes": shard_bytes} if shard_bytes else {}
+        with ModelWriter(out, specs, donor=base, **kwargs) as writer:
+            if extra_files:
+                writer.extra_files.update({k: v.encode() for k, v in extra_files.items()})
+            for name, tensor in model.iter_tensors():
+                writer.write(name, _perturb(tensor, generator, scale, rank))
+    return out
+
+
+def _perturb(tensor: torch.Tensor, generator: torch.Generator, scale: float, rank: int) -> torch.Tensor:
+    if not tensor.dtype.is_floating_point:
+        return tensor
+    t = tensor.float()
+    magnitude = float(t.abs().mean()) or 1.0
+    delta = torch.randn(t.shape, generator=generator) * (0.1 * scale * magnitude)
+    if t.dim() == 2:
+        m, n = t.shape
+        r = min(rank, m, n)
+        u = torch.randn(m, r, generator=generator)
+        v = torch.randn(r, n, generator=generator)
+        delta += (u @ v) * (scale * magnitude / r ** 0.5)
+    return (t + delta).to(tensor.dtype)
+

@@ -1,0 +1,188 @@
+"""Every malformed model folder is caught, named, and explained in one sentence."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+
+import torch
+
+from mergeops.intake.inspect import inspect_folder
+from mergeops.intake.validate import problems_against_base
+from mergeops.model import ModelFolder
+from tests.conftest import random_tensors, write_model
+
+
+def codes(path) -> list[str]:
+    return [p.code for p in inspect_folder(path).problems]
+
+
+def only_problem(path):
+    problems = inspect_folder(path).problems
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+def write_raw_safetensors(path, header: dict, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def test_a_good_model_has_no_problems(tmp_path, tensors):
+    model = write_model(tmp_path / "m", tensors, shard_bytes=1500, config={"architectures": ["LlamaForCausalLM"]})
+    report = inspect_folder(model)
+    assert report.problems == []
+    assert report.tensors == len(tensors)
+    assert report.parameters == sum(t.numel() for t in tensors.values())
+    assert report.dtypes == {"F32": len(tensors)}
+    assert report.architecture == "LlamaForCausalLM"
+
+
+def test_truncated_shard(tmp_path, tensors):
+    model = write_model(tmp_path / "m", tensors)
+    path = model / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    problem = only_problem(model)
+    assert problem.code == "truncated_file" and problem.file == "model.safetensors"
+    assert "truncated" in problem.message and "copy the file again" in problem.message
+
+
+def test_shard_truncated_inside_its_header(tmp_path, tensors):
+    model = write_model(tmp_path / "m", tensors)
+    path = model / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:20])
+    assert only_problem(model).code == "truncated_file"
+
+
+def test_offsets_past_the_end_of_the_file(tmp_path):
+    (tmp_path / "m").mkdir()
+    write_raw_safetensors(tmp_path / "m" / "model.safetensors",
+                          {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                           "b": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}, b"\0" * 16)
+    problem = only_problem(tmp_path / "m")
+    assert problem.code == "truncated_file" and problem.tensor == "b"
+    assert "'b'" in problem.message
+
+
+def test_overlapping_offsets(tmp_path):
+    (tmp_path / "m").mkdir()
+    write_raw_safetensors(tmp_path / "m" / "model.safetensors",
+                          {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                           "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, b"\0" * 24)
+    assert "overlapping_tensors" in codes(tmp_path / "m")
+
+
+def test_index_names_a_missing_shard(tmp_path, tensors):
+    model = write_model(tmp_path / "m", tensors, shard_bytes=1500)
+    shards = sorted(model.glob("model-*.safetensors"))
+    shards[1].unlink()
+    problems = inspect_folder(model).problems
+    assert [p.code for p in problems] == ["missing_shard"]
+    assert shards[1].name in problems[0].message
+
+
+def _rewrite_index(model, shard_name: str) -> None:
+    index_path = model / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard_name
+    index_path.write_text(json.dumps(index))
+
+
+def test_index_path_leaving_the_folder(tmp_path, tensors):
+    model = write_model(tmp_path / "m", tensors, shard_bytes=1500)
+    _rewrite_index(model, "../evil.safetensors")
+    assert "path_escape" in codes(model)
+
+
+def test_index_absolute_path(tmp_path, tensors):
+    model = write_model(tmp_path / "m", tensors, shard_bytes=1500)
+    _rewrite_index(model, str(sorted(model.glob("model-*.safetensors"))[0]))
+    assert "path_escape" in codes(model)
+
+
+def test_shard_symlink_escaping_the_folder(tmp_path, tensors):
+    model = write_model(tmp_path / "m", tensors)
+    (model / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (model / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    problem = only_problem(model)
+    assert problem.code == "path_escape" and "outside the model folder" in problem.message
+
+
+def test_non_finite_values_name_the_tensor(tmp_path, tensors):
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 4] = float("nan")
+    tensors["model.norm.weight"][0] = float("inf")
+    model = write_model(tmp_path / "m", tensors)
+    problems = inspect_folder(model).problems
+    assert {(p.code, p.tensor) for p in problems} == {
+        ("non_finite", "model.layers.0.mlp.up_proj.weight"), ("non_finite", "model.norm.weight")}
+    assert any("NaN" in p.message for p in problems) and any("Inf" in p.message for p in problems)
+
+
+class _Exploit:
+    """Unpickling this would create a marker file: proof that pickle was executed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_only_folder_is_refused_without_executing_it(tmp_path):
+    (tmp_path / "m").mkdir()
+    marker = tmp_path / "pwned"
+    (tmp_path / "m" / "pytorch_model.bin").write_bytes(pickle.dumps(_Exploit(marker)))
+    problem = only_problem(tmp_path / "m")
+    assert problem.code == "pickle_weights"
+    assert "execute arbitrary code" in problem.message and "safetensors" in problem.message
+    assert not marker.exists()
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "m").mkdir()
+    assert only_problem(tmp_path / "m").code == "empty_folder"
+
+
+def test_duplicate_tensor_names_across_shards(tmp_path):
+    (tmp_path / "m").mkdir()
+    header = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    for shard in ("a.safetensors", "b.safetensors"):
+        write_raw_safetensors(tmp_path / "m" / shard, header, b"\0" * 8)
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "a.safetensors", "x": "b.safetensors"}}))
+    assert "duplicate_tensor" in codes(tmp_path / "m")
+
+
+def test_integer_tensor_where_a_float_is_expected(tmp_path, tensors):
+    tensors["model.norm.weight"] = torch.ones(16, dtype=torch.int32)
+    tensors["model.position_ids"] = torch.arange(5)  # integer buffers are fine
+    problem = only_problem(write_model(tmp_path / "m", tensors))
+    assert problem.code == "not_floating" and problem.tensor == "model.norm.weight"
+
+
+def test_checkpoint_is_compared_with_its_base(tmp_path, tensors):
+    base = write_model(tmp_path / "base", tensors, config={"architectures": ["LlamaForCausalLM"]})
+    other = random_tensors(seed=1)
+    other["model.norm.weight"] = torch.ones(17)
+    other["model.extra.weight"] = torch.ones(2)
+    del other["model.layers.0.mlp.up_proj.weight"]
+    other["model.layers.0.self_attn.q_proj.bias"] = torch.ones(16, dtype=torch.int64)
+    checkpoint = write_model(tmp_path / "ck", other, config={"architectures": ["GPT2LMHeadModel"]})
+    with ModelFolder.open(base) as b, ModelFolder.open(checkpoint) as c:
+        found = {p.code: p for p in problems_against_base(c, b)}
+    assert set(found) == {"architecture_mismatch", "missing_tensor", "unexpected_tensor", "shape_mismatch",
+                          "not_floating"}
+    assert found["shape_mismatch"].tensor == "model.norm.weight"
+    assert found["missing_tensor"].tensor == "model.layers.0.mlp.up_proj.weight"
+
+
+def test_inspect_hashes_match_a_plain_read(tmp_path, tensors):
+    import hashlib
+
+    model = write_model(tmp_path / "m", tensors, shard_bytes=1500, config={})
+    report = inspect_folder(model)
+    for entry in report.files:
+        assert entry["sha256"] == hashlib.sha256((model / entry["name"]).read_bytes()).hexdigest()
+        assert entry["size"] == (model / entry["name"]).stat().st_size

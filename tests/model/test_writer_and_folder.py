@@ -1,0 +1,134 @@
+"""Model folders round-trip through ModelWriter and ModelFolder, single-file and sharded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mergeops.model import ModelFolder, ModelWriter, TensorSpec
+from tests.conftest import random_tensors, write_model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shard_bytes", [None, 1500])
+def test_round_trip_is_exact(tmp_path, dtype, shard_bytes):
+    tensors = random_tensors(dtype=dtype) | {"model.position_ids": torch.arange(7)}
+    write_model(tmp_path / "m", tensors, shard_bytes=shard_bytes, metadata={"mergeops.stream": "s"})
+    with ModelFolder.open(tmp_path / "m") as model:
+        assert set(model.tensors) == set(tensors)
+        for name, tensor in model.iter_tensors():
+            assert tensor.dtype == tensors[name].dtype
+            assert torch.equal(tensor, tensors[name]), name
+    shards = sorted(p.name for p in (tmp_path / "m").glob("*.safetensors"))
+    if shard_bytes:
+        assert len(shards) > 1 and (tmp_path / "m" / "model.safetensors.index.json").is_file()
+        assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    else:
+        assert shards == ["model.safetensors"]
+    for shard in shards:  # the reference reader agrees, and every shard carries the metadata
+        with safe_open(tmp_path / "m" / shard, framework="pt") as f:
+            assert f.metadata()["mergeops.stream"] == "s"
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                assert torch.equal(f.get_tensor(name), tensors[name])
+
+
+def test_index_maps_every_tensor_to_its_shard(tmp_path, tensors):
+    write_model(tmp_path / "m", tensors, shard_bytes=1000)
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    for name, shard in index["weight_map"].items():
+        with safe_open(tmp_path / "m" / shard, framework="pt") as f:
+            assert name in f.keys()  # noqa: SIM118
+
+
+def test_tensor_larger_than_cap_gets_its_own_shard(tmp_path):
+    tensors = {"big": torch.randn(100, 100), "small": torch.randn(3)}
+    write_model(tmp_path / "m", tensors, shard_bytes=1000)
+    with ModelFolder.open(tmp_path / "m") as model:
+        assert model.tensors["big"].file != model.tensors["small"].file
+
+
+def test_donor_files_are_carried_but_not_its_weights_or_training_leftovers(tmp_path, tensors):
+    donor = tmp_path / "donor"
+    donor.mkdir()
+    for name in ("config.json", "tokenizer.json", "generation_config.json", "README.md", "optimizer.pt",
+                 "trainer_state.json", "exp_avg_sq.safetensors", "model.safetensors", "provenance.json"):
+        (donor / name).write_text("{}")
+    (donor / "1_Pooling").mkdir()
+    (donor / "1_Pooling" / "config.json").write_text("{}")
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with ModelWriter(tmp_path / "out", specs, donor=donor) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    written = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*")
+                     if p.is_file())
+    assert written == ["1_Pooling/config.json", "config.json", "generation_config.json", "model.safetensors",
+                       "tokenizer.json"]
+
+
+def test_writer_refuses_wrong_shape_or_dtype_and_leaves_nothing(tmp_path):
+    specs = [TensorSpec("w", torch.float32, (2, 2))]
+    with pytest.raises(ValueError, match="expected"), ModelWriter(tmp_path / "m", specs) as writer:
+        writer.write("w", torch.zeros(3, 2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exception_mid_write_leaves_no_output_and_no_temp_dir(tmp_path, tensors):
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with pytest.raises(RuntimeError, match="boom"), ModelWriter(tmp_path / "m", specs) as writer:
+        for i, (name, tensor) in enumerate(tensors.items()):
+            if i == 2:
+                raise RuntimeError("boom")
+            writer.write(name, tensor)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritten_tensor_fails_the_write(tmp_path, tensors):
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with pytest.raises(RuntimeError, match="never written"), ModelWriter(tmp_path / "m", specs) as writer:
+        writer.write("model.norm.weight", tensors["model.norm.weight"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_is_never_overwritten(tmp_path, tensors):
+    write_model(tmp_path / "m", tensors)
+    with pytest.raises(FileExistsError):
+        write_model(tmp_path / "m", tensors)
+
+
+_SLOW_WRITER = """
+import sys, time, torch
+from mergeops.model import ModelWriter, TensorSpec
+specs = [TensorSpec(f"t{i}", torch.float32, (256, 1024)) for i in range(40)]
+print("ready", flush=True)
+with ModelWriter(sys.argv[1], specs, shard_bytes=4 << 20) as writer:
+    for i in range(40):
+        writer.write(f"t{i}", torch.full((256, 1024), float(i)))
+        time.sleep(0.01)
+"""
+
+
+@pytest.mark.parametrize("kill_after", [0.0, 0.15, 0.3, 0.45, 0.6, 0.9])
+def test_kill_9_at_any_moment_leaves_no_output_or_a_complete_one(tmp_path, kill_after):
+    out = tmp_path / "m"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(out)], stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"ready\n"
+    time.sleep(kill_after)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    if out.exists():
+        with ModelFolder.open(out) as model:
+            assert len(model.tensors) == 40
+            for name, tensor in model.iter_tensors():
+                assert torch.equal(tensor, torch.full((256, 1024), float(name[1:])))
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "m"]
+    assert all(name.startswith(".m.tmp-") for name in leftovers)  # only a dot-named temp dir may remain

@@ -1,0 +1,60 @@
+"""The `mergeops` command, run as a real subprocess: versions, help, exit codes, JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mergeops import __version__
+from tests.conftest import write_model
+
+
+def mergeops(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mergeops", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_version():
+    result = mergeops("--version")
+    assert result.returncode == 0 and result.stdout.strip() == f"mergeops {__version__}"
+
+
+def test_help_lists_every_command():
+    result = mergeops("--help")
+    assert result.returncode == 0
+    for command in ("inspect", "keygen", "fold", "daemon", "status", "lineage", "audit", "protect",
+                    "unprotect", "publish"):
+        assert command in result.stdout
+
+
+def test_inspect_json_is_one_document_with_the_spec_keys(tmp_path, tensors):
+    model = write_model(tmp_path / "m", tensors, config={"architectures": ["LlamaForCausalLM"]})
+    result = mergeops("inspect", str(model), "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert {"digest", "parameters", "tensors", "dtypes", "architecture", "files", "problems"} <= set(document)
+    assert document["digest"].startswith("sha256:") and document["problems"] == []
+
+
+def test_inspect_exits_1_and_names_the_problem(tmp_path, tensors):
+    tensors["model.norm.weight"][0] = float("nan")
+    model = write_model(tmp_path / "m", tensors)
+    result = mergeops("inspect", str(model))
+    assert result.returncode == 1
+    assert "'model.norm.weight'" in result.stderr and "Traceback" not in result.stderr
+    document = json.loads(mergeops("inspect", str(model), "--json").stdout)
+    assert document["problems"][0]["tensor"] == "model.norm.weight"
+
+
+@pytest.mark.parametrize("args", [["keygen", "--out", "k"], ["daemon", "--policy", "p.toml"],
+                                  ["protect", "m", "--out", "o", "--key", "k"]])
+def test_commands_of_later_capabilities_say_so_and_exit_2(args):
+    result = mergeops(*args)
+    assert result.returncode == 2
+    assert "not available" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_option_is_a_usage_error():
+    assert mergeops("inspect", "--bogus").returncode == 2
