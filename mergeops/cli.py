@@ -93,6 +93,29 @@ def inspect(path: Path = typer.Argument(..., help="A model folder."), as_json: b
         raise typer.Exit(1)
 
 
+curvature_app = typer.Typer(help="Curvature (Adam second moments) for OTA merging.", no_args_is_help=True)
+app.add_typer(curvature_app, name="curvature")
+
+
+@curvature_app.command("import")
+def curvature_import(
+    checkpoint: Path = typer.Argument(..., help="A Trainer checkpoint folder with optimizer.pt and config.json."),
+    param_names: Path | None = typer.Option(None, help="Text file of trainable parameter names, one per line, in "
+                                            "named_parameters() order (instead of rebuilding it from config.json)."),
+) -> None:
+    """Convert the Trainer's optimizer.pt into exp_avg_sq.safetensors, keyed by parameter name."""
+    from mergeops.intake.curvature import import_trainer_curvature
+
+    names = None
+    if param_names is not None:
+        try:
+            names = [line.strip() for line in param_names.read_text().splitlines() if line.strip()]
+        except OSError as exc:
+            raise UsageError(f"cannot read {param_names} ({exc.strerror}).") from exc
+    written = import_trainer_curvature(checkpoint, param_names=names)
+    out.print(f"wrote {written}", markup=False)
+
+
 @app.command()
 def keygen(out_dir: Path = typer.Option(..., "--out", help="Directory for the new keys.")) -> None:
     """Create a signing key pair and a MergeLock key."""
@@ -100,10 +123,40 @@ def keygen(out_dir: Path = typer.Option(..., "--out", help="Directory for the ne
 
 
 @app.command()
-def fold(checkpoint: Path, policy: Path = PolicyOption, stream: str | None = typer.Option(None),
-         metrics: Path | None = typer.Option(None), as_json: bool = JsonOption) -> None:
-    """Fold one checkpoint into a stream's running merged model."""
-    _not_yet("fold", "the continual merge engine")
+def fold(checkpoint: Path = typer.Argument(..., help="The checkpoint's model folder."),
+         policy: Path = PolicyOption,
+         stream: str | None = typer.Option(None, help="Stream to fold into (needed when the policy has several)."),
+         metrics: Path | None = typer.Option(None, help="JSON file of training metrics, e.g. {\"loss\": 0.4}."),
+         as_json: bool = JsonOption) -> None:
+    """Fold one checkpoint into a stream's running merged model (exit 3 if it is rejected)."""
+    from mergeops.fold.engine import fold_checkpoint
+    from mergeops.model import ModelFolder
+    from mergeops.policy import load_policy
+
+    loaded = load_policy(policy)
+    folder, _ = ModelFolder.scan(checkpoint)
+    progress = _progress(folder.total_bytes if folder else 0, f"folding {checkpoint.name}", not as_json)
+    if progress:
+        with progress:
+            result = fold_checkpoint(loaded, stream, checkpoint, metrics_file=metrics,
+                                     progress=lambda n: progress.advance(0, n))
+    else:
+        result = fold_checkpoint(loaded, stream, checkpoint, metrics_file=metrics)
+    if as_json:
+        _print_json(result.to_json())
+    elif result.status == "merged":
+        out.print(f"{result.stream}: version {result.version} at {result.output} ({result.output_digest})",
+                  markup=False)
+    elif result.status == "duplicate":
+        out.print(f"{result.stream}: {checkpoint} ({result.digest}) is already in version {result.version}; "
+                  "nothing new", markup=False)
+    else:
+        err.print(f"rejected by {result.gate}: {result.reason}", markup=False)
+    if not as_json:
+        for note in result.notes:
+            err.print(f"note: {note}", markup=False)
+    if result.status == "rejected":
+        raise typer.Exit(3)
 
 
 @app.command()
@@ -151,12 +204,12 @@ def publish(policy: Path = PolicyOption, stream: str | None = typer.Option(None)
 
 
 @app.command()
-def demo(workdir: Path = typer.Option(Path("demo-run"), help="Where the demo writes its models."),
-         checkpoints: int = typer.Option(3, min=1, max=20)) -> None:
-    """Generate a small base model and fine-tunes into a local registry and inspect them."""
+def demo(policy: Path = typer.Option(Path("policies/demo.toml"), "--policy", help="The demo policy."),
+         checkpoints: int = typer.Option(3, min=1, max=20, help="How many fine-tunes to generate.")) -> None:
+    """Generate a small base model and fine-tunes into a local registry and fold them into a stream."""
     from mergeops.demo import run_demo
 
-    for line in run_demo(workdir, checkpoints):
+    for line in run_demo(policy, checkpoints):
         out.print(line, markup=False)
 
 

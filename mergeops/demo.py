@@ -1,4 +1,8 @@
-"""The README's first command: a small end-to-end run on generated models."""
+"""The README's first command: a small end-to-end run on generated models.
+
+It generates a Llama-shaped base and a few fine-tunes of it into a local folder registry (the paths
+come from the demo policy), then folds each checkpoint into the policy's stream, as the daemon would.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,28 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from mergeops.intake.inspect import inspect_folder
+from mergeops.errors import PolicyError
+from mergeops.fold.engine import fold_checkpoint
+from mergeops.policy import load_policy
 from mergeops.synthetic import LlamaShape, write_base, write_finetune
 
 
-def run_demo(workdir: Path, checkpoints: int = 3) -> Iterator[str]:
-    """Generate a base and ``checkpoints`` fine-tunes into ``workdir/registry`` and inspect each."""
-    if workdir.exists():
-        shutil.rmtree(workdir)
+def run_demo(policy_path: Path, checkpoints: int = 3) -> Iterator[str]:
+    """Yield a line per step. Everything the demo policy points at is generated anew."""
+    policy = load_policy(policy_path)
+    stream = policy.stream(None)
+    if isinstance(stream.base, str) or not stream.watch or stream.watch[0].path is None:
+        raise PolicyError(f"{policy_path}: the demo needs a local base and a local watch path.")
+    registry = stream.watch[0].path
+    for generated in (stream.base, registry, stream.output, policy.home):
+        if generated.exists():
+            shutil.rmtree(generated)
     shape = LlamaShape()
-    base = write_base(workdir / "models" / "base", shape, seed=0)
-    yield f"base model: {base} ({shape.parameters:,} parameters)"
+    write_base(stream.base, shape, seed=0)
+    yield f"base model: {stream.base} ({shape.parameters:,} parameters, {shape.config()['architectures'][0]})"
     for i in range(1, checkpoints + 1):
-        checkpoint = write_finetune(base, workdir / "registry" / "incoming" / f"finetune-{i:03d}", seed=i)
-        report = inspect_folder(checkpoint)
-        verdict = "ok" if not report.problems else f"{len(report.problems)} problem(s)"
-        yield f"checkpoint {checkpoint.name}: {report.digest} {report.parameters:,} parameters, {verdict}"
+        checkpoint = write_finetune(stream.base, registry / f"finetune-{i:03d}", seed=i)
+        result = fold_checkpoint(policy, stream.name, checkpoint)
+        yield (f"{checkpoint.name}: {result.status} -> {stream.name} version {result.version} "
+               f"({stream.method}) at {result.output}")
+    yield f"latest: {stream.output / 'latest'} -> {(stream.output / 'latest').resolve().name}"

@@ -48,6 +48,28 @@ def test_inspect_exits_1_and_names_the_problem(tmp_path, tensors):
     assert document["problems"][0]["tensor"] == "model.norm.weight"
 
 
+def test_fold_exit_codes_and_json(tmp_path):
+    from tests.fold.streams import make_base, make_checkpoints, write_policy
+
+    base_path, base = make_base(tmp_path)
+    good = make_checkpoints(tmp_path, base, 1)[0]
+    bad = make_checkpoints(tmp_path / "bad", base | {"model.norm.weight": base["model.norm.weight"] * float("nan")},
+                           1)[0]
+    policy = str(write_policy(tmp_path, base_path, "average"))
+    merged = mergeops("fold", str(good), "--policy", policy, "--json")
+    assert merged.returncode == 0, merged.stderr
+    document = json.loads(merged.stdout)
+    assert {"status", "stream", "version", "output", "digest", "reason"} <= set(document)
+    assert (document["status"], document["stream"], document["version"]) == ("merged", "s", 1)
+    duplicate = mergeops("fold", str(good), "--policy", policy, "--json")
+    assert (duplicate.returncode, json.loads(duplicate.stdout)["status"]) == (0, "duplicate")
+    rejected = mergeops("fold", str(bad), "--policy", policy)
+    assert rejected.returncode == 3 and "'model.norm.weight'" in rejected.stderr
+    missing_base = write_policy(tmp_path / "p2", tmp_path / "nowhere", "average")
+    usage = mergeops("fold", str(good), "--policy", str(missing_base))
+    assert usage.returncode == 2 and "base folder" in usage.stderr and "Traceback" not in usage.stderr
+
+
 @pytest.mark.parametrize("args", [["keygen", "--out", "k"], ["daemon", "--policy", "p.toml"],
                                   ["protect", "m", "--out", "o", "--key", "k"]])
 def test_commands_of_later_capabilities_say_so_and_exit_2(args):

@@ -78,8 +78,8 @@ class ModelFolder:
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> ModelFolder:
-        folder, problems = cls.scan(path)
+    def open(cls, path: str | os.PathLike[str], weights: str | None = None) -> ModelFolder:
+        folder, problems = cls.scan(path, weights)
         if problems:
             more = f" (and {len(problems) - 1} more problem(s); run `mergeops inspect {path}`)" \
                 if len(problems) > 1 else ""
@@ -88,15 +88,23 @@ class ModelFolder:
         return folder
 
     @classmethod
-    def scan(cls, path: str | os.PathLike[str]) -> tuple[ModelFolder | None, list[Problem]]:
-        """Read the folder's structure: index, shard headers, paths. Tensor values are not read."""
+    def scan(cls, path: str | os.PathLike[str], weights: str | None = None
+             ) -> tuple[ModelFolder | None, list[Problem]]:
+        """Read the folder's structure: index, shard headers, paths. Tensor values are not read.
+
+        ``weights`` names one safetensors file of the folder to read instead of the model's weights
+        (e.g. ``exp_avg_sq.safetensors``)."""
         root = Path(path)
         if not root.is_dir():
             return None, [Problem("not_a_folder", f"{root} is not a directory; give the path of a model "
                                   "folder (config.json plus model.safetensors or sharded safetensors).")]
         problems: list[Problem] = []
         index: dict[str, Any] | None = None
-        if (root / INDEX_FILE).is_file():
+        if weights is not None:
+            if not (root / weights).is_file():
+                return None, [Problem("missing_file", f"{root} has no {weights}.", weights)]
+            shard_names = [weights]
+        elif (root / INDEX_FILE).is_file():
             index, shard_names, index_problems = _read_index(root)
             problems += index_problems
         elif (root / SINGLE_FILE).exists():

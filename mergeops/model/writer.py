@@ -97,6 +97,7 @@ class ModelWriter:
             raise FileExistsError(f"{self.out} already exists; model folders are never overwritten.")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{TEMP_MARKER}", dir=self.out.parent))
+        self._tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be read
         shards = _plan_shards(list(self.specs.values()), self.shard_bytes)
         names = [SINGLE_FILE] if len(shards) == 1 else [
             f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]

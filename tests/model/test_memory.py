@@ -31,7 +31,9 @@ if sys.argv[2] == "read":
             total += float(tensor.float().sum())
 else:
     assert inspect_folder(sys.argv[1]).problems == []
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM is this process's own peak; ru_maxrss would include the parent's RSS at fork time.
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 print(json.dumps({"growth_mib": (peak - before) / 1024}))
 """
 

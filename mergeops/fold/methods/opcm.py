@@ -1,0 +1,110 @@
+"""opcm: Orthogonal-Projection Continual Merging (Tang et al. 2025), SPEC §4.
+
+State: the unnormalised sum S of projected updates, and the norms of every task vector. For a
+projected tensor, the part of the new task vector lying in both the top-r left and top-r right
+singular subspaces of S is removed, so later tasks do not overwrite what earlier ones established.
+The merged model is θ0 + n̄_t · S/‖S‖ with n̄_t the mean task-vector norm (a model-wide quantity,
+hence ``needs_global``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from mergeops.fold.methods.base import Arrival, MergeMethod, Param
+
+# Embedding-like matrices are rows of a lookup table, not linear maps: projecting them is meaningless.
+_NOT_LINEAR = re.compile(r"embed|wte|wpe|position|token_type|shared")
+
+
+def _regex_list(value: list) -> str | None:
+    try:
+        for pattern in value:
+            re.compile(pattern)
+    except (re.error, TypeError) as exc:
+        return f"must be a list of regular expressions ({exc})"
+    return None
+
+
+def _alpha_range(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be between 0 and 1"
+
+
+def projection_rank(singular_values: torch.Tensor, alpha: float) -> int:
+    """r = how many leading singular values have cumulative share of Σσ at most α."""
+    total = float(singular_values.sum(dtype=torch.float64))
+    if total == 0.0:
+        return 0
+    share = torch.cumsum(singular_values.double(), 0) / total
+    return int((share <= alpha).sum())
+
+
+def project_update(accumulated: torch.Tensor, tau: torch.Tensor, alpha: float, zero_diagonal: bool) -> torch.Tensor:
+    """D = τ − U_r (U_rᵀ τ V_r) V_rᵀ [− Σ_{i≥r} (u_iᵀ τ v_i) u_i v_iᵀ], with the thin SVD of S."""
+    if not bool(accumulated.any()):
+        return tau  # nothing merged in this tensor yet: no subspace to protect
+    u, s, vh = torch.linalg.svd(accumulated, full_matrices=False)
+    r = projection_rank(s, alpha)
+    update = tau
+    if r:
+        ur, vr = u[:, :r], vh[:r].T
+        update = update - ur @ (ur.T @ tau @ vr) @ vr.T
+    if zero_diagonal and r < s.numel():
+        ut, v = u[:, r:].T, vh[r:]
+        diagonal = ((ut @ tau) * v).sum(dim=1)  # u_iᵀ τ v_i for i ≥ r, without forming the k×k product
+        update = update - (ut.T * diagonal) @ v
+    return update
+
+
+class OPCM(MergeMethod):
+    name = "opcm"
+    needs_global = True
+    params = {
+        "alpha": Param(0.5, float, _alpha_range, "share of S's spectrum protected from new updates"),
+        "zero_diagonal": Param(False, bool, help="also remove the diagonal coefficients (FusionBench's code)"),
+        "project": Param([], list, _regex_list, "regexes of 2-D tensors to project besides the default rule"),
+        "skip": Param([], list, _regex_list, "regexes of tensors never to project"),
+    }
+
+    def state_kinds(self) -> tuple[str, ...]:
+        return ("sum",)
+
+    def is_projected(self, name: str, tensor: torch.Tensor) -> bool:
+        if tensor.dim() != 2 or any(re.search(p, name) for p in self.p["skip"]):
+            return False
+        if any(re.search(p, name) for p in self.p["project"]):
+            return True
+        return name.endswith(".weight") and not _NOT_LINEAR.search(name)
+
+    def begin(self, arrival: Arrival) -> None:
+        super().begin(arrival)
+        self._tau_sq = 0.0
+        self._sum_sq = 0.0
+
+    def fold(self, name: str, base: torch.Tensor, new: torch.Tensor,
+             state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tau = new.sub_(base)
+        self._tau_sq += float(tau.square().sum(dtype=torch.float64))
+        if not state:
+            accumulated = tau
+        elif self.is_projected(name, tau):
+            previous = state["sum"]
+            accumulated = previous + project_update(previous, tau, self.p["alpha"], self.p["zero_diagonal"])
+        else:
+            accumulated = state["sum"].add_(tau)
+        self._sum_sq += float(accumulated.square().sum(dtype=torch.float64))
+        return {"sum": accumulated}
+
+    def finish(self) -> None:
+        super().finish()
+        norms = [*self.scalars.get("task_norms", []), math.sqrt(self._tau_sq)]
+        self.scalars["task_norms"] = norms
+        self.scalars["sum_norm"] = math.sqrt(self._sum_sq)
+
+    def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        norms, sum_norm = self.scalars["task_norms"], self.scalars["sum_norm"]
+        scale = (sum(norms) / len(norms)) / sum_norm if sum_norm else 0.0
+        return base + scale * state["sum"]

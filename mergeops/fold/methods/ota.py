@@ -1,0 +1,127 @@
+"""ota: Optimization-Trajectory-Aware merging (Mahdavinia et al. 2025), SPEC §4.
+
+Each checkpoint's Adam second moment v (``exp_avg_sq.safetensors``) weights its task vector per entry:
+c = v^power, w = (c + ε)·mask·m_t, merged = θ0 + Σ w⊙τ / Σ w. Both sums are the state, so the merge
+is exact in streaming form. ε is relative to each tensor's mean curvature. Fast Fisher Grafting
+(``density``) keeps only the entries whose saliency v⊙τ² is among the top ``density`` share of the
+whole checkpoint (threshold from two survey passes); dropped entries leave both sums. Where every
+checkpoint dropped an entry, the base value is kept (``fallback = "base"``) or the plain mean of the
+task vectors is used (``"mean"``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mergeops.errors import RejectedError
+from mergeops.fold.methods.base import Arrival, MergeMethod, Param, in_unit_interval, non_negative
+from mergeops.fold.methods.mwa import metric_weight
+from mergeops.fold.topk import KthLargest
+from mergeops.model import ModelFolder
+
+CURVATURE_FILE = "exp_avg_sq.safetensors"
+
+
+def _one_of(*choices: str):
+    return lambda value: None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+
+def curvature(v: torch.Tensor, power: float, rank1: bool) -> torch.Tensor:
+    """c = v^power; with ``rank1`` a 2-D v is first replaced by its Adafactor-style rank-1 factorisation."""
+    if rank1 and v.dim() == 2:
+        total = v.sum()
+        v = torch.outer(v.sum(1), v.sum(0)).div_(total) if total > 0 else torch.zeros_like(v)
+    return v.pow(power)
+
+
+class OTA(MergeMethod):
+    name = "ota"
+    v: ModelFolder | None = None  # the checkpoint's exp_avg_sq.safetensors, open during a fold
+    params = {
+        "power": Param(0.5, float, non_negative, "c = v^power"),
+        "epsilon": Param(1e-12, float, non_negative, "added to c, relative to the tensor's mean curvature"),
+        "density": Param(None, float, in_unit_interval, "Fast Fisher Grafting: share of entries kept"),
+        "rank1": Param(False, bool, help="use a rank-1 (row sums × column sums) approximation of 2-D v"),
+        "fallback": Param("base", str, _one_of("base", "mean"), "where every checkpoint dropped an entry"),
+        "metric": Param("none", str, _one_of("none", "loss", "step"), "per-checkpoint multiplier m_t from metrics"),
+        "penalty": Param(1.0, float, non_negative, "exponent of the metric multiplier"),
+    }
+
+    def state_kinds(self) -> tuple[str, ...]:
+        return ("weighted_sum", "weight_sum", *(("tau_sum",) if self.p["fallback"] == "mean" else ()))
+
+    def begin(self, arrival: Arrival) -> None:
+        super().begin(arrival)
+        folder = arrival.folder
+        if not (folder.path / CURVATURE_FILE).is_file():
+            raise RejectedError(
+                f"{folder.path} has no {CURVATURE_FILE}, which OTA needs (the Adam second moments); create it "
+                f"with `mergeops curvature import {folder.path}` from the Trainer's optimizer.pt.", gate="curvature")
+        self.v = ModelFolder.open(folder.path, CURVATURE_FILE)
+        for name, info in folder.tensors.items():
+            if not info.dtype.is_floating_point:
+                continue
+            found = self.v.tensors.get(name)
+            if found is None or found.shape != info.shape:
+                what = "lacks" if found is None else f"has shape {list(found.shape)} for"
+                raise RejectedError(f"{folder.path / CURVATURE_FILE} {what} tensor {name!r} "
+                                    f"(shape {list(info.shape)}); regenerate it with `mergeops curvature import`.",
+                                    gate="curvature")
+        metric = self.p["metric"]
+        self.multiplier = 1.0 if metric == "none" else metric_weight(arrival.metrics, metric, self.p["penalty"],
+                                                                     str(folder.path))
+        density = self.p["density"]
+        self.saliency = KthLargest(lambda d: math.ceil(density * d)) if density is not None else None
+
+    def _v(self, name: str) -> torch.Tensor:
+        v = self.v.read(name).float()
+        if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+            raise RejectedError(f"{self.v.path / CURVATURE_FILE}: tensor {name!r} has negative or non-finite "
+                                "second moments; regenerate it with `mergeops curvature import`.", gate="curvature")
+        return v
+
+    def survey_needed(self) -> bool:
+        if self.saliency is None or self.saliency.done:
+            return False
+        if self.saliency.count:
+            self.saliency.next_pass()
+        return not self.saliency.done
+
+    def survey(self, name: str, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        self.saliency.feed(self._saliency(self._v(name), new.sub_(base)))
+
+    def _saliency(self, v: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        if self.p["rank1"] and v.dim() == 2:
+            v = curvature(v, 1.0, rank1=True)
+        return v * tau.square()
+
+    def fold(self, name: str, base: torch.Tensor, new: torch.Tensor,
+             state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tau = new.sub_(base)
+        v = self._v(name)
+        c = curvature(v, self.p["power"], self.p["rank1"])
+        scale = float(c.mean()) if c.numel() else 0.0
+        weight = c.add_(self.p["epsilon"] * (scale or 1.0)).mul_(self.multiplier)
+        if self.saliency is not None:
+            weight.mul_(self._saliency(v, tau) >= self.saliency.value)
+        update = {"weighted_sum": weight * tau, "weight_sum": weight}
+        if self.p["fallback"] == "mean":
+            update["tau_sum"] = tau
+        if not state:
+            return update
+        return {kind: state[kind].add_(value) for kind, value in update.items()}
+
+    def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        weights = state["weight_sum"]
+        ratio = state["weighted_sum"] / torch.where(weights > 0, weights, 1.0)
+        if self.p["fallback"] == "mean":
+            fallback = state["tau_sum"] / self.t
+        else:
+            fallback = torch.zeros_like(ratio)
+        return base + torch.where(weights > 0, ratio, fallback)
+
+    def close(self) -> None:
+        if self.v is not None:
+            self.v.close()

@@ -1,0 +1,230 @@
+"""The policy file (SPEC §3.3): what to watch, how to merge, where to write, what to check.
+
+Parsing is strict: an unknown key is an error that suggests the closest valid one, a value of the
+wrong type names its key, and every relative path is resolved against the policy file's folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergeops.errors import PolicyError
+
+OUTPUT_DTYPES = ("base", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    path: Path | None = None
+    hub: str | None = None
+    revision: str = "main"
+    poll_seconds: float = 300.0
+    settle_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    max_update_ratio: float | None = None
+    licenses: tuple[str, ...] | None = None
+    require_signature: bool = False
+    trusted_keys: tuple[Path, ...] = ()
+    eval: str | None = None
+    min: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    to: Path | None = None
+    hub: str | None = None
+    protect: bool = False
+    sign: bool = True
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    name: str
+    base: Path | str  # a local folder, or "hf://org/repo@revision"
+    method: str
+    output: Path
+    keep: int = 5
+    dtype: str = "base"
+    params: dict[str, Any] = field(default_factory=dict)
+    watch: tuple[WatchConfig, ...] = ()
+    gate: GateConfig = field(default_factory=GateConfig)
+    publish: PublishConfig | None = None
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    signing: Path | None = None
+    lock: Path | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    path: Path
+    digest: str  # sha256 of the policy file's bytes, recorded with every version
+    home: Path
+    keys: KeysConfig
+    streams: dict[str, StreamConfig]
+
+    def stream(self, name: str | None) -> StreamConfig:
+        """The named stream, or the only one when ``name`` is None."""
+        if name is None:
+            if len(self.streams) != 1:
+                raise PolicyError(f"{self.path} defines {len(self.streams)} streams "
+                                  f"({', '.join(self.streams)}); choose one with --stream.")
+            return next(iter(self.streams.values()))
+        if name not in self.streams:
+            raise PolicyError(f"{self.path} has no stream {name!r}{_suggest(name, self.streams)}.")
+        return self.streams[name]
+
+
+def _suggest(key: str, valid: Any) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class _Table:
+    """One TOML table being read: takes keys with types, then complains about any left over."""
+
+    def __init__(self, data: Any, where: str, policy: Path) -> None:
+        if not isinstance(data, dict):
+            raise PolicyError(f"{policy}: {where} must be a table.")
+        self.data, self.where, self.policy = dict(data), where, policy
+        self.known: list[str] = []
+
+    def take(self, key: str, kind: type | tuple[type, ...], default: Any = None, required: bool = False) -> Any:
+        self.known.append(key)
+        if key not in self.data:
+            if required:
+                raise PolicyError(f"{self.policy}: {self.where} needs a {key!r} key.")
+            return default
+        value = self.data.pop(key)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise PolicyError(f"{self.policy}: {self.where}.{key} must be a {names}, not {value!r}.")
+        return value
+
+    def done(self) -> None:
+        for key in self.data:
+            raise PolicyError(f"{self.policy}: unknown key {key!r} in {self.where}{_suggest(key, self.known)}.")
+
+
+def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """Read and check a policy file; raises :class:`PolicyError` naming the key or file at fault."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy file {path} ({exc.strerror}); pass an existing TOML file "
+                          "with --policy.") from exc
+    try:
+        data = tomllib.loads(raw.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PolicyError(f"{path} is not valid TOML: {exc}.") from exc
+    folder = path.resolve().parent
+
+    def local(value: str) -> Path:
+        return (folder / value).resolve()
+
+    top = _Table(data, "the top level", path)
+    home_value = os.environ.get("MERGEOPS_HOME") or top.take("home", str, "state")
+    if "MERGEOPS_HOME" in os.environ:
+        top.take("home", str)
+    keys_table = _Table(top.take("keys", dict, {}), "[keys]", path)
+    signing, lock = keys_table.take("signing", str), keys_table.take("lock", str)
+    keys_table.done()
+    streams_data = top.take("streams", dict, required=True)
+    top.done()
+    if not streams_data:
+        raise PolicyError(f"{path} defines no streams; add a [streams.NAME] table.")
+    streams = {name: _stream(name, table, path, local) for name, table in streams_data.items()}
+    return Policy(path=path.resolve(), digest="sha256:" + hashlib.sha256(raw).hexdigest(), home=local(home_value),
+                  keys=KeysConfig(local(signing) if signing else None, local(lock) if lock else None),
+                  streams=streams)
+
+
+def _stream(name: str, data: Any, path: Path, local: Any) -> StreamConfig:
+    from mergeops.fold.methods import method_class  # the methods validate their own parameters
+
+    where = f"[streams.{name}]"
+    table = _Table(data, where, path)
+    base = table.take("base", str, required=True)
+    method = table.take("method", str, required=True)
+    output = table.take("output", str, f"merged/{name}")
+    keep = table.take("keep", int, 5)
+    dtype = table.take("dtype", str, "base")
+    params = table.take("params", dict, {})
+    watch = table.take("watch", list, [])
+    gate = table.take("gate", dict, {})
+    publish = table.take("publish", dict)
+    table.done()
+    if keep < 1:
+        raise PolicyError(f"{path}: {where}.keep must be at least 1, not {keep}.")
+    if dtype not in OUTPUT_DTYPES:
+        raise PolicyError(f"{path}: {where}.dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}.")
+    params = method_class(method, f"{path}: {where}.method").check_params(params, f"{path}: [streams.{name}.params]")
+    return StreamConfig(
+        name=name, base=base if base.startswith("hf://") else local(base), method=method, output=local(output),
+        keep=keep, dtype=dtype, params=params,
+        watch=tuple(_watch(w, f"[[streams.{name}.watch]]", path, local) for w in watch),
+        gate=_gate(gate, f"[streams.{name}.gate]", path, local),
+        publish=_publish(publish, f"[streams.{name}.publish]", path, local) if publish is not None else None,
+    )
+
+
+def _watch(data: Any, where: str, path: Path, local: Any) -> WatchConfig:
+    table = _Table(data, where, path)
+    folder, hub = table.take("path", str), table.take("hub", str)
+    config = WatchConfig(path=local(folder) if folder else None, hub=hub,
+                         revision=table.take("revision", str, "main"),
+                         poll_seconds=table.take("poll_seconds", float, 300.0),
+                         settle_seconds=table.take("settle_seconds", float, 5.0))
+    table.done()
+    if (folder is None) == (hub is None):
+        raise PolicyError(f"{path}: each {where} needs exactly one of 'path' (a local folder) or 'hub' (org/repo).")
+    return config
+
+
+def _gate(data: Any, where: str, path: Path, local: Any) -> GateConfig:
+    table = _Table(data, where, path)
+    licenses = table.take("licenses", list)
+    trusted = table.take("trusted_keys", list, [])
+    minimums = table.take("min", dict, {})
+    config = GateConfig(max_update_ratio=table.take("max_update_ratio", float),
+                        licenses=tuple(str(x) for x in licenses) if licenses is not None else None,
+                        require_signature=table.take("require_signature", bool, False),
+                        trusted_keys=tuple(local(str(k)) for k in trusted),
+                        eval=table.take("eval", str),
+                        min={str(k): _number(v, f"{where}.min.{k}", path) for k, v in minimums.items()})
+    table.done()
+    if config.require_signature and not config.trusted_keys:
+        raise PolicyError(f"{path}: {where}.require_signature needs trusted_keys (public key files).")
+    return config
+
+
+def _publish(data: Any, where: str, path: Path, local: Any) -> PublishConfig:
+    table = _Table(data, where, path)
+    to, hub = table.take("to", str), table.take("hub", str)
+    config = PublishConfig(to=local(to) if to else None, hub=hub, protect=table.take("protect", bool, False),
+                           sign=table.take("sign", bool, True))
+    table.done()
+    if to is None and hub is None:
+        raise PolicyError(f"{path}: {where} needs 'to' (a local folder) or 'hub' (org/repo).")
+    return config
+
+
+def _number(value: Any, where: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PolicyError(f"{path}: {where} must be a number, not {value!r}.")
+    return float(value)

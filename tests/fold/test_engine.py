@@ -1,0 +1,251 @@
+"""The fold engine: versions, duplicates, rejections that change nothing, restarts, crash recovery."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mergeops.errors import PolicyError
+from mergeops.fold.engine import fold_checkpoint
+from mergeops.ledger import Journal
+from mergeops.model import folder_digest
+from mergeops.policy import load_policy
+from tests.conftest import write_model
+from tests.fold import reference
+from tests.fold.streams import (
+    CONFIG,
+    assert_close,
+    make_base,
+    make_checkpoints,
+    read_floats,
+    read_model,
+    write_policy,
+)
+
+
+def tree(*roots) -> dict[str, str]:
+    """Every file (and link target) under ``roots``, hashed: to prove nothing changed."""
+    found = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")) if root.exists() else []:
+            key = str(path)
+            if path.is_symlink():
+                found[key] = "link:" + os.readlink(path)
+            elif path.is_file() and path.name != "record.json":
+                found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+@pytest.fixture
+def stream(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 3, curvature=True, metrics=True)
+    policy = load_policy(write_policy(tmp_path, base_path, "opcm", keep=2))
+    return policy, base, checkpoints
+
+
+def test_versions_latest_link_and_pruning(stream):
+    policy, _, checkpoints = stream
+    results = [fold_checkpoint(policy, "s", c) for c in checkpoints]
+    assert [r.version for r in results] == [1, 2, 3]
+    out = policy.streams["s"].output
+    assert os.readlink(out / "latest") == "v0003"
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "v0002", "v0003"]  # keep = 2
+    state_root = policy.home / "streams" / "s" / "state"
+    assert sorted(p.name for p in state_root.iterdir()) == ["v0003"]
+    assert results[-1].output_digest == folder_digest(out / "v0003")
+    assert (out / "v0003" / "config.json").read_text() == json.dumps(CONFIG)
+
+
+def test_output_carries_lineage_metadata(stream):
+    from safetensors import safe_open
+
+    policy, _, checkpoints = stream
+    first = fold_checkpoint(policy, "s", checkpoints[0])
+    second = fold_checkpoint(policy, "s", checkpoints[1])
+    with safe_open(second.output / "model.safetensors", framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["mergeops.stream"] == "s" and metadata["mergeops.version"] == "2"
+    assert metadata["mergeops.method"] == "opcm"
+    assert json.loads(metadata["mergeops.parents"]) == [first.output_digest, second.digest]
+
+
+def test_same_digest_twice_is_a_duplicate_and_changes_nothing(stream, tmp_path):
+    policy, _, checkpoints = stream
+    fold_checkpoint(policy, "s", checkpoints[0])
+    copy = shutil.copytree(checkpoints[0], tmp_path / "copy")  # same content elsewhere: same identity
+    before = tree(policy.home, policy.streams["s"].output)
+    result = fold_checkpoint(policy, "s", copy)
+    assert (result.status, result.version) == ("duplicate", 1)
+    assert tree(policy.home, policy.streams["s"].output) == before
+
+
+def _nan_checkpoint(tmp_path, base):
+    tensors = {n: t.clone() for n, t in base.items()}
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    return write_model(tmp_path / "bad", tensors, config=CONFIG)
+
+
+def _wrong_shape(tmp_path, base):
+    tensors = {n: t.clone() for n, t in base.items()} | {"model.norm.weight": torch.ones(17)}
+    return write_model(tmp_path / "bad", tensors, config=CONFIG)
+
+
+def _other_architecture(tmp_path, base):
+    return write_model(tmp_path / "bad", dict(base), config={"architectures": ["GPT2LMHeadModel"]})
+
+
+def _changed_integer(tmp_path, base):
+    return write_model(tmp_path / "bad", dict(base) | {"model.position_ids": torch.arange(1, 9)}, config=CONFIG)
+
+
+def _truncated(tmp_path, base):
+    path = write_model(tmp_path / "bad", dict(base), config=CONFIG)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    return path
+
+
+def _pickle_only(tmp_path, base):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "pytorch_model.bin").write_bytes(b"\x80\x04N.")
+    return tmp_path / "bad"
+
+
+@pytest.mark.parametrize(("make_bad", "needle"), [
+    (_nan_checkpoint, "'model.layers.0.mlp.up_proj.weight'"),
+    (_wrong_shape, "'model.norm.weight'"),
+    (_other_architecture, "GPT2LMHeadModel"),
+    (_changed_integer, "'model.position_ids'"),
+    (_truncated, "truncated"),
+    (_pickle_only, "pickle"),
+])
+def test_a_rejected_checkpoint_leaves_the_stream_byte_for_byte_unchanged(stream, tmp_path, make_bad, needle):
+    policy, base, checkpoints = stream
+    fold_checkpoint(policy, "s", checkpoints[0])
+    before = tree(policy.home, policy.streams["s"].output)
+    result = fold_checkpoint(policy, "s", make_bad(tmp_path, base))
+    assert result.status == "rejected" and needle in result.reason
+    assert tree(policy.home, policy.streams["s"].output) == before
+    assert Journal(policy.home).rejections("s")[-1].reason == result.reason
+    assert fold_checkpoint(policy, "s", checkpoints[1]).version == 2  # the stream goes on
+
+
+def test_ota_rejects_a_checkpoint_without_curvature_and_says_how_to_make_it(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoint = make_checkpoints(tmp_path, base, 1)[0]
+    policy = load_policy(write_policy(tmp_path, base_path, "ota"))
+    result = fold_checkpoint(policy, "s", checkpoint)
+    assert result.status == "rejected" and result.gate == "curvature"
+    assert "mergeops curvature import" in result.reason
+    assert not policy.streams["s"].output.exists()
+
+
+def test_mwa_rejects_a_checkpoint_without_its_metric(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoint = make_checkpoints(tmp_path, base, 1)[0]
+    policy = load_policy(write_policy(tmp_path, base_path, "mwa", {"metric": "loss"}))
+    result = fold_checkpoint(policy, "s", checkpoint)
+    assert result.status == "rejected" and "'loss'" in result.reason and "--metrics" in result.reason
+
+
+def test_metrics_file_and_trainer_state_feed_mwa(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 2)
+    (checkpoints[0] / "trainer_state.json").write_text(json.dumps(
+        {"global_step": 50, "log_history": [{"loss": 3.0, "step": 10}, {"loss": 2.0, "step": 50}, {"eval_loss": 9}]}))
+    (tmp_path / "m.json").write_text(json.dumps({"loss": 0.5}))
+    policy = load_policy(write_policy(tmp_path, base_path, "mwa", {"metric": "loss"}))
+    fold_checkpoint(policy, "s", checkpoints[0])
+    result = fold_checkpoint(policy, "s", checkpoints[1], metrics_file=tmp_path / "m.json")
+    models = [read_model(c) for c in checkpoints]
+    assert_close(read_floats(result.output), reference.weighted_average(base, models, [1 / 2.0, 1 / 0.5]))
+
+
+def test_mwa_window_rebuilds_when_the_expired_checkpoint_is_gone(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 4, metrics=True)
+    policy = load_policy(write_policy(tmp_path, base_path, "mwa", {"metric": "loss", "window": 2}))
+    models = [read_model(c) for c in checkpoints]
+    losses = [json.loads((c / "metrics.json").read_text())["loss"] for c in checkpoints]
+    for checkpoint in checkpoints[:3]:
+        fold_checkpoint(policy, "s", checkpoint)
+    shutil.rmtree(checkpoints[1])  # it expires with the next fold
+    result = fold_checkpoint(policy, "s", checkpoints[3])
+    assert result.status == "merged" and "rebuilt" in " ".join(result.notes)
+    expected = reference.weighted_average(base, models[2:], [1 / x for x in losses[2:]])
+    assert_close(read_floats(result.output), expected)
+
+
+def test_changing_method_or_parameters_of_a_running_stream_is_refused(stream, tmp_path):
+    policy, _, checkpoints = stream
+    fold_checkpoint(policy, "s", checkpoints[0])
+    changed = load_policy(write_policy(tmp_path, policy.streams["s"].base, "opcm", {"alpha": 0.9}))
+    with pytest.raises(PolicyError, match="cannot change method or parameters"):
+        fold_checkpoint(changed, "s", checkpoints[1])
+
+
+def _cli_fold(policy_path, checkpoint):
+    return subprocess.run([sys.executable, "-m", "mergeops", "fold", str(checkpoint), "--policy", str(policy_path),
+                           "--json"], capture_output=True, text=True, timeout=120)
+
+
+def test_restart_in_a_new_process_gives_identical_results(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 4)
+    uninterrupted = load_policy(write_policy(tmp_path / "a", base_path, "opcm", {"zero_diagonal": True}))
+    for checkpoint in checkpoints:
+        last = fold_checkpoint(uninterrupted, "s", checkpoint)
+    split = write_policy(tmp_path / "b", base_path, "opcm", {"zero_diagonal": True})
+    for checkpoint in checkpoints:  # every fold in its own process
+        result = json.loads(_cli_fold(split, checkpoint).stdout)
+    assert result["version"] == 4
+    assert result["output_digest"] == last.output_digest  # byte-identical weights, config and all
+
+
+_SLOW_FOLD = """
+import sys, time
+import mergeops.model.writer as writer
+original = writer.write_at
+def slow_write_at(*args):  # widen the window in which a kill lands mid-fold
+    time.sleep(0.004)
+    original(*args)
+writer.write_at = slow_write_at
+from mergeops.cli import main
+sys.argv = ["mergeops", "fold", sys.argv[1], "--policy", sys.argv[2]]
+print("ready", flush=True)
+main()
+"""
+
+
+@pytest.mark.parametrize("kill_after", [0.02, 0.08, 0.15, 0.25])
+def test_kill_9_mid_fold_then_redo_converges_to_the_uninterrupted_result(tmp_path, kill_after):
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 3)
+    reference_policy = load_policy(write_policy(tmp_path / "a", base_path, "opcm"))
+    for checkpoint in checkpoints:
+        expected = fold_checkpoint(reference_policy, "s", checkpoint)
+    policy_path = write_policy(tmp_path / "b", base_path, "opcm")
+    policy = load_policy(policy_path)
+    fold_checkpoint(policy, "s", checkpoints[0])
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_FOLD, str(checkpoints[1]), str(policy_path)],
+                            stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"ready\n"
+    time.sleep(kill_after)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for checkpoint in checkpoints[1:]:  # redo: a finished fold is a duplicate, an unfinished one runs again
+        result = fold_checkpoint(policy, "s", checkpoint)
+        assert result.status in ("merged", "duplicate")
+    assert Journal(policy.home).head("s").output_digest == expected.output_digest
+    leftovers = [p for p in (tmp_path / "b").rglob("*") if ".tmp-" in p.name]
+    assert leftovers == []

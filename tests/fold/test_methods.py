@@ -1,0 +1,120 @@
+"""Every method, folded one checkpoint at a time, equals its batch formula from SPEC §4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergeops.fold.engine import fold_checkpoint
+from mergeops.policy import load_policy
+from tests.fold import reference
+from tests.fold.streams import assert_close, make_base, make_checkpoints, read_floats, read_model, write_policy
+
+CHECKPOINTS = 4
+
+
+def fold_all(tmp_path, method, params, checkpoints, base_path, dtype="base"):
+    policy = load_policy(write_policy(tmp_path, base_path, method, params, dtype=dtype))
+    result = None
+    for checkpoint in checkpoints:
+        result = fold_checkpoint(policy, None, checkpoint)
+        assert result.status == "merged", result.reason
+    return result
+
+
+CASES = [
+    ("average", {}, lambda b, cs, vs, ms: reference.average(b, cs)),
+    ("task_arithmetic", {"lambda": 0.3}, lambda b, cs, vs, ms: reference.task_arithmetic(b, cs, 0.3)),
+    ("magmax", {"lambda": 0.5}, lambda b, cs, vs, ms: reference.magmax(b, cs, 0.5)),
+    ("ties", {"lambda": 0.3, "density": 0.2}, lambda b, cs, vs, ms: reference.ties(b, cs, 0.3, 0.2)),
+    ("opcm", {"alpha": 0.5}, lambda b, cs, vs, ms: reference.opcm(b, cs, 0.5, False)),
+    ("opcm", {"alpha": 0.5, "zero_diagonal": True}, lambda b, cs, vs, ms: reference.opcm(b, cs, 0.5, True)),
+    ("opcm", {"alpha": 0.8, "skip": ["q_proj"], "project": ["embed_tokens"]},
+     lambda b, cs, vs, ms: reference.opcm(
+         b, cs, 0.8, False, lambda n, t: t.dim() == 2 and "q_proj" not in n and ("embed" in n or "mlp" in n))),
+    ("ota", {}, lambda b, cs, vs, ms: reference.ota(b, cs, vs)),
+    ("ota", {"power": 1.0, "density": 0.3}, lambda b, cs, vs, ms: reference.ota(b, cs, vs, power=1.0, density=0.3)),
+    ("ota", {"rank1": True, "density": 0.5, "fallback": "mean"},
+     lambda b, cs, vs, ms: reference.ota(b, cs, vs, rank1=True, density=0.5, fallback="mean")),
+    ("ota", {"metric": "loss"},
+     lambda b, cs, vs, ms: reference.ota(b, cs, vs, multipliers=[1 / m["loss"] for m in ms])),
+    ("mwa", {"metric": "loss"},
+     lambda b, cs, vs, ms: reference.weighted_average(b, cs, [1 / m["loss"] for m in ms])),
+    ("mwa", {"metric": "step", "penalty": 2.0},
+     lambda b, cs, vs, ms: reference.weighted_average(b, cs, [m["step"] ** 2 for m in ms])),
+    ("mwa", {"metric": "loss", "window": 2},
+     lambda b, cs, vs, ms: reference.weighted_average(b, cs[-2:], [1 / m["loss"] for m in ms[-2:]])),
+]
+
+
+@pytest.mark.parametrize(("method", "params", "expected"), CASES,
+                         ids=[f"{m}-{'-'.join(f'{k}={v}' for k, v in p.items())}" for m, p, _ in CASES])
+@pytest.mark.parametrize("shard_bytes", [None, 1500], ids=["single", "sharded"])
+def test_streaming_fold_equals_the_batch_formula(tmp_path, method, params, expected, shard_bytes):
+    import json
+
+    base_path, base = make_base(tmp_path, shard_bytes=shard_bytes)
+    checkpoints = make_checkpoints(tmp_path, base, CHECKPOINTS, shard_bytes=shard_bytes, curvature=True, metrics=True)
+    result = fold_all(tmp_path, method, params, checkpoints, base_path)
+    assert result.version == CHECKPOINTS
+    models = [read_model(c) for c in checkpoints]
+    curvatures = [read_model_file(c / "exp_avg_sq.safetensors") for c in checkpoints]
+    metrics = [json.loads((c / "metrics.json").read_text()) for c in checkpoints]
+    merged = read_model(result.output)
+    assert torch.equal(merged["model.position_ids"], base["model.position_ids"])  # integers copied from the base
+    assert_close(read_floats(result.output), expected(base, models, curvatures, metrics))
+
+
+def read_model_file(path):
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["average", "opcm"])
+def test_half_precision_inputs_are_merged_in_float32_and_stored_in_the_base_dtype(tmp_path, dtype, method):
+    base_path, base = make_base(tmp_path, dtype=dtype)
+    checkpoints = make_checkpoints(tmp_path, base, CHECKPOINTS)
+    result = fold_all(tmp_path, method, {}, checkpoints, base_path)
+    merged = read_model(result.output)
+    assert merged["model.norm.weight"].dtype == dtype
+    models = [read_model(c) for c in checkpoints]
+    expected = reference.average(base, models) if method == "average" else reference.opcm(base, models, 0.5, False)
+    assert_close(read_floats(result.output), expected, rtol=1e-2)  # one rounding to the storage dtype
+
+
+def test_output_dtype_follows_the_policy(tmp_path):
+    base_path, base = make_base(tmp_path, dtype=torch.bfloat16)
+    checkpoints = make_checkpoints(tmp_path, base, 2)
+    result = fold_all(tmp_path, "average", {}, checkpoints, base_path, dtype="float32")
+    merged = read_model(result.output)
+    assert merged["model.norm.weight"].dtype == torch.float32
+    assert merged["model.position_ids"].dtype == torch.int64
+    assert_close(read_floats(result.output), reference.average(base, [read_model(c) for c in checkpoints]))
+
+
+@pytest.mark.parametrize(("method", "params"), [("average", {}), ("task_arithmetic", {}), ("ota", {}),
+                                                ("mwa", {"metric": "loss"})])
+def test_order_does_not_matter_where_the_math_says_so(tmp_path, method, params):
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, CHECKPOINTS, curvature=True, metrics=True)
+    forward = fold_all(tmp_path / "a", method, params, checkpoints, base_path)
+    backward = fold_all(tmp_path / "b", method, params, checkpoints[::-1], base_path)
+    assert_close(read_floats(forward.output), read_floats(backward.output), rtol=1e-5)
+
+
+def test_opcm_depends_on_order(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, CHECKPOINTS)
+    forward = read_floats(fold_all(tmp_path / "a", "opcm", {}, checkpoints, base_path).output)
+    backward = read_floats(fold_all(tmp_path / "b", "opcm", {}, checkpoints[::-1], base_path).output)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert float((forward[name] - backward[name]).abs().max()) > 1e-3
+
+
+def test_opcm_first_version_is_the_first_checkpoint(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 1)
+    result = fold_all(tmp_path, "opcm", {}, checkpoints, base_path)
+    assert_close(read_floats(result.output), read_floats(checkpoints[0]), rtol=1e-6)

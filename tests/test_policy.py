@@ -1,0 +1,86 @@
+"""Policy files are parsed strictly, and every error names the key or file at fault."""
+
+from __future__ import annotations
+
+import pytest
+
+from mergeops.errors import PolicyError
+from mergeops.policy import load_policy
+
+GOOD = """
+home = "state"
+[keys]
+signing = "keys/signing.pem"
+[streams.a]
+base = "models/base"
+method = "opcm"
+output = "merged/a"
+[streams.a.params]
+alpha = 0.7
+[[streams.a.watch]]
+path = "registry"
+settle_seconds = 2
+[streams.a.gate]
+max_update_ratio = 4
+licenses = ["mit"]
+[streams.a.publish]
+to = "published/a"
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_good_policy_resolves_paths_and_fills_defaults(tmp_path, monkeypatch):
+    monkeypatch.delenv("MERGEOPS_HOME", raising=False)
+    policy = load_policy(write(tmp_path, GOOD))
+    stream = policy.stream(None)
+    assert policy.home == tmp_path / "state"
+    assert stream.base == tmp_path / "models" / "base" and stream.output == tmp_path / "merged" / "a"
+    assert stream.params == {"alpha": 0.7, "zero_diagonal": False, "project": [], "skip": []}
+    assert stream.watch[0].path == tmp_path / "registry" and stream.watch[0].settle_seconds == 2.0
+    assert stream.gate.max_update_ratio == 4.0 and stream.gate.licenses == ("mit",)
+    assert stream.keep == 5 and stream.dtype == "base"
+    assert policy.digest.startswith("sha256:")
+
+
+def test_mergeops_home_overrides_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGEOPS_HOME", str(tmp_path / "elsewhere"))
+    assert load_policy(write(tmp_path, GOOD)).home == tmp_path / "elsewhere"
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("output = ", "outptu = "), "unknown key 'outptu' in [streams.a] (did you mean 'output'?)"),
+    (("alpha = 0.7", "alpah = 0.7"), "unknown parameter 'alpah' for method opcm (did you mean 'alpha'?)"),
+    (("alpha = 0.7", "alpha = 1.5"), "alpha must be between 0 and 1"),
+    (("alpha = 0.7", 'alpha = "high"'), "alpha must be a float"),
+    (('method = "opcm"', 'method = "slerp"'), "unknown merge method 'slerp'"),
+    (("settle_seconds = 2", "settle_seconds = true"), "settle_seconds must be a float"),
+    (('path = "registry"', 'hub = "o/r"\npath = "registry"'), "exactly one of 'path'"),
+    (('home = "state"', 'hoem = "state"'), "unknown key 'hoem' in the top level (did you mean 'home'?)"),
+    (('base = "models/base"', ""), "[streams.a] needs a 'base' key"),
+])
+def test_mistakes_are_named_with_a_suggestion(tmp_path, monkeypatch, change, message):
+    monkeypatch.delenv("MERGEOPS_HOME", raising=False)
+    with pytest.raises(PolicyError) as caught:
+        load_policy(write(tmp_path, GOOD.replace(*change)))
+    assert message in str(caught.value) and str(tmp_path / "policy.toml") in str(caught.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(PolicyError, match="cannot read policy file"):
+        load_policy(tmp_path / "nope.toml")
+    with pytest.raises(PolicyError, match="not valid TOML"):
+        load_policy(write(tmp_path, "home = [unclosed"))
+
+
+def test_choosing_a_stream(tmp_path):
+    policy = load_policy(write(tmp_path, GOOD + '\n[streams.b]\nbase = "x"\nmethod = "average"\n'))
+    with pytest.raises(PolicyError, match="choose one with --stream"):
+        policy.stream(None)
+    with pytest.raises(PolicyError, match="no stream 'c'"):
+        policy.stream("c")
+    assert policy.stream("b").params == {}
