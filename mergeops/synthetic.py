@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mergeops.model import ModelFolder, ModelWriter, TensorSpec
+from mergeops.model.writer import write_tensor_file
 
 
 @dataclass(frozen=True)
@@ -126,3 +127,12 @@ def _perturb(tensor: torch.Tensor, generator: torch.Generator, scale: float, ran
         delta += (u @ v) * (scale * magnitude / r ** 0.5)
     return (t + delta).to(tensor.dtype)
 
+
+
+def write_curvature(checkpoint: Path, *, seed: int) -> Path:
+    """A plausible ``exp_avg_sq.safetensors`` (positive, heavy-tailed, ~1e-10..1e-6) for OTA."""
+    generator = torch.Generator().manual_seed(seed)
+    with ModelFolder.open(checkpoint) as model:
+        specs = [TensorSpec(n, torch.float32, i.shape) for n, i in model.tensors.items() if i.dtype.is_floating_point]
+    return write_tensor_file(checkpoint / "exp_avg_sq.safetensors", specs,
+                             lambda spec: torch.rand(spec.shape, generator=generator).pow_(4).mul_(1e-6).add_(1e-10))

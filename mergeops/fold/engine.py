@@ -9,6 +9,7 @@ record at the previous version; whatever was written past it is removed and redo
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -154,29 +155,34 @@ def _fold(policy: Policy, stream: StreamConfig, journal: Journal, folder: ModelF
         output_specs = [TensorSpec(n, _output_dtype(stream, info.dtype), info.shape)
                         for n, info in base.tensors.items()]
 
-        with ModelWriter(state_dir, state_specs, metadata={"mergeops.stream": stream.name}) as state_writer, \
-                ExitStack() as single_pass:
+        with ModelWriter(state_dir, state_specs, metadata={"mergeops.stream": stream.name},
+                         hash_files=False) as state_writer, ExitStack() as single_pass:
             output_writer = None if method.needs_global else single_pass.enter_context(
                 ModelWriter(output_dir, output_specs, metadata=metadata, donor=base.path))
-            for name in base.tensors:
+            order = output_writer.layout_order if output_writer else list(base.tensors)
+            for name in order:
                 new_raw = folder.read(name)
                 if progress:
                     progress(new_raw.numel() * new_raw.element_size())
-                problem = tensor_value_problem(name, new_raw, folder.tensors[name].file,
-                                               expect_floating=name in floating)
-                if problem:
-                    raise RejectedError(problem.message)
                 b = base.read(name)
                 if name not in floating:
+                    problem = tensor_value_problem(name, new_raw, folder.tensors[name].file, expect_floating=False)
+                    if problem:
+                        raise RejectedError(problem.message)
                     if not torch.equal(new_raw, b):
                         raise RejectedError(f"integer tensor {name!r} differs from the base's; integer tensors "
                                             "(buffers, ids) must be identical in every checkpoint.")
                     if output_writer:
                         output_writer.write(name, b)
                     continue
+                new = new_raw.float()
+                if not math.isfinite(float(new.sum())):  # cheap; exact check (and its message) only if needed
+                    problem = tensor_value_problem(name, new_raw, folder.tensors[name].file)
+                    if problem:
+                        raise RejectedError(problem.message)
                 b32 = b.float()
                 state = {k: old_state.read(f"{k}{STATE_SEPARATOR}{name}") for k in kinds} if old_state else {}
-                new_state = method.fold(name, b32, new_raw.float(), state)
+                new_state = method.fold(name, b32, new, state)
                 for kind in kinds:
                     state_writer.write(f"{kind}{STATE_SEPARATOR}{name}", new_state[kind])
                 if output_writer:
@@ -199,9 +205,9 @@ def _write_merged(base: ModelFolder, state_dir: Path, method: MergeMethod, outpu
     """Second pass for methods whose merged tensors need a model-wide quantity from the fold."""
     with ModelFolder.open(state_dir) as state, \
             ModelWriter(output_dir, output_specs, metadata=metadata, donor=base.path) as writer:
-        for name, info in base.tensors.items():
+        for name in writer.layout_order:
             b = base.read(name)
-            if not info.dtype.is_floating_point:
+            if not b.dtype.is_floating_point:
                 writer.write(name, b)
                 continue
             tensors = {k: state.read(f"{k}{STATE_SEPARATOR}{name}") for k in kinds}

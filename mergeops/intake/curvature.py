@@ -25,11 +25,8 @@ Where the grouping comes from:
 from __future__ import annotations
 
 import logging
-import math
-import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -40,9 +37,8 @@ import torch
 from torch import nn
 
 from mergeops.errors import ModelFolderError, RejectedError, UsageError
-from mergeops.model import ModelFolder
-from mergeops.model.safetensors_file import encode_header, write_at
-from mergeops.model.writer import fsync_dir
+from mergeops.model import ModelFolder, TensorSpec
+from mergeops.model.writer import write_tensor_file
 
 OPTIMIZER_FILE = "optimizer.pt"
 CURVATURE_FILE = "exp_avg_sq.safetensors"
@@ -305,7 +301,7 @@ def _choose(path: Path, layouts: list[_Layout], groups: list[list[int]], state: 
 # -- writing ----------------------------------------------------------------------------------------
 def _write(out: Path, source: Path, pairs: list[tuple[int, _Param]], state: Mapping[int, Mapping[str, Any]],
            file_order: list[str]) -> Path:
-    """Stream every exp_avg_sq as float32 into a temp file beside ``out``, fsync, then rename over ``out``.
+    """Stream every exp_avg_sq as float32 into ``out``, atomically.
 
     A parameter the optimizer never stepped (no state entry: it never had a gradient) has exp_avg_sq 0,
     which is exactly what Adam would hold, so zeros are written and the names logged.
@@ -316,25 +312,9 @@ def _write(out: Path, source: Path, pairs: list[tuple[int, _Param]], state: Mapp
     if never_stepped:
         log.warning("%s has no optimizer state for %d parameter(s) (e.g. %r): they never had a gradient, so their "
                     "exp_avg_sq is written as zeros", source, len(never_stepped), never_stepped[0])
-    header, offsets = encode_header([(n, torch.float32, by_name[n][1].shape) for n in names],
-                                    {"format": "pt", "mergeops.source": OPTIMIZER_FILE})
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    try:
-        os.pwrite(fd, header, 0)
-        os.ftruncate(fd, len(header) + sum(math.prod(by_name[n][1].shape) * 4 for n in names))
-        for name, offset in zip(names, offsets, strict=True):
-            pid, param = by_name[name]
-            write_at(fd, _second_moment(source, pid, param, state), offset)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp_name, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    specs = [TensorSpec(n, torch.float32, by_name[n][1].shape) for n in names]
+    write_tensor_file(out, specs, lambda spec: _second_moment(source, *by_name[spec.name], state),
+                      {"mergeops.source": OPTIMIZER_FILE})
     return out
 
 

@@ -8,20 +8,22 @@ step, so a crash leaves either no output or a complete one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import torch
 
 from mergeops.model.digest import file_sha256, is_digest_excluded
 from mergeops.model.folder import INDEX_FILE, SINGLE_FILE
-from mergeops.model.safetensors_file import encode_header, write_at
+from mergeops.model.safetensors_file import byte_view, encode_header, write_at
 
 DEFAULT_SHARD_BYTES = 5_000_000_000
 TEMP_MARKER = ".tmp-"
@@ -77,7 +79,7 @@ class ModelWriter:
 
     def __init__(self, out: str | os.PathLike[str], specs: Iterable[TensorSpec], *,
                  metadata: Mapping[str, str] | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 donor: str | os.PathLike[str] | None = None) -> None:
+                 donor: str | os.PathLike[str] | None = None, hash_files: bool = True) -> None:
         self.out = Path(out)
         self.specs = {s.name: s for s in specs}
         if not self.specs:
@@ -86,7 +88,10 @@ class ModelWriter:
         self.shard_bytes = shard_bytes
         self.donor = Path(donor) if donor is not None else None
         self.extra_files: dict[str, bytes] = {}
-        self.file_hashes: dict[str, str] = {}  # relative path -> sha256 of every file written
+        self.hash_files = hash_files
+        self.file_hashes: dict[str, str] = {}  # relative path -> sha256 of every file written (if hash_files)
+        # Weights written front to back are hashed as they go; a file written out of order is re-read.
+        self._running: dict[str, tuple[Any, int]] = {}  # file -> (sha256 so far, offset it covers up to)
         self._tmp: Path | None = None
         self._fds: dict[str, int] = {}
         self._where: dict[str, tuple[str, int]] = {}
@@ -106,7 +111,8 @@ class ModelWriter:
             fd = os.open(self._tmp / file_name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             self._fds[file_name] = fd
             os.pwrite(fd, header, 0)
-            os.ftruncate(fd, offsets[-1] + shard[-1].nbytes if shard else len(header))
+            os.ftruncate(fd, offsets[-1] + shard[-1].nbytes)
+            self._running[file_name] = (hashlib.sha256(header), len(header))
             for spec, offset in zip(shard, offsets, strict=True):
                 self._where[spec.name] = (file_name, offset)
         if len(names) > 1:
@@ -117,6 +123,11 @@ class ModelWriter:
         self._pending = set(self.specs)
         return self
 
+    @property
+    def layout_order(self) -> list[str]:
+        """Tensor names in the order they lie on disk: writing in this order is fastest."""
+        return sorted(self._where, key=lambda name: self._where[name])
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs.get(name)
         if spec is None:
@@ -125,8 +136,16 @@ class ModelWriter:
             raise ValueError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
                              f"expected {spec.dtype} {spec.shape}")
         file_name, offset = self._where[name]
-        write_at(self._fds[file_name], tensor.cpu(), offset)
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        write_at(self._fds[file_name], data, offset)
         self._pending.discard(name)
+        running = self._running.get(file_name)
+        if self.hash_files and running is not None:
+            if running[1] == offset:
+                running[0].update(byte_view(data))
+                self._running[file_name] = (running[0], offset + spec.nbytes)
+            else:
+                del self._running[file_name]
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -147,8 +166,11 @@ class ModelWriter:
     def _finish(self, tmp: Path) -> None:
         for fd in self._fds.values():
             os.fsync(fd)
-        for file_name in self._fds:
-            self.file_hashes[file_name] = file_sha256(tmp / file_name)
+        if self.hash_files:
+            for file_name in self._fds:
+                running = self._running.get(file_name)
+                complete = running is not None and running[1] == os.fstat(self._fds[file_name]).st_size
+                self.file_hashes[file_name] = running[0].hexdigest() if complete else file_sha256(tmp / file_name)
         if self.donor is not None:
             _copy_carried_files(self.donor, tmp)
         for relative, data in self.extra_files.items():
@@ -156,12 +178,40 @@ class ModelWriter:
             _write_durably(tmp / relative, data)
         for path in sorted(tmp.rglob("*")):
             relative = path.relative_to(tmp).as_posix()
-            if path.is_file() and relative not in self.file_hashes and not is_digest_excluded(relative):
+            if (self.hash_files and path.is_file() and relative not in self.file_hashes
+                    and not is_digest_excluded(relative)):
                 self.file_hashes[relative] = file_sha256(path)
         for directory in [*sorted(p for p in tmp.rglob("*") if p.is_dir()), tmp]:
             fsync_dir(directory)
         os.rename(tmp, self.out)
         fsync_dir(self.out.parent)
+
+
+def write_tensor_file(out: Path, specs: list[TensorSpec], tensor_for: Callable[[TensorSpec], torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Write one safetensors file atomically (temp file beside it, fsync, rename), asking for one tensor at
+    a time; for single files that live inside a model folder, such as ``exp_avg_sq.safetensors``."""
+    header, offsets = encode_header([(s.name, s.dtype, s.shape) for s in specs], {"format": "pt", **(metadata or {})})
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}{TEMP_MARKER}", dir=out.parent)
+    try:
+        os.pwrite(fd, header, 0)
+        os.ftruncate(fd, len(header) + sum(s.nbytes for s in specs))
+        for spec, offset in zip(specs, offsets, strict=True):
+            tensor = tensor_for(spec)
+            if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+                raise ValueError(f"tensor {spec.name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                                 f"expected {spec.dtype} {spec.shape}")
+            write_at(fd, tensor, offset)
+        os.fsync(fd)
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, out)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+    fsync_dir(out.parent)
+    return out
 
 
 def _copy_carried_files(donor: Path, dest: Path) -> None:

@@ -132,3 +132,21 @@ def test_kill_9_at_any_moment_leaves_no_output_or_a_complete_one(tmp_path, kill_
                 assert torch.equal(tensor, torch.full((256, 1024), float(name[1:])))
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "m"]
     assert all(name.startswith(".m.tmp-") for name in leftovers)  # only a dot-named temp dir may remain
+
+
+@pytest.mark.parametrize("order", ["layout", "reversed"])
+def test_recorded_file_hashes_are_the_files_sha256_whatever_the_write_order(tmp_path, tensors, order):
+    import hashlib
+
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()] + [
+        TensorSpec("ids", torch.int64, (3,))]
+    data = tensors | {"ids": torch.arange(3)}
+    with ModelWriter(tmp_path / "m", specs, shard_bytes=1500, donor=None) as writer:
+        writer.extra_files["config.json"] = b"{}"
+        names = writer.layout_order if order == "layout" else writer.layout_order[::-1]
+        for name in names:
+            writer.write(name, data[name])
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert set(writer.file_hashes) == files
+    for name, digest in writer.file_hashes.items():
+        assert digest == hashlib.sha256((tmp_path / "m" / name).read_bytes()).hexdigest()
