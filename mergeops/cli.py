@@ -20,7 +20,8 @@ app = typer.Typer(
          "merged model and record where every model came from.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
+# Outside a terminal (pipes, CI, journald) do not crop at 80 columns.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 JsonOption = typer.Option(False, "--json", help="Print exactly one JSON document on stdout.")
@@ -118,8 +119,13 @@ def curvature_import(
 
 @app.command()
 def keygen(out_dir: Path = typer.Option(..., "--out", help="Directory for the new keys.")) -> None:
-    """Create a signing key pair and a MergeLock key."""
-    _not_yet("keygen", "the provenance ledger")
+    """Create a signing key pair (signing.pem, signing.pub.pem) and a MergeLock key (lock.key)."""
+    from mergeops.keys import generate_keys
+
+    made = generate_keys(out_dir)
+    out.print(f"wrote {made.signing_key} (private, 0600), {made.public_key}, {made.lock_key} (private, 0600)",
+              markup=False)
+    out.print(f"signing key fingerprint: {made.fingerprint}", markup=False)
 
 
 @app.command()
@@ -172,15 +178,61 @@ def status(policy: Path = PolicyOption, as_json: bool = JsonOption) -> None:
 
 
 @app.command()
-def lineage(target: str, policy: Path = PolicyOption, as_json: bool = JsonOption) -> None:
-    """Where did this model come from? STREAM, STREAM@VERSION, or a model folder path."""
-    _not_yet("lineage", "the provenance ledger")
+def lineage(target: str = typer.Argument(..., help="STREAM, STREAM@VERSION, or a model folder path."),
+            policy: Path = PolicyOption, as_json: bool = JsonOption) -> None:
+    """Where did this model come from? Every folded checkpoint back to the base, with who signed each step."""
+    from rich.tree import Tree
+
+    from mergeops.ledger.lineage import lineage as build_lineage
+    from mergeops.ledger.store import Ledger
+    from mergeops.policy import load_policy
+
+    loaded = load_policy(policy)
+    with Ledger.open_readonly(loaded.home) as ledger:
+        document = build_lineage(ledger, target)
+    if as_json:
+        _print_json(document)
+        return
+    found = document["found"]
+    title = f"{document['stream']} v{document['version']:04d}"
+    if found.get("as") != "version" or "path" in found:
+        title += f"  ({found['as']}: {found.get('path', target)})"
+    tree = Tree(title)
+    for step in document["steps"]:
+        kept = "" if step["retained"] else " [pruned]"
+        node = tree.add(f"v{step['version']:04d} {step['output_digest']}{kept}\n{step['method']} "
+                        f"{json.dumps(step['params'])}  {step['created']}  signed by {step['signer']}")
+        c = step["checkpoint"]
+        node.add(f"checkpoint {c['digest']}\nfrom {c['source']}, arrived {c['arrived']}, metrics "
+                 f"{json.dumps(c['metrics'])}\ngates passed: {', '.join(step['gates'])}")
+    tree.add(f"base {document['base']['digest']}\nfrom {document['base']['source']}")
+    for p in document["publications"]:
+        tree.add(f"published to {p['target']} ({p['created']}, signed by {p['signer']})")
+    for p in document["protections"]:
+        tree.add(f"protected copy {p['output_digest']} at {p['path']} (key {p['key_fingerprint']})")
+    out.print(tree, markup=False)
 
 
 @app.command()
 def audit(policy: Path = PolicyOption, as_json: bool = JsonOption) -> None:
-    """Verify the ledger's hash chain and signatures and re-hash every retained output."""
-    _not_yet("audit", "the provenance ledger")
+    """Verify the ledger's hash chain and signatures and re-hash every retained output (exit 1 if broken)."""
+    from mergeops.ledger.audit import audit as run_audit
+    from mergeops.ledger.store import Ledger, public_key_for
+    from mergeops.policy import load_policy
+
+    loaded = load_policy(policy)
+    with Ledger.open_readonly(loaded.home) as ledger:
+        report = run_audit(ledger, public_key_for(loaded.keys))
+    if as_json:
+        _print_json(report.to_json())
+    else:
+        for problem in report.problems:
+            err.print(f"broken: {problem['message']}", markup=False)
+        verdict = "intact" if not report.problems else f"{len(report.problems)} problem(s)"
+        out.print(f"{report.events} events, {report.versions_checked} retained versions, {report.files_checked} "
+                  f"files checked: {verdict}", markup=False)
+    if report.problems:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -198,9 +250,19 @@ def unprotect(model_dir: Path, out_dir: Path = typer.Option(..., "--out"), key: 
 
 @app.command()
 def publish(policy: Path = PolicyOption, stream: str | None = typer.Option(None),
-            version: int | None = typer.Option(None)) -> None:
-    """Copy, sign and publish a version of a stream."""
-    _not_yet("publish", "the provenance ledger")
+            version: int | None = typer.Option(None, help="Version to publish (default: the latest)."),
+            as_json: bool = JsonOption) -> None:
+    """Copy a version to the stream's publish target, sign it (OpenSSF model signing) and record it."""
+    from mergeops.policy import load_policy
+    from mergeops.publish.publish import publish as run_publish
+
+    publication = run_publish(load_policy(policy), stream, version)
+    if as_json:
+        _print_json(publication.to_json())
+    else:
+        signed = f", signed by {publication.signer}" if publication.signer else ", unsigned"
+        out.print(f"published {publication.stream} v{publication.version:04d} to {publication.target}{signed}",
+                  markup=False)
 
 
 @app.command()

@@ -21,13 +21,14 @@ from typing import Any, Literal
 
 import torch
 
-from mergeops import __version__
+from mergeops import __version__, keys
 from mergeops.errors import ModelFolderError, PolicyError, RejectedError
 from mergeops.fold.methods import method_class
 from mergeops.fold.methods.base import Arrival, MergeMethod
 from mergeops.fold.metrics import load_metrics
 from mergeops.intake.validate import problems_against_base, tensor_value_problem
-from mergeops.ledger import Journal, RejectionRecord, VersionRecord
+from mergeops.ledger.card import Input, VersionFacts, card_files, read_license
+from mergeops.ledger.store import Ledger, VersionRecord, signing_key_path, utc_now
 from mergeops.model import ModelFolder, ModelWriter, TensorSpec, folder_digest
 from mergeops.model.digest import digest_of_listing
 from mergeops.model.writer import TEMP_MARKER
@@ -36,6 +37,7 @@ from mergeops.policy import Policy, StreamConfig
 STATE_SEPARATOR = "::"  # state tensor names are f"{kind}::{tensor name}"
 SCALARS_FILE = "scalars.json"
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
+ALWAYS_ON_GATES = ("complete", "parses", "matches-base", "finite")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -68,35 +70,50 @@ def fold_checkpoint(policy: Policy, stream_name: str | None, checkpoint: str | o
     """Fold ``checkpoint`` into the stream. Rejections are recorded and returned, never raised;
     problems with the policy or the stream's own files raise :class:`PolicyError`."""
     stream = policy.stream(stream_name)
-    journal = Journal(policy.home)
-    path = Path(checkpoint)
-    source = source or str(path.resolve())
-    digest: str | None = None
+    key = keys.load_signing_key(signing_key_path(policy.keys))
+    with Ledger.open(policy.home, key) as ledger:
+        return _fold_into(policy, stream, ledger, Path(checkpoint), metrics_file, source, progress)
+
+
+def _fold_into(policy: Policy, stream: StreamConfig, ledger: Ledger, path: Path, metrics_file: Path | None,
+               source: str | None, progress: Callable[[int], None] | None) -> FoldResult:
+    described = {"source": source or str(path.resolve()), "arrived": utc_now()}
     try:
         folder = ModelFolder.open(path)
     except ModelFolderError as exc:
-        return _reject(journal, stream, None, source, "validation", str(exc))
+        return _reject(ledger, stream, described, "validation", str(exc))
     with folder:
+        described |= {"size": sum(t.nbytes for t in folder.tensors.values()),
+                      "parameters": sum(t.numel for t in folder.tensors.values()),
+                      "dtypes": _dtype_counts(folder)}
         try:
-            digest = folder_digest(path)
+            described["digest"] = folder_digest(path)
         except ModelFolderError as exc:
-            return _reject(journal, stream, None, source, "validation", str(exc))
-        previous = journal.version_with_checkpoint(stream.name, digest)
+            return _reject(ledger, stream, described, "validation", str(exc))
+        previous = ledger.version_with_checkpoint(stream.name, described["digest"])
         if previous is not None:
-            return FoldResult("duplicate", stream.name, previous.version, Path(previous.output), digest,
+            return FoldResult("duplicate", stream.name, previous.version, Path(previous.output), described["digest"],
                               f"already folded into version {previous.version}")
         try:
-            version, output, output_digest, notes = _fold(policy, stream, journal, folder, digest, source,
-                                                   metrics_file, progress)
+            version, output, output_digest, notes = _fold(policy, stream, ledger, folder, described, metrics_file,
+                                                          progress)
         except RejectedError as exc:
-            return _reject(journal, stream, digest, source, exc.gate, str(exc))
-    return FoldResult("merged", stream.name, version, output, digest, output_digest=output_digest, notes=notes)
+            return _reject(ledger, stream, described, exc.gate, str(exc))
+    return FoldResult("merged", stream.name, version, output, described["digest"], output_digest=output_digest,
+                      notes=notes)
 
 
-def _reject(journal: Journal, stream: StreamConfig, digest: str | None, source: str, gate: str,
-            reason: str) -> FoldResult:
-    journal.record_rejection(stream.name, RejectionRecord(digest, source, gate, reason))
-    return FoldResult("rejected", stream.name, None, None, digest, reason, gate)
+def _dtype_counts(folder: ModelFolder) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for info in folder.tensors.values():
+        counts[info.entry.dtype] = counts.get(info.entry.dtype, 0) + 1
+    return counts
+
+
+def _reject(ledger: Ledger, stream: StreamConfig, described: dict[str, Any], gate: str, reason: str) -> FoldResult:
+    ledger.record(("checkpoint.rejected", {"stream": stream.name, "checkpoint": described, "gate": gate,
+                                           "reason": reason}))
+    return FoldResult("rejected", stream.name, None, None, described.get("digest"), reason, gate)
 
 
 def _open_base(stream: StreamConfig) -> ModelFolder:
@@ -112,14 +129,15 @@ def _open_base(stream: StreamConfig) -> ModelFolder:
         raise PolicyError(f"stream {stream.name!r}: the base model is unusable: {exc}") from exc
 
 
-def _fold(policy: Policy, stream: StreamConfig, journal: Journal, folder: ModelFolder, digest: str, source: str,
+def _fold(policy: Policy, stream: StreamConfig, ledger: Ledger, folder: ModelFolder, described: dict[str, Any],
           metrics_file: Path | None, progress: Callable[[int], None] | None
           ) -> tuple[int, Path, str, tuple[str, ...]]:
+    digest = described["digest"]
     with _open_base(stream) as base, ExitStack() as stack:
         problems = problems_against_base(folder, base)
         if problems:
             raise RejectedError(problems[0].message)
-        head = journal.head(stream.name)
+        head = ledger.head(stream.name)
         stream_home = policy.home / "streams" / stream.name
         version = head.version + 1 if head else 1
         _remove_uncommitted(stream.output, version)
@@ -134,7 +152,7 @@ def _fold(policy: Policy, stream: StreamConfig, journal: Journal, folder: ModelF
         stack.callback(method.close)
         metrics = load_metrics(folder.path, metrics_file)
         arrival = Arrival(folder, digest, t=(head.version if head else 0) + 1, metrics=metrics,
-                          history=journal.history(stream.name))
+                          history=ledger.history(stream.name))
         method.begin(arrival)
 
         floating = [n for n, info in base.tensors.items() if info.dtype.is_floating_point]
@@ -147,7 +165,8 @@ def _fold(policy: Policy, stream: StreamConfig, journal: Journal, folder: ModelF
                        for n in floating for kind in kinds]
         state_dir = version_dir(stream_home / "state", version)
         output_dir = version_dir(stream.output, version)
-        base_digest = journal.base_digest(stream.name) or folder_digest(base.path)
+        stream_row = ledger.stream_row(stream.name)
+        base_digest = stream_row["base_digest"] if stream_row else folder_digest(base.path)
         parent = head.output_digest if head else base_digest
         metadata = {"mergeops.stream": stream.name, "mergeops.version": str(version),
                     "mergeops.method": stream.method, "mergeops.parents": json.dumps([parent, digest]),
@@ -155,10 +174,11 @@ def _fold(policy: Policy, stream: StreamConfig, journal: Journal, folder: ModelF
         output_specs = [TensorSpec(n, _output_dtype(stream, info.dtype), info.shape)
                         for n, info in base.tensors.items()]
 
-        with ModelWriter(state_dir, state_specs, metadata={"mergeops.stream": stream.name},
-                         hash_files=False) as state_writer, ExitStack() as single_pass:
+        with ModelWriter(state_dir, state_specs, metadata={"mergeops.stream": stream.name}) as state_writer, \
+                ExitStack() as single_pass:
+            facts = _facts(policy, stream, ledger, base, head, base_digest, described, version)
             output_writer = None if method.needs_global else single_pass.enter_context(
-                ModelWriter(output_dir, output_specs, metadata=metadata, donor=base.path))
+                _output_writer(output_dir, output_specs, metadata, base.path, facts))
             order = output_writer.layout_order if output_writer else list(base.tensors)
             for name in order:
                 new_raw = folder.read(name)
@@ -189,22 +209,53 @@ def _fold(policy: Policy, stream: StreamConfig, journal: Journal, folder: ModelF
                     output_writer.write(name, method.merged(name, b32, new_state).to(output_writer.specs[name].dtype))
             method.finish()
             state_writer.extra_files[SCALARS_FILE] = _scalars_json(stream, method)
+        state_hashes = state_writer.file_hashes
         if output_writer is None:
-            output_writer = _write_merged(base, state_dir, method, output_dir, output_specs, metadata, kinds)
+            output_writer = _write_merged(base, state_dir, method,
+                                          _output_writer(output_dir, output_specs, metadata, base.path, facts), kinds)
 
     output_digest = digest_of_listing(output_writer.file_hashes)
     _point_latest(stream.output, output_dir)
-    journal.record_version(stream.name, VersionRecord(version, digest, source, str(output_dir), output_digest,
-                                                      str(state_dir), dict(metrics)), base_digest)
+    events: list[tuple[str, dict[str, Any]]] = []
+    if stream_row is None:
+        events.append(("stream.started", {"stream": stream.name, "base": str(stream.base), "base_digest": base_digest,
+                                          "method": stream.method, "params": stream.params}))
+    events.append(("version.committed", {
+        "stream": stream.name, "version": version, "method": stream.method, "params": stream.params,
+        "previous": head.version if head else None, "checkpoint": described | {"metrics": metrics},
+        "output_digest": output_digest, "path": str(output_dir), "files": output_writer.file_hashes,
+        "state_path": str(state_dir), "state_digest": digest_of_listing(state_hashes),
+        "gates": list(facts.gates), "policy_digest": policy.digest, "tool": f"mergeops {__version__}"}))
+    prunable = [v.version for v in ledger.versions(stream.name) if not v.pruned and v.version <= version - stream.keep]
+    events += [("version.pruned", {"stream": stream.name, "version": n}) for n in prunable]
+    ledger.record(*events)
     _prune(stream, stream_home / "state", version)
     return version, output_dir, output_digest, tuple(method.notes)
 
 
-def _write_merged(base: ModelFolder, state_dir: Path, method: MergeMethod, output_dir: Path,
-                  output_specs: list[TensorSpec], metadata: dict[str, str], kinds: tuple[str, ...]) -> ModelWriter:
+def _facts(policy: Policy, stream: StreamConfig, ledger: Ledger, base: ModelFolder, head: VersionRecord | None,
+           base_digest: str, described: dict[str, Any], version: int) -> VersionFacts:
+    inputs = [Input("base", base_digest, str(base.path))]
+    if head is not None:
+        inputs.append(Input("previous", head.output_digest, head.output))
+    checkpoint = Input("checkpoint", described["digest"], described["source"])
+    earlier = tuple(Input("checkpoint", v.checkpoint, v.source) for v in ledger.versions(stream.name))
+    return VersionFacts(stream.name, version, stream.method, stream.params, (*inputs, checkpoint),
+                        (*earlier, checkpoint), policy.digest, described["arrived"], read_license(base.path),
+                        gates=ALWAYS_ON_GATES)
+
+
+def _output_writer(output_dir: Path, specs: list[TensorSpec], metadata: dict[str, str], donor: Path,
+                   facts: VersionFacts) -> ModelWriter:
+    writer = ModelWriter(output_dir, specs, metadata=metadata, donor=donor)
+    writer.finalize = lambda hashes: card_files(facts, digest_of_listing(hashes))
+    return writer
+
+
+def _write_merged(base: ModelFolder, state_dir: Path, method: MergeMethod, writer: ModelWriter,
+                  kinds: tuple[str, ...]) -> ModelWriter:
     """Second pass for methods whose merged tensors need a model-wide quantity from the fold."""
-    with ModelFolder.open(state_dir) as state, \
-            ModelWriter(output_dir, output_specs, metadata=metadata, donor=base.path) as writer:
+    with ModelFolder.open(state_dir) as state, writer:
         for name in writer.layout_order:
             b = base.read(name)
             if not b.dtype.is_floating_point:

@@ -1,5 +1,5 @@
-"""Commit stage: the record of what was folded into which stream, and of what was rejected."""
+"""Commit stage: the signed, tamper-evident record of every checkpoint, version, protection and publication."""
 
-from mergeops.ledger.journal import Journal, RejectionRecord, VersionRecord
+from mergeops.ledger.store import Ledger, VersionRecord
 
-__all__ = ["Journal", "RejectionRecord", "VersionRecord"]
+__all__ = ["Ledger", "VersionRecord"]

@@ -88,6 +88,8 @@ class ModelWriter:
         self.shard_bytes = shard_bytes
         self.donor = Path(donor) if donor is not None else None
         self.extra_files: dict[str, bytes] = {}
+        # Files derived from the others' hashes (a card or provenance naming the digest), made last.
+        self.finalize: Callable[[dict[str, str]], dict[str, bytes]] | None = None
         self.hash_files = hash_files
         self.file_hashes: dict[str, str] = {}  # relative path -> sha256 of every file written (if hash_files)
         # Weights written front to back are hashed as they go; a file written out of order is re-read.
@@ -181,6 +183,11 @@ class ModelWriter:
             if (self.hash_files and path.is_file() and relative not in self.file_hashes
                     and not is_digest_excluded(relative)):
                 self.file_hashes[relative] = file_sha256(path)
+        if self.finalize is not None:
+            for relative, data in self.finalize(dict(self.file_hashes)).items():
+                if not is_digest_excluded(relative):
+                    raise ValueError(f"{relative} would change the folder digest it is derived from")
+                _write_durably(tmp / relative, data)
         for directory in [*sorted(p for p in tmp.rglob("*") if p.is_dir()), tmp]:
             fsync_dir(directory)
         os.rename(tmp, self.out)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from mergeops.keys import generate_keys
 from mergeops.model import ModelFolder
 from tests.conftest import random_tensors, write_model
 
@@ -47,11 +48,13 @@ def make_checkpoints(root: Path, base: dict[str, torch.Tensor], count: int, *, s
 
 def write_policy(root: Path, base: Path, method: str, params: dict | None = None, dtype: str = "base",
                  keep: int = 5) -> Path:
-    lines = ['home = "state"', "[streams.s]", f'base = "{base}"', f'method = "{method}"', 'output = "out"',
-             f"keep = {keep}", f'dtype = "{dtype}"', "[streams.s.params]"]
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "keys").exists():
+        generate_keys(root / "keys")
+    lines = ['home = "state"', "[keys]", 'signing = "keys/signing.pem"', "[streams.s]", f'base = "{base}"',
+             f'method = "{method}"', 'output = "out"', f"keep = {keep}", f'dtype = "{dtype}"', "[streams.s.params]"]
     for key, value in (params or {}).items():
         lines.append(f"{key} = {json.dumps(value)}")
-    root.mkdir(parents=True, exist_ok=True)
     path = root / "policy.toml"
     path.write_text("\n".join(lines) + "\n")
     return path

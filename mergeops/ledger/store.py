@@ -1,0 +1,191 @@
+"""The provenance ledger: an SQLite file in the policy's home, written only through signed events.
+
+One writer at a time (the daemon or a `fold`; ``BEGIN IMMEDIATE`` serialises them), any number of
+readers (WAL mode): `status` and `lineage` never see a half-written fold. Each write appends events and
+applies them to the history tables in the same transaction, after the files they point to are durable.
+A signed head file beside the database lets `audit` notice events cut off the end of the chain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from sqlite_utils import Database
+
+from mergeops import keys
+from mergeops.errors import PolicyError
+from mergeops.fold.methods.base import PastCheckpoint
+from mergeops.ledger.events import GENESIS, Event, canonical
+from mergeops.ledger.tables import apply, migrations
+from mergeops.model.writer import fsync_dir
+
+LEDGER_FILE = "ledger.db"
+HEAD_FILE = "ledger-head.json"
+BUSY_TIMEOUT_MS = 30_000
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One committed version of a stream, as the ledger holds it."""
+
+    stream: str
+    version: int
+    checkpoint: str  # digest of the checkpoint folded into it
+    source: str
+    output: str
+    output_digest: str
+    state: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    pruned: bool = False
+
+
+def signing_key_path(policy_keys: Any) -> Path:
+    if policy_keys.signing is None:
+        raise PolicyError("the policy has no [keys] signing key, which signs every ledger event; create one with "
+                          "`mergeops keygen --out keys` and add `[keys]` `signing = \"keys/signing.pem\"`.")
+    return policy_keys.signing
+
+
+def public_key_for(policy_keys: Any) -> ec.EllipticCurvePublicKey:
+    """The policy's public key: ``signing.pub.pem`` beside the private key, else derived from it."""
+    private = signing_key_path(policy_keys)
+    public = private.with_name(private.name.removesuffix(".pem") + ".pub.pem")
+    if public.is_file():
+        return keys.load_public_key(public)
+    return keys.load_signing_key(private).public_key()
+
+
+class Ledger:
+    """Open with :meth:`open` (a writer, needs the signing key) or :meth:`open_readonly`."""
+
+    def __init__(self, home: Path, signing_key: ec.EllipticCurvePrivateKey | None) -> None:
+        self.home = Path(home)
+        self.path = self.home / LEDGER_FILE
+        self.key = signing_key
+        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        self.db = Database(connection)
+        self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self.db.execute("PRAGMA foreign_keys = ON")
+
+    @classmethod
+    def open(cls, home: Path, signing_key: ec.EllipticCurvePrivateKey) -> Ledger:
+        home.mkdir(parents=True, exist_ok=True)
+        ledger = cls(home, signing_key)
+        ledger.db.execute("PRAGMA journal_mode = WAL")
+        ledger.db.execute("PRAGMA synchronous = FULL")
+        if migrations.pending(ledger.db):
+            migrations.apply(ledger.db)
+        return ledger
+
+    @classmethod
+    def open_readonly(cls, home: Path) -> Ledger:
+        if not (home / LEDGER_FILE).is_file():
+            raise PolicyError(f"there is no ledger in {home} yet; nothing has been folded with this policy.")
+        return cls(home, None)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing -------------------------------------------------------------------------------
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")  # take the write lock before reading the chain's head
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def record(self, *items: tuple[str, dict[str, Any]]) -> list[Event]:
+        """Append events ``(kind, payload)`` and apply them, all in one transaction."""
+        if self.key is None:
+            raise RuntimeError("this ledger was opened read-only")
+        created = []
+        with self._transaction():
+            last = self.db.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+            seq, prev = (last[0], last[1]) if last else (0, GENESIS)
+            for kind, payload in items:
+                seq += 1
+                event = Event.create(seq, utc_now(), kind, json.loads(canonical(payload)), prev, self.key)
+                self.db["events"].insert(event.row())
+                apply(self.db, event)
+                created.append(event)
+                prev = event.hash
+        self._write_head(created[-1])
+        return created
+
+    def _write_head(self, event: Event) -> None:
+        assert self.key is not None
+        body = {"seq": event.seq, "hash": event.hash}
+        head = body | {"signer": keys.fingerprint(self.key.public_key()),
+                       "signature": keys.sign(self.key, canonical(body).encode()).hex()}
+        tmp = self.home / f".{HEAD_FILE}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(canonical(head) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.home / HEAD_FILE)
+        fsync_dir(self.home)
+
+    # -- reading -------------------------------------------------------------------------------
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        return list(self.db.query(sql, params))
+
+    def _version(self, row: dict[str, Any] | None) -> VersionRecord | None:
+        if row is None:
+            return None
+        checkpoint = self.rows("SELECT source, metrics FROM checkpoints WHERE id = ?", (row["checkpoint_id"],))[0]
+        return VersionRecord(row["stream"], row["version"], row["checkpoint_digest"], checkpoint["source"],
+                             row["path"], row["output_digest"], row["state_path"], json.loads(checkpoint["metrics"]),
+                             bool(row["pruned"]))
+
+    def head(self, stream: str) -> VersionRecord | None:
+        rows = self.rows("SELECT * FROM versions WHERE stream = ? ORDER BY version DESC LIMIT 1", (stream,))
+        return self._version(rows[0] if rows else None)
+
+    def versions(self, stream: str) -> list[VersionRecord]:
+        rows = self.rows("SELECT * FROM versions WHERE stream = ? ORDER BY version", (stream,))
+        return [v for v in map(self._version, rows) if v is not None]
+
+    def version(self, stream: str, number: int) -> VersionRecord | None:
+        rows = self.rows("SELECT * FROM versions WHERE stream = ? AND version = ?", (stream, number))
+        return self._version(rows[0] if rows else None)
+
+    def version_with_checkpoint(self, stream: str, digest: str) -> VersionRecord | None:
+        rows = self.rows("SELECT * FROM versions WHERE stream = ? AND checkpoint_digest = ? LIMIT 1",
+                         (stream, digest))
+        return self._version(rows[0] if rows else None)
+
+    def history(self, stream: str) -> tuple[PastCheckpoint, ...]:
+        return tuple(PastCheckpoint(v.checkpoint, Path(v.source), v.metrics) for v in self.versions(stream))
+
+    def stream_row(self, stream: str) -> dict[str, Any] | None:
+        rows = self.rows("SELECT * FROM streams WHERE name = ?", (stream,))
+        return rows[0] if rows else None
+
+    def rejections(self, stream: str) -> list[dict[str, Any]]:
+        return self.rows("SELECT * FROM checkpoints WHERE stream = ? AND status = 'rejected' ORDER BY id", (stream,))
+
+    def events(self) -> list[dict[str, Any]]:
+        return self.rows("SELECT * FROM events ORDER BY seq")
+

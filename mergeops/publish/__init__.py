@@ -1,0 +1,1 @@
+"""Publishing a model version: protect (optional), model card, OpenSSF signature (``model.sig``), push."""

@@ -1,0 +1,101 @@
+"""`mergeops publish`: copy a version to the stream's publish target, sign it, record it.
+
+The copy is checked against the sha256 of every file recorded when the version was written (a
+changed file is never published), assembled in a temporary sibling folder, signed there in the
+OpenSSF model-signing format, and renamed into place; then the publication event is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergeops import keys
+from mergeops.errors import MergeopsError, UsageError
+from mergeops.ledger.store import Ledger, signing_key_path
+from mergeops.model.digest import file_sha256
+from mergeops.model.writer import TEMP_MARKER, fsync_dir
+from mergeops.policy import Policy
+from mergeops.publish.signing import sign_model_folder
+
+
+@dataclass(frozen=True)
+class Publication:
+    stream: str
+    version: int
+    target: Path
+    output_digest: str
+    signer: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stream": self.stream, "version": self.version, "target": str(self.target),
+                "digest": self.output_digest, "signed_by": self.signer}
+
+
+def publish(policy: Policy, stream_name: str | None, version: int | None = None) -> Publication:
+    stream = policy.stream(stream_name)
+    config = stream.publish
+    if config is None:
+        raise UsageError(f"stream {stream.name!r} has no [streams.{stream.name}.publish] table; add one with "
+                         "`to = \"published/NAME\"`.")
+    if config.hub is not None:
+        raise UsageError(f"stream {stream.name!r} publishes to the Hub ({config.hub}), which this version of "
+                         "mergeops cannot do yet; use `to = \"...\"` for a local folder.")
+    if config.protect:
+        raise UsageError(f"stream {stream.name!r} asks for MergeLock protection before publishing, which this "
+                         "version of mergeops cannot do yet; nothing was published.")
+    key_path = signing_key_path(policy.keys)
+    key = keys.load_signing_key(key_path)
+    with Ledger.open(policy.home, key) as ledger:
+        record = ledger.version(stream.name, version) if version is not None else ledger.head(stream.name)
+        if record is None:
+            which = f"version {version}" if version is not None else "any version"
+            raise UsageError(f"stream {stream.name!r} has no {which} to publish.")
+        if record.pruned:
+            raise UsageError(f"{stream.name} version {record.version} was pruned (keep = {stream.keep}); publish a "
+                             "retained version.")
+        source = Path(record.output)
+        files = json.loads(ledger.rows("SELECT files FROM versions WHERE stream = ? AND version = ?",
+                                       (stream.name, record.version))[0]["files"])
+        assert config.to is not None
+        target = config.to / f"v{record.version:04d}"
+        if target.exists():
+            raise UsageError(f"{target} exists already: {stream.name} version {record.version} was published.")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMP_MARKER}", dir=target.parent))
+        try:
+            _copy_verified(source, tmp, files, f"{stream.name} v{record.version:04d}")
+            for name in ("README.md", "provenance.json"):
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, tmp / name)
+            signer = None
+            if config.sign:
+                sign_model_folder(tmp, key_path)
+                signer = keys.fingerprint(key.public_key())
+            tmp.chmod(0o755)
+            fsync_dir(tmp)
+            os.rename(tmp, target)
+            fsync_dir(target.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        ledger.record(("publication.recorded", {"stream": stream.name, "version": record.version,
+                                                "output_digest": record.output_digest, "target": str(target),
+                                                "signer": signer}))
+    return Publication(stream.name, record.version, target, record.output_digest, signer)
+
+
+def _copy_verified(source: Path, dest: Path, files: dict[str, str], where: str) -> None:
+    for name, recorded in sorted(files.items()):
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / name, target)
+        if file_sha256(target) != recorded:
+            raise MergeopsError(f"{where}: file {name} in {source} differs from what was recorded when it was "
+                                "written; it was not published (run `mergeops audit`).")
+        with open(target, "rb+") as f:
+            os.fsync(f.fileno())

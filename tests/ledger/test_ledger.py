@@ -1,0 +1,208 @@
+"""The ledger: every change is a signed event, tampering with anything is found and named by audit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from mergeops.fold.engine import fold_checkpoint
+from mergeops.keys import load_signing_key
+from mergeops.ledger import Ledger
+from mergeops.ledger.audit import audit
+from mergeops.ledger.lineage import lineage
+from mergeops.ledger.store import public_key_for
+from mergeops.policy import load_policy
+from mergeops.publish.publish import publish
+from tests.conftest import write_model
+from tests.fold.streams import CONFIG, make_base, make_checkpoints, write_policy
+
+
+@pytest.fixture
+def stream(tmp_path):
+    """Three versions, one rejection, one publication, one protection record."""
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 3, metrics=True)
+    policy_path = write_policy(tmp_path, base_path, "task_arithmetic", keep=2)
+    with open(policy_path, "a") as f:
+        f.write(f'[streams.s.publish]\nto = "{tmp_path / "published"}"\n')
+    policy = load_policy(policy_path)
+    for checkpoint in checkpoints:
+        assert fold_checkpoint(policy, "s", checkpoint).status == "merged"
+    bad = {n: t.clone() for n, t in base.items()}
+    bad["model.norm.weight"][0] = float("nan")
+    assert fold_checkpoint(policy, "s", write_model(tmp_path / "bad", bad, config=CONFIG)).status == "rejected"
+    publish(policy, "s")
+    with Ledger.open(policy.home, load_signing_key(policy.keys.signing)) as ledger:
+        ledger.record(("protection.recorded", {"source_digest": ledger.head("s").output_digest,
+                                               "output_digest": "sha256:" + "ab" * 32, "path": "/x",
+                                               "key_fingerprint": "k", "scheme": "mergelock-v1"}))
+    return policy
+
+
+def run_audit(policy):
+    with Ledger.open_readonly(policy.home) as ledger:
+        return audit(ledger, public_key_for(policy.keys))
+
+
+def tamper(policy, sql, params=()):
+    connection = sqlite3.connect(policy.home / "ledger.db")
+    with connection:
+        connection.execute(sql, params)
+    connection.close()
+
+
+def test_an_untouched_ledger_audits_clean_and_records_every_change(stream):
+    report = run_audit(stream)
+    assert report.problems == [] and report.versions_checked == 2
+    with Ledger.open_readonly(stream.home) as ledger:
+        kinds = [e["kind"] for e in ledger.events()]
+    assert kinds == ["stream.started", "version.committed", "version.committed", "version.committed",
+                     "version.pruned", "checkpoint.rejected", "publication.recorded", "protection.recorded"]
+
+
+@pytest.mark.parametrize(("sql", "needle"), [
+    ("UPDATE streams SET base_digest = 'sha256:00'", "table streams: row name='s' column base_digest"),
+    ("UPDATE checkpoints SET source = '/elsewhere' WHERE id = 2", "table checkpoints: row id=2 column source"),
+    ("UPDATE checkpoints SET reason = 'fine' WHERE status = 'rejected'", "column reason"),
+    ("UPDATE versions SET output_digest = 'sha256:00' WHERE version = 3", "version=3 column output_digest"),
+    ("UPDATE versions SET pruned = 0 WHERE version = 1", "version=1 column pruned"),
+    ("UPDATE protections SET key_fingerprint = 'other'", "table protections"),
+    ("UPDATE publications SET target = '/tmp/x'", "table publications"),
+    ("DELETE FROM checkpoints WHERE status = 'rejected'", "was deleted"),
+    ("DELETE FROM versions WHERE version = 2", "table versions: row stream='s', version=2 was deleted"),
+    ("DELETE FROM publications", "table publications"),
+    ("DELETE FROM protections", "table protections"),
+    ("DELETE FROM streams", "table streams"),
+    ("INSERT INTO publications (id, stream, version, target) VALUES (99, 's', 3, '/evil')", "not backed by any event"),
+    ("UPDATE events SET payload = replace(payload, '\"version\":2', '\"version\":7') WHERE seq = 3",
+     "event 3 (version.committed) does not match its hash"),
+    ("DELETE FROM events WHERE seq = 4", "event 4 is missing"),
+    ("UPDATE events SET signature = '00' WHERE seq = 2", "event 2 (version.committed) has an invalid signature"),
+])
+def test_editing_or_deleting_anything_is_found_and_named(stream, sql, needle):
+    tamper(stream, sql)
+    messages = [p["message"] for p in run_audit(stream).problems]
+    assert any(needle in m for m in messages), messages
+
+
+def test_cutting_events_off_the_end_is_found(stream):
+    tamper(stream, "DELETE FROM events WHERE seq = (SELECT max(seq) FROM events)")
+    tamper(stream, "DELETE FROM protections")
+    messages = [p["message"] for p in run_audit(stream).problems]
+    assert any("events were deleted from the end" in m for m in messages), messages
+
+
+def test_a_changed_byte_of_a_retained_weight_file_is_named_with_its_version(stream):
+    weights = stream.streams["s"].output / "v0003" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    problems = run_audit(stream).problems
+    assert [p["message"] for p in problems if p["kind"] == "file"] == [
+        f"s v0003: file model.safetensors in {weights.parent} was changed after it was written."]
+
+
+def test_audit_cli_exits_1_and_names_the_broken_record(stream):
+    tamper(stream, "UPDATE versions SET path = '/nowhere' WHERE version = 3")
+    result = subprocess.run([sys.executable, "-m", "mergeops", "audit", "--policy", str(stream.path), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    document = json.loads(result.stdout)
+    assert not document["ok"] and any("column path" in p["message"] for p in document["problems"])
+
+
+def test_lineage_by_stream_version_and_by_folder_path_after_a_copy(stream, tmp_path):
+    with Ledger.open_readonly(stream.home) as ledger:
+        by_name = lineage(ledger, "s")
+        assert [s["version"] for s in by_name["steps"]] == [3, 2, 1]
+        assert by_name["steps"][2]["retained"] is False  # pruned, but its record is kept
+        assert by_name["steps"][0]["checkpoint"]["metrics"] == {"loss": 1.24, "step": 300.0}
+        assert by_name["steps"][0]["signer"].startswith("sha256:")
+        assert lineage(ledger, "s@2")["steps"][0]["version"] == 2
+        copy = shutil.copytree(stream.streams["s"].output / "v0002", tmp_path / "somewhere" / "copy")
+        found = lineage(ledger, str(copy))
+        assert (found["version"], found["found"]["as"]) == (2, "version")
+        published = lineage(ledger, str(tmp_path / "published" / "v0003"))
+        assert published["version"] == 3 and published["publications"][0]["target"].endswith("v0003")
+
+
+def test_outputs_carry_a_model_card_and_an_in_toto_provenance(stream):
+    from mergeops.model import folder_digest
+
+    folder = stream.streams["s"].output / "v0003"
+    statement = json.loads((folder / "provenance.json").read_text())
+    assert statement["_type"] == "https://in-toto.io/Statement/v1"
+    assert "sha256:" + statement["subject"][0]["digest"]["sha256"] == folder_digest(folder)
+    roles = [i["role"] for i in statement["predicate"]["inputs"]]
+    assert roles == ["base", "previous", "checkpoint"]
+    assert statement["predicate"]["policy_digest"] == stream.digest
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nbase_model:\n") and "base_model_relation: merge" in card
+    assert "- mergeops\n- task_arithmetic" in card
+
+
+def test_published_folder_verifies_with_the_model_signing_cli_and_fails_after_one_byte(stream, tmp_path):
+    published = tmp_path / "published" / "v0003"
+    public_key = stream.keys.signing.with_name("signing.pub.pem")
+    command = ["model_signing", "verify", "key", str(published), "--public_key", str(public_key),
+               "--signature", str(published / "model.sig")]
+    ok = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr + ok.stdout
+    weights = published / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert subprocess.run(command, capture_output=True, text=True, timeout=120).returncode != 0
+
+
+_SLOW_FOLDS = """
+import sys, time
+import mergeops.model.writer as writer
+original = writer.write_at
+def slow(*args):
+    time.sleep(0.01)
+    original(*args)
+writer.write_at = slow
+from mergeops.fold.engine import fold_checkpoint
+from mergeops.keys import load_signing_key
+from mergeops.policy import load_policy
+policy = load_policy(sys.argv[1])
+for path in sys.argv[2:]:
+    assert fold_checkpoint(policy, "s", path).status == "merged"
+"""
+
+
+def test_readers_never_see_a_locked_database_or_a_half_written_fold(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 6)
+    policy_path = write_policy(tmp_path, base_path, "opcm")
+    policy = load_policy(policy_path)
+    fold_checkpoint(policy, "s", checkpoints[0])
+    writer = subprocess.Popen([sys.executable, "-c", _SLOW_FOLDS, str(policy_path), *map(str, checkpoints[1:])])
+    seen, errors = set(), []
+
+    def read_repeatedly():
+        while writer.poll() is None:
+            try:
+                with Ledger.open_readonly(policy.home) as ledger:
+                    document = lineage(ledger, "s")
+                    versions = [s["version"] for s in document["steps"]]
+                    assert versions == list(range(versions[0], 0, -1))  # complete: every step and its checkpoint
+                    seen.add(versions[0])
+            except Exception as exc:
+                errors.append(repr(exc))
+
+    readers = [threading.Thread(target=read_repeatedly) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    assert writer.wait(timeout=240) == 0
+    for reader in readers:
+        reader.join(timeout=30)
+    assert errors == []
+    assert len(seen) >= 3  # the readers really ran while versions were being committed
