@@ -80,3 +80,36 @@ def test_commands_of_later_capabilities_say_so_and_exit_2(args):
 
 def test_unknown_option_is_a_usage_error():
     assert mergeops("inspect", "--bogus").returncode == 2
+
+
+def test_keygen_writes_private_keys_0600_and_never_overwrites(tmp_path):
+    made = mergeops("keygen", "--out", str(tmp_path / "k"))
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "k" / "signing.pem").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "k" / "lock.key").stat().st_mode & 0o777 == 0o600
+    before = (tmp_path / "k" / "signing.pem").read_bytes()
+    again = mergeops("keygen", "--out", str(tmp_path / "k"))
+    assert again.returncode == 2 and "signing.pem" in again.stderr
+    assert (tmp_path / "k" / "signing.pem").read_bytes() == before
+
+
+def test_fold_without_a_signing_key_says_how_to_make_one(tmp_path):
+    from tests.fold.streams import make_base, make_checkpoints
+
+    base_path, base = make_base(tmp_path)
+    checkpoint = make_checkpoints(tmp_path, base, 1)[0]
+    policy = tmp_path / "p.toml"
+    policy.write_text(f'[streams.s]\nbase = "{base_path}"\nmethod = "average"\n')
+    result = mergeops("fold", str(checkpoint), "--policy", str(policy))
+    assert result.returncode == 2 and "mergeops keygen --out" in result.stderr
+
+
+def test_a_group_readable_signing_key_is_refused_with_the_fix(tmp_path):
+    from tests.fold.streams import make_base, make_checkpoints, write_policy
+
+    base_path, base = make_base(tmp_path)
+    checkpoint = make_checkpoints(tmp_path, base, 1)[0]
+    policy = write_policy(tmp_path, base_path, "average")
+    (tmp_path / "keys" / "signing.pem").chmod(0o640)
+    result = mergeops("fold", str(checkpoint), "--policy", str(policy))
+    assert result.returncode == 2 and "chmod 600" in result.stderr
