@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from mergeops.durable import fsync_dir
 from mergeops.errors import UsageError
 
 SIGNING_KEY_FILE = "signing.pem"
@@ -84,7 +85,7 @@ def generate_keys(out_dir: Path) -> KeyPaths:
                                     (PRIVATE_MODE, PUBLIC_MODE, PRIVATE_MODE), strict=True):
             _create_exclusive(path, data, mode)
             created.append(path)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
     except BaseException:
         for path in created:
             with contextlib.suppress(OSError):
@@ -105,14 +106,6 @@ def _create_exclusive(path: Path, data: bytes, mode: int) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlite_utils import Database
 
 from mergeops import keys
+from mergeops.durable import fsync_dir, write_durably
 from mergeops.errors import PolicyError
 from mergeops.fold.methods.base import PastCheckpoint
 from mergeops.ledger.events import GENESIS, Event, canonical
 from mergeops.ledger.tables import apply, migrations
-from mergeops.model.writer import fsync_dir
 
 LEDGER_FILE = "ledger.db"
 HEAD_FILE = "ledger-head.json"
@@ -140,10 +140,7 @@ class Ledger:
         head = body | {"signer": keys.fingerprint(self.key.public_key()),
                        "signature": keys.sign(self.key, canonical(body).encode()).hex()}
         tmp = self.home / f".{HEAD_FILE}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(canonical(head) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        write_durably(tmp, (canonical(head) + "\n").encode())
         os.replace(tmp, self.home / HEAD_FILE)
         fsync_dir(self.home)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from mergeops.durable import fsync_dir, write_durably
 from mergeops.model.digest import file_sha256, is_digest_excluded
 from mergeops.model.folder import INDEX_FILE, SINGLE_FILE
 from mergeops.model.safetensors_file import byte_view, encode_header, write_at
@@ -177,7 +178,7 @@ class ModelWriter:
             _copy_carried_files(self.donor, tmp)
         for relative, data in self.extra_files.items():
             (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
-            _write_durably(tmp / relative, data)
+            write_durably(tmp / relative, data)
         for path in sorted(tmp.rglob("*")):
             relative = path.relative_to(tmp).as_posix()
             if (self.hash_files and path.is_file() and relative not in self.file_hashes
@@ -187,7 +188,7 @@ class ModelWriter:
             for relative, data in self.finalize(dict(self.file_hashes)).items():
                 if not is_digest_excluded(relative):
                     raise ValueError(f"{relative} would change the folder digest it is derived from")
-                _write_durably(tmp / relative, data)
+                write_durably(tmp / relative, data)
         for directory in [*sorted(p for p in tmp.rglob("*") if p.is_dir()), tmp]:
             fsync_dir(directory)
         os.rename(tmp, self.out)
@@ -229,19 +230,4 @@ def _copy_carried_files(donor: Path, dest: Path) -> None:
             continue
         target = dest / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        _write_durably(target, path.read_bytes())
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        write_durably(target, path.read_bytes())

@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from mergeops import keys
+from mergeops.durable import fsync_dir, fsync_file
 from mergeops.errors import MergeopsError, UsageError
 from mergeops.ledger.store import Ledger, signing_key_path
 from mergeops.model.digest import file_sha256
-from mergeops.model.writer import TEMP_MARKER, fsync_dir
+from mergeops.model.writer import TEMP_MARKER
 from mergeops.policy import Policy
 from mergeops.publish.signing import sign_model_folder
 
@@ -97,5 +98,4 @@ def _copy_verified(source: Path, dest: Path, files: dict[str, str], where: str) 
         if file_sha256(target) != recorded:
             raise MergeopsError(f"{where}: file {name} in {source} differs from what was recorded when it was "
                                 "written; it was not published (run `mergeops audit`).")
-        with open(target, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(target)

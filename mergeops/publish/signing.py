@@ -28,6 +28,7 @@ import model_signing.signing
 import model_signing.verifying
 
 from mergeops import keys
+from mergeops.durable import fsync_dir, fsync_file
 from mergeops.errors import ModelFolderError
 
 SIGNATURE_FILE = "model.sig"
@@ -78,18 +79,10 @@ def sign_model_folder(folder: Path, private_key_path: Path) -> Path:
             config.sign(root, staged)
         except (OSError, ValueError) as exc:
             raise ModelFolderError(f"cannot sign model folder {root}: {exc}") from exc
-        fd = os.open(staged, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(staged)
         os.chmod(staged, 0o644)
         os.replace(staged, target)
-    fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(root)
     return target
 
 
