@@ -13,6 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColu
 from rich.table import Table
 
 from mergeops import __version__
+from mergeops.allocator import tune_allocator
 from mergeops.errors import MergeopsError, UsageError
 
 app = typer.Typer(
@@ -276,6 +277,7 @@ def demo(policy: Path = typer.Option(Path("policies/demo.toml"), "--policy", hel
 
 
 def main() -> None:
+    tune_allocator()
     try:
         app()
     except MergeopsError as exc:

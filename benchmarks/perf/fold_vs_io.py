@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mergeops.allocator import tune_allocator
 from mergeops.model import ModelFolder
 from mergeops.synthetic import llama_shape_for, write_base, write_curvature, write_finetune
 
@@ -94,6 +95,7 @@ def run_fold(checkpoint: Path, policy: Path) -> tuple[float, float, float]:
 
 
 def main() -> None:
+    tune_allocator()  # the same allocator settings as the `mergeops` command, so the floor is as fast as it can be
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=float, default=200e6)
     parser.add_argument("--methods", nargs="+", default=list(PARAMS))

@@ -13,7 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -50,6 +52,30 @@ class TensorSpec:
         for d in self.shape:
             n *= d
         return n
+
+
+class _HashWorker:
+    """Feeds tensors' bytes to hash objects in order on one worker thread (hashlib releases the GIL).
+
+    At most ``depth`` tensors wait, so memory stays bounded by a few tensors.
+    """
+
+    def __init__(self, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeops-hash")
+        self._pending: deque[Future[None]] = deque()
+        self._depth = depth
+
+    def feed(self, hasher: Any, data: torch.Tensor) -> None:
+        self._pending.append(self._pool.submit(lambda: hasher.update(byte_view(data))))
+        while len(self._pending) > self._depth:
+            self._pending.popleft().result()
+
+    def drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _plan_shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
@@ -93,8 +119,10 @@ class ModelWriter:
         self.finalize: Callable[[dict[str, str]], dict[str, bytes]] | None = None
         self.hash_files = hash_files
         self.file_hashes: dict[str, str] = {}  # relative path -> sha256 of every file written (if hash_files)
-        # Weights written front to back are hashed as they go; a file written out of order is re-read.
+        # Weights written front to back are hashed as they go, on a worker thread so hashing overlaps the
+        # next tensor's work; a file written out of order is re-read at the end.
         self._running: dict[str, tuple[Any, int]] = {}  # file -> (sha256 so far, offset it covers up to)
+        self._hashing = _HashWorker()
         self._tmp: Path | None = None
         self._fds: dict[str, int] = {}
         self._where: dict[str, tuple[str, int]] = {}
@@ -145,7 +173,7 @@ class ModelWriter:
         running = self._running.get(file_name)
         if self.hash_files and running is not None:
             if running[1] == offset:
-                running[0].update(byte_view(data))
+                self._hashing.feed(running[0], data)
                 self._running[file_name] = (running[0], offset + spec.nbytes)
             else:
                 del self._running[file_name]
@@ -160,6 +188,7 @@ class ModelWriter:
                                        f"e.g. {sorted(self._pending)[0]!r}")
                 self._finish(self._tmp)
         finally:
+            self._hashing.close()
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
@@ -170,6 +199,7 @@ class ModelWriter:
         for fd in self._fds.values():
             os.fsync(fd)
         if self.hash_files:
+            self._hashing.drain()
             for file_name in self._fds:
                 running = self._running.get(file_name)
                 complete = running is not None and running[1] == os.fstat(self._fds[file_name]).st_size
