@@ -13,7 +13,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,12 +95,10 @@ def _fold_into(policy: Policy, stream: StreamConfig, ledger: Ledger, path: Path,
             return FoldResult("duplicate", stream.name, previous.version, Path(previous.output), described["digest"],
                               f"already folded into version {previous.version}")
         try:
-            version, output, output_digest, notes = _fold(policy, stream, ledger, folder, described, metrics_file,
-                                                          progress)
+            with _open_base(stream) as base, ExitStack() as stack:
+                return _Fold(policy, stream, ledger, folder, described, base, stack).run(metrics_file, progress)
         except RejectedError as exc:
             return _reject(ledger, stream, described, exc.gate, str(exc))
-    return FoldResult("merged", stream.name, version, output, described["digest"], output_digest=output_digest,
-                      notes=notes)
 
 
 def _dtype_counts(folder: ModelFolder) -> dict[str, int]:
@@ -129,108 +127,138 @@ def _open_base(stream: StreamConfig) -> ModelFolder:
         raise PolicyError(f"stream {stream.name!r}: the base model is unusable: {exc}") from exc
 
 
-def _fold(policy: Policy, stream: StreamConfig, ledger: Ledger, folder: ModelFolder, described: dict[str, Any],
-          metrics_file: Path | None, progress: Callable[[int], None] | None
-          ) -> tuple[int, Path, str, tuple[str, ...]]:
-    digest = described["digest"]
-    with _open_base(stream) as base, ExitStack() as stack:
-        problems = problems_against_base(folder, base)
+class _Fold:
+    """One fold in progress: what it reads, what it writes, and the phases it goes through."""
+
+    def __init__(self, policy: Policy, stream: StreamConfig, ledger: Ledger, folder: ModelFolder,
+                 described: dict[str, Any], base: ModelFolder, stack: ExitStack) -> None:
+        self.policy, self.stream, self.ledger, self.folder, self.base = policy, stream, ledger, folder, base
+        self.described = described
+        self.head = ledger.head(stream.name)
+        self.version = self.head.version + 1 if self.head else 1
+        self.stream_home = policy.home / "streams" / stream.name
+        self.state_dir = version_dir(self.stream_home / "state", self.version)
+        self.output_dir = version_dir(stream.output, self.version)
+        self.old_state = stack.enter_context(ModelFolder.open(self.head.state)) if self.head else None
+        scalars = _read_scalars(Path(self.head.state), stream) if self.head else {}
+        self.method = method_class(stream.method)(stream.params, scalars)
+        stack.callback(self.method.close)
+        self.kinds = self.method.state_kinds()
+        self.floating = [n for n, info in base.tensors.items() if info.dtype.is_floating_point]
+        self.stream_row = ledger.stream_row(stream.name)
+        self.base_digest = self.stream_row["base_digest"] if self.stream_row else folder_digest(base.path)
+
+    def state_of(self, source: ModelFolder | None, name: str) -> dict[str, torch.Tensor]:
+        return {k: source.read(f"{k}{STATE_SEPARATOR}{name}") for k in self.kinds} if source else {}
+
+    def run(self, metrics_file: Path | None, progress: Callable[[int], None] | None) -> FoldResult:
+        problems = problems_against_base(self.folder, self.base)
         if problems:
             raise RejectedError(problems[0].message)
-        head = ledger.head(stream.name)
-        stream_home = policy.home / "streams" / stream.name
-        version = head.version + 1 if head else 1
-        _remove_uncommitted(stream.output, version)
-        _remove_uncommitted(stream_home / "state", version)
+        _remove_uncommitted(self.stream.output, self.version)
+        _remove_uncommitted(self.stream_home / "state", self.version)
+        self.metrics = load_metrics(self.folder.path, metrics_file)
+        self.method.begin(Arrival(self.folder, self.described["digest"], t=self.version, metrics=self.metrics,
+                                  history=self.ledger.history(self.stream.name)))
+        while self.method.survey_needed():
+            for name in self.floating:
+                self.method.survey(name, self.base.read(name).float(), self.folder.read(name).float(),
+                                   self.state_of(self.old_state, name))
+        self.facts = _facts(self.policy, self.stream, self.ledger, self.base, self.head, self.base_digest,
+                            self.described, self.version)
+        output_writer = self._fold_pass(progress)
+        if output_writer is None:  # the merged tensors needed a model-wide quantity: a second pass
+            output_writer = self._merge_pass()
+        return self._commit(output_writer)
 
-        scalars: dict[str, Any] = {}
-        old_state: ModelFolder | None = None
-        if head is not None:
-            old_state = stack.enter_context(ModelFolder.open(head.state))
-            scalars = _read_scalars(Path(head.state), stream)
-        method = method_class(stream.method)(stream.params, scalars)
-        stack.callback(method.close)
-        metrics = load_metrics(folder.path, metrics_file)
-        arrival = Arrival(folder, digest, t=(head.version if head else 0) + 1, metrics=metrics,
-                          history=ledger.history(stream.name))
-        method.begin(arrival)
-
-        floating = [n for n, info in base.tensors.items() if info.dtype.is_floating_point]
-        while method.survey_needed():
-            for name, b, new, state in _inputs(base, folder, old_state, method, floating):
-                method.survey(name, b, new, state)
-
-        kinds = method.state_kinds()
-        state_specs = [TensorSpec(f"{kind}{STATE_SEPARATOR}{n}", torch.float32, base.tensors[n].shape)
-                       for n in floating for kind in kinds]
-        state_dir = version_dir(stream_home / "state", version)
-        output_dir = version_dir(stream.output, version)
-        stream_row = ledger.stream_row(stream.name)
-        base_digest = stream_row["base_digest"] if stream_row else folder_digest(base.path)
-        parent = head.output_digest if head else base_digest
-        metadata = {"mergeops.stream": stream.name, "mergeops.version": str(version),
-                    "mergeops.method": stream.method, "mergeops.parents": json.dumps([parent, digest]),
+    def _output_writer(self) -> ModelWriter:
+        parent = self.head.output_digest if self.head else self.base_digest
+        metadata = {"mergeops.stream": self.stream.name, "mergeops.version": str(self.version),
+                    "mergeops.method": self.stream.method,
+                    "mergeops.parents": json.dumps([parent, self.described["digest"]]),
                     "mergeops.tool": f"mergeops {__version__}"}
-        output_specs = [TensorSpec(n, _output_dtype(stream, info.dtype), info.shape)
-                        for n, info in base.tensors.items()]
+        specs = [TensorSpec(n, _output_dtype(self.stream, info.dtype), info.shape)
+                 for n, info in self.base.tensors.items()]
+        writer = ModelWriter(self.output_dir, specs, metadata=metadata, donor=self.base.path)
+        facts = self.facts
+        writer.finalize = lambda hashes: card_files(facts, digest_of_listing(hashes))
+        return writer
 
-        with ModelWriter(state_dir, state_specs, metadata={"mergeops.stream": stream.name}) as state_writer, \
+    def _fold_pass(self, progress: Callable[[int], None] | None) -> ModelWriter | None:
+        """Fold every tensor into new state; write merged tensors too when the method can right away."""
+        state_specs = [TensorSpec(f"{kind}{STATE_SEPARATOR}{n}", torch.float32, self.base.tensors[n].shape)
+                       for n in self.floating for kind in self.kinds]
+        with ModelWriter(self.state_dir, state_specs, metadata={"mergeops.stream": self.stream.name}) as state, \
                 ExitStack() as single_pass:
-            facts = _facts(policy, stream, ledger, base, head, base_digest, described, version)
-            output_writer = None if method.needs_global else single_pass.enter_context(
-                _output_writer(output_dir, output_specs, metadata, base.path, facts))
-            order = output_writer.layout_order if output_writer else list(base.tensors)
-            for name in order:
-                new_raw = folder.read(name)
+            output = None if self.method.needs_global else single_pass.enter_context(self._output_writer())
+            for name in output.layout_order if output else list(self.base.tensors):
+                new_raw = self.folder.read(name)
                 if progress:
                     progress(new_raw.numel() * new_raw.element_size())
-                b = base.read(name)
-                if name not in floating:
-                    problem = tensor_value_problem(name, new_raw, folder.tensors[name].file, expect_floating=False)
-                    if problem:
-                        raise RejectedError(problem.message)
-                    if not torch.equal(new_raw, b):
-                        raise RejectedError(f"integer tensor {name!r} differs from the base's; integer tensors "
-                                            "(buffers, ids) must be identical in every checkpoint.")
-                    if output_writer:
-                        output_writer.write(name, b)
+                base = self.base.read(name)
+                if name not in self.floating:
+                    self._check_integer(name, new_raw, base)
+                    if output:
+                        output.write(name, base)
                     continue
                 new = new_raw.float()
-                if not math.isfinite(float(new.sum())):  # cheap; exact check (and its message) only if needed
-                    problem = tensor_value_problem(name, new_raw, folder.tensors[name].file)
+                if not math.isfinite(float(new.sum())):  # cheap; the exact check (and its message) only if needed
+                    problem = tensor_value_problem(name, new_raw, self.folder.tensors[name].file)
                     if problem:
                         raise RejectedError(problem.message)
-                b32 = b.float()
-                state = {k: old_state.read(f"{k}{STATE_SEPARATOR}{name}") for k in kinds} if old_state else {}
-                new_state = method.fold(name, b32, new, state)
-                for kind in kinds:
-                    state_writer.write(f"{kind}{STATE_SEPARATOR}{name}", new_state[kind])
-                if output_writer:
-                    output_writer.write(name, method.merged(name, b32, new_state).to(output_writer.specs[name].dtype))
-            method.finish()
-            state_writer.extra_files[SCALARS_FILE] = _scalars_json(stream, method)
-        state_hashes = state_writer.file_hashes
-        if output_writer is None:
-            output_writer = _write_merged(base, state_dir, method,
-                                          _output_writer(output_dir, output_specs, metadata, base.path, facts), kinds)
+                base32 = base.float()
+                new_state = self.method.fold(name, base32, new, self.state_of(self.old_state, name))
+                for kind in self.kinds:
+                    state.write(f"{kind}{STATE_SEPARATOR}{name}", new_state[kind])
+                if output:
+                    output.write(name, self.method.merged(name, base32, new_state).to(output.specs[name].dtype))
+            self.method.finish()
+            state.extra_files[SCALARS_FILE] = _scalars_json(self.stream, self.method)
+        self.state_hashes = state.file_hashes
+        return output
 
-    output_digest = digest_of_listing(output_writer.file_hashes)
-    _point_latest(stream.output, output_dir)
-    events: list[tuple[str, dict[str, Any]]] = []
-    if stream_row is None:
-        events.append(("stream.started", {"stream": stream.name, "base": str(stream.base), "base_digest": base_digest,
-                                          "method": stream.method, "params": stream.params}))
-    events.append(("version.committed", {
-        "stream": stream.name, "version": version, "method": stream.method, "params": stream.params,
-        "previous": head.version if head else None, "checkpoint": described | {"metrics": metrics},
-        "output_digest": output_digest, "path": str(output_dir), "files": output_writer.file_hashes,
-        "state_path": str(state_dir), "state_digest": digest_of_listing(state_hashes),
-        "gates": list(facts.gates), "policy_digest": policy.digest, "tool": f"mergeops {__version__}"}))
-    prunable = [v.version for v in ledger.versions(stream.name) if not v.pruned and v.version <= version - stream.keep]
-    events += [("version.pruned", {"stream": stream.name, "version": n}) for n in prunable]
-    ledger.record(*events)
-    _prune(stream, stream_home / "state", version)
-    return version, output_dir, output_digest, tuple(method.notes)
+    def _check_integer(self, name: str, new: torch.Tensor, base: torch.Tensor) -> None:
+        problem = tensor_value_problem(name, new, self.folder.tensors[name].file, expect_floating=False)
+        if problem:
+            raise RejectedError(problem.message)
+        if not torch.equal(new, base):
+            raise RejectedError(f"integer tensor {name!r} differs from the base's; integer tensors (buffers, ids) "
+                                "must be identical in every checkpoint.")
+
+    def _merge_pass(self) -> ModelWriter:
+        with ModelFolder.open(self.state_dir) as state, self._output_writer() as writer:
+            for name in writer.layout_order:
+                base = self.base.read(name)
+                if name not in self.floating:
+                    writer.write(name, base)
+                    continue
+                merged = self.method.merged(name, base.float(), self.state_of(state, name))
+                writer.write(name, merged.to(writer.specs[name].dtype))
+        return writer
+
+    def _commit(self, output: ModelWriter) -> FoldResult:
+        """Point ``latest`` at the new version, record it (and what it prunes) in one transaction, prune."""
+        stream, version = self.stream, self.version
+        output_digest = digest_of_listing(output.file_hashes)
+        _point_latest(stream.output, self.output_dir)
+        events: list[tuple[str, dict[str, Any]]] = []
+        if self.stream_row is None:
+            events.append(("stream.started", {"stream": stream.name, "base": str(stream.base),
+                                              "base_digest": self.base_digest, "method": stream.method,
+                                              "params": stream.params}))
+        events.append(("version.committed", {
+            "stream": stream.name, "version": version, "method": stream.method, "params": stream.params,
+            "previous": self.head.version if self.head else None,
+            "checkpoint": self.described | {"metrics": self.metrics}, "output_digest": output_digest,
+            "path": str(self.output_dir), "files": output.file_hashes, "state_path": str(self.state_dir),
+            "state_digest": digest_of_listing(self.state_hashes), "gates": list(self.facts.gates),
+            "policy_digest": self.policy.digest, "tool": f"mergeops {__version__}"}))
+        events += [("version.pruned", {"stream": stream.name, "version": v.version})
+                   for v in self.ledger.versions(stream.name) if not v.pruned and v.version <= version - stream.keep]
+        self.ledger.record(*events)
+        _prune(stream, self.stream_home / "state", version)
+        return FoldResult("merged", stream.name, version, self.output_dir, self.described["digest"],
+                          output_digest=output_digest, notes=tuple(self.method.notes))
 
 
 def _facts(policy: Policy, stream: StreamConfig, ledger: Ledger, base: ModelFolder, head: VersionRecord | None,
@@ -243,35 +271,6 @@ def _facts(policy: Policy, stream: StreamConfig, ledger: Ledger, base: ModelFold
     return VersionFacts(stream.name, version, stream.method, stream.params, (*inputs, checkpoint),
                         (*earlier, checkpoint), policy.digest, described["arrived"], read_license(base.path),
                         gates=ALWAYS_ON_GATES)
-
-
-def _output_writer(output_dir: Path, specs: list[TensorSpec], metadata: dict[str, str], donor: Path,
-                   facts: VersionFacts) -> ModelWriter:
-    writer = ModelWriter(output_dir, specs, metadata=metadata, donor=donor)
-    writer.finalize = lambda hashes: card_files(facts, digest_of_listing(hashes))
-    return writer
-
-
-def _write_merged(base: ModelFolder, state_dir: Path, method: MergeMethod, writer: ModelWriter,
-                  kinds: tuple[str, ...]) -> ModelWriter:
-    """Second pass for methods whose merged tensors need a model-wide quantity from the fold."""
-    with ModelFolder.open(state_dir) as state, writer:
-        for name in writer.layout_order:
-            b = base.read(name)
-            if not b.dtype.is_floating_point:
-                writer.write(name, b)
-                continue
-            tensors = {k: state.read(f"{k}{STATE_SEPARATOR}{name}") for k in kinds}
-            writer.write(name, method.merged(name, b.float(), tensors).to(writer.specs[name].dtype))
-    return writer
-
-
-def _inputs(base: ModelFolder, folder: ModelFolder, state: ModelFolder | None, method: MergeMethod,
-            names: list[str]) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
-    kinds = method.state_kinds()
-    for name in names:
-        old = {k: state.read(f"{k}{STATE_SEPARATOR}{name}") for k in kinds} if state else {}
-        yield name, base.read(name).float(), folder.read(name).float(), old
 
 
 def _output_dtype(stream: StreamConfig, stored: torch.dtype) -> torch.dtype:
