@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from mergeops import __version__, keys
+from mergeops import __version__, gate, keys
 from mergeops.errors import ModelFolderError, PolicyError, RejectedError
 from mergeops.fold.methods import method_class
 from mergeops.fold.methods.base import Arrival, MergeMethod
@@ -155,6 +155,13 @@ class _Fold:
         problems = problems_against_base(self.folder, self.base)
         if problems:
             raise RejectedError(problems[0].message)
+        config = self.stream.gate
+        self.gates = [*ALWAYS_ON_GATES, *gate.before_fold(config, self.folder.path)]
+        self.update_sq = 0.0 if config.max_update_ratio is not None else None
+        if config.max_update_ratio is not None:
+            self.gates.append("max_update_ratio")
+        if config.eval is not None:
+            self.gates.append("eval")  # a version is committed only once its eval passed
         _remove_uncommitted(self.stream.output, self.version)
         _remove_uncommitted(self.stream_home / "state", self.version)
         self.metrics = load_metrics(self.folder.path, metrics_file)
@@ -165,10 +172,18 @@ class _Fold:
                 self.method.survey(name, self.base.read(name).float(), self.folder.read(name).float(),
                                    self.state_of(self.old_state, name))
         self.facts = _facts(self.policy, self.stream, self.ledger, self.base, self.head, self.base_digest,
-                            self.described, self.version)
+                            self.described, self.version, tuple(self.gates))
         output_writer = self._fold_pass(progress)
         if output_writer is None:  # the merged tensors needed a model-wide quantity: a second pass
             output_writer = self._merge_pass()
+        self.eval_metrics: dict[str, float] = {}
+        if config.eval is not None:
+            try:
+                self.eval_metrics = gate.evaluate(config, self.output_dir)
+            except RejectedError:
+                _remove_uncommitted(self.stream.output, self.version)
+                _remove_uncommitted(self.stream_home / "state", self.version)
+                raise
         return self._commit(output_writer)
 
     def _output_writer(self) -> ModelWriter:
@@ -207,11 +222,16 @@ class _Fold:
                     if problem:
                         raise RejectedError(problem.message)
                 base32 = base.float()
+                if self.update_sq is not None:
+                    self.update_sq += float((new - base32).square().sum(dtype=torch.float64))
                 new_state = self.method.fold(name, base32, new, self.state_of(self.old_state, name))
                 for kind in self.kinds:
                     state.write(f"{kind}{STATE_SEPARATOR}{name}", new_state[kind])
                 if output:
                     output.write(name, self.method.merged(name, base32, new_state).to(output.specs[name].dtype))
+            if self.update_sq is not None:  # before anything is committed: a rejection leaves no trace
+                accepted = self.ledger.update_norms(self.stream.name)
+                gate.check_update(self.stream.gate, math.sqrt(self.update_sq), accepted)
             self.method.finish()
             state.extra_files[SCALARS_FILE] = _scalars_json(self.stream, self.method)
         self.state_hashes = state.file_hashes
@@ -252,6 +272,8 @@ class _Fold:
             "checkpoint": self.described | {"metrics": self.metrics}, "output_digest": output_digest,
             "path": str(self.output_dir), "files": output.file_hashes, "state_path": str(self.state_dir),
             "state_digest": digest_of_listing(self.state_hashes), "gates": list(self.facts.gates),
+            "update_norm": math.sqrt(self.update_sq) if self.update_sq is not None else None,
+            "eval": self.eval_metrics,
             "policy_digest": self.policy.digest, "tool": f"mergeops {__version__}"}))
         events += [("version.pruned", {"stream": stream.name, "version": v.version})
                    for v in self.ledger.versions(stream.name) if not v.pruned and v.version <= version - stream.keep]
@@ -262,7 +284,7 @@ class _Fold:
 
 
 def _facts(policy: Policy, stream: StreamConfig, ledger: Ledger, base: ModelFolder, head: VersionRecord | None,
-           base_digest: str, described: dict[str, Any], version: int) -> VersionFacts:
+           base_digest: str, described: dict[str, Any], version: int, gates: tuple[str, ...]) -> VersionFacts:
     inputs = [Input("base", base_digest, str(base.path))]
     if head is not None:
         inputs.append(Input("previous", head.output_digest, head.output))
@@ -270,7 +292,7 @@ def _facts(policy: Policy, stream: StreamConfig, ledger: Ledger, base: ModelFold
     earlier = tuple(Input("checkpoint", v.checkpoint, v.source) for v in ledger.versions(stream.name))
     return VersionFacts(stream.name, version, stream.method, stream.params, (*inputs, checkpoint),
                         (*earlier, checkpoint), policy.digest, described["arrived"], read_license(base.path),
-                        gates=ALWAYS_ON_GATES)
+                        gates=gates)
 
 
 def _output_dtype(stream: StreamConfig, stored: torch.dtype) -> torch.dtype:

@@ -176,6 +176,11 @@ class Ledger:
     def history(self, stream: str) -> tuple[PastCheckpoint, ...]:
         return tuple(PastCheckpoint(v.checkpoint, Path(v.source), v.metrics) for v in self.versions(stream))
 
+    def update_norms(self, stream: str) -> list[float]:
+        """Task-vector norms of the accepted checkpoints that were measured (for max_update_ratio)."""
+        return [r["update_norm"] for r in self.rows("SELECT update_norm FROM versions WHERE stream = ? AND "
+                                                   "update_norm IS NOT NULL ORDER BY version", (stream,))]
+
     def stream_row(self, stream: str) -> dict[str, Any] | None:
         rows = self.rows("SELECT * FROM streams WHERE name = ?", (stream,))
         return rows[0] if rows else None

@@ -39,7 +39,8 @@ def create_tables(db: Database) -> None:
     db["versions"].create({"stream": str, "version": int, "method": str, "params": str, "previous": int,
                            "checkpoint_id": int, "checkpoint_digest": str, "output_digest": str, "path": str,
                            "state_path": str, "state_digest": str, "files": str, "gates": str,
-                           "policy_digest": str, "tool": str, "created": str, "pruned": int},
+                           "policy_digest": str, "tool": str, "update_norm": float, "eval": str, "created": str,
+                           "pruned": int},
                           pk=("stream", "version"), foreign_keys=[("checkpoint_id", "checkpoints", "id")])
     db["versions"].create_index(["output_digest"])
     db["protections"].create({"id": int, "source_digest": str, "output_digest": str, "path": str,
@@ -83,7 +84,8 @@ def _version_committed(db: Database, event: Event) -> None:
         "previous": p["previous"], "checkpoint_id": event.seq, "checkpoint_digest": p["checkpoint"]["digest"],
         "output_digest": p["output_digest"], "path": p["path"], "state_path": p["state_path"],
         "state_digest": p["state_digest"], "files": _json(p["files"]), "gates": _json(p["gates"]),
-        "policy_digest": p["policy_digest"], "tool": p["tool"], "created": event.time, "pruned": 0})
+        "policy_digest": p["policy_digest"], "tool": p["tool"], "update_norm": p.get("update_norm"),
+        "eval": _json(p.get("eval", {})), "created": event.time, "pruned": 0})
 
 
 def _version_pruned(db: Database, event: Event) -> None:

@@ -1,0 +1,118 @@
+"""Every gate of SPEC §6 accepts what it should and rejects, with its name, what it should not."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from mergeops.fold.engine import fold_checkpoint
+from mergeops.keys import generate_keys
+from mergeops.ledger import Ledger
+from mergeops.policy import load_policy
+from mergeops.publish.signing import sign_model_folder
+from tests.conftest import write_model
+from tests.fold.streams import CONFIG, make_base, make_checkpoints, write_policy
+
+
+def policy_with(tmp_path, base_path, gate_toml: str, method: str = "average"):
+    path = write_policy(tmp_path, base_path, method)
+    with open(path, "a") as f:
+        f.write("[streams.s.gate]\n" + gate_toml + "\n")
+    return load_policy(path)
+
+
+def assert_nothing_committed(policy):
+    assert not (policy.streams["s"].output / "v0002").exists()
+    assert not (policy.home / "streams" / "s" / "state" / "v0002").exists()
+
+
+def card(path, license_name):
+    (path / "README.md").write_text(f"---\nlicense: {license_name}\ntags: [x]\n---\n# a fine-tune\n")
+
+
+def test_licenses(tmp_path):
+    base_path, base = make_base(tmp_path)
+    good, other, none = make_checkpoints(tmp_path, base, 3)
+    card(good, "apache-2.0")
+    card(other, "cc-by-nc-4.0")
+    policy = policy_with(tmp_path, base_path, 'licenses = ["apache-2.0", "mit"]')
+    assert fold_checkpoint(policy, "s", good).status == "merged"
+    rejected = fold_checkpoint(policy, "s", other)
+    assert (rejected.status, rejected.gate) == ("rejected", "licenses") and "cc-by-nc-4.0" in rejected.reason
+    assert fold_checkpoint(policy, "s", none).gate == "licenses"
+    assert_nothing_committed(policy)
+
+
+def test_require_signature(tmp_path):
+    base_path, base = make_base(tmp_path)
+    signed, unsigned, tampered, foreign = make_checkpoints(tmp_path, base, 4)
+    producer = generate_keys(tmp_path / "producer")
+    stranger = generate_keys(tmp_path / "stranger")
+    for folder in (signed, tampered):
+        sign_model_folder(folder, producer.signing_key)
+    sign_model_folder(foreign, stranger.signing_key)
+    (tampered / "config.json").write_text("{}")
+    policy = policy_with(tmp_path, base_path, f'require_signature = true\ntrusted_keys = ["{producer.public_key}"]')
+    result = fold_checkpoint(policy, "s", signed)
+    assert result.status == "merged"
+    for folder, needle in ((unsigned, "carries no model.sig"), (tampered, "not a valid signature"),
+                           (foreign, "not a valid signature")):
+        rejected = fold_checkpoint(policy, "s", folder)
+        assert (rejected.status, rejected.gate) == ("rejected", "signature") and needle in rejected.reason
+    assert_nothing_committed(policy)
+    with Ledger.open_readonly(policy.home) as ledger:
+        gates = json.loads(ledger.rows("SELECT gates FROM versions")[0]["gates"])
+    assert f"signature:{producer.fingerprint}" in gates
+
+
+@pytest.mark.parametrize("method", ["average", "opcm"])  # one-pass and two-pass methods
+def test_max_update_ratio(tmp_path, method):
+    base_path, base = make_base(tmp_path)
+    normal = make_checkpoints(tmp_path, base, 3)
+    poisoned = {n: (t * 40 if t.dtype.is_floating_point else t) for n, t in base.items()}
+    poisoned_path = write_model(tmp_path / "poisoned", poisoned, config=CONFIG)
+    policy = policy_with(tmp_path, base_path, "max_update_ratio = 5.0", method)
+    assert fold_checkpoint(policy, "s", normal[0]).status == "merged"
+    rejected = fold_checkpoint(policy, "s", poisoned_path)
+    assert (rejected.status, rejected.gate) == ("rejected", "max_update_ratio") and "median" in rejected.reason
+    assert_nothing_committed(policy)
+    assert fold_checkpoint(policy, "s", normal[1]).version == 2
+
+
+EVAL = """
+import json, sys
+from pathlib import Path
+model = Path(sys.argv[1])
+assert (model / "model.safetensors").is_file() and (model / "config.json").is_file()
+print("evaluating", file=sys.stderr)
+print(json.dumps({"accuracy": float(sys.argv[2]), "note": "text is ignored"}))
+"""
+
+
+@pytest.mark.parametrize(("score", "status"), [(0.9, "merged"), (0.1, "rejected")])
+def test_eval_gate_runs_on_the_candidate_and_commits_only_above_the_minimum(tmp_path, score, status):
+    base_path, base = make_base(tmp_path)
+    checkpoint = make_checkpoints(tmp_path, base, 1)[0]
+    script = tmp_path / "eval.py"
+    script.write_text(EVAL)
+    policy = policy_with(tmp_path, base_path, f'eval = "{sys.executable} {script} {{model}} {score}"\n'
+                                              "[streams.s.gate.min]\naccuracy = 0.5")
+    result = fold_checkpoint(policy, "s", checkpoint)
+    assert result.status == status
+    if status == "merged":
+        with Ledger.open_readonly(policy.home) as ledger:
+            assert json.loads(ledger.rows("SELECT eval FROM versions")[0]["eval"]) == {"accuracy": 0.9}
+    else:
+        assert result.gate == "eval" and "accuracy = 0.1" in result.reason
+        assert not (policy.streams["s"].output / "v0001").exists()
+        assert not (policy.home / "streams" / "s" / "state" / "v0001").exists()
+
+
+def test_eval_command_that_fails_is_a_rejection_not_a_crash(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoint = make_checkpoints(tmp_path, base, 1)[0]
+    policy = policy_with(tmp_path, base_path, f'eval = "{sys.executable} -c \'import sys; sys.exit(4)\' {{model}}"')
+    result = fold_checkpoint(policy, "s", checkpoint)
+    assert (result.status, result.gate) == ("rejected", "eval") and "exited 4" in result.reason
