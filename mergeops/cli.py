@@ -167,15 +167,38 @@ def fold(checkpoint: Path = typer.Argument(..., help="The checkpoint's model fol
 
 
 @app.command()
-def daemon(policy: Path = PolicyOption, once: bool = typer.Option(False, "--once")) -> None:
-    """Watch every registry of every stream and fold arrivals."""
-    _not_yet("daemon", "the daemon")
+def daemon(policy: Path = PolicyOption,
+           once: bool = typer.Option(False, "--once", help="Catch up on everything pending, then exit.")) -> None:
+    """Watch every registry of every stream and fold arrivals (JSON log lines on stdout)."""
+    from mergeops.daemon.loop import Daemon
+    from mergeops.policy import load_policy
+
+    raise typer.Exit(Daemon(load_policy(policy), once=once).run())
 
 
 @app.command()
 def status(policy: Path = PolicyOption, as_json: bool = JsonOption) -> None:
     """Per stream: latest version, method, folded / rejected / pending, daemon liveness."""
-    _not_yet("status", "the daemon")
+    from mergeops.daemon.status import status as read_status
+    from mergeops.policy import load_policy
+
+    document = read_status(load_policy(policy))
+    if as_json:
+        _print_json(document)
+        return
+    table = Table("stream", "latest", "method", "folded", "rejected", "pending", "last event")
+    for name, s in document["streams"].items():
+        latest = f"v{s['latest_version']:04d}" if s["latest_version"] else "-"
+        table.add_row(name, latest, s["method"], str(s["folded"]), str(s["rejected"]), str(s["pending"]),
+                      s["last_event"] or "-")
+    out.print(table)
+    d = document["daemon"]
+    if d["running"]:
+        out.print(f"daemon: running, pid {d['pid']}, heartbeat {d['heartbeat_age_seconds']} s ago ({d['status']})")
+    elif d["pid"]:
+        out.print(f"daemon: not running (last seen pid {d['pid']}, {d['heartbeat_age_seconds']} s ago)")
+    else:
+        out.print("daemon: never ran on this home")
 
 
 @app.command()

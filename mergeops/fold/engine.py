@@ -81,7 +81,7 @@ def _fold_into(policy: Policy, stream: StreamConfig, ledger: Ledger, path: Path,
     try:
         folder = ModelFolder.open(path)
     except ModelFolderError as exc:
-        return _reject(ledger, stream, described, "validation", str(exc))
+        return record_rejection(ledger, stream, described, "validation", str(exc))
     with folder:
         described |= {"size": sum(t.nbytes for t in folder.tensors.values()),
                       "parameters": sum(t.numel for t in folder.tensors.values()),
@@ -89,7 +89,7 @@ def _fold_into(policy: Policy, stream: StreamConfig, ledger: Ledger, path: Path,
         try:
             described["digest"] = folder_digest(path)
         except ModelFolderError as exc:
-            return _reject(ledger, stream, described, "validation", str(exc))
+            return record_rejection(ledger, stream, described, "validation", str(exc))
         previous = ledger.version_with_checkpoint(stream.name, described["digest"])
         if previous is not None:
             return FoldResult("duplicate", stream.name, previous.version, Path(previous.output), described["digest"],
@@ -98,7 +98,7 @@ def _fold_into(policy: Policy, stream: StreamConfig, ledger: Ledger, path: Path,
             with _open_base(stream) as base, ExitStack() as stack:
                 return _Fold(policy, stream, ledger, folder, described, base, stack).run(metrics_file, progress)
         except RejectedError as exc:
-            return _reject(ledger, stream, described, exc.gate, str(exc))
+            return record_rejection(ledger, stream, described, exc.gate, str(exc))
 
 
 def _dtype_counts(folder: ModelFolder) -> dict[str, int]:
@@ -108,7 +108,9 @@ def _dtype_counts(folder: ModelFolder) -> dict[str, int]:
     return counts
 
 
-def _reject(ledger: Ledger, stream: StreamConfig, described: dict[str, Any], gate: str, reason: str) -> FoldResult:
+def record_rejection(ledger: Ledger, stream: StreamConfig, described: dict[str, Any], gate: str,
+                     reason: str) -> FoldResult:
+    """Record that a checkpoint (``described``: at least its source) was rejected, and say so."""
     ledger.record(("checkpoint.rejected", {"stream": stream.name, "checkpoint": described, "gate": gate,
                                            "reason": reason}))
     return FoldResult("rejected", stream.name, None, None, described.get("digest"), reason, gate)

@@ -48,8 +48,9 @@ def create_tables(db: Database) -> None:
     db["protections"].create_index(["output_digest"])
     db["publications"].create({"id": int, "stream": str, "version": int, "output_digest": str, "target": str,
                                "signer": str, "created": str}, pk="id")
-    db["queue"].create({"id": int, "stream": str, "source": str, "digest": str, "queued": str, "state": str},
-                       pk="id")
+    db["queue"].create({"id": int, "stream": str, "source": str, "fingerprint": str, "queued": str, "state": str,
+                        "result": str}, pk="id")
+    db["queue"].create_index(["stream", "source", "fingerprint"], unique=True)
     db["heartbeat"].create({"id": int, "pid": int, "time": str, "status": str}, pk="id")
 
 

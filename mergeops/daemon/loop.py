@@ -1,0 +1,223 @@
+"""`mergeops daemon`: watch every registry, queue arrivals durably, fold them one at a time, in order.
+
+Exactly once: an arrival is queued once per (stream, folder, content fingerprint) in the ledger's
+``queue`` table, and the fold itself is idempotent by digest, so a crash anywhere (even between a
+committed fold and marking its queue row done) converges on restart: the redo is a ``duplicate``.
+SIGTERM/SIGINT stop taking work; a fold in progress is abandoned between two tensors (nothing it
+wrote survives) and the process exits 0. One daemon per home, enforced with a lock file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from mergeops.daemon.systemd import Notifier
+from mergeops.errors import MergeopsError, RejectedError, UsageError
+from mergeops.fold.engine import fold_checkpoint, record_rejection
+from mergeops.keys import load_signing_key
+from mergeops.ledger.store import Ledger, signing_key_path, utc_now
+from mergeops.policy import Policy
+from mergeops.registry.hub import HubCommit, HubRegistry, RegistryUnavailable
+from mergeops.registry.local import LocalRegistry
+
+LOCK_FILE = "daemon.lock"
+RESCAN_SECONDS = 120.0
+HEARTBEAT_SECONDS = 5.0
+
+
+class FoldAbandoned(Exception):
+    """Raised between two tensors when the daemon is asked to stop; the fold leaves nothing behind."""
+
+
+def log(event: str, **fields: Any) -> None:
+    """One JSON line on stdout (journald keeps it)."""
+    sys.stdout.write(json.dumps({"time": utc_now(), "event": event, **fields}, default=str) + "\n")
+    sys.stdout.flush()
+
+
+class DaemonLock:
+    """An exclusive flock on ``home/daemon.lock`` holding the pid; released when the process dies."""
+
+    def __init__(self, home: Path) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        self.path = home / LOCK_FILE
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise UsageError(f"another mergeops daemon (pid {holder}) is running on {home}; stop it first "
+                             "(one daemon per home).") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+class Daemon:
+    def __init__(self, policy: Policy, *, once: bool = False) -> None:
+        self.policy = policy
+        self.once = once
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+        self.notifier = Notifier.from_environment(unset_environment=True)
+        self.last_beat = 0.0
+        self.reported_incomplete: set[Path] = set()
+        self.registries = [(stream.name, LocalRegistry(w.path, w.settle_seconds))
+                           for stream in policy.streams.values() for w in stream.watch if w.path is not None]
+        self.hubs = [(stream.name, HubRegistry(w.hub, w.revision, policy.home / "downloads"), w.poll_seconds)
+                     for stream in policy.streams.values() for w in stream.watch if w.hub is not None]
+        self.next_poll = [0.0] * len(self.hubs)
+
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def run(self) -> int:
+        lock = DaemonLock(self.policy.home)
+        key = load_signing_key(signing_key_path(self.policy.keys))
+        previous = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        observers = [o for _, registry in self.registries if (o := registry.watch(self.wake)) is not None]
+        try:
+            with Ledger.open(self.policy.home, key) as ledger:
+                self.ledger = ledger
+                log("started", pid=os.getpid(), home=str(self.policy.home), streams=list(self.policy.streams))
+                self.notifier.ready("watching registries")
+                self._loop()
+        finally:
+            for observer in observers:
+                observer.stop()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.notifier.stopping()
+            lock.release()
+        log("stopped", pid=os.getpid())
+        return 0
+
+    def _loop(self) -> None:
+        next_rescan = 0.0
+        while not self.stopping.is_set():
+            waiting = False
+            if self.wake.is_set() or time.monotonic() >= next_rescan:
+                self.wake.clear()
+                waiting = self._scan()
+                next_rescan = time.monotonic() + (1.0 if waiting else RESCAN_SECONDS)
+            item = self._next_pending()
+            if item is not None:
+                self._fold(item)
+                continue
+            self._heartbeat("idle")
+            if self.once and not waiting:
+                return
+            self.wake.wait(timeout=max(0.2, min(next_rescan - time.monotonic(), HEARTBEAT_SECONDS)))
+
+    # -- the queue -------------------------------------------------------------------------------
+    def _scan(self) -> bool:
+        """Queue every complete new checkpoint; returns whether some are still changing."""
+        waiting = False
+        for stream, registry in self.registries:
+            found = registry.scan()
+            waiting = waiting or bool(found.changing)
+            for folder in found.incomplete:
+                if folder not in self.reported_incomplete:
+                    self.reported_incomplete.add(folder)
+                    log("incomplete", stream=stream, source=str(folder),
+                        note="settled but missing shards or bytes; waiting for the producer to finish it")
+            for candidate in found.ready:
+                self._enqueue(stream, candidate.source, candidate.fingerprint)
+        for i, (stream, hub, poll_seconds) in enumerate(self.hubs):
+            if time.monotonic() >= self.next_poll[i]:
+                self.next_poll[i] = time.monotonic() + self._poll(stream, hub, poll_seconds)
+        return waiting
+
+    def _enqueue(self, stream: str, source: str, fingerprint: str, state: str = "pending") -> None:
+        cursor = self.ledger.db.execute(
+            "INSERT OR IGNORE INTO queue (stream, source, fingerprint, queued, state) VALUES (?, ?, ?, ?, ?)",
+            (stream, source, fingerprint, utc_now(), state))
+        if cursor.rowcount:
+            log("queued" if state == "pending" else state, stream=stream, source=source)
+
+    def _poll(self, stream: str, hub: HubRegistry, poll_seconds: float) -> float:
+        """Queue the new commits of a Hub registry, in order; returns seconds until the next poll."""
+        def known(source: str) -> bool:
+            return bool(self.ledger.rows("SELECT 1 FROM queue WHERE stream = ? AND source = ?", (stream, source)))
+
+        try:
+            for commit in hub.new_commits(known):
+                try:
+                    hub.check(commit)
+                except RejectedError as exc:  # refused from its file listing, before any download
+                    record_rejection(self.ledger, self.policy.streams[stream], {"source": commit.source},
+                                     "validation", str(exc))
+                    self._enqueue(stream, commit.source, commit.sha, state="rejected")
+                    continue
+                self._enqueue(stream, commit.source, commit.sha)
+        except RegistryUnavailable as exc:
+            log("hub_unavailable", level="warning", stream=stream, repo=hub.repo, error=str(exc),
+                retry_after=exc.retry_after)
+            return exc.retry_after
+        return poll_seconds
+
+    def _local_folder(self, stream: str, source: str) -> Path:
+        """Where a queued arrival is on disk: a registry folder, or a Hub commit downloaded now."""
+        if not source.startswith("hf://"):
+            return Path(source)
+        repo, _, sha = source.removeprefix("hf://").rpartition("@")
+        hub = next(h for s, h, _ in self.hubs if s == stream and h.repo == repo)
+        return hub.download(HubCommit(repo, sha, "", ""))
+
+    def _next_pending(self) -> dict[str, Any] | None:
+        rows = self.ledger.rows("SELECT * FROM queue WHERE state = 'pending' ORDER BY id LIMIT 1")
+        return rows[0] if rows else None
+
+    def _fold(self, item: dict[str, Any]) -> None:
+        stream, source = item["stream"], item["source"]
+        log("folding", stream=stream, source=source)
+        self.notifier.status(f"folding {source} into {stream}")
+        started = time.monotonic()
+        try:
+            folder = self._local_folder(stream, source)
+            result = fold_checkpoint(self.policy, stream, folder, source=source, progress=self._between_tensors)
+        except RegistryUnavailable as exc:  # stays pending; wait (interruptibly) before trying again
+            log("hub_unavailable", level="warning", stream=stream, source=source, error=str(exc),
+                retry_after=exc.retry_after)
+            self.stopping.wait(exc.retry_after)
+            return
+        except FoldAbandoned:
+            log("abandoned", stream=stream, source=source, note="will be folded again at the next start")
+            return
+        except MergeopsError as exc:  # the policy or the stream's own files are wrong: keep running, say so
+            self.ledger.db.execute("UPDATE queue SET state = 'failed', result = ? WHERE id = ?", (str(exc), item["id"]))
+            log("failed", level="error", stream=stream, source=source, error=str(exc))
+            return
+        self.ledger.db.execute("UPDATE queue SET state = ?, result = ? WHERE id = ?",
+                               (result.status, json.dumps(result.to_json()), item["id"]))
+        log(result.status, stream=stream, source=source, version=result.version, digest=result.digest,
+            gate=result.gate, reason=result.reason, seconds=round(time.monotonic() - started, 3))
+
+    def _between_tensors(self, _bytes: int) -> None:
+        if self.stopping.is_set():
+            raise FoldAbandoned
+        self._heartbeat("folding")
+
+    def _heartbeat(self, status: str) -> None:
+        now = time.monotonic()
+        self.notifier.watchdog_if_due()
+        if now - self.last_beat < HEARTBEAT_SECONDS and status != "idle":
+            return
+        if now - self.last_beat < HEARTBEAT_SECONDS / 5:
+            return
+        self.last_beat = now
+        self.ledger.db.execute("INSERT OR REPLACE INTO heartbeat (id, pid, time, status) VALUES (1, ?, ?, ?)",
+                               (os.getpid(), utc_now(), status))

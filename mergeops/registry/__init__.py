@@ -1,0 +1,1 @@
+"""Registries the daemon watches for new checkpoints: local folders and Hugging Face Hub repos (SPEC §7)."""

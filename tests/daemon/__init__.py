@@ -1,0 +1,1 @@
+"""The daemon: systemd notify protocol and unit file."""

@@ -1,0 +1,216 @@
+"""The daemon as users run it: a real process, real signals, real files in a real registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mergeops.keys import generate_keys
+from mergeops.ledger import Ledger
+from mergeops.model import ModelWriter, TensorSpec, folder_digest
+from mergeops.policy import load_policy
+from mergeops.synthetic import LlamaShape, write_base, write_finetune
+
+SMALL = LlamaShape(hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1, vocab=64)
+SLOWER = LlamaShape(hidden=256, layers=4, intermediate=688, heads=4, kv_heads=2, vocab=2048)
+
+
+def setup(root: Path, shape: LlamaShape = SMALL, method: str = "average", settle: float = 0.3) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    write_base(root / "base", shape, seed=0)
+    generate_keys(root / "keys")
+    (root / "registry").mkdir()
+    policy = root / "policy.toml"
+    policy.write_text(f'home = "state"\n[keys]\nsigning = "keys/signing.pem"\n[streams.s]\nbase = "base"\n'
+                      f'method = "{method}"\noutput = "out"\nkeep = 2\n[[streams.s.watch]]\npath = "registry"\n'
+                      f"settle_seconds = {settle}\n")
+    return policy
+
+
+def drop(root: Path, name: str, seed: int) -> Path:
+    """A producer that publishes atomically: write under a dot-name, then rename into the registry."""
+    staging = write_finetune(root / "base", root / "registry" / f".{name}.partial", seed=seed)
+    return staging.rename(root / "registry" / name)
+
+
+def daemon(policy: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mergeops", "daemon", "--policy", str(policy), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_once(policy: Path) -> list[dict]:
+    result = subprocess.run([sys.executable, "-m", "mergeops", "daemon", "--policy", str(policy), "--once"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def folded_sources(policy: Path) -> list[str]:
+    loaded = load_policy(policy)
+    with Ledger.open_readonly(loaded.home) as ledger:
+        return [Path(v.source).name for v in ledger.versions("s")]
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def status(policy: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "mergeops", "status", "--policy", str(policy), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def stop(process: subprocess.Popen, seconds: float = 10) -> None:
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=seconds) == 0
+
+
+def test_once_folds_every_complete_checkpoint_in_order_and_never_a_partial_one(tmp_path):
+    policy = setup(tmp_path)
+    for i in range(3):
+        drop(tmp_path, f"ck{i}", seed=i + 1)
+    partial = write_finetune(tmp_path / "base", tmp_path / "partial-src", seed=9)
+    shutil.copytree(partial, tmp_path / "registry" / "partial")
+    weights = tmp_path / "registry" / "partial" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # a producer that stopped half-way
+    (tmp_path / "registry" / "ignored.tmp").mkdir()
+    lines = run_once(policy)
+    assert folded_sources(policy) == ["ck0", "ck1", "ck2"]
+    assert any(line["event"] == "incomplete" and line["source"].endswith("partial") for line in lines)
+    assert all(isinstance(line["time"], str) for line in lines)  # structured lines for journald
+
+
+def test_a_checkpoint_is_folded_only_once_it_is_complete_and_settled(tmp_path):
+    policy = setup(tmp_path, settle=1.0)
+    source = write_finetune(tmp_path / "base", tmp_path / "src", seed=1, shard_bytes=20_000)
+    target = tmp_path / "registry" / "ck"
+    target.mkdir()
+    shards = sorted(source.glob("model-*.safetensors"))
+    process = daemon(policy)
+    try:
+        for name in ("config.json", "model.safetensors.index.json", shards[0].name):  # a slow, non-atomic producer
+            shutil.copyfile(source / name, target / name)
+        time.sleep(2.5)  # longer than settle_seconds: settled, but a shard is missing
+        assert status(policy)["streams"]["s"]["folded"] == 0
+        for shard in shards[1:]:
+            shutil.copyfile(shard, target / shard.name)
+        wait_for(lambda: status(policy)["streams"]["s"]["folded"] == 1, 30, "the completed checkpoint")
+        loaded = load_policy(policy)
+        with Ledger.open_readonly(loaded.home) as ledger:
+            assert ledger.head("s").checkpoint == folder_digest(source)
+    finally:
+        stop(process)
+
+
+def test_a_running_daemon_folds_arrivals_reports_status_and_stops_on_sigterm(tmp_path):
+    policy = setup(tmp_path)
+    process = daemon(policy)
+    try:
+        wait_for(lambda: status(policy)["daemon"]["running"], 30, "the daemon's heartbeat")
+        for i in range(3):
+            drop(tmp_path, f"ck{i}", seed=i + 1)
+            wait_for(lambda i=i: status(policy)["streams"]["s"]["latest_version"] == i + 1, 30, f"version {i + 1}")
+        current = status(policy)
+        assert current["streams"]["s"] | {"last_event": None} == {
+            "latest_version": 3, "method": "average", "latest_output": str(tmp_path / "out" / "v0003"),
+            "folded": 3, "rejected": 0, "pending": 0, "last_event": None}
+        assert current["daemon"]["pid"] == process.pid and current["daemon"]["heartbeat_age_seconds"] < 30
+        started = time.monotonic()
+    finally:
+        stop(process)
+    assert time.monotonic() - started < 10
+    assert not status(policy)["daemon"]["running"]
+
+
+def test_a_second_daemon_on_the_same_home_is_refused_and_names_the_first(tmp_path):
+    policy = setup(tmp_path)
+    first = daemon(policy)
+    try:
+        wait_for(lambda: status(policy)["daemon"]["running"], 30, "the first daemon")
+        second = subprocess.run([sys.executable, "-m", "mergeops", "daemon", "--policy", str(policy)],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and f"pid {first.pid}" in second.stderr
+    finally:
+        stop(first)
+
+
+def test_a_malformed_checkpoint_is_rejected_and_the_next_good_one_still_folds(tmp_path):
+    policy = setup(tmp_path)
+    drop(tmp_path, "a-good", seed=1)
+    bad = write_finetune(tmp_path / "base", tmp_path / "registry" / ".b.partial", seed=2)
+    (bad / "model.safetensors").unlink()
+    (bad / "pytorch_model.bin").write_bytes(b"\x80\x04N.")
+    bad.rename(tmp_path / "registry" / "b-pickle")
+    drop(tmp_path, "c-good", seed=3)
+    lines = run_once(policy)
+    assert folded_sources(policy) == ["a-good", "c-good"]
+    rejected = [line for line in lines if line["event"] == "rejected"]
+    assert len(rejected) == 1 and "pickle" in rejected[0]["reason"]
+
+
+def test_a_burst_of_50_arrivals_is_folded_exactly_once_in_order(tmp_path):
+    policy = setup(tmp_path, settle=0.2)
+    base = {}
+    with ModelWriter(tmp_path / "tiny-base", [TensorSpec("w.weight", torch.float32, (4, 4))]) as writer:
+        base["w.weight"] = torch.zeros(4, 4)
+        writer.write("w.weight", base["w.weight"])
+    policy.write_text(policy.read_text().replace('base = "base"', 'base = "tiny-base"'))
+    process = daemon(policy)
+    try:
+        names = [f"ck{i:03d}" for i in range(50)]
+        for i, name in enumerate(names):
+            staging = tmp_path / "registry" / f".{name}"
+            with ModelWriter(staging, [TensorSpec("w.weight", torch.float32, (4, 4))]) as writer:
+                writer.write("w.weight", torch.full((4, 4), float(i)))
+            staging.rename(tmp_path / "registry" / name)
+            time.sleep(0.01)
+        wait_for(lambda: status(policy)["streams"]["s"]["folded"] == 50, 120, "50 versions")
+    finally:
+        stop(process)
+    assert folded_sources(policy) == names
+    from tests.fold.streams import read_model
+
+    assert torch.allclose(read_model(tmp_path / "out" / "latest")["w.weight"], torch.full((4, 4), 24.5))
+
+
+def test_kill_9_at_random_moments_converges_to_the_uninterrupted_result(tmp_path):
+    checkpoints = 6
+    reference = setup(tmp_path / "reference", shape=SLOWER, method="opcm")
+    for i in range(checkpoints):
+        drop(tmp_path / "reference", f"ck{i}", seed=i + 1)
+    run_once(reference)
+    policy = setup(tmp_path / "killed", shape=SLOWER, method="opcm")
+    for i in range(checkpoints):
+        drop(tmp_path / "killed", f"ck{i}", seed=i + 1)
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(8):
+        process = daemon(policy)
+        time.sleep(rng.uniform(1.2, 3.0))  # after start-up (~1 s), somewhere in the folds
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            kills += 1
+        process.wait(timeout=30)
+    run_once(policy)
+    assert kills >= 4
+    with Ledger.open_readonly(load_policy(reference).home) as a, Ledger.open_readonly(load_policy(policy).home) as b:
+        expected, got = a.versions("s"), b.versions("s")
+    assert [v.version for v in got] == list(range(1, checkpoints + 1))  # no duplicate versions
+    assert [(v.checkpoint, v.output_digest) for v in got] == [(v.checkpoint, v.output_digest) for v in expected]
+    assert [p for p in (tmp_path / "killed").rglob("*") if ".tmp-" in p.name] == []
