@@ -1,27 +1,35 @@
-"""The README's first command: a small end-to-end run on generated models.
+"""The README's first command: the daemon at work on generated models.
 
-It generates a Llama-shaped base and a few fine-tunes of it into a local folder registry (the paths
-come from the demo policy), then folds each checkpoint into the policy's stream, as the daemon would.
+It makes keys, a Llama-shaped base and a few fine-tunes of it, starts `mergeops daemon` on the demo
+policy (OPCM over a local folder registry), drops the checkpoints into the registry one by one as a
+producer would (write elsewhere, then rename), waits for each version, and shows status, lineage and
+the audit. Everything it writes lives where the demo policy points (``demo-run/``).
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from mergeops.errors import PolicyError
-from mergeops.fold.engine import fold_checkpoint
+from mergeops.daemon.status import status
+from mergeops.errors import MergeopsError, PolicyError
 from mergeops.keys import generate_keys
 from mergeops.ledger.audit import audit
 from mergeops.ledger.lineage import lineage
 from mergeops.ledger.store import Ledger, public_key_for, signing_key_path
-from mergeops.policy import load_policy
+from mergeops.policy import Policy, load_policy
 from mergeops.synthetic import LlamaShape, write_base, write_finetune
+
+WAIT_SECONDS = 120
 
 
 def run_demo(policy_path: Path, checkpoints: int = 3) -> Iterator[str]:
-    """Yield a line per step. Everything the demo policy points at is generated anew."""
+    """Yield a line per step."""
     policy = load_policy(policy_path)
     stream = policy.stream(None)
     if isinstance(stream.base, str) or not stream.watch or stream.watch[0].path is None:
@@ -36,18 +44,41 @@ def run_demo(policy_path: Path, checkpoints: int = 3) -> Iterator[str]:
     shape = LlamaShape()
     write_base(stream.base, shape, seed=0)
     yield f"base model: {stream.base} ({shape.parameters:,} parameters, {shape.config()['architectures'][0]})"
-    for i in range(1, checkpoints + 1):
-        checkpoint = write_finetune(stream.base, registry / f"finetune-{i:03d}", seed=i)
-        result = fold_checkpoint(policy, stream.name, checkpoint)
-        yield (f"{checkpoint.name}: {result.status} -> {stream.name} version {result.version} "
-               f"({stream.method}) at {result.output}")
-    yield f"latest: {stream.output / 'latest'} -> {(stream.output / 'latest').resolve().name}"
+    registry.mkdir(parents=True)
+    daemon = subprocess.Popen([sys.executable, "-m", "mergeops", "daemon", "--policy", str(policy_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    yield f"daemon: started (pid {daemon.pid}), watching {registry}"
+    try:
+        for i in range(1, checkpoints + 1):
+            staging = write_finetune(stream.base, registry / f".finetune-{i:03d}.partial", seed=i)
+            staging.rename(registry / f"finetune-{i:03d}")
+            yield f"dropped finetune-{i:03d} into the registry"
+            _wait_for_version(policy, stream.name, i, daemon)
+            yield f"  -> {stream.name} version {i} ({stream.method})"
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait(timeout=30)
+    yield f"daemon: stopped with SIGTERM (exit {code})"
+    current = status(policy)["streams"][stream.name]
+    yield (f"status: {stream.name} latest v{current['latest_version']:04d}, folded {current['folded']}, "
+           f"rejected {current['rejected']}, pending {current['pending']}")
     with Ledger.open_readonly(policy.home) as ledger:
         document = lineage(ledger, str(stream.output / "latest"))
         problems = audit(ledger, public_key_for(policy.keys)).problems
-    yield f"lineage of {stream.name}@{document['version']}:"
+    yield f"lineage of {stream.output / 'latest'} ({document['found']['digest']}):"
     for step in document["steps"]:
-        yield (f"  v{step['version']:04d} <- {step['checkpoint']['source']} ({step['checkpoint']['digest'][:19]}...) "
-               f"signed by {step['signer'][:19]}...")
-    yield f"  base {document['base']['source']}"
+        yield (f"  v{step['version']:04d} <- {step['checkpoint']['source']} ({step['checkpoint']['digest'][:19]}...),"
+               f" signed by {step['signer'][:19]}...")
+    yield f"  base {document['base']['source']} ({document['base']['digest'][:19]}...)"
     yield "audit: intact" if not problems else f"audit: {len(problems)} problem(s), e.g. {problems[0]['message']}"
+
+
+def _wait_for_version(policy: Policy, stream: str, version: int, daemon: subprocess.Popen) -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if daemon.poll() is not None:
+            raise MergeopsError(f"the demo daemon exited early: {daemon.stderr.read() if daemon.stderr else ''}")
+        if (status(policy)["streams"][stream]["latest_version"] or 0) >= version:
+            return
+        time.sleep(0.2)
+    raise MergeopsError(f"the demo daemon did not fold version {version} within {WAIT_SECONDS} s.")

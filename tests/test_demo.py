@@ -1,4 +1,4 @@
-"""The README's demo runs end to end, and its merged model loads in transformers."""
+"""The README's demo runs the daemon end to end, and its merged model loads in transformers."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ def test_demo_folds_every_checkpoint_into_a_model_transformers_can_run(tmp_path)
     (tmp_path / "policies").mkdir()
     policy = shutil.copy(DEMO_POLICY, tmp_path / "policies" / "demo.toml")
     lines = list(run_demo(Path(policy), checkpoints=3))
-    assert sum(": merged -> demo version" in line for line in lines) == 3
+    assert [line for line in lines if line.startswith("  -> ")] == [f"  -> demo version {i} (opcm)" for i in (1, 2, 3)]
+    assert "daemon: stopped with SIGTERM (exit 0)" in lines and lines[-1] == "audit: intact"
     latest = tmp_path / "demo-run" / "merged" / "demo" / "latest"
     assert latest.resolve().name == "v0003"
 
