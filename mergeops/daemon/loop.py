@@ -26,6 +26,7 @@ from mergeops.fold.engine import fold_checkpoint, record_rejection
 from mergeops.keys import load_signing_key
 from mergeops.ledger.store import Ledger, signing_key_path, utc_now
 from mergeops.policy import Policy
+from mergeops.publish.publish import publish
 from mergeops.registry.hub import HubCommit, HubRegistry, RegistryUnavailable
 from mergeops.registry.local import LocalRegistry
 
@@ -205,6 +206,17 @@ class Daemon:
                                (result.status, json.dumps(result.to_json()), item["id"]))
         log(result.status, stream=stream, source=source, version=result.version, digest=result.digest,
             gate=result.gate, reason=result.reason, seconds=round(time.monotonic() - started, 3))
+        if result.status == "merged" and self.policy.streams[stream].publish is not None:
+            self._publish(stream, result.version)
+
+    def _publish(self, stream: str, version: int | None) -> None:
+        """Publish a new version as the policy says; a failure is logged and `mergeops publish` can retry."""
+        try:
+            publication = publish(self.policy, stream, version)
+        except MergeopsError as exc:
+            log("publish_failed", level="error", stream=stream, version=version, error=str(exc))
+            return
+        log("published", stream=stream, version=version, target=str(publication.target), signer=publication.signer)
 
     def _between_tensors(self, _bytes: int) -> None:
         if self.stopping.is_set():

@@ -167,6 +167,9 @@ class _Fold:
         _remove_uncommitted(self.stream.output, self.version)
         _remove_uncommitted(self.stream_home / "state", self.version)
         self.metrics = load_metrics(self.folder.path, metrics_file)
+        missing = [m for m in self.method.metrics_needed() if m not in self.metrics]
+        if missing and config.eval is not None:  # the eval gate measures what training did not record
+            self.metrics |= gate.evaluate(config, self.folder.path, check_minimums=False)
         self.method.begin(Arrival(self.folder, self.described["digest"], t=self.version, metrics=self.metrics,
                                   history=self.ledger.history(self.stream.name)))
         while self.method.survey_needed():

@@ -13,6 +13,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
+from mergeops.daemon.systemd import child_environment
 from mergeops.errors import RejectedError
 from mergeops.ledger.card import read_license
 from mergeops.policy import GateConfig
@@ -59,13 +60,15 @@ def check_update(config: GateConfig, norm: float, accepted: list[float]) -> str 
     return "max_update_ratio"
 
 
-def evaluate(config: GateConfig, candidate: Path, environment: dict[str, str] | None = None) -> dict[str, float]:
-    """Run the eval command on the candidate merged model; every ``min`` must hold. Returns its metrics."""
+def evaluate(config: GateConfig, candidate: Path, *, check_minimums: bool = True) -> dict[str, float]:
+    """Run the eval command on a model folder and return its metrics. On the candidate merged model every
+    ``min`` must hold; on a checkpoint that lacks training metrics (``check_minimums=False``) the command
+    only measures it, for metric-weighted methods."""
     assert config.eval is not None
     command = [part.replace("{model}", str(candidate)) for part in shlex.split(config.eval)]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=EVAL_TIMEOUT_SECONDS,
-                                env=environment, check=False)
+                                env=child_environment(), check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RejectedError(f"the eval command {config.eval!r} could not run: {exc}.", gate="eval") from exc
     if result.returncode != 0:
@@ -77,7 +80,7 @@ def evaluate(config: GateConfig, candidate: Path, environment: dict[str, str] | 
     except (IndexError, ValueError, AttributeError) as exc:
         raise RejectedError(f"the eval command printed no JSON object of metrics on its last line ({exc}).",
                             gate="eval") from exc
-    for name, minimum in config.min.items():
+    for name, minimum in (config.min if check_minimums else {}).items():
         if name not in metrics:
             raise RejectedError(f"the eval command reported no {name!r} metric, which the policy's min needs.",
                                 gate="eval")

@@ -214,3 +214,19 @@ def test_kill_9_at_random_moments_converges_to_the_uninterrupted_result(tmp_path
     assert [v.version for v in got] == list(range(1, checkpoints + 1))  # no duplicate versions
     assert [(v.checkpoint, v.output_digest) for v in got] == [(v.checkpoint, v.output_digest) for v in expected]
     assert [p for p in (tmp_path / "killed").rglob("*") if ".tmp-" in p.name] == []
+
+
+def test_the_daemon_publishes_each_new_version_signed_when_the_policy_says_so(tmp_path):
+    policy = setup(tmp_path)
+    with open(policy, "a") as f:
+        f.write(f'[streams.s.publish]\nto = "{tmp_path / "published"}"\nsign = true\n')
+    for i in range(2):
+        drop(tmp_path, f"ck{i}", seed=i + 1)
+    lines = run_once(policy)
+    assert [line["version"] for line in lines if line["event"] == "published"] == [1, 2]
+    published = tmp_path / "published" / "v0002"
+    verify = subprocess.run(["model_signing", "verify", "key", str(published), "--public_key",
+                             str(tmp_path / "keys" / "signing.pub.pem"), "--signature", str(published / "model.sig")],
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0, verify.stderr
+    assert folder_digest(published) == folder_digest(tmp_path / "out" / "v0002")

@@ -116,3 +116,30 @@ def test_eval_command_that_fails_is_a_rejection_not_a_crash(tmp_path):
     policy = policy_with(tmp_path, base_path, f'eval = "{sys.executable} -c \'import sys; sys.exit(4)\' {{model}}"')
     result = fold_checkpoint(policy, "s", checkpoint)
     assert (result.status, result.gate) == ("rejected", "eval") and "exited 4" in result.reason
+
+
+LOSS_BY_NAME = """
+import json, sys
+from pathlib import Path
+name = Path(sys.argv[1]).resolve().name
+print(json.dumps({"loss": {"ck0": 1.0, "ck1": 4.0}.get(name, 9.0)}))
+"""
+
+
+def test_the_eval_gate_supplies_the_metrics_a_metric_weighted_method_needs(tmp_path):
+    from tests.fold import reference
+    from tests.fold.streams import assert_close, read_floats, read_model
+
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 2)  # no metrics.json, no trainer_state.json
+    script = tmp_path / "loss.py"
+    script.write_text(LOSS_BY_NAME)
+    path = write_policy(tmp_path, base_path, "mwa", {"metric": "loss"})
+    with open(path, "a") as f:
+        f.write(f'[streams.s.gate]\neval = "{sys.executable} {script} {{model}}"\n')
+    policy = load_policy(path)
+    for checkpoint in checkpoints:
+        result = fold_checkpoint(policy, "s", checkpoint)
+        assert result.status == "merged", result.reason
+    expected = reference.weighted_average(base, [read_model(c) for c in checkpoints], [1 / 1.0, 1 / 4.0])
+    assert_close(read_floats(result.output), expected)

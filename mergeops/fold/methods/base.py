@@ -100,6 +100,10 @@ class MergeMethod:
         """Names of the per-tensor state tensors this method keeps (each float32, the tensor's shape)."""
         raise NotImplementedError
 
+    def metrics_needed(self) -> tuple[str, ...]:
+        """Training metrics (``loss``, ``step``) each checkpoint must come with; an eval gate can supply them."""
+        return ()
+
     # -- one fold ------------------------------------------------------------------------------
     def begin(self, arrival: Arrival) -> None:
         """Called once before the tensors of ``arrival`` are seen; may raise RejectedError."""

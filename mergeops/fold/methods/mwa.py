@@ -47,6 +47,9 @@ class MWA(MergeMethod):
     def state_kinds(self) -> tuple[str, ...]:
         return ("mean",)
 
+    def metrics_needed(self) -> tuple[str, ...]:
+        return (self.p["metric"],)
+
     def begin(self, arrival: Arrival) -> None:
         super().begin(arrival)
         self.expired, self.expired_weight, self.rebuild = None, 0.0, None

@@ -52,6 +52,9 @@ class OTA(MergeMethod):
     def state_kinds(self) -> tuple[str, ...]:
         return ("weighted_sum", "weight_sum", *(("tau_sum",) if self.p["fallback"] == "mean" else ()))
 
+    def metrics_needed(self) -> tuple[str, ...]:
+        return () if self.p["metric"] == "none" else (self.p["metric"],)
+
     def begin(self, arrival: Arrival) -> None:
         super().begin(arrival)
         folder = arrival.folder
