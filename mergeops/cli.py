@@ -15,6 +15,7 @@ from rich.table import Table
 from mergeops import __version__
 from mergeops.allocator import tune_allocator
 from mergeops.errors import MergeopsError, UsageError
+from mergeops.ledger.lock import WriterLock
 
 app = typer.Typer(
     help="Continual model merging with governance: fold each new fine-tuned checkpoint into a running "
@@ -143,12 +144,13 @@ def fold(checkpoint: Path = typer.Argument(..., help="The checkpoint's model fol
     loaded = load_policy(policy)
     folder, _ = ModelFolder.scan(checkpoint)
     progress = _progress(folder.total_bytes if folder else 0, f"folding {checkpoint.name}", not as_json)
-    if progress:
-        with progress:
-            result = fold_checkpoint(loaded, stream, checkpoint, metrics_file=metrics,
-                                     progress=lambda n: progress.advance(0, n))
-    else:
-        result = fold_checkpoint(loaded, stream, checkpoint, metrics_file=metrics)
+    with WriterLock(loaded.home, "fold"):
+        if progress:
+            with progress:
+                result = fold_checkpoint(loaded, stream, checkpoint, metrics_file=metrics,
+                                         progress=lambda n: progress.advance(0, n))
+        else:
+            result = fold_checkpoint(loaded, stream, checkpoint, metrics_file=metrics)
     if as_json:
         _print_json(result.to_json())
     elif result.status == "merged":
@@ -280,7 +282,9 @@ def publish(policy: Path = PolicyOption, stream: str | None = typer.Option(None)
     from mergeops.policy import load_policy
     from mergeops.publish.publish import publish as run_publish
 
-    publication = run_publish(load_policy(policy), stream, version)
+    loaded = load_policy(policy)
+    with WriterLock(loaded.home, "publish"):
+        publication = run_publish(loaded, stream, version)
     if as_json:
         _print_json(publication.to_json())
     else:

@@ -4,12 +4,11 @@ Exactly once: an arrival is queued once per (stream, folder, content fingerprint
 ``queue`` table, and the fold itself is idempotent by digest, so a crash anywhere (even between a
 committed fold and marking its queue row done) converges on restart: the redo is a ``duplicate``.
 SIGTERM/SIGINT stop taking work; a fold in progress is abandoned between two tensors (nothing it
-wrote survives) and the process exits 0. One daemon per home, enforced with a lock file.
+wrote survives) and the process exits 0. One writer per home (this daemon, or a `fold`), by a lock file.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -21,16 +20,16 @@ from types import FrameType
 from typing import Any
 
 from mergeops.daemon.systemd import Notifier
-from mergeops.errors import MergeopsError, RejectedError, UsageError
+from mergeops.errors import MergeopsError, RejectedError
 from mergeops.fold.engine import fold_checkpoint, record_rejection
 from mergeops.keys import load_signing_key
+from mergeops.ledger.lock import WriterLock
 from mergeops.ledger.store import Ledger, signing_key_path, utc_now
 from mergeops.policy import Policy
 from mergeops.publish.publish import publish
 from mergeops.registry.hub import HubCommit, HubRegistry, RegistryUnavailable
 from mergeops.registry.local import LocalRegistry
 
-LOCK_FILE = "daemon.lock"
 RESCAN_SECONDS = 120.0
 HEARTBEAT_SECONDS = 5.0
 
@@ -43,27 +42,6 @@ def log(event: str, **fields: Any) -> None:
     """One JSON line on stdout (journald keeps it)."""
     sys.stdout.write(json.dumps({"time": utc_now(), "event": event, **fields}, default=str) + "\n")
     sys.stdout.flush()
-
-
-class DaemonLock:
-    """An exclusive flock on ``home/daemon.lock`` holding the pid; released when the process dies."""
-
-    def __init__(self, home: Path) -> None:
-        home.mkdir(parents=True, exist_ok=True)
-        self.path = home / LOCK_FILE
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise UsageError(f"another mergeops daemon (pid {holder}) is running on {home}; stop it first "
-                             "(one daemon per home).") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
-
-    def release(self) -> None:
-        os.close(self.fd)
 
 
 class Daemon:
@@ -86,7 +64,7 @@ class Daemon:
         self.wake.set()
 
     def run(self) -> int:
-        lock = DaemonLock(self.policy.home)
+        lock = WriterLock(self.policy.home, "daemon")
         key = load_signing_key(signing_key_path(self.policy.keys))
         previous = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
         observers = [o for _, registry in self.registries if (o := registry.watch(self.wake)) is not None]

@@ -138,14 +138,18 @@ def test_a_running_daemon_folds_arrivals_reports_status_and_stops_on_sigterm(tmp
     assert not status(policy)["daemon"]["running"]
 
 
-def test_a_second_daemon_on_the_same_home_is_refused_and_names_the_first(tmp_path):
+def test_a_second_writer_on_the_same_home_is_refused_and_told_who_holds_it(tmp_path):
     policy = setup(tmp_path)
     first = daemon(policy)
     try:
         wait_for(lambda: status(policy)["daemon"]["running"], 30, "the first daemon")
         second = subprocess.run([sys.executable, "-m", "mergeops", "daemon", "--policy", str(policy)],
                                 capture_output=True, text=True, timeout=60)
-        assert second.returncode == 2 and f"pid {first.pid}" in second.stderr
+        assert second.returncode == 2 and f"daemon (pid {first.pid})" in second.stderr
+        drop(tmp_path, "by-hand", seed=5)
+        by_hand = subprocess.run([sys.executable, "-m", "mergeops", "fold", str(tmp_path / "registry" / "by-hand"),
+                                  "--policy", str(policy)], capture_output=True, text=True, timeout=60)
+        assert by_hand.returncode == 2 and "only one writer per home" in by_hand.stderr
     finally:
         stop(first)
 
