@@ -289,8 +289,8 @@ def publish(policy: Path = PolicyOption, stream: str | None = typer.Option(None)
         _print_json(publication.to_json())
     else:
         signed = f", signed by {publication.signer}" if publication.signer else ", unsigned"
-        out.print(f"published {publication.stream} v{publication.version:04d} to {publication.target}{signed}",
-                  markup=False)
+        out.print(f"published {publication.stream} v{publication.version:04d} to {', '.join(publication.targets)}"
+                  f"{signed}", markup=False)
 
 
 @app.command()

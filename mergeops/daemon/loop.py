@@ -194,7 +194,8 @@ class Daemon:
         except MergeopsError as exc:
             log("publish_failed", level="error", stream=stream, version=version, error=str(exc))
             return
-        log("published", stream=stream, version=version, target=str(publication.target), signer=publication.signer)
+        log("published", stream=stream, version=version, targets=list(publication.targets),
+            signer=publication.signer)
 
     def _between_tensors(self, _bytes: int) -> None:
         if self.stopping.is_set():

@@ -1,8 +1,9 @@
-"""`mergeops publish`: copy a version to the stream's publish target, sign it, record it.
+"""`mergeops publish`: copy a version to the stream's publish targets, sign it, record it.
 
 The copy is checked against the sha256 of every file recorded when the version was written (a
-changed file is never published), assembled in a temporary sibling folder, signed there in the
-OpenSSF model-signing format, and renamed into place; then the publication event is recorded.
+changed file is never published), assembled in a temporary folder, signed there in the OpenSSF
+model-signing format, uploaded to the Hub as one commit (``hub``) and/or renamed into place as
+``to/vNNNN`` (``to``); then one publication event per target is recorded.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mergeops.ledger.store import Ledger, signing_key_path
 from mergeops.model.digest import file_sha256
 from mergeops.model.writer import TEMP_MARKER
 from mergeops.policy import Policy
+from mergeops.publish.hub import upload_to_hub
 from mergeops.publish.signing import sign_model_folder
 
 
@@ -29,24 +31,22 @@ from mergeops.publish.signing import sign_model_folder
 class Publication:
     stream: str
     version: int
-    target: Path
+    targets: tuple[str, ...]  # a local folder and/or hf://org/repo@sha
     output_digest: str
     signer: str | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"stream": self.stream, "version": self.version, "target": str(self.target),
+        return {"stream": self.stream, "version": self.version, "targets": list(self.targets),
                 "digest": self.output_digest, "signed_by": self.signer}
 
 
 def publish(policy: Policy, stream_name: str | None, version: int | None = None) -> Publication:
+    """Publish a version (default: the latest) to the stream's local folder and/or Hub repository."""
     stream = policy.stream(stream_name)
     config = stream.publish
     if config is None:
         raise UsageError(f"stream {stream.name!r} has no [streams.{stream.name}.publish] table; add one with "
-                         "`to = \"published/NAME\"`.")
-    if config.hub is not None:
-        raise UsageError(f"stream {stream.name!r} publishes to the Hub ({config.hub}), which this version of "
-                         "mergeops cannot do yet; use `to = \"...\"` for a local folder.")
+                         "`to = \"published/NAME\"` or `hub = \"org/repo\"`.")
     if config.protect:
         raise UsageError(f"stream {stream.name!r} asks for MergeLock protection before publishing, which this "
                          "version of mergeops cannot do yet; nothing was published.")
@@ -60,34 +60,46 @@ def publish(policy: Policy, stream_name: str | None, version: int | None = None)
         if record.pruned:
             raise UsageError(f"{stream.name} version {record.version} was pruned (keep = {stream.keep}); publish a "
                              "retained version.")
-        source = Path(record.output)
-        files = json.loads(ledger.rows("SELECT files FROM versions WHERE stream = ? AND version = ?",
-                                       (stream.name, record.version))[0]["files"])
-        assert config.to is not None
-        target = config.to / f"v{record.version:04d}"
-        if target.exists():
+        name = f"v{record.version:04d}"
+        target = config.to / name if config.to is not None else None
+        if target is not None and target.exists():
             raise UsageError(f"{target} exists already: {stream.name} version {record.version} was published.")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TEMP_MARKER}", dir=target.parent))
+        staging_root = target.parent if target is not None else policy.home / "publishing"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}{TEMP_MARKER}", dir=staging_root))
+        targets = []
         try:
-            _copy_verified(source, tmp, files, f"{stream.name} v{record.version:04d}")
-            for name in ("README.md", "provenance.json"):
-                if (source / name).is_file():
-                    shutil.copyfile(source / name, tmp / name)
+            files = json.loads(ledger.rows("SELECT files FROM versions WHERE stream = ? AND version = ?",
+                                           (stream.name, record.version))[0]["files"])
+            _stage(Path(record.output), tmp, files, f"{stream.name} {name}")
             signer = None
             if config.sign:
                 sign_model_folder(tmp, key_path)
                 signer = keys.fingerprint(key.public_key())
-            tmp.chmod(0o755)
-            fsync_dir(tmp)
-            os.rename(tmp, target)
-            fsync_dir(target.parent)
+            if config.hub is not None:
+                sha = upload_to_hub(tmp, config.hub, message=f"mergeops: {stream.name} {name} "
+                                    f"({stream.method}, {record.output_digest})")
+                targets.append(f"hf://{config.hub}@{sha}")
+            if target is not None:
+                tmp.chmod(0o755)
+                fsync_dir(tmp)
+                os.rename(tmp, target)
+                fsync_dir(target.parent)
+                targets.append(str(target))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        ledger.record(("publication.recorded", {"stream": stream.name, "version": record.version,
-                                                "output_digest": record.output_digest, "target": str(target),
-                                                "signer": signer}))
-    return Publication(stream.name, record.version, target, record.output_digest, signer)
+        ledger.record(*(("publication.recorded", {"stream": stream.name, "version": record.version,
+                                                  "output_digest": record.output_digest, "target": t,
+                                                  "signer": signer}) for t in targets))
+    return Publication(stream.name, record.version, tuple(targets), record.output_digest, signer)
+
+
+def _stage(source: Path, dest: Path, files: dict[str, str], where: str) -> None:
+    """Copy a version's files, checked against the sha256 recorded when they were written, and its card."""
+    _copy_verified(source, dest, files, where)
+    for name in ("README.md", "provenance.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)
 
 
 def _copy_verified(source: Path, dest: Path, files: dict[str, str], where: str) -> None:

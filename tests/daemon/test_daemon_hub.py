@@ -42,3 +42,25 @@ def test_every_new_commit_is_folded_in_order_and_recorded_as_repo_at_sha(tmp_pat
     assert len(rejected) == 1 and sha_pickle in rejected[0]["source"] and "pickle" in rejected[0]["reason"]
     resolves = [r for r in hub_server.requests if "/resolve/" in r.path]
     assert resolves and not any(sha_pickle in r.path for r in resolves)  # refused before downloading
+
+
+def test_new_versions_are_published_to_a_hub_repository_signed_as_one_commit_each(tmp_path, hub_server):
+    from tests.daemon.test_daemon import drop
+
+    policy = setup(tmp_path)
+    hub_server.add_commit({".gitattributes": b""}, repo="acme/merged")  # the repository exists, empty
+    with open(policy, "a") as f:
+        f.write('[streams.s.publish]\nhub = "acme/merged"\nsign = true\n')
+    for i in range(2):
+        drop(tmp_path, f"ck{i}", seed=i + 1)
+    result = subprocess.run([sys.executable, "-m", "mergeops", "daemon", "--policy", str(policy), "--once"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    published = [json.loads(line) for line in result.stdout.splitlines() if '"published"' in line]
+    assert [p["version"] for p in published] == [1, 2]
+    history = hub_server.repos["acme/merged"].commits
+    assert len(history) == 3
+    latest = history[-1].files
+    assert {"model.safetensors", "config.json", "README.md", "provenance.json", "model.sig"} <= set(latest)
+    assert latest["model.safetensors"] == (tmp_path / "out" / "v0002" / "model.safetensors").read_bytes()
+    assert published[1]["targets"] == [f"hf://acme/merged@{history[-1].sha}"]

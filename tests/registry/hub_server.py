@@ -1,4 +1,4 @@
-"""A loopback Hugging Face Hub for tests: the few endpoints huggingface_hub calls to poll and download a repo.
+"""A loopback Hugging Face Hub for tests: the few endpoints huggingface_hub calls to poll, download and upload.
 
 Endpoints (as huggingface_hub 2.x calls them; ``{rev}`` is a branch or a commit sha, URL-quoted):
 
@@ -9,18 +9,29 @@ Endpoints (as huggingface_hub 2.x calls them; ``{rev}`` is a branch or a commit 
   ``X-Linked-Size`` for LFS files), ``Content-Length``; no ``X-Xet-Hash``, so downloads are plain HTTP
 - ``GET  /{repo}/resolve/{rev}/{filename}``        the bytes (``Range`` honoured, for resumed downloads)
 
+Uploads, as ``HfApi.create_commit`` makes them (``{branch}`` must be ``main``):
+
+- ``POST /api/validate-yaml``                      the README.md metadata check (always valid here)
+- ``POST /api/models/{repo}/preupload/{branch}``  upload modes: every file is ``regular`` (with the ``oid`` of the
+  file already at that path, so unchanged files are left out of the commit), so no LFS or xet transfer happens
+- ``POST /api/models/{repo}/commit/{branch}``     the commit, NDJSON: a ``header`` line (``summary``, optional
+  ``parentCommit``: 412 if the branch moved), then ``file`` lines (base64 content), ``deletedFile`` and
+  ``deletedFolder`` lines. It becomes a new commit whose tree is the parent's with those changes.
+
 Errors carry the ``X-Error-Code`` header (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``) that
 huggingface_hub turns into its typed exceptions. Each repo has one branch, ``main``, with a linear history;
 each commit is a full tree (``{filename: bytes}``), as if a producer ran ``upload_folder`` with
-``delete_patterns="*"``. Every request is recorded with its headers.
+``delete_patterns="*"``. Every request is recorded with its headers (and body, for POSTs).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,6 +62,7 @@ class Request:
     path: str  # unquoted path, without the query
     query: dict[str, list[str]]
     headers: dict[str, str]  # lower-case names
+    body: bytes = b""
 
 
 @dataclass
@@ -76,6 +88,8 @@ class HubServer:
         self.repos: dict[str, _Repo] = {repo: _Repo()}
         self.requests: list[Request] = []
         self.fail_status: int | None = None  # answer every request with this status (e.g. 503)
+        self.fail_when: Callable[[Request], int | None] | None = None  # a status for some requests, None for others
+        self.write_token: str | None = None  # if set, uploads need it as Bearer (none: 401, another: 403)
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -86,15 +100,52 @@ class HubServer:
     def add_commit(self, files: dict[str, bytes], *, repo: str | None = None, title: str | None = None) -> str:
         """Push a commit whose tree is exactly ``files``; returns its sha."""
         with self._lock:
-            history = self.repos.setdefault(repo or self.default_repo, _Repo()).commits
-            parent = history[-1].sha if history else ""
-            number = len(history) + 1
-            title = title or f"checkpoint {number}"
-            tree = "".join(f"{name}\0{git_blob_sha(data)}\n" for name, data in sorted(files.items()))
-            sha = hashlib.sha1(f"tree {tree}\nparent {parent}\n\n{title}".encode()).hexdigest()
-            date = (_EPOCH + timedelta(minutes=number)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
-            history.append(Commit(sha, title, date, dict(files)))
-            return sha
+            return self._append(self.repos.setdefault(repo or self.default_repo, _Repo()), files, title)
+
+    def _append(self, repo: _Repo, files: dict[str, bytes], title: str | None) -> str:
+        """Add a commit on top of ``repo``'s history (the lock is held)."""
+        history = repo.commits
+        parent = history[-1].sha if history else ""
+        number = len(history) + 1
+        title = title or f"checkpoint {number}"
+        tree = "".join(f"{name}\0{git_blob_sha(data)}\n" for name, data in sorted(files.items()))
+        sha = hashlib.sha1(f"tree {tree}\nparent {parent}\n\n{title}".encode()).hexdigest()
+        date = (_EPOCH + timedelta(minutes=number)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        history.append(Commit(sha, title, date, dict(files)))
+        return sha
+
+    def _commit_upload(self, name: str, lines: list[dict]) -> str:
+        """Apply a ``/commit`` NDJSON payload to ``main`` and return the new commit's sha, or raise _Refused."""
+        header = next((line.get("value") or {} for line in lines if line.get("key") == "header"), None)
+        if header is None or not header.get("summary"):
+            raise _Refused(400, "", "The commit has no header with a summary")
+        with self._lock:
+            repo = self.repos[name]
+            head = repo.commits[-1] if repo.commits else None
+            parent = header.get("parentCommit")
+            if parent and (head is None or not head.sha.startswith(parent)):
+                raise _Refused(412, "", "A commit has happened since. Please refresh and try again.")
+            files = dict(head.files) if head else {}
+            for line in lines:
+                key, value = line.get("key"), line.get("value") or {}
+                path = value.get("path", "")
+                if key == "file":
+                    if value.get("encoding") != "base64":
+                        raise _Refused(400, "", f"Unsupported encoding {value.get('encoding')!r} for {path}")
+                    try:
+                        files[path] = base64.b64decode(value.get("content", ""), validate=True)
+                    except binascii.Error:
+                        raise _Refused(400, "", f"Invalid base64 content for {path}") from None
+                elif key == "deletedFile":
+                    if files.pop(path, None) is None:
+                        raise _Refused(404, "EntryNotFound", f"A file with this name doesn't exist: {path}")
+                elif key == "deletedFolder":
+                    prefix = path.rstrip("/") + "/"
+                    for gone in [f for f in files if f.startswith(prefix)]:
+                        del files[gone]
+                elif key != "header":  # lfsFile: this Hub never asks for LFS, so the object cannot be here
+                    raise _Refused(400, "", f"Unsupported commit operation {key!r} for {path}")
+            return self._append(repo, files, header["summary"])
 
     # -- observation ------------------------------------------------------------------------------------
 
@@ -156,6 +207,15 @@ class HubServer:
         return head, tail if sep else ""
 
 
+class _Refused(Exception):
+    """A commit the Hub refuses: the HTTP status, its X-Error-Code and message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
 def _entry(name: str, data: bytes) -> dict:
     entry: dict = {"type": "file", "oid": git_blob_sha(data), "size": len(data), "path": name}
     if name.endswith(LFS_SUFFIXES):
@@ -176,15 +236,67 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._serve(body=True)
 
+    def do_POST(self) -> None:
+        split = urlsplit(self.path)
+        data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        request = Request("POST", unquote(split.path), parse_qs(split.query),
+                          {k.lower(): v for k, v in self.headers.items()}, data)
+        self.hub._record(request)
+        failure = self._failure(request)
+        if failure is not None:
+            return self._error(failure, "", "Simulated outage", True)
+        raw = split.path
+        if raw == "/api/validate-yaml":
+            return self._json({"errors": [], "warnings": []}, True)
+        if not raw.startswith("/api/models/"):
+            return self._error(404, "", "Not found", True)
+        rest = raw[len("/api/models/"):]
+        for kind in ("preupload", "commit"):
+            repo, revision = self.hub._split_repo(rest, kind)
+            if revision:
+                break
+        else:
+            return self._error(404, "", "Not found", True)
+        repo = unquote(repo)
+        if repo not in self.hub.repos:
+            return self._error(404, "RepoNotFound", "Repository not found", True)
+        if self.hub.write_token is not None:
+            auth = self.headers.get("Authorization")
+            if not auth:
+                return self._error(401, "", "You must be authenticated to write to this repo", True)
+            if auth != f"Bearer {self.hub.write_token}":
+                return self._error(403, "", "You don't have the rights to create a commit in this repo", True)
+        if unquote(revision) != "main":
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {unquote(revision)}", True)
+        try:
+            payload = json.loads(data) if kind == "preupload" else [json.loads(x) for x in data.splitlines() if x]
+        except ValueError:
+            return self._error(400, "", "Malformed JSON body", True)
+        if kind == "preupload":
+            return self._preupload(repo, payload)
+        try:
+            sha = self.hub._commit_upload(repo, payload)
+        except _Refused as refused:
+            return self._error(refused.status, refused.code, str(refused), True)
+        self._json({"success": True, "commitOid": sha, "commitUrl": f"{self.hub.url}/{repo}/commit/{sha}",
+                    "hookOutput": "", "pullRequestUrl": None}, True)
+
+    def _failure(self, request: Request) -> int | None:
+        if self.hub.fail_status is not None:
+            return self.hub.fail_status
+        return self.hub.fail_when(request) if self.hub.fail_when is not None else None
+
     # -- dispatch ---------------------------------------------------------------------------------------
 
     def _serve(self, body: bool) -> None:
         split = urlsplit(self.path)
         path = unquote(split.path)
         query = parse_qs(split.query)
-        self.hub._record(Request(self.command, path, query, {k.lower(): v for k, v in self.headers.items()}))
-        if self.hub.fail_status is not None:
-            return self._error(self.hub.fail_status, "", "Simulated outage", body)
+        request = Request(self.command, path, query, {k.lower(): v for k, v in self.headers.items()})
+        self.hub._record(request)
+        failure = self._failure(request)
+        if failure is not None:
+            return self._error(failure, "", "Simulated outage", body)
         repos = self.hub._snapshot()
         raw = split.path
         if raw.startswith("/api/models/"):
@@ -266,6 +378,18 @@ class _Handler(BaseHTTPRequestHandler):
         entries = [{"type": "directory", "oid": git_blob_sha(f.encode()), "size": 0, "path": f}
                    for f in sorted(folders)] + files
         self._json(entries, body)
+
+    def _preupload(self, repo: str, payload: dict) -> None:
+        """Every file ``regular``: its content then goes inline (base64) in the commit, no LFS or xet."""
+        history = self.hub._snapshot()[repo].commits
+        current = history[-1].files if history else {}
+        answer = []
+        for file in payload.get("files", []):
+            entry = {"path": file["path"], "uploadMode": "regular", "shouldIgnore": False}
+            if file["path"] in current:
+                entry["oid"] = git_blob_sha(current[file["path"]])
+            answer.append(entry)
+        self._json({"files": answer, "commitOid": history[-1].sha if history else None}, True)
 
     def _resolve(self, commit: Commit, filename: str, body: bool) -> None:
         data = commit.files.get(filename)
