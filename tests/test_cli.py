@@ -70,8 +70,8 @@ def test_fold_exit_codes_and_json(tmp_path):
     assert usage.returncode == 2 and "base folder" in usage.stderr and "Traceback" not in usage.stderr
 
 
-@pytest.mark.parametrize("args", [["status", "--policy", "p.toml"], ["daemon", "--policy", "p.toml"],
-                                  ["protect", "m", "--out", "o", "--key", "k"]])
+@pytest.mark.parametrize("args", [["protect", "m", "--out", "o", "--key", "k"],
+                                  ["unprotect", "m", "--out", "o", "--key", "k"]])
 def test_commands_of_later_capabilities_say_so_and_exit_2(args):
     result = mergeops(*args)
     assert result.returncode == 2
