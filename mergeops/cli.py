@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -42,11 +42,6 @@ def _progress(total: int, description: str, enabled: bool) -> Progress | None:
                         TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
     progress.add_task(description, total=total)
     return progress
-
-
-def _not_yet(command: str, capability: str) -> NoReturn:
-    raise UsageError(f"`mergeops {command}` is not available in mergeops {__version__} yet; it arrives "
-                     f"with {capability}.")
 
 
 def _version(value: bool) -> None:
@@ -262,16 +257,54 @@ def audit(policy: Path = PolicyOption, as_json: bool = JsonOption) -> None:
 
 
 @app.command()
-def protect(model_dir: Path, out_dir: Path = typer.Option(..., "--out"), key: Path = typer.Option(...),
+def protect(model_dir: Path = typer.Argument(..., help="The model folder to protect."),
+            out_dir: Path = typer.Option(..., "--out", help="Where to write the protected copy (must not exist)."),
+            key: Path = typer.Option(..., "--key", help="The MergeLock key (lock.key from `mergeops keygen`)."),
+            verify: bool = typer.Option(False, "--verify", help="Also run both models through transformers."),
+            anchor: Path | None = typer.Option(None, help="The public base model, to measure the anchor attack."),
+            policy: Path | None = typer.Option(None, "--policy", help="Record the protection in this policy's ledger."),
             as_json: bool = JsonOption) -> None:
-    """Protect a model with MergeLock so it cannot be merged into others."""
-    _not_yet("protect", "MergeLock")
+    """Protect a model with MergeLock: same function, weights far from every other fine-tune of its base."""
+    from mergeops.keys import load_lock_key, load_signing_key
+    from mergeops.ledger.store import Ledger, signing_key_path
+    from mergeops.policy import load_policy
+    from mergeops.protect import protect as run_protect
+
+    loaded = load_policy(policy) if policy is not None else None
+    report = run_protect(model_dir, out_dir, load_lock_key(key), verify=verify, anchor=anchor)
+    if loaded is not None:
+        with WriterLock(loaded.home, "protect"), \
+                Ledger.open(loaded.home, load_signing_key(signing_key_path(loaded.keys))) as ledger:
+            ledger.record(("protection.recorded", report["ledger"]))
+    if as_json:
+        _print_json(report)
+        return
+    checks = report["function_check"]
+    out.print(f"protected {report['source']} -> {report['output']} ({report['family']}, "
+              f"{report['tensors_changed']} of {report['tensors_total']} tensors changed)", markup=False)
+    out.print(f"attention weights moved by at least {report['movement']['min']:.2f} of their norm", markup=False)
+    for name, check in checks.items():
+        if isinstance(check, dict) and "max_relative_error" in check:
+            out.print(f"function check ({name}): max relative error {check['max_relative_error']:.2e}", markup=False)
+    out.print(f"residual risk: {report['residual_risk']['summary']}", markup=False)
+    for note in report["notes"]:
+        out.print(f"note: {note}", markup=False)
 
 
 @app.command()
-def unprotect(model_dir: Path, out_dir: Path = typer.Option(..., "--out"), key: Path = typer.Option(...)) -> None:
-    """Undo MergeLock with the key that applied it."""
-    _not_yet("unprotect", "MergeLock")
+def unprotect(model_dir: Path = typer.Argument(..., help="A folder protected with MergeLock."),
+              out_dir: Path = typer.Option(..., "--out", help="Where to write the restored model (must not exist)."),
+              key: Path = typer.Option(..., "--key", help="The MergeLock key that protected it."),
+              as_json: bool = JsonOption) -> None:
+    """Undo MergeLock with the key that applied it (a wrong key is refused)."""
+    from mergeops.keys import load_lock_key
+    from mergeops.protect import unprotect as run_unprotect
+
+    report = run_unprotect(model_dir, out_dir, load_lock_key(key))
+    if as_json:
+        _print_json(report)
+    else:
+        out.print(f"restored {model_dir} -> {out_dir}", markup=False)
 
 
 @app.command()

@@ -14,7 +14,7 @@ class MergeopsError(Exception):
 
 
 class UsageError(MergeopsError):
-    """Bad arguments, a bad policy file, or a command that is not available yet. Exit code 2."""
+    """Bad arguments, a bad policy file, or a key or setup the user must fix first. Exit code 2."""
 
     exit_code = 2
 

@@ -6,8 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from mergeops import __version__
 from tests.conftest import write_model
 
@@ -70,14 +68,6 @@ def test_fold_exit_codes_and_json(tmp_path):
     assert usage.returncode == 2 and "base folder" in usage.stderr and "Traceback" not in usage.stderr
 
 
-@pytest.mark.parametrize("args", [["protect", "m", "--out", "o", "--key", "k"],
-                                  ["unprotect", "m", "--out", "o", "--key", "k"]])
-def test_commands_of_later_capabilities_say_so_and_exit_2(args):
-    result = mergeops(*args)
-    assert result.returncode == 2
-    assert "not available" in result.stderr and "Traceback" not in result.stderr
-
-
 def test_unknown_option_is_a_usage_error():
     assert mergeops("inspect", "--bogus").returncode == 2
 
@@ -113,3 +103,32 @@ def test_a_group_readable_signing_key_is_refused_with_the_fix(tmp_path):
     (tmp_path / "keys" / "signing.pem").chmod(0o640)
     result = mergeops("fold", str(checkpoint), "--policy", str(policy))
     assert result.returncode == 2 and "chmod 600" in result.stderr
+
+
+def test_protect_records_the_protection_and_unprotect_restores_the_weights(tmp_path):
+    import torch
+
+    from mergeops.synthetic import LlamaShape, write_base
+    from tests.fold.streams import read_model, write_policy
+
+    base = write_base(tmp_path / "base", LlamaShape(hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1,
+                                                    vocab=64), seed=0)
+    policy = write_policy(tmp_path, base, "average")
+    key = tmp_path / "keys" / "lock.key"
+    protected = mergeops("protect", str(base), "--out", str(tmp_path / "locked"), "--key", str(key), "--policy",
+                         str(policy), "--json")
+    assert protected.returncode == 0, protected.stderr
+    report = json.loads(protected.stdout)
+    assert report["movement"]["min"] >= 0.3 and report["function_check"]["invariants"]["passed"]
+    assert "undoing" in report["residual_risk"]["summary"]
+    restored = mergeops("unprotect", str(tmp_path / "locked"), "--out", str(tmp_path / "restored"), "--key", str(key))
+    assert restored.returncode == 0, restored.stderr
+    original, back = read_model(base), read_model(tmp_path / "restored")
+    assert all(torch.allclose(original[n], back[n], rtol=1e-5, atol=1e-6) for n in original)
+    other_key = tmp_path / "other.key"
+    other_key.write_bytes(b"x" * 32)
+    other_key.chmod(0o600)
+    wrong = mergeops("unprotect", str(tmp_path / "locked"), "--out", str(tmp_path / "nope"), "--key", str(other_key))
+    assert wrong.returncode == 2 and not (tmp_path / "nope").exists()
+    audit = mergeops("audit", "--policy", str(policy), "--json")
+    assert audit.returncode == 0 and json.loads(audit.stdout)["events"] == 1

@@ -3,7 +3,9 @@
 The copy is checked against the sha256 of every file recorded when the version was written (a
 changed file is never published), assembled in a temporary folder, signed there in the OpenSSF
 model-signing format, uploaded to the Hub as one commit (``hub``) and/or renamed into place as
-``to/vNNNN`` (``to``); then one publication event per target is recorded.
+``to/vNNNN`` (``to``); then one publication event per target is recorded. With ``protect = true`` the
+copy is protected with MergeLock first (and the protection recorded), so what is signed and published
+is the protected model.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from mergeops.ledger.store import Ledger, signing_key_path
 from mergeops.model.digest import file_sha256
 from mergeops.model.writer import TEMP_MARKER
 from mergeops.policy import Policy
+from mergeops.protect import protect
 from mergeops.publish.hub import upload_to_hub
 from mergeops.publish.signing import sign_model_folder
 
@@ -47,9 +50,6 @@ def publish(policy: Policy, stream_name: str | None, version: int | None = None)
     if config is None:
         raise UsageError(f"stream {stream.name!r} has no [streams.{stream.name}.publish] table; add one with "
                          "`to = \"published/NAME\"` or `hub = \"org/repo\"`.")
-    if config.protect:
-        raise UsageError(f"stream {stream.name!r} asks for MergeLock protection before publishing, which this "
-                         "version of mergeops cannot do yet; nothing was published.")
     key_path = signing_key_path(policy.keys)
     key = keys.load_signing_key(key_path)
     with Ledger.open(policy.home, key) as ledger:
@@ -71,27 +71,38 @@ def publish(policy: Policy, stream_name: str | None, version: int | None = None)
         try:
             files = json.loads(ledger.rows("SELECT files FROM versions WHERE stream = ? AND version = ?",
                                            (stream.name, record.version))[0]["files"])
-            _stage(Path(record.output), tmp, files, f"{stream.name} {name}")
+            _stage(Path(record.output), tmp / "copy", files, f"{stream.name} {name}")
+            ready = tmp / "copy"
+            protection = None
+            if config.protect:  # MergeLock before signing: the signature covers what is published
+                if policy.keys.lock is None:
+                    raise UsageError(f"stream {stream.name!r} publishes protected models but the policy has no "
+                                     "[keys] lock; add `lock = \"keys/lock.key\"` (from `mergeops keygen`).")
+                protection = protect(ready, tmp / "protected", keys.load_lock_key(policy.keys.lock))["ledger"]
+                ready = tmp / "protected"
+            published_digest = protection["output_digest"] if protection else record.output_digest
             signer = None
             if config.sign:
-                sign_model_folder(tmp, key_path)
+                sign_model_folder(ready, key_path)
                 signer = keys.fingerprint(key.public_key())
             if config.hub is not None:
-                sha = upload_to_hub(tmp, config.hub, message=f"mergeops: {stream.name} {name} "
-                                    f"({stream.method}, {record.output_digest})")
+                sha = upload_to_hub(ready, config.hub, message=f"mergeops: {stream.name} {name} "
+                                    f"({stream.method}, {published_digest})")
                 targets.append(f"hf://{config.hub}@{sha}")
             if target is not None:
-                tmp.chmod(0o755)
-                fsync_dir(tmp)
-                os.rename(tmp, target)
+                ready.chmod(0o755)
+                fsync_dir(ready)
+                os.rename(ready, target)
                 fsync_dir(target.parent)
                 targets.append(str(target))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        ledger.record(*(("publication.recorded", {"stream": stream.name, "version": record.version,
-                                                  "output_digest": record.output_digest, "target": t,
-                                                  "signer": signer}) for t in targets))
-    return Publication(stream.name, record.version, tuple(targets), record.output_digest, signer)
+        events = [("protection.recorded", protection | {"path": targets[-1] if targets else ""})] if protection else []
+        events += [("publication.recorded", {"stream": stream.name, "version": record.version,
+                                             "output_digest": published_digest, "target": t, "signer": signer})
+                   for t in targets]
+        ledger.record(*events)
+    return Publication(stream.name, record.version, tuple(targets), published_digest, signer)
 
 
 def _stage(source: Path, dest: Path, files: dict[str, str], where: str) -> None:

@@ -1,0 +1,10 @@
+"""MergeLock (SPEC §8): protect a model so that it cannot be merged, and unprotect it with the lock key.
+
+>>> report = protect("models/v3", "published/v3-locked", load_lock_key(Path("keys/lock.key")), verify=True)
+>>> ledger.record(("protection.recorded", report["ledger"]))
+"""
+
+from mergeops.protect.architectures import FAMILIES, supported
+from mergeops.protect.mergelock import describe_protection, is_protected, protect, unprotect
+
+__all__ = ["FAMILIES", "describe_protection", "is_protected", "protect", "supported", "unprotect"]

