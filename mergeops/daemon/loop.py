@@ -71,7 +71,9 @@ class Daemon:
         try:
             with Ledger.open(self.policy.home, key) as ledger:
                 self.ledger = ledger
-                log("started", pid=os.getpid(), home=str(self.policy.home), streams=list(self.policy.streams))
+                retried = ledger.db.execute("UPDATE queue SET state = 'pending' WHERE state = 'failed'").rowcount
+                log("started", pid=os.getpid(), home=str(self.policy.home), streams=list(self.policy.streams),
+                    retrying_failed=retried)
                 self.notifier.ready("watching registries")
                 self._loop()
         finally:
@@ -176,9 +178,10 @@ class Daemon:
         except FoldAbandoned:
             log("abandoned", stream=stream, source=source, note="will be folded again at the next start")
             return
-        except MergeopsError as exc:  # the policy or the stream's own files are wrong: keep running, say so
-            self.ledger.db.execute("UPDATE queue SET state = 'failed', result = ? WHERE id = ?", (str(exc), item["id"]))
-            log("failed", level="error", stream=stream, source=source, error=str(exc))
+        except Exception as exc:  # never let one arrival stop the daemon; failed rows are retried at the next start
+            self.ledger.db.execute("UPDATE queue SET state = 'failed', result = ? WHERE id = ?",
+                                   (f"{type(exc).__name__}: {exc}", item["id"]))
+            log("failed", level="error", stream=stream, source=source, error=f"{type(exc).__name__}: {exc}")
             return
         self.ledger.db.execute("UPDATE queue SET state = ?, result = ? WHERE id = ?",
                                (result.status, json.dumps(result.to_json()), item["id"]))

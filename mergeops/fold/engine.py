@@ -29,7 +29,7 @@ from mergeops.fold.metrics import load_metrics
 from mergeops.intake.validate import problems_against_base, tensor_value_problem
 from mergeops.ledger.card import Input, VersionFacts, card_files, read_license
 from mergeops.ledger.store import Ledger, VersionRecord, signing_key_path, utc_now
-from mergeops.model import ModelFolder, ModelWriter, TensorSpec, folder_digest
+from mergeops.model import ModelFolder, ModelWriter, TensorSpec, folder_digest, folder_file_hashes
 from mergeops.model.digest import digest_of_listing
 from mergeops.model.writer import TEMP_MARKER
 from mergeops.policy import Policy, StreamConfig
@@ -87,7 +87,7 @@ def _fold_into(policy: Policy, stream: StreamConfig, ledger: Ledger, path: Path,
                       "parameters": sum(t.numel for t in folder.tensors.values()),
                       "dtypes": _dtype_counts(folder)}
         try:
-            described["digest"] = folder_digest(path)
+            described["digest"] = digest_of_listing(folder_file_hashes(path, progress=progress))
         except ModelFolderError as exc:
             return record_rejection(ledger, stream, described, "validation", str(exc))
         previous = ledger.version_with_checkpoint(stream.name, described["digest"])
@@ -166,6 +166,8 @@ class _Fold:
             self.gates.append("eval")  # a version is committed only once its eval passed
         _remove_uncommitted(self.stream.output, self.version)
         _remove_uncommitted(self.stream_home / "state", self.version)
+        if self.head is not None:  # a crash after recording may have left `latest` one step behind
+            _point_latest(self.stream.output, Path(self.head.output))
         self.metrics = load_metrics(self.folder.path, metrics_file)
         missing = [m for m in self.method.metrics_needed() if m not in self.metrics]
         if missing and config.eval is not None:  # the eval gate measures what training did not record
@@ -174,13 +176,15 @@ class _Fold:
                                   history=self.ledger.history(self.stream.name)))
         while self.method.survey_needed():
             for name in self.floating:
+                if progress:
+                    progress(0)  # lets the daemon ping its watchdog and stop between tensors
                 self.method.survey(name, self.base.read(name).float(), self.folder.read(name).float(),
                                    self.state_of(self.old_state, name))
         self.facts = _facts(self.policy, self.stream, self.ledger, self.base, self.head, self.base_digest,
                             self.described, self.version, tuple(self.gates))
         output_writer = self._fold_pass(progress)
         if output_writer is None:  # the merged tensors needed a model-wide quantity: a second pass
-            output_writer = self._merge_pass()
+            output_writer = self._merge_pass(progress)
         self.eval_metrics: dict[str, float] = {}
         if config.eval is not None:
             try:
@@ -250,9 +254,11 @@ class _Fold:
             raise RejectedError(f"integer tensor {name!r} differs from the base's; integer tensors (buffers, ids) "
                                 "must be identical in every checkpoint.")
 
-    def _merge_pass(self) -> ModelWriter:
+    def _merge_pass(self, progress: Callable[[int], None] | None) -> ModelWriter:
         with ModelFolder.open(self.state_dir) as state, self._output_writer() as writer:
             for name in writer.layout_order:
+                if progress:
+                    progress(0)
                 base = self.base.read(name)
                 if name not in self.floating:
                     writer.write(name, base)
@@ -265,7 +271,6 @@ class _Fold:
         """Point ``latest`` at the new version, record it (and what it prunes) in one transaction, prune."""
         stream, version = self.stream, self.version
         output_digest = digest_of_listing(output.file_hashes)
-        _point_latest(stream.output, self.output_dir)
         events: list[tuple[str, dict[str, Any]]] = []
         if self.stream_row is None:
             events.append(("stream.started", {"stream": stream.name, "base": str(stream.base),
@@ -283,6 +288,7 @@ class _Fold:
         events += [("version.pruned", {"stream": stream.name, "version": v.version})
                    for v in self.ledger.versions(stream.name) if not v.pruned and v.version <= version - stream.keep]
         self.ledger.record(*events)
+        _point_latest(stream.output, self.output_dir)  # only once the ledger knows the version
         _prune(stream, self.stream_home / "state", version)
         return FoldResult("merged", stream.name, version, self.output_dir, self.described["digest"],
                           output_digest=output_digest, notes=tuple(self.method.notes))

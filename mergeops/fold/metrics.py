@@ -29,11 +29,11 @@ def _trainer_state(path: Path) -> dict[str, float]:
     state = json.loads(path.read_text())
     found = {}
     if isinstance(state.get("global_step"), int | float):
-        found["step"] = float(state["global_step"])
+        found["step"] = state["global_step"]
     losses = [entry["loss"] for entry in state.get("log_history", []) if isinstance(entry.get("loss"), int | float)]
     if losses:
-        found["loss"] = float(losses[-1])
-    return found
+        found["loss"] = losses[-1]
+    return _numbers(found, str(path))  # the Trainer writes NaN for a diverged loss
 
 
 def load_metrics(checkpoint: Path, metrics_file: Path | None = None) -> dict[str, float]:

@@ -20,6 +20,7 @@ from mergeops import keys
 from mergeops.ledger.events import Event, canonical, chain_problems
 from mergeops.ledger.store import HEAD_FILE, Ledger
 from mergeops.ledger.tables import HISTORY_TABLES, apply, migrations
+from mergeops.model import folder_digest
 from mergeops.model.digest import digest_files, file_sha256
 
 
@@ -39,25 +40,33 @@ class AuditReport:
 
 
 def audit(ledger: Ledger, public_key: ec.EllipticCurvePublicKey) -> AuditReport:
+    """Safe while a writer runs: the head file is read first (it only ever trails the database), and every
+    query runs in one read transaction, so the events and the tables are the same snapshot."""
     report = AuditReport()
-    rows = ledger.events()
-    report.events = len(rows)
-    for message in chain_problems(rows, public_key):
-        report.add("event", "events", message)
-    _check_head(ledger.home / HEAD_FILE, rows, public_key, report)
-    _check_tables(ledger, rows, report)
-    _check_outputs(ledger, report)
+    head_file = ledger.home / HEAD_FILE
+    head = head_file.read_text() if head_file.is_file() else None
+    ledger.db.execute("BEGIN")
+    try:
+        rows = ledger.events()
+        report.events = len(rows)
+        for message in chain_problems(rows, public_key):
+            report.add("event", "events", message)
+        _check_head(head_file, head, rows, public_key, report)
+        _check_tables(ledger, rows, report)
+        _check_outputs(ledger, report)
+    finally:
+        ledger.db.execute("ROLLBACK")
     return report
 
 
-def _check_head(path: Path, rows: list[dict[str, Any]], public_key: ec.EllipticCurvePublicKey,
+def _check_head(path: Path, text: str | None, rows: list[dict[str, Any]], public_key: ec.EllipticCurvePublicKey,
                 report: AuditReport) -> None:
-    if not path.is_file():
+    if text is None:
         if rows:
             report.add("head", str(path), f"{path} is missing, so events cut off the end could go unnoticed.")
         return
     try:
-        head = json.loads(path.read_text())
+        head = json.loads(text)
         body = {"seq": head["seq"], "hash": head["hash"]}
         valid = keys.verify(public_key, canonical(body).encode(), bytes.fromhex(head["signature"]))
     except (ValueError, KeyError, TypeError):
@@ -103,7 +112,17 @@ def _key(pk: tuple[str, ...], key: tuple[Any, ...]) -> str:
 
 
 def _check_outputs(ledger: Ledger, report: AuditReport) -> None:
-    """Re-hash every retained (not pruned) version against the per-file sha256 recorded at write time."""
+    """Re-hash every retained (not pruned) version against the per-file sha256 recorded at write time, and
+    each stream's current method state against its recorded digest (every later version builds on it)."""
+    for head in ledger.rows("SELECT stream, version, state_path, state_digest FROM versions v WHERE version = "
+                            "(SELECT max(version) FROM versions WHERE stream = v.stream)"):
+        where = f"{head['stream']} v{head['version']:04d}"
+        state = Path(head["state_path"])
+        if not state.is_dir():
+            report.add("state", where, f"{where}: its method state {state} is missing; the next fold cannot run.")
+        elif folder_digest(state) != head["state_digest"]:
+            report.add("state", where, f"{where}: its method state in {state} was changed after it was written; "
+                       "every later version would build on it.")
     for version in ledger.rows("SELECT stream, version, path, files FROM versions WHERE pruned = 0"):
         where = f"{version['stream']} v{version['version']:04d}"
         folder = Path(version["path"])

@@ -20,8 +20,8 @@ GENESIS = "sha256:" + "0" * 64  # the "previous hash" of the first event
 
 
 def canonical(value: Any) -> str:
-    """One byte-exact JSON text per value: sorted keys, no spaces, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """One byte-exact JSON text per value: sorted keys, no spaces, ASCII (any path, even undecodable, encodes)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 @dataclass(frozen=True)

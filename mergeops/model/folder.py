@@ -231,7 +231,7 @@ def _escape_problem(root: Path, relative: str, path: Path) -> Problem | None:
     if pure.is_absolute() or ".." in pure.parts:
         return Problem("path_escape", f"{INDEX_FILE} names {relative!r}, a path outside the model folder; "
                        "shard names must be plain file names inside the folder.", relative)
-    if path.is_symlink() and not path.resolve().is_relative_to(root.resolve()):
+    if path.exists() and not path.resolve().is_relative_to(root.resolve()):  # a link anywhere on the way
         return Problem("path_escape", f"{relative} is a symlink to {path.resolve()}, outside the model "
                        "folder; replace it with a copy of the file.", relative)
     return None

@@ -251,3 +251,23 @@ def test_kill_9_mid_fold_then_redo_converges_to_the_uninterrupted_result(tmp_pat
         assert ledger.head("s").output_digest == expected.output_digest
     leftovers = [p for p in (tmp_path / "b").rglob("*") if ".tmp-" in p.name]
     assert leftovers == []
+
+
+def test_a_diverged_training_loss_is_a_clear_rejection(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoint = make_checkpoints(tmp_path, base, 1)[0]
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 10, "log_history": [{"loss": NaN}]}')
+    policy = load_policy(write_policy(tmp_path, base_path, "mwa", {"metric": "loss"}))
+    result = fold_checkpoint(policy, "s", checkpoint)
+    assert result.status == "rejected" and "'loss' is nan" in result.reason
+
+
+def test_latest_is_repaired_to_the_recorded_head_before_the_next_fold(stream, tmp_path):
+    policy, base, checkpoints = stream
+    fold_checkpoint(policy, "s", checkpoints[0])
+    fold_checkpoint(policy, "s", checkpoints[1])
+    out = policy.streams["s"].output
+    (out / "latest").unlink()
+    (out / "latest").symlink_to("v0001")  # as if a crash came between recording v0002 and moving the link
+    result = fold_checkpoint(policy, "s", _nan_checkpoint(tmp_path, base))
+    assert result.status == "rejected" and os.readlink(out / "latest") == "v0002"

@@ -186,3 +186,14 @@ def test_inspect_hashes_match_a_plain_read(tmp_path, tensors):
     for entry in report.files:
         assert entry["sha256"] == hashlib.sha256((model / entry["name"]).read_bytes()).hexdigest()
         assert entry["size"] == (model / entry["name"]).stat().st_size
+
+
+def test_index_path_through_a_symlinked_directory_leaving_the_folder(tmp_path, tensors):
+    model = write_model(tmp_path / "m", tensors, shard_bytes=1500)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    first = sorted(model.glob("model-*.safetensors"))[0]
+    first.rename(outside / first.name)
+    (model / "sub").symlink_to(outside)
+    _rewrite_index(model, f"sub/{first.name}")
+    assert "path_escape" in codes(model)

@@ -206,3 +206,10 @@ def test_readers_never_see_a_locked_database_or_a_half_written_fold(tmp_path):
         reader.join(timeout=30)
     assert errors == []
     assert len(seen) >= 3  # the readers really ran while versions were being committed
+
+
+def test_a_changed_method_state_is_named_because_every_later_version_builds_on_it(stream):
+    state = stream.home / "streams" / "s" / "state" / "v0003" / "scalars.json"
+    state.write_text(state.read_text().replace('"t": 3', '"t": 30'))
+    messages = [p["message"] for p in run_audit(stream).problems if p["kind"] == "state"]
+    assert len(messages) == 1 and "method state" in messages[0] and "changed after it was written" in messages[0]
