@@ -155,8 +155,27 @@ class Daemon:
         if not source.startswith("hf://"):
             return Path(source)
         repo, _, sha = source.removeprefix("hf://").rpartition("@")
-        hub = next(h for s, h, _ in self.hubs if s == stream and h.repo == repo)
-        return hub.download(HubCommit(repo, sha, "", ""))
+        hub = next((h for s, h, _ in self.hubs if s == stream and h.repo == repo), None)
+        if hub is None:
+            raise MergeopsError(f"{source} was queued from a Hub watch the policy no longer has; add the watch back "
+                                "to fold it.")
+        # Download on a daemon thread while this one keeps pinging the watchdog and can still stop.
+        done: dict[str, Any] = {}
+
+        def download() -> None:
+            try:
+                done["path"] = hub.download(HubCommit(repo, sha, "", ""))
+            except BaseException as exc:
+                done["error"] = exc
+
+        worker = threading.Thread(target=download, name="mergeops-download", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(timeout=1.0)
+            self._between_tensors(0)
+        if "error" in done:
+            raise done["error"]
+        return done["path"]
 
     def _next_pending(self) -> dict[str, Any] | None:
         rows = self.ledger.rows("SELECT * FROM queue WHERE state = 'pending' ORDER BY id LIMIT 1")

@@ -171,7 +171,7 @@ class _Fold:
         self.metrics = load_metrics(self.folder.path, metrics_file)
         missing = [m for m in self.method.metrics_needed() if m not in self.metrics]
         if missing and config.eval is not None:  # the eval gate measures what training did not record
-            self.metrics |= gate.evaluate(config, self.folder.path, check_minimums=False)
+            self.metrics |= gate.evaluate(config, self.folder.path, check_minimums=False, tick=_ticker(progress))
         self.method.begin(Arrival(self.folder, self.described["digest"], t=self.version, metrics=self.metrics,
                                   history=self.ledger.history(self.stream.name)))
         while self.method.survey_needed():
@@ -188,7 +188,7 @@ class _Fold:
         self.eval_metrics: dict[str, float] = {}
         if config.eval is not None:
             try:
-                self.eval_metrics = gate.evaluate(config, self.output_dir)
+                self.eval_metrics = gate.evaluate(config, self.output_dir, tick=_ticker(progress))
             except RejectedError:
                 _remove_uncommitted(self.stream.output, self.version)
                 _remove_uncommitted(self.stream_home / "state", self.version)
@@ -304,6 +304,11 @@ def _facts(policy: Policy, stream: StreamConfig, ledger: Ledger, base: ModelFold
     return VersionFacts(stream.name, version, stream.method, stream.params, (*inputs, checkpoint),
                         (*earlier, checkpoint), policy.digest, described["arrived"], read_license(base.path),
                         gates=gates)
+
+
+def _ticker(progress: Callable[[int], None] | None) -> Callable[[], None] | None:
+    """The progress callback as a tick for long waits (it pings the daemon's watchdog and checks for stop)."""
+    return (lambda: progress(0)) if progress is not None else None
 
 
 def _output_dtype(stream: StreamConfig, stored: torch.dtype) -> torch.dtype:

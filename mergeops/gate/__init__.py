@@ -11,6 +11,8 @@ import json
 import shlex
 import statistics
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mergeops.daemon.systemd import child_environment
@@ -60,22 +62,43 @@ def check_update(config: GateConfig, norm: float, accepted: list[float]) -> str 
     return "max_update_ratio"
 
 
-def evaluate(config: GateConfig, candidate: Path, *, check_minimums: bool = True) -> dict[str, float]:
+def _run(command: list[str], tick: Callable[[], None] | None) -> tuple[int, str, str]:
+    """Run a command to completion, calling ``tick`` every second meanwhile (the daemon's watchdog ping and
+    stop check: if it raises, the command is killed)."""
+    deadline = time.monotonic() + EVAL_TIMEOUT_SECONDS
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=child_environment()) as process:
+        try:
+            while True:
+                try:
+                    out, err = process.communicate(timeout=1.0)
+                    return process.returncode, out, err
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() > deadline:
+                        raise
+                    if tick is not None:
+                        tick()
+        except BaseException:
+            process.kill()
+            raise
+
+
+def evaluate(config: GateConfig, candidate: Path, *, check_minimums: bool = True,
+             tick: Callable[[], None] | None = None) -> dict[str, float]:
     """Run the eval command on a model folder and return its metrics. On the candidate merged model every
     ``min`` must hold; on a checkpoint that lacks training metrics (``check_minimums=False``) the command
     only measures it, for metric-weighted methods."""
     assert config.eval is not None
     command = [part.replace("{model}", str(candidate)) for part in shlex.split(config.eval)]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=EVAL_TIMEOUT_SECONDS,
-                                env=child_environment(), check=False)
+        returncode, stdout, stderr = _run(command, tick)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise RejectedError(f"the eval command {config.eval!r} could not run: {exc}.", gate="eval") from exc
-    if result.returncode != 0:
-        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RejectedError(f"the eval command exited {result.returncode} on the candidate ({tail}).", gate="eval")
+    if returncode != 0:
+        tail = (stderr.strip().splitlines() or ["no output"])[-1]
+        raise RejectedError(f"the eval command exited {returncode} on the candidate ({tail}).", gate="eval")
     try:
-        metrics = json.loads(result.stdout.strip().splitlines()[-1])
+        metrics = json.loads(stdout.strip().splitlines()[-1])
         metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     except (IndexError, ValueError, AttributeError) as exc:
         raise RejectedError(f"the eval command printed no JSON object of metrics on its last line ({exc}).",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 
@@ -143,3 +144,26 @@ def test_the_eval_gate_supplies_the_metrics_a_metric_weighted_method_needs(tmp_p
         assert result.status == "merged", result.reason
     expected = reference.weighted_average(base, [read_model(c) for c in checkpoints], [1 / 1.0, 1 / 4.0])
     assert_close(read_floats(result.output), expected)
+
+
+def test_a_long_eval_keeps_ticking_and_is_killed_when_the_tick_says_stop(tmp_path):
+    from mergeops import gate
+    from mergeops.policy import GateConfig
+
+    slow = tmp_path / "slow.py"
+    slow.write_text("import json, sys, time\ntime.sleep(2.5)\nprint(json.dumps({'score': 1}))\n")
+    config = GateConfig(eval=f"{sys.executable} {slow} {{model}}")
+    ticks = []
+    assert gate.evaluate(config, tmp_path, tick=lambda: ticks.append(1)) == {"score": 1.0}
+    assert len(ticks) >= 2  # the daemon's watchdog is pinged while the command runs
+
+    class Stop(Exception):
+        pass
+
+    def stop() -> None:
+        raise Stop
+
+    started = time.monotonic()
+    with pytest.raises(Stop):
+        gate.evaluate(config, tmp_path, tick=stop)
+    assert time.monotonic() - started < 2.0  # killed, not waited for
