@@ -180,15 +180,6 @@ class Notifier:
         """STOPPING=1: shutdown has begun (SIGTERM received)."""
         return self.notify("STOPPING=1", *self._status_field(status))
 
-    def reloading(self, status: str | None = None) -> bool:
-        """RELOADING=1 (with MONOTONIC_USEC, which ``Type=notify-reload`` requires); send ready() when done."""
-        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        return self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", *self._status_field(status))
-
-    def extend_timeout(self, seconds: float) -> bool:
-        """EXTEND_TIMEOUT_USEC: ask for ``seconds`` more before start-up or shutdown times out."""
-        return self.notify(f"EXTEND_TIMEOUT_USEC={max(1, int(seconds * 1_000_000))}")
-
     @staticmethod
     def _status_field(text: str | None) -> tuple[str, ...]:
         if text is None:

@@ -67,10 +67,6 @@ class TensorEntry:
     def nbytes(self) -> int:
         return self.end - self.start
 
-    @property
-    def is_floating(self) -> bool:
-        return self.torch_dtype.is_floating_point
-
 
 @dataclass(frozen=True)
 class SafetensorsHeader:
@@ -80,7 +76,6 @@ class SafetensorsHeader:
     header_bytes: int  # 8-byte length prefix + JSON, i.e. where tensor data starts
     entries: tuple[TensorEntry, ...]
     metadata: Mapping[str, str]
-    file_size: int
 
 
 def parse_header(path: Path, label: str) -> tuple[SafetensorsHeader | None, list[Problem]]:
@@ -158,7 +153,7 @@ def parse_header(path: Path, label: str) -> tuple[SafetensorsHeader | None, list
     safe = not any(p.code in ("truncated_file", "overlapping_tensors") for p in problems)
     if not safe:
         return None, problems
-    return SafetensorsHeader(path, data_start, tuple(entries), metadata, size), problems
+    return SafetensorsHeader(path, data_start, tuple(entries), metadata), problems
 
 
 def _parse_entry(name: str, info: object, data_start: int) -> TensorEntry | str:

@@ -46,8 +46,8 @@ from mergeops.registry.hub import (
     CREDENTIAL_NAME,
     REQUEST_TIMEOUT,
     RegistryUnavailable,
-    _retry_after_header,
     hub_token,
+    retry_after_header,
 )
 
 try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
@@ -156,7 +156,7 @@ def _translating(repo: str, revision: str, endpoint: str, folder: Path) -> Itera
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else 0
         if status >= 500 or status in _RETRYABLE_STATUS:
-            wait = max(BACKOFF_FIRST, min(_retry_after_header(error.response) or 0.0, BACKOFF_MAX))
+            wait = max(BACKOFF_FIRST, min(retry_after_header(error.response) or 0.0, BACKOFF_MAX))
             raise _unavailable(f"the Hub answered HTTP {status} while uploading {folder} to {where}", wait) from None
         if status in _CONFLICT_STATUS:
             raise _unavailable(f"another commit landed on {where} while {folder} was being uploaded, so the Hub "

@@ -273,7 +273,7 @@ class HubRegistry:
             status = error.response.status_code if error.response is not None else 0
             if status >= 500 or status in _RETRYABLE_STATUS:
                 raise self._unavailable(f"the Hub answered HTTP {status} for {where}",
-                                        _retry_after_header(error.response)) from None
+                                        retry_after_header(error.response)) from None
             if status in (401, 403):
                 raise UsageError(f"The Hub refused access to {where} (HTTP {status}); give the daemon a token "
                                  f"that can read it (HF_TOKEN or the {CREDENTIAL_NAME} credential).") from None
@@ -300,7 +300,8 @@ class _Quiet(tqdm):
         super().__init__(*args, **kwargs)
 
 
-def _retry_after_header(response: object) -> float | None:
+def retry_after_header(response: object) -> float | None:
+    """Seconds an HTTP ``Retry-After`` header asks to wait (a number or a date), if the response has one."""
     value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
     if not value:
         return None

@@ -234,3 +234,15 @@ def test_the_daemon_publishes_each_new_version_signed_when_the_policy_says_so(tm
                             capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0, verify.stderr
     assert folder_digest(published) == folder_digest(tmp_path / "out" / "v0002")
+
+
+def test_an_arrival_that_failed_for_a_reason_outside_it_is_retried_at_the_next_start(tmp_path):
+    policy = setup(tmp_path)
+    drop(tmp_path, "ck0", seed=1)
+    (tmp_path / "base").rename(tmp_path / "base-away")  # e.g. the base's mount is missing for a while
+    failed = [line for line in run_once(policy) if line["event"] == "failed"]
+    assert len(failed) == 1 and "base folder" in failed[0]["error"]
+    (tmp_path / "base-away").rename(tmp_path / "base")
+    lines = run_once(policy)
+    assert next(line for line in lines if line["event"] == "started")["retrying_failed"] == 1
+    assert folded_sources(policy) == ["ck0"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -113,10 +112,6 @@ def test_combined_and_other_messages(monkeypatch, path_socket):
     assert receive(sock) == "STATUS=two lines"
     assert notifier.status("x" * 10_000)
     assert len(receive(sock)) == len("STATUS=") + 1024
-    assert notifier.reloading()
-    assert re.fullmatch(r"RELOADING=1\nMONOTONIC_USEC=\d+", receive(sock))
-    assert notifier.extend_timeout(90)
-    assert receive(sock) == "EXTEND_TIMEOUT_USEC=90000000"
     assert notifier.stopping("SIGTERM: abandoning the current fold")
     assert receive(sock) == "STOPPING=1\nSTATUS=SIGTERM: abandoning the current fold"
 
@@ -179,7 +174,7 @@ def test_outside_systemd_everything_is_a_quiet_no_op(monkeypatch):
     assert not notifier.enabled and not notifier.watchdog_enabled
     assert notifier.watchdog_interval() is None
     calls = [notifier.ready, lambda: notifier.status("x"), notifier.watchdog, notifier.watchdog_if_due,
-             notifier.stopping, notifier.reloading, lambda: notifier.extend_timeout(5), lambda: notifier.notify("X=1")]
+             notifier.stopping, lambda: notifier.notify("X=1")]
     assert [call() for call in calls] == [False] * len(calls)
     assert Notifier().ready() is False
 
