@@ -9,7 +9,8 @@ of --repeats), and once as `mergeops fold` in a fresh process (wall time after i
 own, see perf_common.run_measured). Memory is touched once before measuring, because on a VM the first touch of a
 page costs far more than any later one. Models are generated once into --workdir and reused (by the other
 benchmarks in this folder too); above 500M parameters the checkpoints share one weights file (see
-perf_common.LINK_ABOVE), and all checkpoints of a size share one exp_avg_sq file. It checks the free disk first: at
+perf_common.LINK_ABOVE). OTA's checkpoints are the same checkpoints plus one exp_avg_sq file (shared, hard-linked);
+the others fold them without it, so they do not hash a file their floor does not read. It checks the free disk first: at
 1B with OTA it needs ~31 GB (models ~9 GB, two versions of OTA's float32 state ~18 GB).
 
     python benchmarks/perf/fold_vs_io.py --params 200e6 1e9 --methods average task_arithmetic mwa ota
@@ -36,6 +37,7 @@ from perf_common import (
     shape_for,
     tensor_files,
     warm_up_memory,
+    with_curvature,
     write_json,
     write_policy,
 )
@@ -103,16 +105,18 @@ def main() -> None:
     warm_up_memory(8)
     results = []
     for shape in shapes:
-        base, checkpoints = build(args.workdir, shape, args.repeats + 2, curvature=curvature)
-        results.append(measure_size(args, base, checkpoints, signing_key))
+        base, checkpoints = build(args.workdir, shape, args.repeats + 2)
+        ota = with_curvature(args.workdir, shape, checkpoints) if curvature else []
+        results.append(measure_size(args, base, checkpoints, ota, signing_key))
     if args.json:
         write_json(args.json, results)
 
 
-def measure_size(args: argparse.Namespace, base: Path, checkpoints: list[Path], signing_key: Path) -> dict:
+def measure_size(args: argparse.Namespace, base: Path, plain: list[Path], ota: list[Path], signing_key: Path
+                 ) -> dict:
     base_bytes = sum(p.stat().st_size for p in tensor_files(base))
     largest = largest_tensor_mib(base)
-    linked = " (checkpoints share one weights file, hard-linked)" if checkpoints[-1].name.endswith("-linked") else ""
+    linked = " (checkpoints share one weights file, hard-linked)" if plain[-1].name.endswith("-linked") else ""
     print(f"\nmodel: {base.name}, {base_bytes / 2**20:.0f} MiB bf16 per checkpoint, largest tensor {largest:.0f} "
           f"MiB in float32; torch threads {torch.get_num_threads()}{linked}")
     print("| method | fold in a running process s (median) | I/O floor s (median) | ratio | fold as `mergeops fold` "
@@ -122,6 +126,7 @@ def measure_size(args: argparse.Namespace, base: Path, checkpoints: list[Path], 
     for method in args.methods:
         home = args.workdir / f"run-{method}"
         policy = write_policy(home, base, method, PARAMS[method], signing_key)
+        checkpoints = ota if method == "ota" else plain  # only OTA's checkpoints carry (and hash) exp_avg_sq
         fold_in_process(checkpoints[0], policy)  # t = 1 creates the state; t >= 2 is what is measured
         cli = run_fold(checkpoints[1], policy)
         cli_floor = floor_for(base, checkpoints[1], home, method, args.workdir)

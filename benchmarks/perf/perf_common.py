@@ -45,11 +45,11 @@ def model_bytes(shape: LlamaShape, dtype_bytes: int = 2) -> int:
     return shape.parameters * dtype_bytes
 
 
-def build(workdir: Path, shape: LlamaShape, checkpoints: int, *, curvature: bool = False,
-          linked: bool | None = None) -> tuple[Path, list[Path]]:
-    """A bf16 base and ``checkpoints`` fine-tunes of it (seeds 1, 2, ...), each with a metrics.json; reused when
-    already on disk. ``curvature``: one exp_avg_sq.safetensors (float32, for OTA), hard-linked into every
-    checkpoint. ``linked`` (default: above LINK_ABOVE parameters): see LINK_ABOVE."""
+def build(workdir: Path, shape: LlamaShape, checkpoints: int, *, linked: bool | None = None
+          ) -> tuple[Path, list[Path]]:
+    """A bf16 base and ``checkpoints`` fine-tunes of it (seeds 1, 2, ...), each with a metrics.json and without
+    an optimizer state (see ``with_curvature``); reused when already on disk. ``linked``: see LINK_ABOVE
+    (default: above it)."""
     linked = shape.parameters > LINK_ABOVE if linked is None else linked
     base = workdir / f"base-{shape.parameters}"
     if not base.exists():
@@ -60,36 +60,68 @@ def build(workdir: Path, shape: LlamaShape, checkpoints: int, *, curvature: bool
         path = workdir / checkpoint_name(shape, i, linked)
         if not path.exists():
             if linked and i > 1:
-                tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=workdir))
-                for file in first.iterdir():
-                    if file.name not in ("metrics.json", "exp_avg_sq.safetensors"):
-                        os.link(file, tmp / file.name)
-                tmp.chmod(0o755)
-                tmp.rename(path)
+                _link_folder(first, path)
             else:
                 write_finetune(base, path, seed=i)
         if not (path / "metrics.json").exists():
             (path / "metrics.json").write_text(json.dumps({"loss": 1.0 + i / 10, "step": 100 * i}))
-        if curvature and not (path / "exp_avg_sq.safetensors").exists():
-            if path == first:
-                write_curvature(path, seed=1)
+        legacy = path / "exp_avg_sq.safetensors"  # folders made by earlier versions of these scripts had one
+        if legacy.exists():
+            if not curvature_file(workdir, shape).exists():
+                legacy.rename(curvature_file(workdir, shape))
             else:
-                os.link(first / "exp_avg_sq.safetensors", path / "exp_avg_sq.safetensors")
+                legacy.unlink()
         paths.append(path)
     return base, paths
 
 
+def curvature_file(workdir: Path, shape: LlamaShape) -> Path:
+    return workdir / f"curvature-{shape.parameters}.safetensors"
+
+
+def with_curvature(workdir: Path, shape: LlamaShape, checkpoints: list[Path]) -> list[Path]:
+    """The same checkpoints with an exp_avg_sq.safetensors (float32, for OTA): folders of hard links beside them,
+    all sharing one generated curvature file. Separate folders, because a checkpoint's digest covers every file:
+    an average fold of a checkpoint carrying one would also hash it, which the I/O floor does not count."""
+    shared = curvature_file(workdir, shape)
+    paths = []
+    for checkpoint in checkpoints:
+        path = checkpoint.with_name(checkpoint.name + "-ota")
+        if not path.exists():
+            if not shared.exists():
+                write_curvature(checkpoint, seed=1)  # generated in place (it reads the config), then moved aside
+                (checkpoint / "exp_avg_sq.safetensors").rename(shared)
+            _link_folder(checkpoint, path, extra={"exp_avg_sq.safetensors": shared})
+        paths.append(path)
+    return paths
+
+
+def _link_folder(source: Path, target: Path, extra: dict[str, Path] | None = None) -> None:
+    """``target``: hard links of ``source``'s files but its metrics.json (and of ``extra``), made atomically."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp", dir=target.parent))
+    for file in source.iterdir():
+        if file.name != "metrics.json":
+            os.link(file, tmp / file.name)
+    for name, file in (extra or {}).items():
+        os.link(file, tmp / name)
+    if (source / "metrics.json").exists() and extra:  # a copy of the same checkpoint keeps its metrics
+        shutil.copy(source / "metrics.json", tmp / "metrics.json")
+    tmp.chmod(0o755)
+    tmp.rename(target)
+
+
 def missing_bytes(workdir: Path, shape: LlamaShape, checkpoints: int, *, curvature: bool = False,
                   linked: bool | None = None) -> int:
-    """Bytes that ``build`` with the same arguments would still write."""
+    """Bytes that ``build`` (and ``with_curvature``, if ``curvature``) would still write."""
     linked = shape.parameters > LINK_ABOVE if linked is None else linked
     need = 0 if (workdir / f"base-{shape.parameters}").exists() else model_bytes(shape)
     for i in range(1, checkpoints + 1):
         path = workdir / checkpoint_name(shape, i, linked)
         if not path.exists() and not (linked and i > 1):
             need += model_bytes(shape)
-        if curvature and i == 1 and not (path / "exp_avg_sq.safetensors").exists():
-            need += model_bytes(shape, 4)
+    legacy = workdir / checkpoint_name(shape, 1, linked) / "exp_avg_sq.safetensors"
+    if curvature and not curvature_file(workdir, shape).exists() and not legacy.exists():
+        need += model_bytes(shape, 4)
     return need
 
 
