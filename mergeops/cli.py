@@ -139,7 +139,7 @@ def fold(checkpoint: Path = typer.Argument(..., help="The checkpoint's model fol
     loaded = load_policy(policy)
     folder, _ = ModelFolder.scan(checkpoint)
     # the digest reads the checkpoint once, the fold a second time
-    progress = _progress(2 * folder.total_bytes if folder else 0, f"folding {checkpoint.name}", not as_json)
+    progress = _progress(folder.total_bytes if folder else 0, f"folding {checkpoint.name}", not as_json)
     with WriterLock(loaded.home, "fold"):
         if progress:
             with progress:

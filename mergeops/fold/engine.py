@@ -29,15 +29,19 @@ from mergeops.fold.metrics import load_metrics
 from mergeops.intake.validate import problems_against_base, tensor_value_problem
 from mergeops.ledger.card import Input, VersionFacts, card_files, read_license
 from mergeops.ledger.store import Ledger, VersionRecord, signing_key_path, utc_now
-from mergeops.model import ModelFolder, ModelWriter, TensorSpec, folder_digest, folder_file_hashes
-from mergeops.model.digest import digest_of_listing
+from mergeops.model import ModelFolder, ModelWriter, TensorSpec, folder_digest
+from mergeops.model.digest import BackgroundDigest, digest_of_listing
 from mergeops.model.writer import TEMP_MARKER
 from mergeops.policy import Policy, StreamConfig
+from mergeops.threads import one_torch_thread
 
 STATE_SEPARATOR = "::"  # state tensor names are f"{kind}::{tensor name}"
 SCALARS_FILE = "scalars.json"
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
 ALWAYS_ON_GATES = ("complete", "parses", "matches-base", "finite")
+# Elements per piece of an elementwise fold: a few float32 pieces fit in a core's cache.
+PIECE = 1 << 17
+DIGEST_PLACEHOLDER = "sha256:" + "0" * 64  # as long as a real digest, so the header keeps its length
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -82,23 +86,53 @@ def _fold_into(policy: Policy, stream: StreamConfig, ledger: Ledger, path: Path,
         folder = ModelFolder.open(path)
     except ModelFolderError as exc:
         return record_rejection(ledger, stream, described, "validation", str(exc))
-    with folder:
+    # The checkpoint is hashed on a worker thread while it is folded; a duplicate is noticed as soon as its
+    # digest is known, and what was written for it is thrown away.
+    with folder, BackgroundDigest(path) as pending:
         described |= {"size": sum(t.nbytes for t in folder.tensors.values()),
                       "parameters": sum(t.numel for t in folder.tensors.values()),
                       "dtypes": _dtype_counts(folder)}
         try:
-            described["digest"] = digest_of_listing(folder_file_hashes(path, progress=progress))
+            with _open_base(stream) as base, ExitStack() as stack:
+                fold = _Fold(policy, stream, ledger, folder, described, pending, base, stack, progress)
+                return fold.run(metrics_file)
+        except _AlreadyFolded as known:
+            return known.result
+        except RejectedError as rejection:
+            return _rejected_unless_duplicate(ledger, stream, described, pending, progress, rejection)
+
+
+def _rejected_unless_duplicate(ledger: Ledger, stream: StreamConfig, described: dict[str, Any],
+                               pending: BackgroundDigest, progress: Callable[[int], None] | None,
+                               rejection: RejectedError) -> FoldResult:
+    """Record the rejection, unless the checkpoint was folded before: a duplicate is reported as one."""
+    try:
+        _digest_or_duplicate(ledger, stream, described, pending, progress)
+    except _AlreadyFolded as known:
+        return known.result
+    except RejectedError as unreadable:
+        rejection = unreadable
+    return record_rejection(ledger, stream, described, rejection.gate, str(rejection))
+
+
+class _AlreadyFolded(Exception):
+    def __init__(self, result: FoldResult) -> None:
+        self.result = result
+
+
+def _digest_or_duplicate(ledger: Ledger, stream: StreamConfig, described: dict[str, Any], pending: BackgroundDigest,
+                         progress: Callable[[int], None] | None) -> str:
+    """The checkpoint's digest (stored in ``described``); raises _AlreadyFolded if the stream has it."""
+    if "digest" not in described:
+        try:
+            described["digest"] = pending.result(tick=_ticker(progress))
         except ModelFolderError as exc:
-            return record_rejection(ledger, stream, described, "validation", str(exc))
+            raise RejectedError(str(exc), gate="validation") from exc
         previous = ledger.version_with_checkpoint(stream.name, described["digest"])
         if previous is not None:
-            return FoldResult("duplicate", stream.name, previous.version, Path(previous.output), described["digest"],
-                              f"already folded into version {previous.version}")
-        try:
-            with _open_base(stream) as base, ExitStack() as stack:
-                return _Fold(policy, stream, ledger, folder, described, base, stack).run(metrics_file, progress)
-        except RejectedError as exc:
-            return record_rejection(ledger, stream, described, exc.gate, str(exc))
+            raise _AlreadyFolded(FoldResult("duplicate", stream.name, previous.version, Path(previous.output),
+                                            described["digest"], f"already folded into version {previous.version}"))
+    return described["digest"]
 
 
 def _dtype_counts(folder: ModelFolder) -> dict[str, int]:
@@ -133,9 +167,10 @@ class _Fold:
     """One fold in progress: what it reads, what it writes, and the phases it goes through."""
 
     def __init__(self, policy: Policy, stream: StreamConfig, ledger: Ledger, folder: ModelFolder,
-                 described: dict[str, Any], base: ModelFolder, stack: ExitStack) -> None:
+                 described: dict[str, Any], pending_digest: BackgroundDigest, base: ModelFolder, stack: ExitStack,
+                 progress: Callable[[int], None] | None) -> None:
         self.policy, self.stream, self.ledger, self.folder, self.base = policy, stream, ledger, folder, base
-        self.described = described
+        self.described, self.pending_digest, self.progress = described, pending_digest, progress
         self.head = ledger.head(stream.name)
         self.version = self.head.version + 1 if self.head else 1
         self.stream_home = policy.home / "streams" / stream.name
@@ -153,7 +188,12 @@ class _Fold:
     def state_of(self, source: ModelFolder | None, name: str) -> dict[str, torch.Tensor]:
         return {k: source.read(f"{k}{STATE_SEPARATOR}{name}") for k in self.kinds} if source else {}
 
-    def run(self, metrics_file: Path | None, progress: Callable[[int], None] | None) -> FoldResult:
+    def digest(self) -> str:
+        """The checkpoint's digest, waiting for it if need be; a checkpoint already folded ends the fold."""
+        return _digest_or_duplicate(self.ledger, self.stream, self.described, self.pending_digest, self.progress)
+
+    def run(self, metrics_file: Path | None) -> FoldResult:
+        progress = self.progress
         problems = problems_against_base(self.folder, self.base)
         if problems:
             raise RejectedError(problems[0].message)
@@ -172,7 +212,7 @@ class _Fold:
         missing = [m for m in self.method.metrics_needed() if m not in self.metrics]
         if missing and config.eval is not None:  # the eval gate measures what training did not record
             self.metrics |= gate.evaluate(config, self.folder.path, check_minimums=False, tick=_ticker(progress))
-        self.method.begin(Arrival(self.folder, self.described["digest"], t=self.version, metrics=self.metrics,
+        self.method.begin(Arrival(self.folder, self.digest, t=self.version, metrics=self.metrics,
                                   history=self.ledger.history(self.stream.name)))
         while self.method.survey_needed():
             for name in self.floating:
@@ -180,8 +220,6 @@ class _Fold:
                     progress(0)  # lets the daemon ping its watchdog and stop between tensors
                 self.method.survey(name, self.base.read(name).float(), self.folder.read(name).float(),
                                    self.state_of(self.old_state, name))
-        self.facts = _facts(self.policy, self.stream, self.ledger, self.base, self.head, self.base_digest,
-                            self.described, self.version, tuple(self.gates))
         output_writer = self._fold_pass(progress)
         if output_writer is None:  # the merged tensors needed a model-wide quantity: a second pass
             output_writer = self._merge_pass(progress)
@@ -195,18 +233,32 @@ class _Fold:
                 raise
         return self._commit(output_writer)
 
-    def _output_writer(self) -> ModelWriter:
+    def _metadata(self, checkpoint_digest: str) -> dict[str, str]:
         parent = self.head.output_digest if self.head else self.base_digest
-        metadata = {"mergeops.stream": self.stream.name, "mergeops.version": str(self.version),
-                    "mergeops.method": self.stream.method,
-                    "mergeops.parents": json.dumps([parent, self.described["digest"]]),
-                    "mergeops.tool": f"mergeops {__version__}"}
+        return {"mergeops.stream": self.stream.name, "mergeops.version": str(self.version),
+                "mergeops.method": self.stream.method,
+                "mergeops.parents": json.dumps([parent, checkpoint_digest]),
+                "mergeops.tool": f"mergeops {__version__}"}
+
+    def _output_writer(self) -> ModelWriter:
+        """The merged model's writer; until the checkpoint's digest is known its header holds a placeholder."""
+        known = "digest" in self.described or self.pending_digest.done()
         specs = [TensorSpec(n, _output_dtype(self.stream, info.dtype), info.shape)
                  for n, info in self.base.tensors.items()]
-        writer = ModelWriter(self.output_dir, specs, metadata=metadata, donor=self.base.path)
-        facts = self.facts
-        writer.finalize = lambda hashes: card_files(facts, digest_of_listing(hashes))
+        writer = ModelWriter(self.output_dir, specs, metadata=self._metadata(self.digest() if known else
+                                                                            DIGEST_PLACEHOLDER),
+                             donor=self.base.path, provisional_metadata=not known)
+        writer.finalize = lambda hashes: card_files(self._facts(), digest_of_listing(hashes))
         return writer
+
+    def _settle(self, output: ModelWriter, wait: bool) -> None:
+        """Give the output its final metadata once the checkpoint's digest is known (``wait``: now)."""
+        if output.metadata_is_provisional and (wait or self.pending_digest.done()):
+            output.settle_metadata(self._metadata(self.digest()))
+
+    def _facts(self) -> VersionFacts:
+        return _facts(self.policy, self.stream, self.ledger, self.base, self.head, self.base_digest,
+                      self.described, self.version, tuple(self.gates))
 
     def _fold_pass(self, progress: Callable[[int], None] | None) -> ModelWriter | None:
         """Fold every tensor into new state; write merged tensors too when the method can right away."""
@@ -215,29 +267,30 @@ class _Fold:
         with ModelWriter(self.state_dir, state_specs, metadata={"mergeops.stream": self.stream.name}) as state, \
                 ExitStack() as single_pass:
             output = None if self.method.needs_global else single_pass.enter_context(self._output_writer())
+            fold_tensor = self._fold_whole
+            if self.method.elementwise:  # pieces are too small to share out; the other core hashes what is written
+                fold_tensor = self._fold_pieces
+                single_pass.enter_context(one_torch_thread())
             for name in output.layout_order if output else list(self.base.tensors):
-                new_raw = self.folder.read(name)
+                new = self.folder.read(name)
                 if progress:
-                    progress(new_raw.numel() * new_raw.element_size())
+                    progress(new.numel() * new.element_size())
                 base = self.base.read(name)
                 if name not in self.floating:
-                    self._check_integer(name, new_raw, base)
+                    self._check_integer(name, new, base)
                     if output:
                         output.write(name, base)
                     continue
-                new = new_raw.float()
-                if not math.isfinite(float(new.sum())):  # cheap; the exact check (and its message) only if needed
-                    problem = tensor_value_problem(name, new_raw, self.folder.tensors[name].file)
-                    if problem:
-                        raise RejectedError(problem.message)
-                base32 = base.float()
-                if self.update_sq is not None:
-                    self.update_sq += float((new - base32).square().sum(dtype=torch.float64))
-                new_state = self.method.fold(name, base32, new, self.state_of(self.old_state, name))
+                merged_dtype = output.specs[name].dtype if output else None
+                new_state, merged = fold_tensor(name, new, base, self.state_of(self.old_state, name), merged_dtype)
                 for kind in self.kinds:
                     state.write(f"{kind}{STATE_SEPARATOR}{name}", new_state[kind])
                 if output:
-                    output.write(name, self.method.merged(name, base32, new_state).to(output.specs[name].dtype))
+                    output.write(name, merged)
+                    self._settle(output, wait=False)
+            self.digest()  # a duplicate must stop the fold before its state is kept
+            if output:
+                self._settle(output, wait=True)
             if self.update_sq is not None:  # before anything is committed: a rejection leaves no trace
                 accepted = self.ledger.update_norms(self.stream.name)
                 gate.check_update(self.stream.gate, math.sqrt(self.update_sq), accepted)
@@ -245,6 +298,47 @@ class _Fold:
             state.extra_files[SCALARS_FILE] = _scalars_json(self.stream, self.method)
         self.state_hashes = state.file_hashes
         return output
+
+    def _fold_whole(self, name: str, new_raw: torch.Tensor, base_raw: torch.Tensor, old: dict[str, torch.Tensor],
+                    merged_dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Fold one tensor at once: (new state, merged tensor in ``merged_dtype`` or None when not wanted)."""
+        new, base = self._checked_float(name, new_raw, new_raw), base_raw.float()
+        self._add_update(new, base)
+        new_state = self.method.fold(name, base, new, old)
+        merged = self.method.merged(name, base, new_state).to(merged_dtype) if merged_dtype else None
+        return new_state, merged
+
+    def _fold_pieces(self, name: str, new_raw: torch.Tensor, base_raw: torch.Tensor, old: dict[str, torch.Tensor],
+                     merged_dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Fold one tensor of an elementwise method in cache-sized flat pieces, updating the state in place."""
+        new_state = old or {kind: torch.empty(base_raw.shape, dtype=torch.float32) for kind in self.kinds}
+        merged = torch.empty(base_raw.shape, dtype=merged_dtype) if merged_dtype else None
+        flat_new, flat_base = new_raw.view(-1), base_raw.view(-1)
+        flat_state = {kind: t.view(-1) for kind, t in new_state.items()}
+        for start in range(0, flat_base.numel(), PIECE):
+            piece = slice(start, start + PIECE)
+            new, base = self._checked_float(name, new_raw, flat_new[piece]), flat_base[piece].float()
+            self._add_update(new, base)
+            state = {kind: t[piece] for kind, t in flat_state.items()}
+            for kind, value in self.method.fold(name, base, new, state if old else {}).items():
+                if value.data_ptr() != state[kind].data_ptr():  # the method returned a new tensor, not in place
+                    state[kind].copy_(value)
+            if merged is not None:
+                merged.view(-1)[piece].copy_(self.method.merged(name, base, state))
+        return new_state, merged
+
+    def _checked_float(self, name: str, whole: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (part or all of the checkpoint's tensor ``whole``) in float32, refused if not finite."""
+        values = values.float()
+        if not math.isfinite(float(values.sum())):  # cheap; the exact check (and its message) only if needed
+            problem = tensor_value_problem(name, whole, self.folder.tensors[name].file)
+            if problem:
+                raise RejectedError(problem.message)
+        return values
+
+    def _add_update(self, new: torch.Tensor, base: torch.Tensor) -> None:
+        if self.update_sq is not None:
+            self.update_sq += float((new - base).square().sum(dtype=torch.float64))
 
     def _check_integer(self, name: str, new: torch.Tensor, base: torch.Tensor) -> None:
         problem = tensor_value_problem(name, new, self.folder.tensors[name].file, expect_floating=False)
@@ -281,7 +375,7 @@ class _Fold:
             "previous": self.head.version if self.head else None,
             "checkpoint": self.described | {"metrics": self.metrics}, "output_digest": output_digest,
             "path": str(self.output_dir), "files": output.file_hashes, "state_path": str(self.state_dir),
-            "state_digest": digest_of_listing(self.state_hashes), "gates": list(self.facts.gates),
+            "state_digest": digest_of_listing(self.state_hashes), "gates": list(self.gates),
             "update_norm": math.sqrt(self.update_sq) if self.update_sq is not None else None,
             "eval": self.eval_metrics,
             "policy_digest": self.policy.digest, "tool": f"mergeops {__version__}"}))

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
 from mergeops.errors import ModelFolderError
@@ -83,3 +86,49 @@ def folder_file_hashes(root: Path, known: Mapping[str, str] | None = None,
 
 def folder_digest(root: Path) -> str:
     return digest_of_listing(folder_file_hashes(root))
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class BackgroundDigest:
+    """A folder's digest computed on a worker thread while the caller gets on with other work.
+
+    >>> with BackgroundDigest(path) as pending:
+    ...     ...                      # read the folder, fold it
+    ...     digest = pending.result()  # raises ModelFolderError as folder_digest would
+
+    Leaving the ``with`` block early stops the hashing within one chunk.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeops-digest")
+        self._future = self._pool.submit(self._compute)
+
+    def _compute(self) -> str:
+        def check_stop(_: int) -> None:
+            if self._stop.is_set():
+                raise _Cancelled
+        return digest_of_listing(folder_file_hashes(self.root, progress=check_stop))
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, tick: Callable[[], None] | None = None) -> str:
+        """Wait for the digest, calling ``tick`` about once a second meanwhile (e.g. to ping a watchdog)."""
+        while True:
+            try:
+                return self._future.result(timeout=1.0)
+            except FutureTimeout:
+                if tick is not None:
+                    tick()
+
+    def __enter__(self) -> BackgroundDigest:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True)

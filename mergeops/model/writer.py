@@ -66,7 +66,10 @@ class _HashWorker:
         self._depth = depth
 
     def feed(self, hasher: Any, data: torch.Tensor) -> None:
-        self._pending.append(self._pool.submit(lambda: hasher.update(byte_view(data))))
+        self.submit(lambda: hasher.update(byte_view(data)))
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._pending.append(self._pool.submit(job))
         while len(self._pending) > self._depth:
             self._pending.popleft().result()
 
@@ -76,6 +79,17 @@ class _HashWorker:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _header(shard: list[TensorSpec], metadata: Mapping[str, str]) -> tuple[bytes, list[int]]:
+    return encode_header([(s.name, s.dtype, s.shape) for s in shard], metadata)
+
+
+def _hash_range(hasher: Any, fd: int, start: int, end: int, chunk: int = 8 << 20) -> None:
+    while start < end:
+        data = os.pread(fd, min(chunk, end - start), start)
+        hasher.update(data)
+        start += len(data)
 
 
 def _plan_shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
@@ -102,11 +116,15 @@ class ModelWriter:
     Tensors may be written in any order; each must match its spec. ``donor``'s config, tokenizer and
     generation files are copied; ``extra_files`` (e.g. a model card) are written beside the weights.
     On an exception inside the ``with`` block nothing appears at ``out``.
+
+    With ``provisional_metadata`` the headers hold placeholders until :meth:`settle_metadata` gives the
+    final values (of the same length, e.g. a digest still being computed); writing need not wait for them.
     """
 
     def __init__(self, out: str | os.PathLike[str], specs: Iterable[TensorSpec], *,
                  metadata: Mapping[str, str] | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 donor: str | os.PathLike[str] | None = None, hash_files: bool = True) -> None:
+                 donor: str | os.PathLike[str] | None = None, hash_files: bool = True,
+                 provisional_metadata: bool = False) -> None:
         self.out = Path(out)
         self.specs = {s.name: s for s in specs}
         if not self.specs:
@@ -122,6 +140,10 @@ class ModelWriter:
         # Weights written front to back are hashed as they go, on a worker thread so hashing overlaps the
         # next tensor's work; a file written out of order is re-read at the end.
         self._running: dict[str, tuple[Any, int]] = {}  # file -> (sha256 so far, offset it covers up to)
+        # While metadata is provisional nothing can be hashed (the header comes first): file -> end of the
+        # front-to-back written part, hashed from the page cache once the metadata is settled.
+        self._unhashed: dict[str, int] | None = {} if provisional_metadata else None
+        self._shards: dict[str, list[TensorSpec]] = {}
         self._hashing = _HashWorker()
         self._tmp: Path | None = None
         self._fds: dict[str, int] = {}
@@ -138,12 +160,16 @@ class ModelWriter:
         names = [SINGLE_FILE] if len(shards) == 1 else [
             f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
         for file_name, shard in zip(names, shards, strict=True):
-            header, offsets = encode_header([(s.name, s.dtype, s.shape) for s in shard], self.metadata)
+            self._shards[file_name] = shard
+            header, offsets = _header(shard, self.metadata)
             fd = os.open(self._tmp / file_name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             self._fds[file_name] = fd
             os.pwrite(fd, header, 0)
             os.ftruncate(fd, offsets[-1] + shard[-1].nbytes)
-            self._running[file_name] = (hashlib.sha256(header), len(header))
+            if self._unhashed is None:
+                self._running[file_name] = (hashlib.sha256(header), len(header))
+            else:
+                self._unhashed[file_name] = len(header)
             for spec, offset in zip(shard, offsets, strict=True):
                 self._where[spec.name] = (file_name, offset)
         if len(names) > 1:
@@ -177,6 +203,32 @@ class ModelWriter:
                 self._running[file_name] = (running[0], offset + spec.nbytes)
             else:
                 del self._running[file_name]
+        elif self._unhashed is not None and self._unhashed.get(file_name) == offset:
+            self._unhashed[file_name] = offset + spec.nbytes
+        elif self._unhashed is not None:
+            self._unhashed.pop(file_name, None)  # written out of order: re-read whole at the end
+
+    @property
+    def metadata_is_provisional(self) -> bool:
+        return self._unhashed is not None
+
+    def settle_metadata(self, metadata: Mapping[str, str]) -> None:
+        """Replace provisional metadata by the final values and start hashing what is written so far."""
+        if self._unhashed is None:
+            raise RuntimeError("this writer's metadata is not provisional, or was settled already")
+        final = {"format": "pt", **metadata}
+        for file_name, shard in self._shards.items():
+            header, offsets = _header(shard, final)
+            if offsets != _header(shard, self.metadata)[1]:
+                raise ValueError("settled metadata must encode to the provisional header's length")
+            fd = self._fds[file_name]
+            os.pwrite(fd, header, 0)
+            written_to = self._unhashed.get(file_name)
+            if self.hash_files and written_to is not None:
+                hasher = hashlib.sha256(header)
+                self._hashing.submit(lambda h=hasher, fd=fd, a=len(header), b=written_to: _hash_range(h, fd, a, b))
+                self._running[file_name] = (hasher, written_to)
+        self.metadata, self._unhashed = final, None
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -196,6 +248,8 @@ class ModelWriter:
                 shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _finish(self, tmp: Path) -> None:
+        if self._unhashed is not None:
+            raise RuntimeError("the provisional metadata was never settled; call settle_metadata()")
         for fd in self._fds.values():
             os.fsync(fd)
         if self.hash_files:

@@ -11,11 +11,10 @@ of the ``protection.recorded`` ledger event.
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from mergeops.protect import checks
 from mergeops.protect.architectures import AttentionUnit, Plan, resolve
 from mergeops.protect.heads import HeadWeights, load, store, transform
 from mergeops.protect.matrices import CONDITION, SALT_BYTES, SCHEME, Invertible, check_tag, qk_block, vo_block
+from mergeops.threads import one_torch_thread
 
 VERSION = "1"
 META = "mergelock."  # every metadata key MergeLock adds starts with this
@@ -179,7 +179,7 @@ def _rewrite(src: ModelFolder, out: Path, plan: Plan, metadata: Mapping[str, str
     writer.finalize = lambda hashes: {"README.md": card(digest_of_listing(hashes)).encode()}
     done: set[str] = set()
     changed = 0
-    with writer, _one_thread():
+    with writer, one_torch_thread():
         for name in writer.layout_order:
             if name in done:
                 continue
@@ -199,18 +199,6 @@ def _rewrite(src: ModelFolder, out: Path, plan: Plan, metadata: Mapping[str, str
         if gate is not None:
             gate()
     return writer.file_hashes, changed
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one thread: the work is many small d×d factorisations and batched products, which gain
-    nothing from intra-op threads and slow down by 10-100× when a busy machine makes those threads wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _changed_names(unit: AttentionUnit) -> set[str]:

@@ -76,6 +76,20 @@ def default_projected(name: str, tensor: torch.Tensor) -> bool:
     return tensor.dim() == 2 and name.endswith(".weight") and not DEFAULT_NOT_LINEAR.search(name)
 
 
+def project_update(s: torch.Tensor, tau: torch.Tensor, alpha: float, zero_diagonal: bool) -> torch.Tensor:
+    """τ with its coefficients in S's top-r singular block (and the diagonal) removed, by full SVD."""
+    u, sigma, vh = torch.linalg.svd(s, full_matrices=True)
+    share = torch.cumsum(sigma, 0) / sigma.sum()
+    r = int((share <= alpha).sum())
+    c = u.T @ tau @ vh.T
+    mask = torch.zeros_like(c, dtype=torch.bool)
+    mask[:r, :r] = True
+    if zero_diagonal:
+        k = min(c.shape)
+        mask[range(k), range(k)] = True
+    return tau - u @ (c * mask) @ vh
+
+
 def opcm(base: Model, checkpoints: list[Model], alpha: float, zero_diagonal: bool,
          projected=default_projected) -> Model:
     b = _f64(base)
@@ -89,16 +103,7 @@ def opcm(base: Model, checkpoints: list[Model], alpha: float, zero_diagonal: boo
             if not projected(n, b[n]) or not bool(s[n].any()):
                 s[n] = s[n] + tau[n]
                 continue
-            u, sigma, vh = torch.linalg.svd(s[n], full_matrices=True)
-            share = torch.cumsum(sigma, 0) / sigma.sum()
-            r = int((share <= alpha).sum())
-            c = u.T @ tau[n] @ vh.T
-            mask = torch.zeros_like(c, dtype=torch.bool)
-            mask[:r, :r] = True
-            if zero_diagonal:
-                k = min(c.shape)
-                mask[range(k), range(k)] = True
-            s[n] = s[n] + tau[n] - u @ (c * mask) @ vh
+            s[n] = s[n] + project_update(s[n], tau[n], alpha, zero_diagonal)
     scale = (sum(norms) / len(norms)) / norm(s)
     return {n: b[n] + scale * s[n] for n in b}
 

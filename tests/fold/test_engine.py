@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,7 +19,7 @@ from mergeops.errors import PolicyError
 from mergeops.fold.engine import fold_checkpoint
 from mergeops.ledger import Ledger
 from mergeops.model import folder_digest
-from mergeops.policy import load_policy
+from mergeops.policy import GateConfig, load_policy
 from tests.conftest import write_model
 from tests.fold import reference
 from tests.fold.streams import (
@@ -271,3 +272,15 @@ def test_latest_is_repaired_to_the_recorded_head_before_the_next_fold(stream, tm
     (out / "latest").symlink_to("v0001")  # as if a crash came between recording v0002 and moving the link
     result = fold_checkpoint(policy, "s", _nan_checkpoint(tmp_path, base))
     assert result.status == "rejected" and os.readlink(out / "latest") == "v0002"
+
+
+def test_a_checkpoint_folded_before_is_a_duplicate_even_when_a_gate_would_now_reject_it(stream, tmp_path):
+    policy, _, checkpoints = stream
+    fold_checkpoint(policy, "s", checkpoints[0])
+    stricter = GateConfig(licenses=("nothing-has-this-license",))
+    policy.streams["s"] = dataclasses.replace(policy.streams["s"], gate=stricter)
+    before = tree(policy.home, policy.streams["s"].output)
+    assert fold_checkpoint(policy, "s", checkpoints[1]).status == "rejected"  # the gate is on
+    result = fold_checkpoint(policy, "s", checkpoints[0])
+    assert (result.status, result.version) == ("duplicate", 1)
+    assert tree(policy.home, policy.streams["s"].output) == before

@@ -68,3 +68,35 @@ def test_symlink_inside_the_folder_is_followed(tmp_path, tensors):
     (model / "real.json").write_text("{}")
     (model / "link.json").symlink_to("real.json")
     assert folder_digest(model) == coreutils_digest(model)
+
+
+def test_background_digest_equals_the_folder_digest(tmp_path, tensors):
+    from mergeops.model.digest import BackgroundDigest
+
+    path = write_model(tmp_path / "m", tensors, shard_bytes=1500, config={"a": 1})
+    ticks = []
+    with BackgroundDigest(path) as pending:
+        assert pending.result(tick=lambda: ticks.append(1)) == folder_digest(path) == coreutils_digest(path)
+
+
+def test_background_digest_reports_a_bad_folder_when_asked(tmp_path, tensors):
+    from mergeops.model.digest import BackgroundDigest
+
+    path = write_model(tmp_path / "m", tensors)
+    os.symlink("/etc/hostname", path / "outside")
+    with BackgroundDigest(path) as pending, pytest.raises(ModelFolderError, match="outside the model folder"):
+        pending.result()
+
+
+def test_leaving_a_background_digest_early_stops_it(tmp_path):
+    import time
+
+    from mergeops.model.digest import BackgroundDigest
+
+    (tmp_path / "m").mkdir()
+    with open(tmp_path / "m" / "big.bin", "wb") as f:
+        f.truncate(8 << 30)  # sparse 8 GiB of zeros: several seconds to hash, no disk used
+    start = time.perf_counter()
+    with BackgroundDigest(tmp_path / "m"):
+        time.sleep(0.05)
+    assert time.perf_counter() - start < 1.0  # stops within one 8 MiB chunk, not after the whole file

@@ -150,3 +150,43 @@ def test_recorded_file_hashes_are_the_files_sha256_whatever_the_write_order(tmp_
     assert set(writer.file_hashes) == files
     for name, digest in writer.file_hashes.items():
         assert digest == hashlib.sha256((tmp_path / "m" / name).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("settle_after", [0, 2, 99], ids=["before-any", "midway", "after-all"])
+@pytest.mark.parametrize("order", ["layout", "reversed"])
+def test_provisional_metadata_settled_at_any_point_gives_final_headers_and_true_hashes(tmp_path, tensors,
+                                                                                      settle_after, order):
+    import hashlib
+
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with ModelWriter(tmp_path / "m", specs, shard_bytes=1500, metadata={"parent": "x" * 8},
+                     provisional_metadata=True) as writer:
+        names = writer.layout_order if order == "layout" else writer.layout_order[::-1]
+        for i, name in enumerate(names):
+            if i == settle_after:
+                writer.settle_metadata({"parent": "final!!!"})
+            writer.write(name, tensors[name])
+        if writer.metadata_is_provisional:
+            writer.settle_metadata({"parent": "final!!!"})
+    for name, digest in writer.file_hashes.items():
+        path = tmp_path / "m" / name
+        assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+        if name.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as f:
+                assert f.metadata()["parent"] == "final!!!"
+    with ModelFolder.open(tmp_path / "m") as model:
+        for name, tensor in model.iter_tensors():
+            assert torch.equal(tensor, tensors[name])
+
+
+def test_provisional_metadata_must_keep_its_length_and_be_settled(tmp_path, tensors):
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with pytest.raises(ValueError, match="length"), \
+            ModelWriter(tmp_path / "a", specs, metadata={"p": "x" * 8}, provisional_metadata=True) as writer:
+        writer.settle_metadata({"p": "much longer than before"})
+    with pytest.raises(RuntimeError, match="never settled"), \
+            ModelWriter(tmp_path / "b", specs, metadata={"p": "x" * 8}, provisional_metadata=True) as writer:
+        for name in writer.layout_order:
+            writer.write(name, tensors[name])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []

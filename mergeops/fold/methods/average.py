@@ -9,6 +9,7 @@ from mergeops.fold.methods.base import MergeMethod
 
 class Average(MergeMethod):
     name = "average"
+    elementwise = True
 
     def state_kinds(self) -> tuple[str, ...]:
         return ("mean",)

@@ -5,6 +5,9 @@ state) into new state for that tensor; ``merged`` turns (base, state) into the m
 quantities are gathered in ``survey`` passes before the fold, or during the fold and used by ``merged``
 in a second pass (``needs_global``). Everything a method must remember between folds is its state
 tensors plus JSON scalars; it never sees older checkpoints (except MWA's window, through ``Arrival``).
+
+A method whose ``fold`` and ``merged`` treat every entry on its own (``elementwise``) is handed flat,
+cache-sized pieces of each tensor instead of whole tensors: one pass over memory instead of several.
 """
 
 from __future__ import annotations
@@ -53,10 +56,14 @@ class Arrival:
     """The checkpoint being folded, with what a method may need to know about it."""
 
     folder: ModelFolder
-    digest: str
+    resolve_digest: Callable[[], str]  # the checkpoint is hashed while it is folded; this waits for it
     t: int  # 1 for the stream's first checkpoint
     metrics: Mapping[str, float] = field(default_factory=dict)
     history: tuple[PastCheckpoint, ...] = ()  # accepted checkpoints before this one, oldest first
+
+    @property
+    def digest(self) -> str:
+        return self.resolve_digest()
 
 
 class MergeMethod:
@@ -65,6 +72,7 @@ class MergeMethod:
     name: ClassVar[str]
     params: ClassVar[dict[str, Param]] = {}
     needs_global: ClassVar[bool] = False  # merged() needs something known only after every tensor folded
+    elementwise: bool = False  # fold() and merged() may be given any flat slice of a tensor (and its state)
 
     def __init__(self, params: Mapping[str, Any], scalars: Mapping[str, Any]) -> None:
         self.p = dict(params)

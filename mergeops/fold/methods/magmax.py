@@ -9,6 +9,7 @@ from mergeops.fold.methods.base import MergeMethod, Param
 
 class MagMax(MergeMethod):
     name = "magmax"
+    elementwise = True
     params = {"lambda": Param(0.5, float, help="scaling of the max-magnitude task vector")}
 
     def state_kinds(self) -> tuple[str, ...]:

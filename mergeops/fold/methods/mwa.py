@@ -44,6 +44,10 @@ class MWA(MergeMethod):
                         "merge only the last k checkpoints (0: all)"),
     }
 
+    @property
+    def elementwise(self) -> bool:  # removing or re-adding other checkpoints reads their whole tensors
+        return self.expired is None and self.rebuild is None
+
     def state_kinds(self) -> tuple[str, ...]:
         return ("mean",)
 

@@ -9,6 +9,7 @@ from mergeops.fold.methods.base import MergeMethod, Param
 
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
+    elementwise = True
     params = {"lambda": Param(0.3, float, help="scaling of the summed task vectors")}
 
     def state_kinds(self) -> tuple[str, ...]:

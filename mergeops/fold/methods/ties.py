@@ -27,6 +27,7 @@ def agreeing_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class Ties(MergeMethod):
     name = "ties"
+    elementwise = True
     params = {
         "lambda": Param(0.3, float, help="scaling of each step's merged update"),
         "density": Param(0.2, float, in_unit_interval, "share of entries kept by magnitude, model-wide"),
