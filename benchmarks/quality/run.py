@@ -105,7 +105,10 @@ def environment() -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    return {"python": platform.python_version(), "machine": platform.machine(), "packages": versions}
+    import mergeops
+
+    return {"python": platform.python_version(), "machine": platform.machine(), "packages": versions,
+            "mergeops_imported_from": str(Path(mergeops.__file__).parent)}
 
 
 def run(settings: Settings, cache: Path, out: Path, threads: int, seed: int, keep_merged: bool, command: str,
