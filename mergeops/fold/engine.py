@@ -304,7 +304,7 @@ class _Fold:
         """Fold one tensor at once: (new state, merged tensor in ``merged_dtype`` or None when not wanted)."""
         new, base = self._checked_float(name, new_raw, new_raw), base_raw.float()
         self._add_update(new, base)
-        new_state = self.method.fold(name, base, new, old)
+        new_state = self.method.fold(name, base, new, old, **self.method.tensor_inputs(name))
         merged = self.method.merged(name, base, new_state).to(merged_dtype) if merged_dtype else None
         return new_state, merged
 
@@ -315,12 +315,14 @@ class _Fold:
         merged = torch.empty(base_raw.shape, dtype=merged_dtype) if merged_dtype else None
         flat_new, flat_base = new_raw.view(-1), base_raw.view(-1)
         flat_state = {kind: t.view(-1) for kind, t in new_state.items()}
+        flat_inputs = {key: t.view(-1) for key, t in self.method.tensor_inputs(name).items()}
         for start in range(0, flat_base.numel(), PIECE):
             piece = slice(start, start + PIECE)
             new, base = self._checked_float(name, new_raw, flat_new[piece]), flat_base[piece].float()
             self._add_update(new, base)
             state = {kind: t[piece] for kind, t in flat_state.items()}
-            for kind, value in self.method.fold(name, base, new, state if old else {}).items():
+            inputs = {key: t[piece] for key, t in flat_inputs.items()}
+            for kind, value in self.method.fold(name, base, new, state if old else {}, **inputs).items():
                 if value.data_ptr() != state[kind].data_ptr():  # the method returned a new tensor, not in place
                     state[kind].copy_(value)
             if merged is not None:

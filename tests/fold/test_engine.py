@@ -152,6 +152,24 @@ def test_ota_rejects_a_checkpoint_without_curvature_and_says_how_to_make_it(tmp_
     assert not policy.streams["s"].output.exists()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e-6], ids=["nan", "inf", "negative"])
+def test_ota_rejects_negative_or_non_finite_curvature_naming_file_and_tensor(tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    base_path, base = make_base(tmp_path)
+    first, second = make_checkpoints(tmp_path, base, 2, curvature=True)
+    policy = load_policy(write_policy(tmp_path, base_path, "ota"))
+    fold_checkpoint(policy, "s", first)
+    curvature = load_file(second / "exp_avg_sq.safetensors")
+    curvature["model.layers.0.mlp.up_proj.weight"][3, 5] = bad
+    save_file(curvature, second / "exp_avg_sq.safetensors")
+    before = tree(policy.home, policy.streams["s"].output)
+    result = fold_checkpoint(policy, "s", second)
+    assert result.status == "rejected" and result.gate == "curvature"
+    assert "exp_avg_sq.safetensors" in result.reason and "model.layers.0.mlp.up_proj.weight" in result.reason
+    assert tree(policy.home, policy.streams["s"].output) == before
+
+
 def test_mwa_rejects_a_checkpoint_without_its_metric(tmp_path):
     base_path, base = make_base(tmp_path)
     checkpoint = make_checkpoints(tmp_path, base, 1)[0]

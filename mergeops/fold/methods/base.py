@@ -124,6 +124,11 @@ class MergeMethod:
     def survey(self, name: str, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
         """See one tensor during a survey pass (to gather a model-wide statistic)."""
 
+    def tensor_inputs(self, name: str) -> dict[str, torch.Tensor]:
+        """Inputs of one tensor beyond base and checkpoint (OTA: the curvature), as whole float32 tensors of
+        the tensor's shape. ``fold`` gets them as keyword arguments, cut into the same pieces as the rest."""
+        return {}
+
     def fold(self, name: str, base: torch.Tensor, new: torch.Tensor,
              state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The new state of one tensor; ``state`` is empty for the stream's first checkpoint."""

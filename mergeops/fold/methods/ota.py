@@ -78,12 +78,23 @@ class OTA(MergeMethod):
         density = self.p["density"]
         self.saliency = KthLargest(lambda d: math.ceil(density * d)) if density is not None else None
 
+    @property
+    def elementwise(self) -> bool:  # a rank-1 curvature ties each entry to its whole row and column
+        return not self.p["rank1"]
+
     def _v(self, name: str) -> torch.Tensor:
         v = self.v.read(name).float()
-        if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+        # v ≥ 0, so a finite sum means every entry is finite; with a negative entry the min says so
+        if v.numel() and (not math.isfinite(float(v.sum())) or float(v.min()) < 0):
             raise RejectedError(f"{self.v.path / CURVATURE_FILE}: tensor {name!r} has negative or non-finite "
                                 "second moments; regenerate it with `mergeops curvature import`.", gate="curvature")
         return v
+
+    def tensor_inputs(self, name: str) -> dict[str, torch.Tensor]:
+        v = self._v(name)
+        mean = float(curvature(v, self.p["power"], self.p["rank1"]).mean()) if v.numel() else 0.0
+        self.epsilon = self.p["epsilon"] * (mean or 1.0)  # relative to this tensor's mean curvature
+        return {"v": v}
 
     def survey_needed(self) -> bool:
         if self.saliency is None or self.saliency.done:
@@ -100,13 +111,10 @@ class OTA(MergeMethod):
             v = curvature(v, 1.0, rank1=True)
         return v * tau.square()
 
-    def fold(self, name: str, base: torch.Tensor, new: torch.Tensor,
-             state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def fold(self, name: str, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor], *,
+             v: torch.Tensor) -> dict[str, torch.Tensor]:
         tau = new.sub_(base)
-        v = self._v(name)
-        c = curvature(v, self.p["power"], self.p["rank1"])
-        scale = float(c.mean()) if c.numel() else 0.0
-        weight = c.add_(self.p["epsilon"] * (scale or 1.0)).mul_(self.multiplier)
+        weight = curvature(v, self.p["power"], self.p["rank1"]).add_(self.epsilon).mul_(self.multiplier)
         if self.saliency is not None:
             weight.mul_(self._saliency(v, tau) >= self.saliency.value)
         update = {"weighted_sum": weight * tau, "weight_sum": weight}
@@ -118,12 +126,10 @@ class OTA(MergeMethod):
 
     def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         weights = state["weight_sum"]
-        ratio = state["weighted_sum"] / torch.where(weights > 0, weights, 1.0)
-        if self.p["fallback"] == "mean":
-            fallback = state["tau_sum"] / self.t
-        else:
-            fallback = torch.zeros_like(ratio)
-        return base + torch.where(weights > 0, ratio, fallback)
+        weighted = weights > 0
+        ratio = state["weighted_sum"] / torch.where(weighted, weights, 1.0)
+        fallback = state["tau_sum"] / self.t if self.p["fallback"] == "mean" else 0.0
+        return base + torch.where(weighted, ratio, fallback)
 
     def close(self) -> None:
         if self.v is not None:
