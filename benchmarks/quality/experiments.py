@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean
 from typing import Any
 
+import torch
+
 from benchmarks.quality.attack import write_attacked
 from benchmarks.quality.driver import Mergeops, Method, prune, write_policy
 from benchmarks.quality.encoder import Evaluator
 from benchmarks.quality.finetune import FineTune
+from mergeops.model import ModelFolder
 
 
 @dataclass
@@ -53,6 +57,30 @@ def merge_sequence(ctx: Context, policy: Path, method: Method, checkpoints: Sequ
 def at_end(count: int, names: Sequence[str]) -> Callable[[int], Sequence[str]]:
     """Evaluate ``names`` after the last of ``count`` folds only."""
     return lambda t: names if t == count else []
+
+
+# -- task vectors --------------------------------------------------------------------------------------------------
+def task_vector_geometry(base: Path, checkpoints: dict[str, Path]) -> dict[str, Any]:
+    """Norms and pairwise cosines of the task vectors τ = θ − θ0 over all floating tensors, read one tensor at a
+    time; ``sum_norm_ratio`` = ‖Σ τ‖ / mean ‖τ‖ (√T when they are orthogonal and of equal norm; OPCM without any
+    projection would merge θ0 + Σ τ / that ratio)."""
+    names = list(checkpoints)
+    gram = torch.zeros(len(names), len(names), dtype=torch.float64)
+    with ExitStack() as stack:
+        folder = stack.enter_context(ModelFolder.open(base))
+        tuned = [stack.enter_context(ModelFolder.open(checkpoints[n])) for n in names]
+        for tensor, info in folder.tensors.items():
+            if info.dtype.is_floating_point:
+                theta0 = folder.read(tensor).double().flatten()
+                taus = torch.stack([f.read(tensor).double().flatten() - theta0 for f in tuned])
+                gram += taus @ taus.T
+    norms = gram.diagonal().sqrt()
+    cosine = gram / torch.outer(norms, norms)
+    pairs = [float(cosine[i, j]) for i in range(len(names)) for j in range(i + 1, len(names))]
+    return {"norms": {n: float(norms[i]) for i, n in enumerate(names)},
+            "cosine": {a: {b: float(cosine[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)},
+            "mean_cosine": mean(pairs) if pairs else 1.0, "max_abs_cosine": max(map(abs, pairs), default=1.0),
+            "sum_norm_ratio": float(gram.sum().sqrt() / norms.mean())}
 
 
 # -- continual merging ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,6 +123,20 @@ def ordering_section(results: dict[str, Any]) -> list[str]:
             "order(s).", "", *table(["order", *labels, "holds"], rows)]
 
 
+def task_vector_section(results: dict[str, Any]) -> list[str]:
+    geometry = results.get("task_vectors")
+    if not geometry:
+        return []
+    names = list(results["tasks"])
+    rows = [[a, f"{geometry['norms'][a]:.3f}", *(f"{geometry['cosine'][a][b]:+.4f}" for b in names)] for a in names]
+    ratio = geometry["sum_norm_ratio"]
+    return [f"Task vectors τ = θ_finetune − θ_base over all {results['settings']['base_parameters']:,} parameters: "
+            f"mean pairwise cosine {geometry['mean_cosine']:+.4f}, largest |cosine| {geometry['max_abs_cosine']:.4f}; "
+            f"‖Σ τ‖ / mean ‖τ‖ = {ratio:.3f} (√{len(names)} = {math.sqrt(len(names)):.3f}), so OPCM's final "
+            f"rescaling alone, without projection, is task arithmetic with λ = {1 / ratio:.3f}.", "",
+            *table(["task", "‖τ‖", *(f"cos with {n}" for n in names)], rows)]
+
+
 def mwa_section(results: dict[str, Any]) -> list[str]:
     run = results.get("mwa")
     if not run:
@@ -202,6 +217,7 @@ def timing_section(results: dict[str, Any]) -> list[str]:
 def render(results: dict[str, Any]) -> str:
     sections = [("Setup", setup_section), ("Continual merging", continual_section),
                 ("Published ordering", ordering_section), ("Individual fine-tunes", finetune_section),
+                ("Task vectors", task_vector_section),
                 ("MWA over the checkpoints of one run", mwa_section), ("MergeLock", mergelock_section),
                 ("Timing", timing_section)]
     lines = [f"Command: `{results['command']}`", ""]

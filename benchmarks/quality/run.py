@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import random
 import shlex
@@ -45,8 +46,13 @@ def _opcm(alpha: float, zero_diagonal: bool) -> Method:
 
 AVERAGE = Method("average", "average", "average")
 TASK_ARITHMETIC = Method("task-arithmetic", "task arithmetic (λ 0.3)", "task_arithmetic", {"lambda": 0.3})
+# OPCM without projection merges θ0 + Σ τ · mean‖τ‖/‖Σ τ‖, which is λ = 1/√T for orthogonal task vectors of equal
+# norm: task arithmetic with that λ separates OPCM's rescaling from its projection.
+TASK_ARITHMETIC_SQRT = Method("task-arithmetic-sqrt", f"task arithmetic (λ 1/√{len(ALL_TASKS)} = "
+                              f"{1 / math.sqrt(len(ALL_TASKS)):.3f})", "task_arithmetic",
+                              {"lambda": round(1 / math.sqrt(len(ALL_TASKS)), 4)})
 MAIN_METHODS = (
-    AVERAGE, TASK_ARITHMETIC,
+    AVERAGE, TASK_ARITHMETIC, TASK_ARITHMETIC_SQRT,
     Method("ties", "TIES (λ 0.3, density 0.2)", "ties", {"lambda": 0.3, "density": 0.2}),
     Method("magmax", "MagMax (λ 0.5)", "magmax", {"lambda": 0.5}),
     *(_opcm(alpha, zd) for zd in (False, True) for alpha in (0.25, 0.5, 0.75)),
@@ -77,7 +83,7 @@ FULL = Settings(tasks=ALL_TASKS, train_size=3200, test_size=320, train=TrainConf
                 orders=3,
                 methods=MAIN_METHODS, mwa_task="language", mwa_checkpoints=4, mwa_methods=MWA_METHODS,
                 mergelock_methods=("average", "task-arithmetic", "opcm-a050"))
-QUICK = Settings(tasks=("script", "entity", "address"), train_size=800, test_size=160,
+QUICK = Settings(tasks=("script", "entity"), train_size=800, test_size=160,
                  train=TrainConfig(steps=32, batch_size=16, lr=1e-4, log_every=4), orders=1,
                  methods=(AVERAGE, _opcm(0.5, False)), mwa_task="script", mwa_checkpoints=2, mwa_methods=(MWA_LOSS,),
                  mergelock_methods=("average",), full_matrix=True)
@@ -148,6 +154,8 @@ def run(settings: Settings, cache: Path, out: Path, threads: int, seed: int, kee
                                "zero_curvature": ft.manifest["zero_curvature"]}
                         for name, ft in finetunes.items()}
     phase("evaluating base and fine-tunes")
+    geometry = experiments.task_vector_geometry(base, {name: ft.final for name, ft in finetunes.items()})
+    phase("task vectors")
     mergeops = Mergeops(threads)
     ctx = experiments.Context(base=base, finetunes=finetunes, evaluator=evaluator, mergeops=mergeops,
                               keys=mergeops.keygen(out / "keys"), workdir=out, full_matrix=settings.full_matrix,
@@ -171,6 +179,7 @@ def run(settings: Settings, cache: Path, out: Path, threads: int, seed: int, kee
                            "test": len(t.test), "fingerprint": t.fingerprint()} for t in built},
         "base": base_accuracy,
         "finetunes": finetune_results,
+        "task_vectors": geometry,
         "continual": continual,
         "mwa": mwa,
         "mergelock": mergelock,
@@ -181,7 +190,7 @@ def run(settings: Settings, cache: Path, out: Path, threads: int, seed: int, kee
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 tasks, tiny training, 1 order, 2 methods")
+    parser.add_argument("--quick", action="store_true", help="2 tasks, tiny training, 1 order, 2 methods")
     parser.add_argument("--orders", type=int, help="number of task orders (default: 3, quick: 1)")
     parser.add_argument("--cache", type=Path, default=HERE / ".cache", help="fine-tune cache (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="results and work folder (default: %(default)s)")
