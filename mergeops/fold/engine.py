@@ -31,7 +31,7 @@ from mergeops.ledger.card import Input, VersionFacts, card_files, read_license
 from mergeops.ledger.store import Ledger, VersionRecord, signing_key_path, utc_now
 from mergeops.model import ModelFolder, ModelWriter, TensorSpec, folder_digest
 from mergeops.model.digest import BackgroundDigest, digest_of_listing
-from mergeops.model.writer import TEMP_MARKER, planned_order
+from mergeops.model.writer import TEMP_MARKER
 from mergeops.policy import Policy, StreamConfig
 from mergeops.threads import one_torch_thread
 
@@ -212,12 +212,8 @@ class _Fold:
         missing = [m for m in self.method.metrics_needed() if m not in self.metrics]
         if missing and config.eval is not None:  # the eval gate measures what training did not record
             self.metrics |= gate.evaluate(config, self.folder.path, check_minimums=False, tick=_ticker(progress))
-        # the merged model's layout when it is written in the same pass, else the base's own order
-        self.order = list(self.base.tensors) if self.method.needs_global else planned_order(self._output_specs())
-        previous = (lambda name: self.state_of(self.old_state, name)) if self.old_state else None
         self.method.begin(Arrival(self.folder, self.digest, t=self.version, metrics=self.metrics,
-                                  history=self.ledger.history(self.stream.name),
-                                  order=tuple(n for n in self.order if n in self.floating), previous_state=previous))
+                                  history=self.ledger.history(self.stream.name)))
         while self.method.survey_needed():
             for name in self.floating:
                 if progress:
@@ -247,15 +243,13 @@ class _Fold:
     def _output_writer(self) -> ModelWriter:
         """The merged model's writer; until the checkpoint's digest is known its header holds a placeholder."""
         known = "digest" in self.described or self.pending_digest.done()
-        writer = ModelWriter(self.output_dir, self._output_specs(), metadata=self._metadata(self.digest() if known else
+        specs = [TensorSpec(n, _output_dtype(self.stream, info.dtype), info.shape)
+                 for n, info in self.base.tensors.items()]
+        writer = ModelWriter(self.output_dir, specs, metadata=self._metadata(self.digest() if known else
                                                                             DIGEST_PLACEHOLDER),
                              donor=self.base.path, provisional_metadata=not known)
         writer.finalize = lambda hashes: card_files(self._facts(), digest_of_listing(hashes))
         return writer
-
-    def _output_specs(self) -> list[TensorSpec]:
-        return [TensorSpec(n, _output_dtype(self.stream, info.dtype), info.shape)
-                for n, info in self.base.tensors.items()]
 
     def _settle(self, output: ModelWriter, wait: bool) -> None:
         """Give the output its final metadata once the checkpoint's digest is known (``wait``: now)."""
@@ -277,7 +271,7 @@ class _Fold:
             if self.method.elementwise:  # pieces are too small to share out; the other core hashes what is written
                 fold_tensor = self._fold_pieces
                 single_pass.enter_context(one_torch_thread())
-            for name in self.order:
+            for name in output.layout_order if output else list(self.base.tensors):
                 new = self.folder.read(name)
                 if progress:
                     progress(new.numel() * new.element_size())

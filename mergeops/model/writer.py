@@ -106,11 +106,6 @@ def _plan_shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorS
     return [sorted(shard, key=lambda s: -s.dtype.itemsize) for shard in shards]
 
 
-def planned_order(specs: Iterable[TensorSpec], shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
-    """The names of ``specs`` in the order a :class:`ModelWriter` lays them out on disk."""
-    return [spec.name for shard in _plan_shards(list(specs), shard_bytes) for spec in shard]
-
-
 class ModelWriter:
     """Write a complete model folder at ``out``, atomically.
 
@@ -188,7 +183,7 @@ class ModelWriter:
     @property
     def layout_order(self) -> list[str]:
         """Tensor names in the order they lie on disk: writing in this order is fastest."""
-        return planned_order(self.specs.values(), self.shard_bytes)
+        return sorted(self._where, key=lambda name: self._where[name])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.specs.get(name)

@@ -60,9 +60,6 @@ class Arrival:
     t: int  # 1 for the stream's first checkpoint
     metrics: Mapping[str, float] = field(default_factory=dict)
     history: tuple[PastCheckpoint, ...] = ()  # accepted checkpoints before this one, oldest first
-    order: tuple[str, ...] = ()  # the floating tensors in the order ``fold`` will see them
-    # the stream's state before this fold, one tensor at a time (thread-safe, for work ahead of ``fold``)
-    previous_state: Callable[[str], dict[str, torch.Tensor]] | None = None
 
     @property
     def digest(self) -> str:

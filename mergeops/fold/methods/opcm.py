@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import ExitStack
 
 import torch
 
 from mergeops.fold.methods.base import Arrival, MergeMethod, Param
-from mergeops.threads import Lookahead, one_torch_thread
 
 # Embedding-like matrices are rows of a lookup table, not linear maps: projecting them is meaningless.
 _NOT_LINEAR = re.compile(r"embed|wte|wpe|position|token_type|shared")
@@ -63,21 +61,11 @@ def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return u.float(), singular.float(), v.T.float()
 
 
-Factorisation = tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # thin SVD of S; None when S = 0
-
-
-def factorise(accumulated: torch.Tensor) -> Factorisation:
-    return thin_svd(accumulated) if bool(accumulated.any()) else None
-
-
-def project_update(accumulated: torch.Tensor, tau: torch.Tensor, alpha: float, zero_diagonal: bool,
-                   factorised: Factorisation | bool = False) -> torch.Tensor:
-    """D = τ − U_r (U_rᵀ τ V_r) V_rᵀ [− Σ_{i≥r} (u_iᵀ τ v_i) u_i v_iᵀ], with the thin SVD of S
-    (``factorised``: that SVD, computed ahead)."""
-    svd = factorise(accumulated) if factorised is False else factorised
-    if svd is None:
+def project_update(accumulated: torch.Tensor, tau: torch.Tensor, alpha: float, zero_diagonal: bool) -> torch.Tensor:
+    """D = τ − U_r (U_rᵀ τ V_r) V_rᵀ [− Σ_{i≥r} (u_iᵀ τ v_i) u_i v_iᵀ], with the thin SVD of S."""
+    if not bool(accumulated.any()):
         return tau  # nothing merged in this tensor yet: no subspace to protect
-    u, s, vh = svd
+    u, s, vh = thin_svd(accumulated)
     r = projection_rank(s, alpha)
     update = tau
     if r:
@@ -93,7 +81,6 @@ def project_update(accumulated: torch.Tensor, tau: torch.Tensor, alpha: float, z
 class OPCM(MergeMethod):
     name = "opcm"
     needs_global = True
-    _stack: ExitStack | None = None  # what a fold holds open: the SVD worker, the one-thread setting
     params = {
         "alpha": Param(0.5, float, _alpha_range, "share of S's spectrum protected from new updates"),
         "zero_diagonal": Param(False, bool, help="also remove the diagonal coefficients (FusionBench's code)"),
@@ -105,10 +92,7 @@ class OPCM(MergeMethod):
         return ("sum",)
 
     def is_projected(self, name: str, tensor: torch.Tensor) -> bool:
-        return self._projects(name, tensor.dim())
-
-    def _projects(self, name: str, dims: int) -> bool:
-        if dims != 2 or any(re.search(p, name) for p in self.p["skip"]):
+        if tensor.dim() != 2 or any(re.search(p, name) for p in self.p["skip"]):
             return False
         if any(re.search(p, name) for p in self.p["project"]):
             return True
@@ -118,16 +102,6 @@ class OPCM(MergeMethod):
         super().begin(arrival)
         self._tau_sq = 0.0
         self._sum_sq = 0.0
-        self._stack = ExitStack()
-        # The SVDs are most of the work: the next one is computed on the second core while this core projects,
-        # reads and writes. Each core runs one torch thread, which also avoids two-thread LAPACK stalls.
-        self._stack.enter_context(one_torch_thread())
-        previous = arrival.previous_state
-        self._svds: Lookahead[str, Factorisation] | None = None
-        if previous is not None:
-            projected = [n for n in arrival.order if self._projects(n, len(arrival.folder.tensors[n].shape))]
-            ahead = Lookahead(projected, lambda n: factorise(previous(n)["sum"]), ahead=1)
-            self._svds = self._stack.enter_context(ahead)
 
     def fold(self, name: str, base: torch.Tensor, new: torch.Tensor,
              state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -137,8 +111,7 @@ class OPCM(MergeMethod):
             accumulated = tau
         elif self.is_projected(name, tau):
             previous = state["sum"]
-            svd = self._svds.take(name) if self._svds is not None else factorise(previous)
-            accumulated = previous + project_update(previous, tau, self.p["alpha"], self.p["zero_diagonal"], svd)
+            accumulated = previous + project_update(previous, tau, self.p["alpha"], self.p["zero_diagonal"])
         else:
             accumulated = state["sum"].add_(tau)
         self._sum_sq += float(accumulated.square().sum(dtype=torch.float64))
@@ -149,10 +122,6 @@ class OPCM(MergeMethod):
         norms = [*self.scalars.get("task_norms", []), math.sqrt(self._tau_sq)]
         self.scalars["task_norms"] = norms
         self.scalars["sum_norm"] = math.sqrt(self._sum_sq)
-
-    def close(self) -> None:
-        if self._stack is not None:
-            self._stack.close()
 
     def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         norms, sum_norm = self.scalars["task_norms"], self.scalars["sum_norm"]
