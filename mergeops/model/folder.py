@@ -194,8 +194,11 @@ class ModelFolder:
 
     def _fd(self, shard: str) -> int:
         fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self.path / shard, os.O_RDONLY)
+        if fd is None:  # two threads may race here; the loser closes its descriptor
+            opened = os.open(self.path / shard, os.O_RDONLY)
+            fd = self._fds.setdefault(shard, opened)
+            if fd != opened:
+                os.close(opened)
         return fd
 
     def close(self) -> None:
