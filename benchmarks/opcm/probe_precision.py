@@ -39,7 +39,7 @@ def merge(base: dict[str, torch.Tensor], checkpoints: list[dict[str, torch.Tenso
     state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in base}
     for t, checkpoint in enumerate(checkpoints, 1):
         method = OPCM(params, scalars)
-        method.begin(Arrival(folder=None, digest="", t=t))  # type: ignore[arg-type]  # OPCM reads only t
+        method.begin(Arrival(folder=None, resolve_digest=str, t=t))  # type: ignore[arg-type]  # OPCM reads only t
         state = {n: method.fold(n, base[n].to(dtype), checkpoint[n].to(dtype, copy=True), state[n]) for n in base}
         method.finish()
         scalars = method.scalars
@@ -94,9 +94,9 @@ def main() -> None:
         r = projection_rank(sigma, args.alpha)
         gap = float((sigma[r:-1] - sigma[r + 1:]).min() / sigma[0]) if sigma.numel() - r > 1 else float("nan")
         for zero_diagonal in (True, False):
-            exact = project_update(s, tau, args.alpha, zero_diagonal)
-            rounded = rel(project_update(perturbed, tau, args.alpha, zero_diagonal), exact)
-            single = rel(project_update(s32, tau32, args.alpha, zero_diagonal), exact)
+            exact = project_update(s, tau.clone(), args.alpha, zero_diagonal)  # it overwrites its τ
+            rounded = rel(project_update(perturbed, tau.clone(), args.alpha, zero_diagonal), exact)
+            single = rel(project_update(s32, tau32.clone(), args.alpha, zero_diagonal), exact)
             print(f"| {name} | {tuple(s.shape)} | {r} | {gap:.1e} | {str(zero_diagonal).lower()} | {rounded:.1e} | "
                   f"{single:.1e} |")
 

@@ -145,7 +145,7 @@ def test_opcm_thin_svd_is_as_accurate_as_float64(shape, condition):
     exact = torch.linalg.svdvals(accumulated.double())
     assert torch.allclose(s.double(), exact, rtol=1e-5, atol=1e-7)
     for zero_diagonal in (False, True):
-        ours = project_update(accumulated, tau, 0.5, zero_diagonal).double()
+        ours = project_update(accumulated, tau.clone(), 0.5, zero_diagonal).double()  # it overwrites τ
         expected = reference.project_update(accumulated.double(), tau.double(), 0.5, zero_diagonal)
         assert float((ours - expected).abs().max() / expected.abs().max()) < 1e-5
 

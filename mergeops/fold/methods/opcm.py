@@ -45,7 +45,7 @@ def projection_rank(singular_values: torch.Tensor, alpha: float) -> int:
 
 
 def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, σ (descending) and Vᵀ of a float32 matrix, from the eigendecomposition of its smaller Gram matrix
+    """U, σ (descending) and Vᵀ of a matrix (in its dtype), from the eigendecomposition of its smaller Gram matrix
     in float64: 2-4× faster than LAPACK's SVD on one core (which is slowest on wide matrices), and at least
     as accurate as a float32 SVD wherever σ_i > 1e-7·σ_1. A (nearly) rank-deficient matrix, whose
     null-space vectors the Gram matrix cannot give, goes to LAPACK."""
@@ -56,26 +56,32 @@ def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     if not bool(eigenvalues[-1] > _GRAM_FLOOR * eigenvalues[0]):
         return torch.linalg.svd(matrix, full_matrices=False)
     singular = eigenvalues.sqrt()
-    other = ((a @ vectors) if tall else (a.T @ vectors)).div_(singular)  # U = A V / σ, or V = Aᵀ U / σ
+    other = (a @ vectors) if tall else (a.T @ vectors)  # U = A V / σ, or V = Aᵀ U / σ
+    del a  # the float64 copy is the largest buffer here: gone before the float32 results are made
+    dtype = matrix.dtype
+    other, vectors = other.div_(singular).to(dtype), vectors.to(dtype)
     u, v = (other, vectors) if tall else (vectors, other)
-    return u.float(), singular.float(), v.T.float()
+    return u, singular.to(dtype), v.T
 
 
 def project_update(accumulated: torch.Tensor, tau: torch.Tensor, alpha: float, zero_diagonal: bool) -> torch.Tensor:
-    """D = τ − U_r (U_rᵀ τ V_r) V_rᵀ [− Σ_{i≥r} (u_iᵀ τ v_i) u_i v_iᵀ], with the thin SVD of S."""
+    """D = τ − U_r (U_rᵀ τ V_r) V_rᵀ [− Σ_{i≥r} (u_iᵀ τ v_i) u_i v_iᵀ], with the thin SVD of S, computed in
+    place of ``tau`` (both coefficient sets come from the original τ) to keep tensor-sized temporaries few."""
     if not bool(accumulated.any()):
         return tau  # nothing merged in this tensor yet: no subspace to protect
     u, s, vh = thin_svd(accumulated)
     r = projection_rank(s, alpha)
-    update = tau
-    if r:
-        ur, vr = u[:, :r], vh[:r].T
-        update = update - ur @ (ur.T @ tau @ vr) @ vr.T
+    ur, vr = u[:, :r], vh[:r].T
+    core = ur.T @ tau @ vr if r else None
+    diagonal = None
     if zero_diagonal and r < s.numel():
         ut, v = u[:, r:].T, vh[r:]
         diagonal = ((ut @ tau) * v).sum(dim=1)  # u_iᵀ τ v_i for i ≥ r, without forming the k×k product
-        update = update - (ut.T * diagonal) @ v
-    return update
+    if core is not None:
+        tau.addmm_(ur @ core, vr.T, alpha=-1)
+    if diagonal is not None:
+        tau.addmm_(ut.T * diagonal, v, alpha=-1)
+    return tau
 
 
 class OPCM(MergeMethod):
@@ -111,7 +117,7 @@ class OPCM(MergeMethod):
             accumulated = tau
         elif self.is_projected(name, tau):
             previous = state["sum"]
-            accumulated = previous + project_update(previous, tau, self.p["alpha"], self.p["zero_diagonal"])
+            accumulated = previous.add_(project_update(previous, tau, self.p["alpha"], self.p["zero_diagonal"]))
         else:
             accumulated = state["sum"].add_(tau)
         self._sum_sq += float(accumulated.square().sum(dtype=torch.float64))
