@@ -140,7 +140,7 @@ def compare(ours: Path, reference: Path, base: Path, projected: OPCM) -> dict[st
             diff_sq += float((a - r).square().sum())
             tv_sq += float((r - b).square().sum())
             rel_tv, rel_w = diff / tv if tv else (float("inf") if diff else 0.0), diff / r.abs().max().item()
-            group = "tv_projected" if projected.is_projected(name, b) else "tv_other"
+            group = "tv_projected" if projected.is_projected(name, tuple(b.shape)) else "tv_other"
             for key, value in (("tv", rel_tv), ("w", rel_w), (group, rel_tv)):
                 worst[key] = max(worst[key], (value, name))
     return worst | {"l2": (diff_sq / tv_sq) ** 0.5}

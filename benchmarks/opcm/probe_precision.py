@@ -85,7 +85,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     method = OPCM(OPCM.check_params({}, "probe"), {})
     generator = torch.Generator().manual_seed(0)
-    names = [n for n, x in base.items() if method.is_projected(n, x)][: args.limit]
+    names = [n for n, x in base.items() if method.is_projected(n, tuple(x.shape))][: args.limit]
     for name in names:
         s32, tau32 = checkpoints[0][name] - base[name], checkpoints[1][name] - base[name]
         s, tau = s32.double(), tau32.double()

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,18 +29,16 @@ from mergeops.fold.metrics import load_metrics
 from mergeops.intake.validate import problems_against_base, tensor_value_problem
 from mergeops.ledger.card import Input, VersionFacts, card_files, read_license
 from mergeops.ledger.store import Ledger, VersionRecord, signing_key_path, utc_now
-from mergeops.model import ModelFolder, ModelWriter, TensorSpec, folder_digest
+from mergeops.model import ModelFolder, ModelWriter, TensorSpec, folder_digest, piece_bounds
 from mergeops.model.digest import BackgroundDigest, digest_of_listing
 from mergeops.model.writer import TEMP_MARKER
 from mergeops.policy import Policy, StreamConfig
-from mergeops.threads import one_torch_thread
+from mergeops.threads import one_torch_thread, quick_gil_handoff
 
 STATE_SEPARATOR = "::"  # state tensor names are f"{kind}::{tensor name}"
 SCALARS_FILE = "scalars.json"
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
 ALWAYS_ON_GATES = ("complete", "parses", "matches-base", "finite")
-# Elements per piece of an elementwise fold: a few float32 pieces fit in a core's cache.
-PIECE = 1 << 17
 DIGEST_PLACEHOLDER = "sha256:" + "0" * 64  # as long as a real digest, so the header keeps its length
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,7 +86,7 @@ def _fold_into(policy: Policy, stream: StreamConfig, ledger: Ledger, path: Path,
         return record_rejection(ledger, stream, described, "validation", str(exc))
     # The checkpoint is hashed on a worker thread while it is folded; a duplicate is noticed as soon as its
     # digest is known, and what was written for it is thrown away.
-    with folder, BackgroundDigest(path) as pending:
+    with folder, BackgroundDigest(path) as pending, quick_gil_handoff():
         described |= {"size": sum(t.nbytes for t in folder.tensors.values()),
                       "parameters": sum(t.numel for t in folder.tensors.values()),
                       "dtypes": _dtype_counts(folder)}
@@ -185,8 +183,10 @@ class _Fold:
         self.stream_row = ledger.stream_row(stream.name)
         self.base_digest = self.stream_row["base_digest"] if self.stream_row else folder_digest(base.path)
 
-    def state_of(self, source: ModelFolder | None, name: str) -> dict[str, torch.Tensor]:
-        return {k: source.read(f"{k}{STATE_SEPARATOR}{name}") for k in self.kinds} if source else {}
+    def state_of(self, source: ModelFolder | None, name: str, start: int = 0,
+                 stop: int | None = None) -> dict[str, torch.Tensor]:
+        """The state of tensor ``name`` (elements [start, stop) only, flat, if given) in ``source``."""
+        return {k: source.read(_state_name(k, name), start, stop) for k in self.kinds} if source else {}
 
     def digest(self) -> str:
         """The checkpoint's digest, waiting for it if need be; a checkpoint already folded ends the fold."""
@@ -262,31 +262,28 @@ class _Fold:
 
     def _fold_pass(self, progress: Callable[[int], None] | None) -> ModelWriter | None:
         """Fold every tensor into new state; write merged tensors too when the method can right away."""
-        state_specs = [TensorSpec(f"{kind}{STATE_SEPARATOR}{n}", torch.float32, self.base.tensors[n].shape)
-                       for n in self.floating for kind in self.kinds]
-        with ModelWriter(self.state_dir, state_specs, metadata={"mergeops.stream": self.stream.name}) as state, \
-                ExitStack() as single_pass:
-            output = None if self.method.needs_global else single_pass.enter_context(self._output_writer())
-            fold_tensor = self._fold_whole
-            if self.method.elementwise:  # pieces are too small to share out; the other core hashes what is written
-                fold_tensor = self._fold_pieces
-                single_pass.enter_context(one_torch_thread())
-            for name in output.layout_order if output else list(self.base.tensors):
-                new = self.folder.read(name)
+        output = None if self.method.needs_global else self._output_writer()
+        order = output.layout_order if output else list(self.base.tensors)
+        # The state follows the output's order with one file per kind: pieces of all kinds of a tensor are
+        # written at once, and every file still grows front to back (so it is hashed as it is written).
+        state_specs = [TensorSpec(_state_name(kind, n), torch.float32, self.base.tensors[n].shape)
+                       for kind in self.kinds for n in order if n in self.floating]
+        with ModelWriter(self.state_dir, state_specs, metadata={"mergeops.stream": self.stream.name},
+                         shard_group=lambda spec: spec.name.split(STATE_SEPARATOR, 1)[0]) as state, \
+                output or nullcontext():
+            for name in order:
                 if progress:
-                    progress(new.numel() * new.element_size())
-                base = self.base.read(name)
+                    progress(self.folder.tensors[name].nbytes)
                 if name not in self.floating:
-                    self._check_integer(name, new, base)
+                    base = self.base.read(name)
+                    self._check_integer(name, self.folder.read(name), base)
                     if output:
                         output.write(name, base)
                     continue
-                merged_dtype = output.specs[name].dtype if output else None
-                new_state, merged = fold_tensor(name, new, base, self.state_of(self.old_state, name), merged_dtype)
-                for kind in self.kinds:
-                    state.write(f"{kind}{STATE_SEPARATOR}{name}", new_state[kind])
+                shape = self.base.tensors[name].shape
+                fold_tensor = self._fold_pieces if self.method.folds_in_pieces(name, shape) else self._fold_whole
+                fold_tensor(name, state, output)
                 if output:
-                    output.write(name, merged)
                     self._settle(output, wait=False)
             self.digest()  # a duplicate must stop the fold before its state is kept
             if output:
@@ -299,41 +296,40 @@ class _Fold:
         self.state_hashes = state.file_hashes
         return output
 
-    def _fold_whole(self, name: str, new_raw: torch.Tensor, base_raw: torch.Tensor, old: dict[str, torch.Tensor],
-                    merged_dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Fold one tensor at once: (new state, merged tensor in ``merged_dtype`` or None when not wanted)."""
-        new, base = self._checked_float(name, new_raw, new_raw), base_raw.float()
+    def _fold_whole(self, name: str, state: ModelWriter, output: ModelWriter | None) -> None:
+        """Fold one tensor at once."""
+        new, base = self._checked_float(name, self.folder.read(name)), self.base.read(name).float()
         self._add_update(new, base)
-        new_state = self.method.fold(name, base, new, old, **self.method.tensor_inputs(name))
-        merged = self.method.merged(name, base, new_state).to(merged_dtype) if merged_dtype else None
-        return new_state, merged
+        inputs = {key: stored.read().float() for key, stored in self.method.tensor_inputs(name).items()}
+        new_state = self.method.fold(name, base, new, self.state_of(self.old_state, name), **inputs)
+        for kind, value in new_state.items():
+            state.write(_state_name(kind, name), value)
+        if output:
+            output.write(name, self.method.merged(name, base, new_state).to(output.specs[name].dtype))
 
-    def _fold_pieces(self, name: str, new_raw: torch.Tensor, base_raw: torch.Tensor, old: dict[str, torch.Tensor],
-                     merged_dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """Fold one tensor of an elementwise method in cache-sized flat pieces, updating the state in place."""
-        new_state = old or {kind: torch.empty(base_raw.shape, dtype=torch.float32) for kind in self.kinds}
-        merged = torch.empty(base_raw.shape, dtype=merged_dtype) if merged_dtype else None
-        flat_new, flat_base = new_raw.view(-1), base_raw.view(-1)
-        flat_state = {kind: t.view(-1) for kind, t in new_state.items()}
-        flat_inputs = {key: t.view(-1) for key, t in self.method.tensor_inputs(name).items()}
-        for start in range(0, flat_base.numel(), PIECE):
-            piece = slice(start, start + PIECE)
-            new, base = self._checked_float(name, new_raw, flat_new[piece]), flat_base[piece].float()
-            self._add_update(new, base)
-            state = {kind: t[piece] for kind, t in flat_state.items()}
-            inputs = {key: t[piece] for key, t in flat_inputs.items()}
-            for kind, value in self.method.fold(name, base, new, state if old else {}, **inputs).items():
-                if value.data_ptr() != state[kind].data_ptr():  # the method returned a new tensor, not in place
-                    state[kind].copy_(value)
-            if merged is not None:
-                merged.view(-1)[piece].copy_(self.method.merged(name, base, state))
-        return new_state, merged
+    def _fold_pieces(self, name: str, state: ModelWriter, output: ModelWriter | None) -> None:
+        """Fold one tensor in cache-sized flat pieces, read from and written to disk piece by piece: memory
+        for a few pieces, not the tensor, and one pass over it while it is in cache."""
+        inputs = self.method.tensor_inputs(name)
+        with one_torch_thread():  # pieces are too small to share out; the other core hashes what is written
+            for start, stop in piece_bounds(self.base.tensors[name].numel):
+                new = self._checked_float(name, self.folder.read(name, start, stop))
+                base = self.base.read(name, start, stop).float()
+                self._add_update(new, base)
+                new_state = self.method.fold(name, base, new, self.state_of(self.old_state, name, start, stop),
+                                             **{key: stored.read(start, stop).float() for key, stored in
+                                                inputs.items()})
+                for kind, value in new_state.items():
+                    state.write_piece(_state_name(kind, name), start, value)
+                if output:
+                    merged = self.method.merged(name, base, new_state)
+                    output.write_piece(name, start, merged.to(output.specs[name].dtype))
 
-    def _checked_float(self, name: str, whole: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """``values`` (part or all of the checkpoint's tensor ``whole``) in float32, refused if not finite."""
+    def _checked_float(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """``values`` (part or all of the checkpoint's tensor ``name``) in float32, refused if not finite."""
         values = values.float()
         if not math.isfinite(float(values.sum())):  # cheap; the exact check (and its message) only if needed
-            problem = tensor_value_problem(name, whole, self.folder.tensors[name].file)
+            problem = tensor_value_problem(name, self.folder.read(name), self.folder.tensors[name].file)
             if problem:
                 raise RejectedError(problem.message)
         return values
@@ -351,16 +347,18 @@ class _Fold:
                                 "must be identical in every checkpoint.")
 
     def _merge_pass(self, progress: Callable[[int], None] | None) -> ModelWriter:
-        with ModelFolder.open(self.state_dir) as state, self._output_writer() as writer:
+        """Write the merged model from the new state, piece by piece (``merged`` is elementwise)."""
+        with ModelFolder.open(self.state_dir) as state, self._output_writer() as writer, one_torch_thread():
             for name in writer.layout_order:
                 if progress:
                     progress(0)
-                base = self.base.read(name)
                 if name not in self.floating:
-                    writer.write(name, base)
+                    writer.write(name, self.base.read(name))
                     continue
-                merged = self.method.merged(name, base.float(), self.state_of(state, name))
-                writer.write(name, merged.to(writer.specs[name].dtype))
+                for start, stop in piece_bounds(self.base.tensors[name].numel):
+                    merged = self.method.merged(name, self.base.read(name, start, stop).float(),
+                                                self.state_of(state, name, start, stop))
+                    writer.write_piece(name, start, merged.to(writer.specs[name].dtype))
         return writer
 
     def _commit(self, output: ModelWriter) -> FoldResult:
@@ -388,6 +386,10 @@ class _Fold:
         _prune(stream, self.stream_home / "state", version)
         return FoldResult("merged", stream.name, version, self.output_dir, self.described["digest"],
                           output_digest=output_digest, notes=tuple(self.method.notes))
+
+
+def _state_name(kind: str, name: str) -> str:
+    return f"{kind}{STATE_SEPARATOR}{name}"
 
 
 def _facts(policy: Policy, stream: StreamConfig, ledger: Ledger, base: ModelFolder, head: VersionRecord | None,

@@ -1,7 +1,7 @@
 """Model folders on disk: read one tensor at a time, write atomically, compute the digest."""
 
 from mergeops.model.digest import folder_digest, folder_file_hashes
-from mergeops.model.folder import ModelFolder, TensorInfo
+from mergeops.model.folder import ModelFolder, StoredTensor, TensorInfo, piece_bounds
 from mergeops.model.problems import Problem
 from mergeops.model.writer import DEFAULT_SHARD_BYTES, ModelWriter, TensorSpec
 
@@ -10,8 +10,10 @@ __all__ = [
     "ModelFolder",
     "ModelWriter",
     "Problem",
+    "StoredTensor",
     "TensorInfo",
     "TensorSpec",
     "folder_digest",
     "folder_file_hashes",
+    "piece_bounds",
 ]

@@ -26,6 +26,9 @@ from mergeops.model.safetensors_file import (
     read_entry,
 )
 
+# Elements per piece when a tensor is handled in flat pieces: 1 MiB in float32, so a piece's working set stays
+# in cache (measured fastest of 64K-1M elements for a 243M-parameter fold on a 2 MiB-L2 machine).
+PIECE = 1 << 18
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -57,6 +60,27 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.entry.nbytes
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of an open model folder, not read yet: read it whole, or piece by piece."""
+
+    folder: ModelFolder
+    name: str
+
+    @property
+    def numel(self) -> int:
+        return self.folder.tensors[self.name].numel
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.folder.read(self.name, start, stop)
+
+
+def piece_bounds(numel: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of the consecutive flat pieces of ``PIECE`` elements that make up ``numel``."""
+    for start in range(0, numel, PIECE):
+        yield start, min(start + PIECE, numel)
 
 
 class ModelFolder:
@@ -165,13 +189,20 @@ class ModelFolder:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` as stored (its own dtype), read from disk now."""
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The tensor ``name`` as stored (its own dtype), read from disk now; with ``start`` or ``stop``, only
+        elements [start, stop) of it, flattened (a piece: memory for the piece, not the tensor)."""
         try:
             info = self.tensors[name]
         except KeyError:
             raise ModelFolderError(f"tensor {name!r} is not in {self.path}.") from None
-        return read_entry(self._fd(info.file), info.entry)
+        return read_entry(self._fd(info.file), info.entry, start, stop)
+
+    def stored(self, name: str) -> StoredTensor:
+        """A handle on tensor ``name`` to read whole or in pieces later."""
+        if name not in self.tensors:
+            raise ModelFolderError(f"tensor {name!r} is not in {self.path}.")
+        return StoredTensor(self, name)
 
     def iter_tensors(self, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` one at a time, in file order unless ``names`` gives an order."""

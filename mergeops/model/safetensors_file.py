@@ -197,23 +197,30 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
-def read_entry(fd: int, entry: TensorEntry) -> torch.Tensor:
-    """Read one tensor with positioned reads into a fresh tensor (no zero-fill, no extra copy)."""
-    raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+def read_entry(fd: int, entry: TensorEntry, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Read one tensor with positioned reads into a fresh tensor (no zero-fill, no extra copy); with ``start``
+    or ``stop``, only elements [start, stop) of it, as a flat tensor."""
+    itemsize = entry.torch_dtype.itemsize
+    whole = start == 0 and stop is None
+    first = entry.start + start * itemsize
+    nbytes = (entry.numel if stop is None else stop) * itemsize - start * itemsize
+    if start < 0 or first + nbytes > entry.end or nbytes < 0:
+        raise IndexError(f"elements [{start}, {stop}) are outside tensor {entry.name!r} of {entry.numel}")
+    raw = torch.empty(nbytes, dtype=torch.uint8)
     view = byte_view(raw)
     done = 0
-    while done < entry.nbytes:
-        got = os.preadv(fd, [view[done:done + _MAX_IO]], entry.start + done)
+    while done < nbytes:
+        got = os.preadv(fd, [view[done:done + _MAX_IO]], first + done)
         if got == 0:
             raise EOFError(f"unexpected end of file while reading tensor {entry.name!r}")
         done += got
-    return raw.view(entry.torch_dtype).reshape(entry.shape)
+    values = raw.view(entry.torch_dtype)
+    return values.reshape(entry.shape) if whole else values
 
 
 def write_at(fd: int, tensor: torch.Tensor, offset: int) -> None:
     """Write a tensor's bytes at ``offset`` with positioned writes."""
-    data = tensor.detach().contiguous().reshape(-1)
-    view = byte_view(data)
+    view = byte_view(tensor if tensor.is_contiguous() else tensor.contiguous())
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:done + _MAX_IO], offset + done)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -57,25 +58,34 @@ class TensorSpec:
 class _HashWorker:
     """Feeds tensors' bytes to hash objects in order on one worker thread (hashlib releases the GIL).
 
-    At most ``depth`` tensors wait, so memory stays bounded by a few tensors.
+    What waits is bounded: beyond ``max_bytes`` of waiting data (or ``max_jobs`` jobs), the writer waits for
+    the oldest, so memory stays bounded by one tensor plus ``max_bytes``.
     """
 
-    def __init__(self, depth: int = 2) -> None:
+    def __init__(self, max_bytes: int = 16 << 20, max_jobs: int = 256) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergeops-hash")
-        self._pending: deque[Future[None]] = deque()
-        self._depth = depth
+        self._pending: deque[tuple[Future[None], int]] = deque()
+        self._waiting_bytes = 0
+        self._max_bytes, self._max_jobs = max_bytes, max_jobs
 
     def feed(self, hasher: Any, data: torch.Tensor) -> None:
-        self.submit(lambda: hasher.update(byte_view(data)))
+        self.submit(lambda: hasher.update(byte_view(data)), data.numel() * data.element_size())
 
-    def submit(self, job: Callable[[], None]) -> None:
-        self._pending.append(self._pool.submit(job))
-        while len(self._pending) > self._depth:
-            self._pending.popleft().result()
+    def submit(self, job: Callable[[], None], nbytes: int = 0) -> None:
+        self._pending.append((self._pool.submit(job), nbytes))
+        self._waiting_bytes += nbytes
+        while len(self._pending) > 1 and (self._waiting_bytes > self._max_bytes or
+                                          len(self._pending) > self._max_jobs):
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        future, nbytes = self._pending.popleft()
+        self._waiting_bytes -= nbytes
+        future.result()
 
     def drain(self) -> None:
         while self._pending:
-            self._pending.popleft().result()
+            self._wait_oldest()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -92,16 +102,23 @@ def _hash_range(hasher: Any, fd: int, start: int, end: int, chunk: int = 8 << 20
         start += len(data)
 
 
-def _plan_shards(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSpec]]:
-    """Greedy shards in spec order (keeps a layer together); a tensor above the cap gets its own."""
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
+def _plan_shards(specs: list[TensorSpec], shard_bytes: int,
+                 group: Callable[[TensorSpec], str] | None) -> list[list[TensorSpec]]:
+    """Greedy shards in spec order (keeps a layer together); a tensor above the cap gets its own, and tensors of
+    different ``group`` never share a shard."""
+    groups: dict[str, list[TensorSpec]] = {}
     for spec in specs:
-        if shards[-1] and size + spec.nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
+        groups.setdefault(group(spec) if group else "", []).append(spec)
+    shards: list[list[TensorSpec]] = []
+    for members in groups.values():
+        shards.append([])
+        size = 0
+        for spec in members:
+            if shards[-1] and size + spec.nbytes > shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(spec)
+            size += spec.nbytes
     # Within a shard, wider dtypes first keeps every tensor aligned to its element size.
     return [sorted(shard, key=lambda s: -s.dtype.itemsize) for shard in shards]
 
@@ -113,8 +130,11 @@ class ModelWriter:
     >>> with ModelWriter(out, specs, metadata={"k": "v"}, donor=base_dir) as writer:
     ...     writer.write("w", torch.eye(2))
 
-    Tensors may be written in any order; each must match its spec. ``donor``'s config, tokenizer and
-    generation files are copied; ``extra_files`` (e.g. a model card) are written beside the weights.
+    Tensors may be written in any order (``layout_order`` is fastest), whole (:meth:`write`) or as consecutive
+    flat pieces (:meth:`write_piece`); each must match its spec. ``shard_group`` keeps tensors of different
+    groups in different files (so that pieces of several tensors can be written at once, each file front to
+    back). ``donor``'s config, tokenizer and generation files are copied; ``extra_files`` (e.g. a model card)
+    are written beside the weights.
     On an exception inside the ``with`` block nothing appears at ``out``.
 
     With ``provisional_metadata`` the headers hold placeholders until :meth:`settle_metadata` gives the
@@ -124,7 +144,8 @@ class ModelWriter:
     def __init__(self, out: str | os.PathLike[str], specs: Iterable[TensorSpec], *,
                  metadata: Mapping[str, str] | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  donor: str | os.PathLike[str] | None = None, hash_files: bool = True,
-                 provisional_metadata: bool = False) -> None:
+                 provisional_metadata: bool = False, shard_group: Callable[[TensorSpec], str] | None = None
+                 ) -> None:
         self.out = Path(out)
         self.specs = {s.name: s for s in specs}
         if not self.specs:
@@ -143,12 +164,20 @@ class ModelWriter:
         # While metadata is provisional nothing can be hashed (the header comes first): file -> end of the
         # front-to-back written part, hashed from the page cache once the metadata is settled.
         self._unhashed: dict[str, int] | None = {} if provisional_metadata else None
-        self._shards: dict[str, list[TensorSpec]] = {}
         self._hashing = _HashWorker()
         self._tmp: Path | None = None
         self._fds: dict[str, int] = {}
+        self._written: dict[str, int] = {}  # tensor -> elements written front to back so far
+        # The layout is fixed up front: file name -> (its tensors, their offsets, header length).
+        shards = _plan_shards(list(self.specs.values()), shard_bytes, shard_group)
+        names = [SINGLE_FILE] if len(shards) == 1 else [
+            f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        self._shards = dict(zip(names, shards, strict=True))
         self._where: dict[str, tuple[str, int]] = {}
-        self._pending: set[str] = set()
+        for file_name, shard in self._shards.items():
+            _, offsets = _header(shard, self.metadata)
+            for spec, offset in zip(shard, offsets, strict=True):
+                self._where[spec.name] = (file_name, offset)
 
     def __enter__(self) -> ModelWriter:
         if self.out.exists():
@@ -156,11 +185,7 @@ class ModelWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{TEMP_MARKER}", dir=self.out.parent))
         self._tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be read
-        shards = _plan_shards(list(self.specs.values()), self.shard_bytes)
-        names = [SINGLE_FILE] if len(shards) == 1 else [
-            f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-        for file_name, shard in zip(names, shards, strict=True):
-            self._shards[file_name] = shard
+        for file_name, shard in self._shards.items():
             header, offsets = _header(shard, self.metadata)
             fd = os.open(self._tmp / file_name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             self._fds[file_name] = fd
@@ -170,14 +195,11 @@ class ModelWriter:
                 self._running[file_name] = (hashlib.sha256(header), len(header))
             else:
                 self._unhashed[file_name] = len(header)
-            for spec, offset in zip(shard, offsets, strict=True):
-                self._where[spec.name] = (file_name, offset)
-        if len(names) > 1:
+        if len(self._shards) > 1:
             weight_map = {name: file for name, (file, _) in sorted(self._where.items())}
             index = {"metadata": {"total_size": sum(s.nbytes for s in self.specs.values())},
                      "weight_map": weight_map}
             self.extra_files[INDEX_FILE] = (json.dumps(index, indent=2) + "\n").encode()
-        self._pending = set(self.specs)
         return self
 
     @property
@@ -186,25 +208,48 @@ class ModelWriter:
         return sorted(self._where, key=lambda name: self._where[name])
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the whole tensor ``name``."""
+        spec = self._spec(name, tensor)
+        if tuple(tensor.shape) != spec.shape:
+            raise ValueError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
+                             f"expected {spec.dtype} {spec.shape}")
+        self._write_flat(name, 0, tensor)
+
+    def write_piece(self, name: str, start: int, values: torch.Tensor) -> None:
+        """Write elements [start, start + len) of tensor ``name`` (flattened); its pieces come front to back."""
+        self._spec(name, values)
+        if start != self._written.get(name, 0):
+            raise ValueError(f"piece of tensor {name!r} starts at element {start}, but "
+                             f"{self._written.get(name, 0)} were written: pieces must come in order")
+        self._write_flat(name, start, values)
+
+    def _spec(self, name: str, values: torch.Tensor) -> TensorSpec:
         spec = self.specs.get(name)
         if spec is None:
             raise KeyError(f"tensor {name!r} is not part of this model's layout")
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
-            raise ValueError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, "
-                             f"expected {spec.dtype} {spec.shape}")
-        file_name, offset = self._where[name]
-        data = tensor.detach().cpu().contiguous().reshape(-1)
+        if values.dtype != spec.dtype:
+            raise ValueError(f"tensor {name!r} is {values.dtype}, expected {spec.dtype}")
+        return spec
+
+    def _write_flat(self, name: str, start: int, values: torch.Tensor) -> None:
+        spec = self.specs[name]
+        data = values.reshape(-1) if values.is_contiguous() else values.contiguous().reshape(-1)
+        if start + data.numel() > math.prod(spec.shape):
+            raise ValueError(f"a piece of {data.numel()} elements at {start} overruns tensor {name!r} {spec.shape}")
+        file_name, tensor_offset = self._where[name]
+        offset, end = tensor_offset + start * spec.dtype.itemsize, tensor_offset + (start + data.numel()) * \
+            spec.dtype.itemsize
         write_at(self._fds[file_name], data, offset)
-        self._pending.discard(name)
+        self._written[name] = start + data.numel()
         running = self._running.get(file_name)
         if self.hash_files and running is not None:
             if running[1] == offset:
                 self._hashing.feed(running[0], data)
-                self._running[file_name] = (running[0], offset + spec.nbytes)
+                self._running[file_name] = (running[0], end)
             else:
                 del self._running[file_name]
         elif self._unhashed is not None and self._unhashed.get(file_name) == offset:
-            self._unhashed[file_name] = offset + spec.nbytes
+            self._unhashed[file_name] = end
         elif self._unhashed is not None:
             self._unhashed.pop(file_name, None)  # written out of order: re-read whole at the end
 
@@ -226,7 +271,8 @@ class ModelWriter:
             written_to = self._unhashed.get(file_name)
             if self.hash_files and written_to is not None:
                 hasher = hashlib.sha256(header)
-                self._hashing.submit(lambda h=hasher, fd=fd, a=len(header), b=written_to: _hash_range(h, fd, a, b))
+                self._hashing.submit(lambda h=hasher, fd=fd, a=len(header), b=written_to: _hash_range(h, fd, a, b),
+                                     written_to - len(header))
                 self._running[file_name] = (hasher, written_to)
         self.metadata, self._unhashed = final, None
 
@@ -235,9 +281,10 @@ class ModelWriter:
         assert self._tmp is not None
         try:
             if exc_type is None:
-                if self._pending:
-                    raise RuntimeError(f"{len(self._pending)} tensor(s) were never written, "
-                                       f"e.g. {sorted(self._pending)[0]!r}")
+                unwritten = sorted(n for n, s in self.specs.items() if self._written.get(n, 0) < math.prod(s.shape))
+                if unwritten:
+                    raise RuntimeError(f"{len(unwritten)} tensor(s) were never written, or only in part, "
+                                       f"e.g. {unwritten[0]!r}")
                 self._finish(self._tmp)
         finally:
             self._hashing.close()

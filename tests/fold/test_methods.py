@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergeops.fold import engine
+import mergeops.model.folder
 from mergeops.fold.engine import fold_checkpoint
 from mergeops.policy import load_policy
 from tests.fold import reference
@@ -57,7 +57,7 @@ def test_streaming_fold_equals_the_batch_formula(tmp_path, monkeypatch, method, 
     import json
 
     if piece is not None:
-        monkeypatch.setattr(engine, "PIECE", piece)
+        monkeypatch.setattr(mergeops.model.folder, "PIECE", piece)
     base_path, base = make_base(tmp_path, shard_bytes=shard_bytes)
     checkpoints = make_checkpoints(tmp_path, base, CHECKPOINTS, shard_bytes=shard_bytes, curvature=True, metrics=True)
     result = fold_all(tmp_path, method, params, checkpoints, base_path)

@@ -190,3 +190,62 @@ def test_provisional_metadata_must_keep_its_length_and_be_settled(tmp_path, tens
             writer.write(name, tensors[name])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tensor_reads_in_flat_pieces_that_join_into_the_whole(tmp_path, tensors, dtype):
+    tensors = {n: t.to(dtype) for n, t in tensors.items()}
+    write_model(tmp_path / "m", tensors, shard_bytes=1500)
+    with ModelFolder.open(tmp_path / "m") as model:
+        for name, tensor in tensors.items():
+            stored = model.stored(name)
+            pieces = [stored.read(start, min(start + 7, stored.numel)) for start in range(0, stored.numel, 7)]
+            assert all(p.dim() == 1 and p.dtype == dtype for p in pieces)
+            assert torch.equal(torch.cat(pieces), tensor.reshape(-1))
+            assert torch.equal(stored.read(), tensor)
+        with pytest.raises(IndexError, match="outside tensor"):
+            model.read("model.norm.weight", 10, 17)
+
+
+@pytest.mark.parametrize("order", ["layout", "interleaved"])
+def test_tensors_written_in_pieces_round_trip_with_true_file_hashes(tmp_path, tensors, order):
+    """Pieces of tensors in different shard groups may interleave; each file is still written (and hashed)
+    front to back."""
+    import hashlib
+
+    specs = [TensorSpec(f"{kind}::{n}", t.dtype, tuple(t.shape)) for n, t in tensors.items() for kind in "ab"]
+    data = {spec.name: tensors[spec.name[3:]] * (2 if spec.name[0] == "b" else 1) for spec in specs}
+    with ModelWriter(tmp_path / "m", specs, shard_group=lambda spec: spec.name[0]) as writer:
+        for name in tensors:
+            kinds = ["a", "b"] if order == "interleaved" else []
+            for start in range(0, tensors[name].numel(), 5):
+                for kind in kinds:
+                    flat = data[f"{kind}::{name}"].reshape(-1)
+                    writer.write_piece(f"{kind}::{name}", start, flat[start:start + 5])
+        if order == "layout":
+            for full in writer.layout_order:
+                flat = data[full].reshape(-1)
+                for start in range(0, flat.numel(), 5):
+                    writer.write_piece(full, start, flat[start:start + 5])
+    with ModelFolder.open(tmp_path / "m") as model:
+        assert {info.file for n, info in model.tensors.items() if n[0] == "a"}.isdisjoint(
+            {info.file for n, info in model.tensors.items() if n[0] == "b"})
+        for name, tensor in model.iter_tensors():
+            assert torch.equal(tensor, data[name])
+    for name, digest in writer.file_hashes.items():
+        assert digest == hashlib.sha256((tmp_path / "m" / name).read_bytes()).hexdigest()
+
+
+def test_pieces_must_come_in_order_and_complete_the_tensor(tmp_path, tensors):
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    with pytest.raises(ValueError, match="pieces must come in order"), ModelWriter(tmp_path / "a", specs) as writer:
+        writer.write_piece("model.norm.weight", 4, torch.zeros(4))
+    with pytest.raises(RuntimeError, match=r"only in part.*model\.norm\.weight"), \
+            ModelWriter(tmp_path / "b", specs) as writer:
+        for name in writer.layout_order:
+            if name != "model.norm.weight":
+                writer.write(name, tensors[name])
+        writer.write_piece("model.norm.weight", 0, torch.zeros(8))
+    with pytest.raises(ValueError, match="overruns"), ModelWriter(tmp_path / "c", specs) as writer:
+        writer.write_piece("model.norm.weight", 0, torch.zeros(17))
+    assert [p.name for p in tmp_path.iterdir()] == []

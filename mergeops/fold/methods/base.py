@@ -1,13 +1,15 @@
 """The protocol every merge method implements, and how its parameters are declared and checked.
 
 A method sees one floating tensor at a time, in float32: ``fold`` turns (base, new checkpoint, old
-state) into new state for that tensor; ``merged`` turns (base, state) into the merged tensor. Global
+state) into new state for that tensor; ``merged`` turns (base, state) into the merged tensor, entry by
+entry (it is always handed flat pieces). Global
 quantities are gathered in ``survey`` passes before the fold, or during the fold and used by ``merged``
 in a second pass (``needs_global``). Everything a method must remember between folds is its state
 tensors plus JSON scalars; it never sees older checkpoints (except MWA's window, through ``Arrival``).
 
-A method whose ``fold`` and ``merged`` treat every entry on its own (``elementwise``) is handed flat,
-cache-sized pieces of each tensor instead of whole tensors: one pass over memory instead of several.
+A method whose ``fold`` treats every entry on its own (``elementwise``, or per tensor ``folds_in_pieces``) is
+handed flat, cache-sized pieces of each tensor instead of whole tensors, read from disk and written back
+piece by piece: memory for a few pieces instead of a few tensors, and one pass over it while it is in cache.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 
 from mergeops.errors import PolicyError
-from mergeops.model import ModelFolder
+from mergeops.model import ModelFolder, StoredTensor
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class MergeMethod:
     name: ClassVar[str]
     params: ClassVar[dict[str, Param]] = {}
     needs_global: ClassVar[bool] = False  # merged() needs something known only after every tensor folded
-    elementwise: bool = False  # fold() and merged() may be given any flat slice of a tensor (and its state)
+    elementwise: bool = False  # fold() may be given any flat slice of any tensor (and of its state)
 
     def __init__(self, params: Mapping[str, Any], scalars: Mapping[str, Any]) -> None:
         self.p = dict(params)
@@ -124,9 +126,13 @@ class MergeMethod:
     def survey(self, name: str, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
         """See one tensor during a survey pass (to gather a model-wide statistic)."""
 
-    def tensor_inputs(self, name: str) -> dict[str, torch.Tensor]:
-        """Inputs of one tensor beyond base and checkpoint (OTA: the curvature), as whole float32 tensors of
-        the tensor's shape. ``fold`` gets them as keyword arguments, cut into the same pieces as the rest."""
+    def folds_in_pieces(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether ``fold`` may be given flat pieces of tensor ``name``; by default, whether ``elementwise``."""
+        return self.elementwise
+
+    def tensor_inputs(self, name: str) -> dict[str, StoredTensor]:
+        """Inputs of one tensor beyond base and checkpoint (OTA: the curvature), stored tensors of the tensor's
+        shape. ``fold`` gets them in float32 as keyword arguments, cut into the same pieces as the rest."""
         return {}
 
     def fold(self, name: str, base: torch.Tensor, new: torch.Tensor,

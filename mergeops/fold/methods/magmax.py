@@ -24,4 +24,4 @@ class MagMax(MergeMethod):
         return {"tau_max": torch.where(tau.abs() > kept.abs(), tau, kept)}  # ties keep the earlier one
 
     def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        return base + self.p["lambda"] * state["tau_max"]
+        return torch.add(base, state["tau_max"], alpha=self.p["lambda"])

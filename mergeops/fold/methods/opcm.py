@@ -97,12 +97,15 @@ class OPCM(MergeMethod):
     def state_kinds(self) -> tuple[str, ...]:
         return ("sum",)
 
-    def is_projected(self, name: str, tensor: torch.Tensor) -> bool:
-        if tensor.dim() != 2 or any(re.search(p, name) for p in self.p["skip"]):
+    def is_projected(self, name: str, shape: tuple[int, ...]) -> bool:
+        if len(shape) != 2 or any(re.search(p, name) for p in self.p["skip"]):
             return False
         if any(re.search(p, name) for p in self.p["project"]):
             return True
         return name.endswith(".weight") and not _NOT_LINEAR.search(name)
+
+    def folds_in_pieces(self, name: str, shape: tuple[int, ...]) -> bool:
+        return self.t == 1 or not self.is_projected(name, shape)  # a projection needs the SVD of the whole S
 
     def begin(self, arrival: Arrival) -> None:
         super().begin(arrival)
@@ -115,7 +118,7 @@ class OPCM(MergeMethod):
         self._tau_sq += float(tau.square().sum(dtype=torch.float64))
         if not state:
             accumulated = tau
-        elif self.is_projected(name, tau):
+        elif self.is_projected(name, tuple(tau.shape)):
             previous = state["sum"]
             accumulated = previous.add_(project_update(previous, tau, self.p["alpha"], self.p["zero_diagonal"]))
         else:
@@ -132,4 +135,4 @@ class OPCM(MergeMethod):
     def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         norms, sum_norm = self.scalars["task_norms"], self.scalars["sum_norm"]
         scale = (sum(norms) / len(norms)) / sum_norm if sum_norm else 0.0
-        return base + scale * state["sum"]
+        return torch.add(base, state["sum"], alpha=scale)

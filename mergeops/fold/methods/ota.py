@@ -19,7 +19,7 @@ from mergeops.errors import RejectedError
 from mergeops.fold.methods.base import Arrival, MergeMethod, Param, in_unit_interval, non_negative
 from mergeops.fold.methods.mwa import metric_weight
 from mergeops.fold.topk import KthLargest
-from mergeops.model import ModelFolder
+from mergeops.model import ModelFolder, StoredTensor, piece_bounds
 
 CURVATURE_FILE = "exp_avg_sq.safetensors"
 
@@ -82,17 +82,28 @@ class OTA(MergeMethod):
     def elementwise(self) -> bool:  # a rank-1 curvature ties each entry to its whole row and column
         return not self.p["rank1"]
 
-    def _v(self, name: str) -> torch.Tensor:
-        v = self.v.read(name).float()
-        # v ≥ 0, so a finite sum means every entry is finite; with a negative entry the min says so
-        if v.numel() and (not math.isfinite(float(v.sum())) or float(v.min()) < 0):
+    def _checked(self, name: str, v: torch.Tensor) -> torch.Tensor:
+        """``v`` (all or part of tensor ``name``'s curvature) in float32, refused if negative or not finite."""
+        v = v.float()
+        lowest, highest = torch.aminmax(v) if v.numel() else (0.0, 0.0)  # one pass; a NaN makes both NaN
+        if not (float(lowest) >= 0 and math.isfinite(float(highest))):
             raise RejectedError(f"{self.v.path / CURVATURE_FILE}: tensor {name!r} has negative or non-finite "
                                 "second moments; regenerate it with `mergeops curvature import`.", gate="curvature")
         return v
 
-    def tensor_inputs(self, name: str) -> dict[str, torch.Tensor]:
-        v = self._v(name)
-        mean = float(curvature(v, self.p["power"], self.p["rank1"]).mean()) if v.numel() else 0.0
+    def _v(self, name: str) -> torch.Tensor:
+        return self._checked(name, self.v.read(name))
+
+    def tensor_inputs(self, name: str) -> dict[str, StoredTensor]:
+        """The curvature, checked, and ε for this tensor (one pass over it, piece by piece unless ``rank1``)."""
+        v = self.v.stored(name)
+        power = self.p["power"]
+        if self.p["rank1"]:
+            total = float(curvature(self._v(name), power, rank1=True).sum(dtype=torch.float64))
+        else:
+            total = sum(float(curvature(self._checked(name, v.read(start, stop)), power, rank1=False)
+                              .sum(dtype=torch.float64)) for start, stop in piece_bounds(v.numel))
+        mean = total / v.numel if v.numel else 0.0
         self.epsilon = self.p["epsilon"] * (mean or 1.0)  # relative to this tensor's mean curvature
         return {"v": v}
 
@@ -114,22 +125,25 @@ class OTA(MergeMethod):
     def fold(self, name: str, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor], *,
              v: torch.Tensor) -> dict[str, torch.Tensor]:
         tau = new.sub_(base)
-        weight = curvature(v, self.p["power"], self.p["rank1"]).add_(self.epsilon).mul_(self.multiplier)
+        weight = curvature(v, self.p["power"], self.p["rank1"]).add_(self.epsilon)
+        if self.multiplier != 1.0:
+            weight.mul_(self.multiplier)
         if self.saliency is not None:
             weight.mul_(self._saliency(v, tau) >= self.saliency.value)
-        update = {"weighted_sum": weight * tau, "weight_sum": weight}
+        if state:
+            sums = {"weighted_sum": state["weighted_sum"].addcmul_(weight, tau),
+                    "weight_sum": state["weight_sum"].add_(weight)}
+        else:
+            sums = {"weighted_sum": weight * tau, "weight_sum": weight}
         if self.p["fallback"] == "mean":
-            update["tau_sum"] = tau
-        if not state:
-            return update
-        return {kind: state[kind].add_(value) for kind, value in update.items()}
+            sums["tau_sum"] = state["tau_sum"].add_(tau) if state else tau
+        return sums
 
     def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         weights = state["weight_sum"]
-        weighted = weights > 0
-        ratio = state["weighted_sum"] / torch.where(weighted, weights, 1.0)
+        ratio = state["weighted_sum"] / weights  # 0/0 only where every checkpoint excluded the entry
         fallback = state["tau_sum"] / self.t if self.p["fallback"] == "mean" else 0.0
-        return base + torch.where(weighted, ratio, fallback)
+        return torch.where(weights > 0, ratio, fallback).add_(base)
 
     def close(self) -> None:
         if self.v is not None:

@@ -21,4 +21,4 @@ class TaskArithmetic(MergeMethod):
         return {"sum": state["sum"].add_(tau) if state else tau}
 
     def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        return base + self.p["lambda"] * state["sum"]
+        return torch.add(base, state["sum"], alpha=self.p["lambda"])
