@@ -1,12 +1,18 @@
-"""Torch's intra-op threads, where they hurt."""
+"""Threads in a fold: torch's intra-op threads where they hurt, quick GIL handoffs, work computed ahead."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @contextlib.contextmanager
@@ -32,3 +38,28 @@ def quick_gil_handoff(interval: float = 0.0002) -> Iterator[None]:
         yield
     finally:
         sys.setswitchinterval(before)
+
+
+def map_ahead(function: Callable[[T], R], items: Sequence[T], workers: int, weight: Callable[[T], int],
+              budget: int) -> Iterator[tuple[T, R]]:
+    """``(item, function(item))`` for each item in order, computed ahead of the consumer on up to ``workers``
+    threads at once (torch releases the GIL in its operations) while the items in flight weigh at most ``budget``
+    together (one item always may). Close the iterator when leaving early: queued items are cancelled and
+    running ones finish."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeops-fold")
+    pending: deque[tuple[T, Future[R]]] = deque()
+    submitted, in_flight = 0, 0
+    try:
+        while submitted < len(items) or pending:
+            while submitted < len(items) and len(pending) < workers and (
+                    not pending or in_flight + weight(items[submitted]) <= budget):
+                item = items[submitted]
+                pending.append((item, pool.submit(function, item)))
+                in_flight += weight(item)
+                submitted += 1
+            item, future = pending.popleft()
+            result = future.result()
+            in_flight -= weight(item)
+            yield item, result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

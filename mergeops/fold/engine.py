@@ -13,11 +13,11 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -33,7 +33,7 @@ from mergeops.model import ModelFolder, ModelWriter, TensorSpec, folder_digest, 
 from mergeops.model.digest import BackgroundDigest, digest_of_listing
 from mergeops.model.writer import TEMP_MARKER
 from mergeops.policy import Policy, StreamConfig
-from mergeops.threads import one_torch_thread, quick_gil_handoff
+from mergeops.threads import map_ahead, one_torch_thread, quick_gil_handoff
 
 STATE_SEPARATOR = "::"  # state tensor names are f"{kind}::{tensor name}"
 SCALARS_FILE = "scalars.json"
@@ -41,6 +41,10 @@ _VERSION_DIR = re.compile(r"^v(\d{4,})$")
 ALWAYS_ON_GATES = ("complete", "parses", "matches-base", "finite")
 DIGEST_PLACEHOLDER = "sha256:" + "0" * 64  # as long as a real digest, so the header keeps its length
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+T = TypeVar("T")
+Folded = tuple[dict[str, torch.Tensor], torch.Tensor | None]  # a tensor's new state, and its merged value if due
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,8 @@ class _Fold:
             raise RejectedError(problems[0].message)
         config = self.stream.gate
         self.gates = [*ALWAYS_ON_GATES, *gate.before_fold(config, self.folder.path)]
-        self.update_sq = 0.0 if config.max_update_ratio is not None else None
+        # ‖τ‖² per tensor, summed exactly at the end (math.fsum): the same whatever order tensors finish in
+        self.update_sq: dict[str, float] | None = {} if config.max_update_ratio is not None else None
         if config.max_update_ratio is not None:
             self.gates.append("max_update_ratio")
         if config.eval is not None:
@@ -270,7 +275,11 @@ class _Fold:
                        for kind in self.kinds for n in order if n in self.floating]
         with ModelWriter(self.state_dir, state_specs, metadata={"mergeops.stream": self.stream.name},
                          shard_group=lambda spec: spec.name.split(STATE_SEPARATOR, 1)[0]) as state, \
-                output or nullcontext():
+                output or nullcontext(), ExitStack() as single_pass:
+            whole = [n for n in order if n in self.floating and
+                     not self.method.folds_in_pieces(n, self.base.tensors[n].shape)]
+            whole_names = set(whole)
+            folded_whole = single_pass.enter_context(closing(self._fold_ahead(whole)))
             for name in order:
                 if progress:
                     progress(self.folder.tensors[name].nbytes)
@@ -280,9 +289,15 @@ class _Fold:
                     if output:
                         output.write(name, base)
                     continue
-                shape = self.base.tensors[name].shape
-                fold_tensor = self._fold_pieces if self.method.folds_in_pieces(name, shape) else self._fold_whole
-                fold_tensor(name, state, output)
+                if name in whole_names:
+                    folded, (new_state, merged) = next(folded_whole)
+                    assert folded == name, "whole tensors are folded in the order they are written"
+                    for kind, value in new_state.items():
+                        state.write(_state_name(kind, name), value)
+                    if output:
+                        output.write(name, merged)
+                else:
+                    self._fold_pieces(name, state, output)
                 if output:
                     self._settle(output, wait=False)
             self.digest()  # a duplicate must stop the fold before its state is kept
@@ -290,22 +305,32 @@ class _Fold:
                 self._settle(output, wait=True)
             if self.update_sq is not None:  # before anything is committed: a rejection leaves no trace
                 accepted = self.ledger.update_norms(self.stream.name)
-                gate.check_update(self.stream.gate, math.sqrt(self.update_sq), accepted)
+                gate.check_update(self.stream.gate, self.update_norm, accepted)
             self.method.finish()
             state.extra_files[SCALARS_FILE] = _scalars_json(self.stream, self.method)
         self.state_hashes = state.file_hashes
         return output
 
-    def _fold_whole(self, name: str, state: ModelWriter, output: ModelWriter | None) -> None:
-        """Fold one tensor at once."""
+    def _fold_ahead(self, whole: list[str]) -> Iterator[tuple[str, Folded]]:
+        """The tensors folded whole, in order. A method that allows it (OPCM: projections) gets them computed
+        ahead on two threads, one torch thread each; memory stays that of the largest tensor's fold alone or of
+        two of the next largest."""
+        if not self.method.concurrent_folds or len(whole) < 2:
+            return ((name, self._fold_whole(name)) for name in whole)
+        sizes = sorted((self.base.tensors[n].numel for n in whole), reverse=True)
+        return _on_one_torch_thread(map_ahead(self._fold_whole, whole, workers=2, budget=max(sizes[0], 2 * sizes[1]),
+                                              weight=lambda name: self.base.tensors[name].numel))
+
+    def _fold_whole(self, name: str) -> Folded:
+        """Fold one tensor at once: its new state, and its merged value when the output is written now."""
         new, base = self._checked_float(name, self.folder.read(name)), self.base.read(name).float()
-        self._add_update(new, base)
+        self._add_update(name, new, base)
         inputs = {key: stored.read().float() for key, stored in self.method.tensor_inputs(name).items()}
         new_state = self.method.fold(name, base, new, self.state_of(self.old_state, name), **inputs)
-        for kind, value in new_state.items():
-            state.write(_state_name(kind, name), value)
-        if output:
-            output.write(name, self.method.merged(name, base, new_state).to(output.specs[name].dtype))
+        if self.method.needs_global:
+            return new_state, None
+        dtype = _output_dtype(self.stream, self.base.tensors[name].dtype)
+        return new_state, self.method.merged(name, base, new_state).to(dtype)
 
     def _fold_pieces(self, name: str, state: ModelWriter, output: ModelWriter | None) -> None:
         """Fold one tensor in cache-sized flat pieces, read from and written to disk piece by piece: memory
@@ -315,7 +340,7 @@ class _Fold:
             for start, stop in piece_bounds(self.base.tensors[name].numel):
                 new = self._checked_float(name, self.folder.read(name, start, stop))
                 base = self.base.read(name, start, stop).float()
-                self._add_update(new, base)
+                self._add_update(name, new, base)
                 new_state = self.method.fold(name, base, new, self.state_of(self.old_state, name, start, stop),
                                              **{key: stored.read(start, stop).float() for key, stored in
                                                 inputs.items()})
@@ -334,9 +359,13 @@ class _Fold:
                 raise RejectedError(problem.message)
         return values
 
-    def _add_update(self, new: torch.Tensor, base: torch.Tensor) -> None:
-        if self.update_sq is not None:
-            self.update_sq += float((new - base).square().sum(dtype=torch.float64))
+    def _add_update(self, name: str, new: torch.Tensor, base: torch.Tensor) -> None:
+        if self.update_sq is not None:  # a tensor's pieces come in order on one thread
+            self.update_sq[name] = self.update_sq.get(name, 0.0) + float((new - base).square().sum(dtype=torch.float64))
+
+    @property
+    def update_norm(self) -> float | None:
+        return math.sqrt(math.fsum(self.update_sq.values())) if self.update_sq is not None else None
 
     def _check_integer(self, name: str, new: torch.Tensor, base: torch.Tensor) -> None:
         problem = tensor_value_problem(name, new, self.folder.tensors[name].file, expect_floating=False)
@@ -376,7 +405,7 @@ class _Fold:
             "checkpoint": self.described | {"metrics": self.metrics}, "output_digest": output_digest,
             "path": str(self.output_dir), "files": output.file_hashes, "state_path": str(self.state_dir),
             "state_digest": digest_of_listing(self.state_hashes), "gates": list(self.gates),
-            "update_norm": math.sqrt(self.update_sq) if self.update_sq is not None else None,
+            "update_norm": self.update_norm,
             "eval": self.eval_metrics,
             "policy_digest": self.policy.digest, "tool": f"mergeops {__version__}"}))
         events += [("version.pruned", {"stream": stream.name, "version": v.version})
@@ -386,6 +415,11 @@ class _Fold:
         _prune(stream, self.stream_home / "state", version)
         return FoldResult("merged", stream.name, version, self.output_dir, self.described["digest"],
                           output_digest=output_digest, notes=tuple(self.method.notes))
+
+
+def _on_one_torch_thread(items: Iterator[T]) -> Iterator[T]:
+    with one_torch_thread():  # a thread per tensor, not per operation
+        yield from items
 
 
 def _state_name(kind: str, name: str) -> str:

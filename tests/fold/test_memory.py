@@ -13,7 +13,7 @@ from tests.conftest import write_model
 from tests.fold.streams import CONFIG, write_policy
 
 EMBEDDING = (16384, 2048)  # the largest tensor: 128 MiB in float32, never projected by OPCM
-LINEAR = (1024, 1024)  # projected by OPCM: 4 MiB in float32
+LINEAR = (512, 512)  # projected by OPCM: 1 MiB in float32
 LAYERS = 4
 
 _FOLD = """

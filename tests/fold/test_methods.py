@@ -127,10 +127,15 @@ def test_opcm_first_version_is_the_first_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("shape", [(64, 48), (48, 64), (120, 120)], ids=["tall", "wide", "square"])
 @pytest.mark.parametrize("condition", [1e2, 1e6])  # distinct σ: with equal ones r is a coin toss
-def test_opcm_thin_svd_is_as_accurate_as_float64(shape, condition):
+@pytest.mark.parametrize("block_rows", [None, 16], ids=["one-block", "16-row-blocks"])
+def test_opcm_thin_svd_is_as_accurate_as_float64(monkeypatch, shape, condition, block_rows):
     """The Gram-matrix SVD keeps OPCM's projection within 1e-5 of float64 even where a float32 LAPACK SVD
-    drifts (zero_diagonal on an ill-conditioned S)."""
+    drifts (zero_diagonal on an ill-conditioned S), whether or not its float64 work is split into blocks."""
+    from mergeops.fold.methods import opcm
     from mergeops.fold.methods.opcm import project_update, thin_svd
+
+    if block_rows is not None:
+        monkeypatch.setattr(opcm, "_BLOCK_ROWS", block_rows)
 
     g = torch.Generator().manual_seed(0)
     m, n = shape

@@ -75,6 +75,7 @@ class MergeMethod:
     params: ClassVar[dict[str, Param]] = {}
     needs_global: ClassVar[bool] = False  # merged() needs something known only after every tensor folded
     elementwise: bool = False  # fold() may be given any flat slice of any tensor (and of its state)
+    concurrent_folds: ClassVar[bool] = False  # fold() of two whole tensors may run at once, on two threads
 
     def __init__(self, params: Mapping[str, Any], scalars: Mapping[str, Any]) -> None:
         self.p = dict(params)
