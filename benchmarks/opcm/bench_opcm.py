@@ -179,7 +179,9 @@ def report(args: argparse.Namespace, shape: LlamaShape, ours: dict[str, Any], fb
         f"({shape.parameters * 4 / 2**30:.2f} GiB).{vocab_note} Fine-tunes: base + rank-4 update + dense noise "
         f"(mergeops.synthetic, seeds 1..{args.n}). alpha = {args.alpha}, zero_diagonal = true (stock FusionBench). "
         f"{os.cpu_count()} CPUs; torch threads: FusionBench {fb['threads']}, mergeops "
-        f"{ours['steps'][-1]['threads']} (OMP_NUM_THREADS = MKL_NUM_THREADS = {args.threads}). "
+        f"{ours['steps'][-1]['threads']} (OMP_NUM_THREADS = MKL_NUM_THREADS = {args.threads}); mergeops also "
+        "factorises two projected tensors at once on two worker threads of one torch thread each (its own "
+        "parallelism, independent of OMP_NUM_THREADS), FusionBench one tensor at a time. "
         f"fusion-bench {fb['fusion_bench']}, torch {fb['torch']}; mergeops {mergeops_revision()}.",
         "",
         "| step t | mergeops fold: process wall | mergeops: in main() | mergeops VmHWM | "
