@@ -1,4 +1,4 @@
-"""Computing ahead on worker threads: results in order, bounded work in flight, errors and early exits."""
+"""Fold threads: computing ahead (results in order, bounded work in flight, errors, early exits) and GIL handoff."""
 
 from __future__ import annotations
 
@@ -67,3 +67,15 @@ def test_closing_early_computes_nothing_more():
     results.close()
     assert len(tracker.started) <= 3  # the first, plus at most the two computed ahead of it
     assert not [t for t in threading.enumerate() if t.name.startswith("mergeops-fold")]
+
+
+def test_quick_gil_handoff_shortens_the_switch_interval_only_inside():
+    import sys
+
+    from mergeops.threads import quick_gil_handoff
+
+    before = sys.getswitchinterval()
+    with pytest.raises(RuntimeError), quick_gil_handoff(0.0003):
+        assert sys.getswitchinterval() == pytest.approx(0.0003)
+        raise RuntimeError("a fold fails")
+    assert sys.getswitchinterval() == before

@@ -48,11 +48,12 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return self.numel * self.dtype.itemsize
 
 
 class _HashWorker:
@@ -151,7 +152,6 @@ class ModelWriter:
         if not self.specs:
             raise ValueError("a model folder needs at least one tensor")
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.shard_bytes = shard_bytes
         self.donor = Path(donor) if donor is not None else None
         self.extra_files: dict[str, bytes] = {}
         # Files derived from the others' hashes (a card or provenance naming the digest), made last.
@@ -168,7 +168,8 @@ class ModelWriter:
         self._tmp: Path | None = None
         self._fds: dict[str, int] = {}
         self._written: dict[str, int] = {}  # tensor -> elements written front to back so far
-        # The layout is fixed up front: file name -> (its tensors, their offsets, header length).
+        # The layout is fixed up front (file name -> its tensors; tensor -> file and offset), so the order to
+        # write in is known before the first byte.
         shards = _plan_shards(list(self.specs.values()), shard_bytes, shard_group)
         names = [SINGLE_FILE] if len(shards) == 1 else [
             f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
@@ -234,11 +235,11 @@ class ModelWriter:
     def _write_flat(self, name: str, start: int, values: torch.Tensor) -> None:
         spec = self.specs[name]
         data = values.reshape(-1) if values.is_contiguous() else values.contiguous().reshape(-1)
-        if start + data.numel() > math.prod(spec.shape):
+        if start + data.numel() > spec.numel:
             raise ValueError(f"a piece of {data.numel()} elements at {start} overruns tensor {name!r} {spec.shape}")
         file_name, tensor_offset = self._where[name]
-        offset, end = tensor_offset + start * spec.dtype.itemsize, tensor_offset + (start + data.numel()) * \
-            spec.dtype.itemsize
+        offset = tensor_offset + start * spec.dtype.itemsize
+        end = offset + data.numel() * spec.dtype.itemsize
         write_at(self._fds[file_name], data, offset)
         self._written[name] = start + data.numel()
         running = self._running.get(file_name)
@@ -281,7 +282,7 @@ class ModelWriter:
         assert self._tmp is not None
         try:
             if exc_type is None:
-                unwritten = sorted(n for n, s in self.specs.items() if self._written.get(n, 0) < math.prod(s.shape))
+                unwritten = sorted(n for n, s in self.specs.items() if self._written.get(n, 0) < s.numel)
                 if unwritten:
                     raise RuntimeError(f"{len(unwritten)} tensor(s) were never written, or only in part, "
                                        f"e.g. {unwritten[0]!r}")
