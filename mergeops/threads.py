@@ -43,23 +43,30 @@ def quick_gil_handoff(interval: float = 0.0002) -> Iterator[None]:
 def map_ahead(function: Callable[[T], R], items: Sequence[T], workers: int, weight: Callable[[T], int],
               budget: int) -> Iterator[tuple[T, R]]:
     """``(item, function(item))`` for each item in order, computed ahead of the consumer on up to ``workers``
-    threads at once (torch releases the GIL in its operations) while the items in flight weigh at most ``budget``
-    together (one item always may). Close the iterator when leaving early: queued items are cancelled and
-    running ones finish."""
+    threads at once (torch releases the GIL in its operations), up to ``2 * workers`` items ahead so that a slow
+    item does not idle the other workers, while the items in flight weigh at most ``budget`` together (one item
+    always may). The workers go on while the consumer handles a result, which no longer counts. Close the iterator
+    when leaving early: queued items are cancelled and running ones finish."""
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergeops-fold")
     pending: deque[tuple[T, Future[R]]] = deque()
     submitted, in_flight = 0, 0
+
+    def submit_what_fits() -> None:
+        nonlocal submitted, in_flight
+        while submitted < len(items) and len(pending) < 2 * workers and (
+                not pending or in_flight + weight(items[submitted]) <= budget):
+            item = items[submitted]
+            pending.append((item, pool.submit(function, item)))
+            in_flight += weight(item)
+            submitted += 1
+
     try:
-        while submitted < len(items) or pending:
-            while submitted < len(items) and len(pending) < workers and (
-                    not pending or in_flight + weight(items[submitted]) <= budget):
-                item = items[submitted]
-                pending.append((item, pool.submit(function, item)))
-                in_flight += weight(item)
-                submitted += 1
+        submit_what_fits()
+        while pending:
             item, future = pending.popleft()
             result = future.result()
             in_flight -= weight(item)
+            submit_what_fits()
             yield item, result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -46,6 +46,32 @@ def test_two_items_are_computed_at_once_when_they_fit():
 
 
 @pytest.mark.timeout(30)
+def test_the_workers_go_on_while_the_consumer_handles_a_result():
+    started = [threading.Event() for _ in range(4)]
+
+    def work(item: int) -> int:
+        started[item].set()
+        return item
+
+    results = map_ahead(work, [0, 1, 2, 3], workers=2, weight=lambda x: 1, budget=2)
+    assert next(results) == (0, 0)
+    assert started[2].wait(10)  # two items are computed while the consumer holds the first
+    assert list(results) == [(1, 1), (2, 2), (3, 3)]
+
+
+@pytest.mark.timeout(30)
+def test_a_slow_item_does_not_idle_the_other_worker():
+    started = [threading.Event() for _ in range(4)]
+
+    def work(item: int) -> bool:
+        started[item].set()
+        return started[3].wait(10) if item == 0 else True  # the first finishes only once the fourth has started
+
+    results = list(map_ahead(work, [0, 1, 2, 3], workers=2, weight=lambda x: 1, budget=100))
+    assert results == [(0, True), (1, True), (2, True), (3, True)]
+
+
+@pytest.mark.timeout(30)
 def test_an_error_reaches_the_consumer_at_its_item():
     def work(item: int) -> int:
         if item == 3:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 
@@ -29,7 +29,7 @@ from mergeops.fold.metrics import load_metrics
 from mergeops.intake.validate import problems_against_base, tensor_value_problem
 from mergeops.ledger.card import Input, VersionFacts, card_files, read_license
 from mergeops.ledger.store import Ledger, VersionRecord, signing_key_path, utc_now
-from mergeops.model import ModelFolder, ModelWriter, TensorSpec, folder_digest, piece_bounds
+from mergeops.model import ModelFolder, ModelWriter, Pieces, TensorSpec, folder_digest, piece_bounds
 from mergeops.model.digest import BackgroundDigest, digest_of_listing
 from mergeops.model.writer import TEMP_MARKER
 from mergeops.policy import Policy, StreamConfig
@@ -43,7 +43,6 @@ DIGEST_PLACEHOLDER = "sha256:" + "0" * 64  # as long as a real digest, so the he
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-T = TypeVar("T")
 Folded = tuple[dict[str, torch.Tensor], torch.Tensor | None]  # a tensor's new state, and its merged value if due
 
 
@@ -275,11 +274,8 @@ class _Fold:
                        for kind in self.kinds for n in order if n in self.floating]
         with ModelWriter(self.state_dir, state_specs, metadata={"mergeops.stream": self.stream.name},
                          shard_group=lambda spec: spec.name.split(STATE_SEPARATOR, 1)[0]) as state, \
-                output or nullcontext(), ExitStack() as single_pass:
-            whole = [n for n in order if n in self.floating and
-                     not self.method.folds_in_pieces(n, self.base.tensors[n].shape)]
-            whole_names = set(whole)
-            folded_whole = single_pass.enter_context(closing(self._fold_ahead(whole)))
+                output or nullcontext(), \
+                closing(self._prepared([n for n in order if n in self.floating])) as prepared:
             for name in order:
                 if progress:
                     progress(self.folder.tensors[name].nbytes)
@@ -289,15 +285,16 @@ class _Fold:
                     if output:
                         output.write(name, base)
                     continue
-                if name in whole_names:
-                    folded, (new_state, merged) = next(folded_whole)
-                    assert folded == name, "whole tensors are folded in the order they are written"
+                prepared_name, extra = next(prepared)
+                assert prepared_name == name, "tensors are prepared in the order they are written"
+                if self.method.folds_in_pieces(name, self.base.tensors[name].shape):
+                    self._fold_pieces(name, extra, state, output)
+                else:
+                    new_state, merged = self._fold_whole(name, extra)
                     for kind, value in new_state.items():
                         state.write(_state_name(kind, name), value)
                     if output:
                         output.write(name, merged)
-                else:
-                    self._fold_pieces(name, state, output)
                 if output:
                     self._settle(output, wait=False)
             self.digest()  # a duplicate must stop the fold before its state is kept
@@ -311,39 +308,47 @@ class _Fold:
         self.state_hashes = state.file_hashes
         return output
 
-    def _fold_ahead(self, whole: list[str]) -> Iterator[tuple[str, Folded]]:
-        """The tensors folded whole, in order. A method that allows it (OPCM: projections) gets them computed
-        ahead on two threads, one torch thread each; memory stays that of the largest tensor's fold alone or of
-        two of the next largest."""
-        if not self.method.concurrent_folds or len(whole) < 2:
-            return ((name, self._fold_whole(name)) for name in whole)
-        sizes = sorted((self.base.tensors[n].numel for n in whole), reverse=True)
-        return _on_one_torch_thread(map_ahead(self._fold_whole, whole, workers=2, budget=max(sizes[0], 2 * sizes[1]),
-                                              weight=lambda name: self.base.tensors[name].numel))
+    def _prepared(self, names: list[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """What each tensor's fold needs beyond its inputs (``MergeMethod.prepare``), in order. Long preparations
+        (OPCM's projections) are computed ahead on two threads, one torch thread each, while the fold goes on;
+        those in flight stay within the two largest preparations' memory."""
+        ahead = [n for n in names if self.method.prepares_ahead(n, self.base.tensors[n].shape)]
+        ahead_names = set(ahead)
+        sizes = sorted((self.base.tensors[n].numel for n in ahead), reverse=True)
+        computed = map_ahead(self._prepare, ahead, workers=2, budget=sum(sizes[:2]),
+                             weight=lambda name: self.base.tensors[name].numel)
+        # a torch thread per tensor, not per operation, while two are prepared at once
+        with closing(computed), one_torch_thread() if ahead else nullcontext():
+            for name in names:
+                yield next(computed) if name in ahead_names else (name, self._prepare(name))
 
-    def _fold_whole(self, name: str) -> Folded:
+    def _prepare(self, name: str) -> dict[str, Any]:
+        state = {k: self.old_state.stored(_state_name(k, name)) for k in self.kinds} if self.old_state else {}
+        return self.method.prepare(name, self.base.stored(name), self.folder.stored(name), state)
+
+    def _fold_whole(self, name: str, extra: dict[str, Any]) -> Folded:
         """Fold one tensor at once: its new state, and its merged value when the output is written now."""
         new, base = self._checked_float(name, self.folder.read(name)), self.base.read(name).float()
         self._add_update(name, new, base)
-        inputs = {key: stored.read().float() for key, stored in self.method.tensor_inputs(name).items()}
+        inputs = {key: value.read().float() if isinstance(value, Pieces) else value for key, value in extra.items()}
         new_state = self.method.fold(name, base, new, self.state_of(self.old_state, name), **inputs)
         if self.method.needs_global:
             return new_state, None
         dtype = _output_dtype(self.stream, self.base.tensors[name].dtype)
         return new_state, self.method.merged(name, base, new_state).to(dtype)
 
-    def _fold_pieces(self, name: str, state: ModelWriter, output: ModelWriter | None) -> None:
-        """Fold one tensor in cache-sized flat pieces, read from and written to disk piece by piece: memory
+    def _fold_pieces(self, name: str, extra: dict[str, Any], state: ModelWriter, output: ModelWriter | None) -> None:
+        """Fold one tensor in cache-sized pieces of whole rows, read from and written to disk piece by piece: memory
         for a few pieces, not the tensor, and one pass over it while it is in cache."""
-        inputs = self.method.tensor_inputs(name)
         with one_torch_thread():  # pieces are too small to share out; the other core hashes what is written
-            for start, stop in piece_bounds(self.base.tensors[name].numel):
+            for start, stop in piece_bounds(self.base.tensors[name].shape):
                 new = self._checked_float(name, self.folder.read(name, start, stop))
                 base = self.base.read(name, start, stop).float()
                 self._add_update(name, new, base)
+                inputs = {key: value.read(start, stop).float() if isinstance(value, Pieces) else value
+                          for key, value in extra.items()}
                 new_state = self.method.fold(name, base, new, self.state_of(self.old_state, name, start, stop),
-                                             **{key: stored.read(start, stop).float() for key, stored in
-                                                inputs.items()})
+                                             **inputs)
                 for kind, value in new_state.items():
                     state.write_piece(_state_name(kind, name), start, value)
                 if output:
@@ -384,7 +389,7 @@ class _Fold:
                 if name not in self.floating:
                     writer.write(name, self.base.read(name))
                     continue
-                for start, stop in piece_bounds(self.base.tensors[name].numel):
+                for start, stop in piece_bounds(self.base.tensors[name].shape):
                     merged = self.method.merged(name, self.base.read(name, start, stop).float(),
                                                 self.state_of(state, name, start, stop))
                     writer.write_piece(name, start, merged.to(writer.specs[name].dtype))
@@ -415,11 +420,6 @@ class _Fold:
         _prune(stream, self.stream_home / "state", version)
         return FoldResult("merged", stream.name, version, self.output_dir, self.described["digest"],
                           output_digest=output_digest, notes=tuple(self.method.notes))
-
-
-def _on_one_torch_thread(items: Iterator[T]) -> Iterator[T]:
-    with one_torch_thread():  # a thread per tensor, not per operation
-        yield from items
 
 
 def _state_name(kind: str, name: str) -> str:

@@ -8,11 +8,12 @@ each tensor is read on its own, so nothing ever needs the whole model in memory.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -62,6 +63,13 @@ class TensorInfo:
         return self.entry.nbytes
 
 
+@runtime_checkable
+class Pieces(Protocol):
+    """Something a tensor's flat pieces can be read from: a stored tensor, or a value computed piece by piece."""
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class StoredTensor:
     """One tensor of an open model folder, not read yet: read it whole, or piece by piece."""
@@ -73,14 +81,22 @@ class StoredTensor:
     def numel(self) -> int:
         return self.folder.tensors[self.name].numel
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.folder.tensors[self.name].shape
+
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self.folder.read(self.name, start, stop)
 
 
-def piece_bounds(numel: int) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` of the consecutive flat pieces of ``PIECE`` elements that make up ``numel``."""
-    for start in range(0, numel, PIECE):
-        yield start, min(start + PIECE, numel)
+def piece_bounds(shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of the consecutive flat pieces, about ``PIECE`` elements each, that make up a tensor of
+    ``shape``; every piece is whole rows (a 2-D tensor's piece is a block of its rows)."""
+    numel = math.prod(shape)
+    row = numel // shape[0] if len(shape) > 1 and shape[0] else 1
+    step = max(1, PIECE // row) * row
+    for start in range(0, numel, step):
+        yield start, min(start + step, numel)
 
 
 class ModelFolder:

@@ -76,8 +76,10 @@ def default_projected(name: str, tensor: torch.Tensor) -> bool:
     return tensor.dim() == 2 and name.endswith(".weight") and not DEFAULT_NOT_LINEAR.search(name)
 
 
-def project_update(s: torch.Tensor, tau: torch.Tensor, alpha: float, zero_diagonal: bool) -> torch.Tensor:
-    """τ with its coefficients in S's top-r singular block (and the diagonal) removed, by full SVD."""
+def project_update(s: torch.Tensor, tau: torch.Tensor, alpha: float, zero_diagonal: bool,
+                   diagonal_rank: int | None = None) -> torch.Tensor:
+    """τ with its coefficients in S's top-r singular block (and the diagonal, or its first ``diagonal_rank``
+    entries) removed, by full SVD."""
     u, sigma, vh = torch.linalg.svd(s, full_matrices=True)
     share = torch.cumsum(sigma, 0) / sigma.sum()
     r = int((share <= alpha).sum())
@@ -85,7 +87,7 @@ def project_update(s: torch.Tensor, tau: torch.Tensor, alpha: float, zero_diagon
     mask = torch.zeros_like(c, dtype=torch.bool)
     mask[:r, :r] = True
     if zero_diagonal:
-        k = min(c.shape)
+        k = min(c.shape) if diagonal_rank is None else diagonal_rank
         mask[range(k), range(k)] = True
     return tau - u @ (c * mask) @ vh
 

@@ -7,9 +7,11 @@ quantities are gathered in ``survey`` passes before the fold, or during the fold
 in a second pass (``needs_global``). Everything a method must remember between folds is its state
 tensors plus JSON scalars; it never sees older checkpoints (except MWA's window, through ``Arrival``).
 
-A method whose ``fold`` treats every entry on its own (``elementwise``, or per tensor ``folds_in_pieces``) is
-handed flat, cache-sized pieces of each tensor instead of whole tensors, read from disk and written back
-piece by piece: memory for a few pieces instead of a few tensors, and one pass over it while it is in cache.
+A method whose ``fold`` can work a block of rows at a time (``elementwise``, or per tensor ``folds_in_pieces``)
+is handed flat, cache-sized pieces of each tensor (whole rows) instead of whole tensors, read from disk and written
+back piece by piece: memory for a few pieces instead of a few tensors, and one pass over it while it is in cache.
+What such a fold needs to know about the whole tensor first (OTA's mean curvature, OPCM's projection) it gathers
+in ``prepare``, which may read the tensor's inputs piece by piece too.
 """
 
 from __future__ import annotations
@@ -75,7 +77,6 @@ class MergeMethod:
     params: ClassVar[dict[str, Param]] = {}
     needs_global: ClassVar[bool] = False  # merged() needs something known only after every tensor folded
     elementwise: bool = False  # fold() may be given any flat slice of any tensor (and of its state)
-    concurrent_folds: ClassVar[bool] = False  # fold() of two whole tensors may run at once, on two threads
 
     def __init__(self, params: Mapping[str, Any], scalars: Mapping[str, Any]) -> None:
         self.p = dict(params)
@@ -128,12 +129,22 @@ class MergeMethod:
         """See one tensor during a survey pass (to gather a model-wide statistic)."""
 
     def folds_in_pieces(self, name: str, shape: tuple[int, ...]) -> bool:
-        """Whether ``fold`` may be given flat pieces of tensor ``name``; by default, whether ``elementwise``."""
+        """Whether ``fold`` may be given pieces (blocks of whole rows, flat) of tensor ``name``; by default, whether
+        ``elementwise``."""
         return self.elementwise
 
-    def tensor_inputs(self, name: str) -> dict[str, StoredTensor]:
-        """Inputs of one tensor beyond base and checkpoint (OTA: the curvature), stored tensors of the tensor's
-        shape. ``fold`` gets them in float32 as keyword arguments, cut into the same pieces as the rest."""
+    def prepares_ahead(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether ``prepare`` of tensor ``name`` is long work that may run ahead of the fold on a worker thread,
+        at once with other tensors' (so it must not change the method's own attributes)."""
+        return False
+
+    def prepare(self, name: str, base: StoredTensor, new: StoredTensor,
+                state: Mapping[str, StoredTensor]) -> dict[str, Any]:
+        """What the fold of tensor ``name`` needs beyond base, checkpoint and state, gathered before it starts:
+        ``fold`` gets each entry as a keyword argument. An entry with a ``read(start, stop)`` method (a stored
+        tensor of this tensor's shape, like OTA's curvature, or a value computed piece by piece, like OPCM's
+        projection) is read in float32, cut into the same pieces as the rest; any other entry is passed as is.
+        ``state`` is empty for the stream's first checkpoint."""
         return {}
 
     def fold(self, name: str, base: torch.Tensor, new: torch.Tensor,

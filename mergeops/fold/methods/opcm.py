@@ -5,23 +5,35 @@ projected tensor, the part of the new task vector lying in both the top-r left a
 singular subspaces of S is removed, so later tasks do not overwrite what earlier ones established.
 The merged model is θ0 + n̄_t · S/‖S‖ with n̄_t the mean task-vector norm (a model-wide quantity,
 hence ``needs_global``).
+
+How a projection streams. Let A be S if S has at least as many rows as columns, else Sᵀ. The eigendecomposition
+of AᵀA (float64, summed over blocks of A's rows) gives S's singular values and its small singular factor; the
+large one is A V Σ⁻¹, computed a block of rows at a time. A tall S is never read whole: it is read in blocks of
+rows, twice, and the projection holds its left singular factor U (S's size) and n×n matrices. The coefficients
+U_rᵀ τ V_r and u_iᵀ τ v_i come from one more pass over τ's rows, and the fold removes U C Vᵀ a block of rows at
+a time. A wide S (a few rows of many columns, like a down projection) is read whole and transposed.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
 from mergeops.fold.methods.base import Arrival, MergeMethod, Param
+from mergeops.model import Pieces, StoredTensor
 
 # Embedding-like matrices are rows of a lookup table, not linear maps: projecting them is meaningless.
 _NOT_LINEAR = re.compile(r"embed|wte|wpe|position|token_type|shared")
-# σ_min² / σ_max² below which a Gram matrix's eigenvectors no longer match a float32 SVD's accuracy.
+# σ_i² / σ_1² at or below which S's i-th singular direction is below float32's resolution of S: its left singular
+# vector is arbitrary (in any SVD of S), so it is neither protected nor has its diagonal coefficient removed.
 _GRAM_FLOOR = 1e-14
-# Rows of a matrix converted to float64 at a time in thin_svd (32 MiB at 1024 columns).
-_BLOCK_ROWS = 4096
+# Elements of A converted to float64 at a time (2 MiB).
+_BLOCK = 1 << 18
 
 
 def _regex_list(value: list) -> str | None:
@@ -47,64 +59,127 @@ def projection_rank(singular_values: torch.Tensor, alpha: float) -> int:
 
 
 def sum_of_squares(tensor: torch.Tensor) -> float:
-    """Σ x² in float64, a block of rows at a time (no tensor-sized temporary)."""
+    """Σ x² in float64, a block at a time (no tensor-sized temporary)."""
     flat = tensor.reshape(-1)
-    step = _BLOCK_ROWS * 256
-    return math.fsum(float(flat[i:i + step].square().sum(dtype=torch.float64)) for i in range(0, flat.numel(), step))
+    blocks = range(0, flat.numel(), _BLOCK)
+    return math.fsum(float(flat[i:i + _BLOCK].square().sum(dtype=torch.float64)) for i in blocks)
 
 
-def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, σ (descending) and Vᵀ of a matrix (in its dtype), from the eigendecomposition of its smaller Gram matrix
-    in float64: 1.2-2.9× faster than LAPACK's SVD on one core (LAPACK is slowest on wide matrices), and at least
-    as accurate as a float32 SVD wherever σ_i > 1e-7·σ_1. The float64 work goes through blocks of rows, so the
-    matrix is never copied to float64 whole. A (nearly) rank-deficient matrix, whose null-space vectors the Gram
-    matrix cannot give, goes to LAPACK."""
-    tall = matrix.shape[0] >= matrix.shape[1]
-    a = matrix if tall else matrix.T  # A or Aᵀ, whichever has more rows: its Gram matrix is the smaller one
-    blocks = [slice(start, start + _BLOCK_ROWS) for start in range(0, a.shape[0], _BLOCK_ROWS)]
-    gram = torch.zeros(a.shape[1], a.shape[1], dtype=torch.float64)
-    for rows in blocks:
-        block = a[rows].double()
-        gram.addmm_(block.T, block)
+@dataclass(frozen=True)
+class InMemory:
+    """A tensor in memory, read whole or in flat pieces like a stored one."""
+
+    tensor: torch.Tensor
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.tensor.reshape(-1)[start:stop] if start or stop is not None else self.tensor
+
+
+@dataclass(frozen=True)
+class _Difference:
+    """τ = new − base, in float32, read piece by piece."""
+
+    new: Pieces
+    base: Pieces
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.new.read(start, stop).float().sub_(self.base.read(start, stop).float())
+
+
+@dataclass(frozen=True)
+class _Product:
+    """left @ right, read piece by piece: a piece of whole rows needs only those rows of ``left``."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        columns = self.right.shape[1]
+        rows = slice(start // columns, None if stop is None else stop // columns)
+        return (self.left[rows] @ self.right).reshape(-1)
+
+
+class _Block(NamedTuple):
+    """A block of whole rows of a matrix: which rows, and where they lie in its flat storage."""
+
+    rows: slice
+    start: int
+    stop: int
+
+
+def _row_blocks(rows: int, columns: int) -> list[_Block]:
+    """Blocks of about ``_BLOCK`` elements of a rows × columns matrix."""
+    step = max(1, _BLOCK // max(columns, 1))
+    return [_Block(slice(first, min(first + step, rows)), first * columns, min(first + step, rows) * columns)
+            for first in range(0, rows, step)]
+
+
+def _removed_coefficients_times(k: torch.Tensor, r: int, zero_diagonal: bool, x_t: torch.Tensor) -> torch.Tensor:
+    """C Xᵀ, where C keeps of the coefficients K the top-r block and, with ``zero_diagonal``, the diagonal."""
+    product = k.diagonal()[:, None] * x_t if zero_diagonal else torch.zeros_like(x_t)
+    product[:r] = k[:r, :r] @ x_t[:r]
+    return product
+
+
+def update_removal(accumulated: Pieces, update: Pieces, shape: tuple[int, int], alpha: float,
+                   zero_diagonal: bool) -> Pieces | None:
+    """What OPCM removes from the update τ of a projected tensor of ``shape`` given its accumulated S (SPEC §4:
+    D = τ − removal), to read piece by piece; None if nothing (S is zero, or r = 0 without ``zero_diagonal``)."""
+    rows, columns = shape
+    tall = rows >= columns
+    if tall:
+        a_blocks = _row_blocks(rows, columns)
+
+        def a_block(block: _Block) -> torch.Tensor:  # S is read a block of rows at a time, never whole
+            return accumulated.read(block.start, block.stop).reshape(-1, columns)
+    else:
+        a = accumulated.read().reshape(shape).T
+        a_blocks = _row_blocks(columns, rows)
+
+        def a_block(block: _Block) -> torch.Tensor:
+            return a[block.rows]
+    small = min(shape)
+    gram = torch.zeros(small, small, dtype=torch.float64)
+    for block in a_blocks:
+        values = a_block(block).double()
+        gram.addmm_(values.T, values)
     eigenvalues, vectors = torch.linalg.eigh(gram)
-    eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)
-    if not bool(eigenvalues[-1] > _GRAM_FLOOR * eigenvalues[0]):
-        return torch.linalg.svd(matrix, full_matrices=False)
-    singular = eigenvalues.sqrt()
-    other = torch.empty(a.shape, dtype=matrix.dtype)  # U = A V / σ, or V = Aᵀ U / σ
-    for rows in blocks:
-        other[rows] = (a[rows].double() @ vectors).div_(singular)
-    vectors = vectors.to(matrix.dtype)
-    u, v = (other, vectors) if tall else (vectors, other)
-    return u, singular.to(matrix.dtype), v.T
+    eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)  # descending, as singular values are
+    if not bool(eigenvalues[0] > 0):
+        return None  # nothing merged in this tensor yet: no subspace to protect
+    r = projection_rank(eigenvalues.clamp(min=0).sqrt(), alpha)
+    if r == 0 and not zero_diagonal:
+        return None
+    resolved = eigenvalues > _GRAM_FLOOR * eigenvalues[0]
+    inverse = torch.where(resolved, eigenvalues.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), 0.0)  # 1/σ_i
+    large = torch.empty(max(shape), small)  # A V Σ⁻¹: U if S is tall, V if it is wide
+    for block in a_blocks:
+        large[block.rows] = (a_block(block).double() @ vectors).mul_(inverse)
+    vectors = vectors.float()
+    tau_blocks = _row_blocks(rows, columns)
+    if tall:  # K = Uᵀ τ V, with Uᵀ τ summed over blocks of rows
+        left_t_tau = torch.zeros(small, columns)
+        for block in tau_blocks:
+            left_t_tau.addmm_(large[block.rows].T, update.read(block.start, block.stop).reshape(-1, columns))
+        k = left_t_tau @ vectors
+        return _Product(large, _removed_coefficients_times(k, r, zero_diagonal, vectors.T))
+    tau_v = torch.empty(rows, small)  # K = Uᵀ (τ V), τ V a block of rows at a time
+    for block in tau_blocks:
+        tau_v[block.rows] = update.read(block.start, block.stop).reshape(-1, columns) @ large
+    k = vectors.T @ tau_v
+    return _Product(vectors, _removed_coefficients_times(k, r, zero_diagonal, large.T))
 
 
 def project_update(accumulated: torch.Tensor, tau: torch.Tensor, alpha: float, zero_diagonal: bool) -> torch.Tensor:
-    """D = τ − U_r (U_rᵀ τ V_r) V_rᵀ [− Σ_{i≥r} (u_iᵀ τ v_i) u_i v_iᵀ], with the thin SVD of S, computed in
-    place of ``tau`` (both coefficient sets come from the original τ) to keep tensor-sized temporaries few."""
-    if not bool(accumulated.any()):
-        return tau  # nothing merged in this tensor yet: no subspace to protect
-    u, s, vh = thin_svd(accumulated)
-    r = projection_rank(s, alpha)
-    ur, vr = u[:, :r], vh[:r].T
-    core = ur.T @ tau @ vr if r else None
-    diagonal = None
-    if zero_diagonal and r < s.numel():
-        ut, v = u[:, r:].T, vh[r:]
-        diagonal = ((ut @ tau) * v).sum(dim=1)  # u_iᵀ τ v_i for i ≥ r, without forming the k×k product
-    if core is not None:  # multiply the r×r core into the smaller factor: no tensor-sized temporary
-        left, right = (ur, core @ vr.T) if ur.shape[0] >= vr.shape[0] else (ur @ core, vr.T)
-        tau.addmm_(left, right, alpha=-1)
-    if diagonal is not None:  # scale the smaller factor: U's columns or Vᵀ's rows
-        left, right = (ut.T * diagonal, v) if ut.shape[1] <= v.shape[1] else (ut.T, diagonal[:, None] * v)
-        tau.addmm_(left, right, alpha=-1)
-    return tau
+    """D = τ − U_r (U_rᵀ τ V_r) V_rᵀ [− Σ_{i≥r} (u_iᵀ τ v_i) u_i v_iᵀ] for tensors in memory, in place of ``tau``:
+    what a fold computes piece by piece."""
+    removal = update_removal(InMemory(accumulated), InMemory(tau), (tau.shape[0], tau.shape[1]), alpha, zero_diagonal)
+    return tau if removal is None else tau.sub_(removal.read().reshape(tau.shape))
 
 
 class OPCM(MergeMethod):
     name = "opcm"
     needs_global = True
-    concurrent_folds = True  # projections are independent; the norms are summed exactly, in any order
     params = {
         "alpha": Param(0.5, float, _alpha_range, "share of S's spectrum protected from new updates"),
         "zero_diagonal": Param(False, bool, help="also remove the diagonal coefficients (FusionBench's code)"),
@@ -123,24 +198,33 @@ class OPCM(MergeMethod):
         return name.endswith(".weight") and not _NOT_LINEAR.search(name)
 
     def folds_in_pieces(self, name: str, shape: tuple[int, ...]) -> bool:
-        return self.t == 1 or not self.is_projected(name, shape)  # a projection needs the SVD of the whole S
+        return True  # given its projection (prepare), a tensor's fold is row by row
+
+    def prepares_ahead(self, name: str, shape: tuple[int, ...]) -> bool:
+        return self.t > 1 and self.is_projected(name, shape)  # projections are independent of each other
+
+    def prepare(self, name: str, base: StoredTensor, new: StoredTensor,
+                state: Mapping[str, StoredTensor]) -> dict[str, Any]:
+        if not state or not self.is_projected(name, base.shape):
+            return {}
+        rows, columns = base.shape
+        removal = update_removal(state["sum"], _Difference(new, base), (rows, columns), self.p["alpha"],
+                                 self.p["zero_diagonal"])
+        return {} if removal is None else {"removal": removal}
 
     def begin(self, arrival: Arrival) -> None:
         super().begin(arrival)
         self._tau_sq: dict[str, float] = {}  # per tensor (a tensor's pieces come in order on one thread)
         self._sum_sq: dict[str, float] = {}
 
-    def fold(self, name: str, base: torch.Tensor, new: torch.Tensor,
-             state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def fold(self, name: str, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor], *,
+             removal: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         tau = new.sub_(base)
         self._tau_sq[name] = self._tau_sq.get(name, 0.0) + sum_of_squares(tau)
         if not state:
             accumulated = tau
-        elif self.is_projected(name, tuple(tau.shape)):
-            previous = state["sum"]
-            accumulated = previous.add_(project_update(previous, tau, self.p["alpha"], self.p["zero_diagonal"]))
         else:
-            accumulated = state["sum"].add_(tau)
+            accumulated = state["sum"].add_(tau if removal is None else tau.sub_(removal))
         self._sum_sq[name] = self._sum_sq.get(name, 0.0) + sum_of_squares(accumulated)
         return {"sum": accumulated}
 

@@ -12,6 +12,8 @@ task vectors is used (``"mean"``).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -94,7 +96,8 @@ class OTA(MergeMethod):
     def _v(self, name: str) -> torch.Tensor:
         return self._checked(name, self.v.read(name))
 
-    def tensor_inputs(self, name: str) -> dict[str, StoredTensor]:
+    def prepare(self, name: str, base: StoredTensor, new: StoredTensor,
+                state: Mapping[str, StoredTensor]) -> dict[str, Any]:
         """The curvature, checked, and ε for this tensor (one pass over it, piece by piece unless ``rank1``)."""
         v = self.v.stored(name)
         power = self.p["power"]
@@ -102,10 +105,9 @@ class OTA(MergeMethod):
             total = float(curvature(self._v(name), power, rank1=True).sum(dtype=torch.float64))
         else:
             total = sum(float(curvature(self._checked(name, v.read(start, stop)), power, rank1=False)
-                              .sum(dtype=torch.float64)) for start, stop in piece_bounds(v.numel))
+                              .sum(dtype=torch.float64)) for start, stop in piece_bounds(v.shape))
         mean = total / v.numel if v.numel else 0.0
-        self.epsilon = self.p["epsilon"] * (mean or 1.0)  # relative to this tensor's mean curvature
-        return {"v": v}
+        return {"v": v, "epsilon": self.p["epsilon"] * (mean or 1.0)}  # ε relative to this tensor's mean curvature
 
     def survey_needed(self) -> bool:
         if self.saliency is None or self.saliency.done:
@@ -123,9 +125,9 @@ class OTA(MergeMethod):
         return v * tau.square()
 
     def fold(self, name: str, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor], *,
-             v: torch.Tensor) -> dict[str, torch.Tensor]:
+             v: torch.Tensor, epsilon: float) -> dict[str, torch.Tensor]:
         tau = new.sub_(base)
-        weight = curvature(v, self.p["power"], self.p["rank1"]).add_(self.epsilon)
+        weight = curvature(v, self.p["power"], self.p["rank1"]).add_(epsilon)
         if self.multiplier != 1.0:
             weight.mul_(self.multiplier)
         if self.saliency is not None:
