@@ -68,5 +68,6 @@ def map_ahead(function: Callable[[T], R], items: Sequence[T], workers: int, weig
             in_flight -= weight(item)
             submit_what_fits()
             yield item, result
+            del result  # not kept while the next one is awaited
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

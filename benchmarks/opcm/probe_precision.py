@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from mergeops.fold.methods.base import Arrival
-from mergeops.fold.methods.opcm import OPCM, project_update, projection_rank
+from mergeops.fold.methods.opcm import OPCM, InMemory, project_update, projection_rank
 from mergeops.model import ModelFolder
 
 
@@ -40,10 +40,17 @@ def merge(base: dict[str, torch.Tensor], checkpoints: list[dict[str, torch.Tenso
     for t, checkpoint in enumerate(checkpoints, 1):
         method = OPCM(params, scalars)
         method.begin(Arrival(folder=None, resolve_digest=str, t=t))  # type: ignore[arg-type]  # OPCM reads only t
-        state = {n: method.fold(n, base[n].to(dtype), checkpoint[n].to(dtype, copy=True), state[n]) for n in base}
+        state = {n: fold(method, n, base[n].to(dtype), checkpoint[n].to(dtype, copy=True), state[n]) for n in base}
         method.finish()
         scalars = method.scalars
     return {n: method.merged(n, base[n].to(dtype), state[n]) for n in base}
+
+
+def fold(method: OPCM, name: str, base: torch.Tensor, new: torch.Tensor,
+         state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One tensor's fold as the engine runs it: prepare (the projection), then fold, here on whole tensors."""
+    extra = method.prepare(name, InMemory(base), InMemory(new), {k: InMemory(v) for k, v in state.items()})
+    return method.fold(name, base, new, state, **{k: v.read() for k, v in extra.items()})
 
 
 def max_rel_tv(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> str:

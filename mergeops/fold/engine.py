@@ -295,6 +295,7 @@ class _Fold:
                         state.write(_state_name(kind, name), value)
                     if output:
                         output.write(name, merged)
+                del extra  # a projection's factor is not kept while the next one is awaited
                 if output:
                     self._settle(output, wait=False)
             self.digest()  # a duplicate must stop the fold before its state is kept
@@ -318,7 +319,7 @@ class _Fold:
         computed = map_ahead(self._prepare, ahead, workers=2, budget=sum(sizes[:2]),
                              weight=lambda name: self.base.tensors[name].numel)
         # a torch thread per tensor, not per operation, while two are prepared at once
-        with closing(computed), one_torch_thread() if ahead else nullcontext():
+        with one_torch_thread() if ahead else nullcontext(), closing(computed):  # workers stop before threads reset
             for name in names:
                 yield next(computed) if name in ahead_names else (name, self._prepare(name))
 
@@ -330,8 +331,7 @@ class _Fold:
         """Fold one tensor at once: its new state, and its merged value when the output is written now."""
         new, base = self._checked_float(name, self.folder.read(name)), self.base.read(name).float()
         self._add_update(name, new, base)
-        inputs = {key: value.read().float() if isinstance(value, Pieces) else value for key, value in extra.items()}
-        new_state = self.method.fold(name, base, new, self.state_of(self.old_state, name), **inputs)
+        new_state = self.method.fold(name, base, new, self.state_of(self.old_state, name), **_read_extra(extra))
         if self.method.needs_global:
             return new_state, None
         dtype = _output_dtype(self.stream, self.base.tensors[name].dtype)
@@ -345,10 +345,8 @@ class _Fold:
                 new = self._checked_float(name, self.folder.read(name, start, stop))
                 base = self.base.read(name, start, stop).float()
                 self._add_update(name, new, base)
-                inputs = {key: value.read(start, stop).float() if isinstance(value, Pieces) else value
-                          for key, value in extra.items()}
                 new_state = self.method.fold(name, base, new, self.state_of(self.old_state, name, start, stop),
-                                             **inputs)
+                                             **_read_extra(extra, start, stop))
                 for kind, value in new_state.items():
                     state.write_piece(_state_name(kind, name), start, value)
                 if output:
@@ -420,6 +418,12 @@ class _Fold:
         _prune(stream, self.stream_home / "state", version)
         return FoldResult("merged", stream.name, version, self.output_dir, self.described["digest"],
                           output_digest=output_digest, notes=tuple(self.method.notes))
+
+
+def _read_extra(extra: dict[str, Any], start: int = 0, stop: int | None = None) -> dict[str, Any]:
+    """A tensor's prepared extras for ``fold``: whatever can be read, read (elements [start, stop)) in float32."""
+    return {key: value.read(start, stop).float() if isinstance(value, Pieces) else value
+            for key, value in extra.items()}
 
 
 def _state_name(kind: str, name: str) -> str:

@@ -93,7 +93,9 @@ def piece_bounds(shape: tuple[int, ...]) -> Iterator[tuple[int, int]]:
     """``(start, stop)`` of the consecutive flat pieces, about ``PIECE`` elements each, that make up a tensor of
     ``shape``; every piece is whole rows (a 2-D tensor's piece is a block of its rows)."""
     numel = math.prod(shape)
-    row = numel // shape[0] if len(shape) > 1 and shape[0] else 1
+    if not numel:
+        return
+    row = numel // shape[0] if len(shape) > 1 else 1
     step = max(1, PIECE // row) * row
     for start in range(0, numel, step):
         yield start, min(start + step, numel)

@@ -169,6 +169,22 @@ def test_opcm_projection_of_a_rank_deficient_sum_leaves_its_undefined_directions
         assert float((ours - expected).abs().max() / expected.abs().max()) < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(40, 30), (30, 40)], ids=["tall", "wide"])
+def test_opcm_protects_only_directions_the_sum_defines_even_with_alpha_one(shape):
+    """With α = 1 every singular direction would be protected; those S does not define (σ_i = 0) are left out,
+    the same way for a tensor and for its transpose."""
+    from mergeops.fold.methods.opcm import project_update
+
+    g = torch.Generator().manual_seed(2)
+    accumulated = torch.randn(shape[0], 3, generator=g) @ torch.randn(3, shape[1], generator=g)
+    tau = torch.randn(shape, generator=g)
+    ours = project_update(accumulated, tau.clone(), 1.0, False)
+    transposed = project_update(accumulated.T.contiguous(), tau.T.contiguous(), 1.0, False).T
+    u, _, vh = torch.linalg.svd(accumulated.double())
+    expected = tau.double() - u[:, :3] @ (u[:, :3].T @ tau.double() @ vh[:3].T) @ vh[:3]
+    assert torch.allclose(ours.double(), expected, atol=1e-5) and torch.allclose(transposed, ours, atol=1e-5)
+
+
 def test_opcm_projection_of_a_zero_sum_removes_nothing():
     from mergeops.fold.methods.opcm import project_update
 

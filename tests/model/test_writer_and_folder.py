@@ -207,6 +207,23 @@ def test_a_tensor_reads_in_flat_pieces_that_join_into_the_whole(tmp_path, tensor
             model.read("model.norm.weight", 10, 17)
 
 
+@pytest.mark.parametrize("shape", [(40, 16), (3, 100), (1000,), (), (5, 0), (0, 5)])
+def test_pieces_are_whole_rows_that_cover_the_tensor_once(monkeypatch, shape):
+    import math
+
+    import mergeops.model.folder
+    from mergeops.model import piece_bounds
+
+    monkeypatch.setattr(mergeops.model.folder, "PIECE", 50)
+    bounds = list(piece_bounds(shape))
+    numel = math.prod(shape)
+    row = numel // shape[0] if len(shape) > 1 and shape[0] else 1
+    edges = [0, *[stop for _, stop in bounds]]
+    assert [start for start, _ in bounds] == edges[:-1] and edges[-1] == numel  # consecutive, covering it
+    assert all(start % row == 0 and (stop - start) % row == 0 for start, stop in bounds)  # whole rows
+    assert all(stop - start <= max(50, row) for start, stop in bounds)
+
+
 @pytest.mark.parametrize("order", ["layout", "interleaved"])
 def test_tensors_written_in_pieces_round_trip_with_true_file_hashes(tmp_path, tensors, order):
     """Pieces of tensors in different shard groups may interleave; each file is still written (and hashed)

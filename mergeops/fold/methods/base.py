@@ -76,7 +76,7 @@ class MergeMethod:
     name: ClassVar[str]
     params: ClassVar[dict[str, Param]] = {}
     needs_global: ClassVar[bool] = False  # merged() needs something known only after every tensor folded
-    elementwise: bool = False  # fold() may be given any flat slice of any tensor (and of its state)
+    elementwise: bool = False  # fold() treats every entry on its own, so it may be given pieces of any tensor
 
     def __init__(self, params: Mapping[str, Any], scalars: Mapping[str, Any]) -> None:
         self.p = dict(params)

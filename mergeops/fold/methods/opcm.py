@@ -71,19 +71,25 @@ class InMemory:
 
     tensor: torch.Tensor
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self.tensor.reshape(-1)[start:stop] if start or stop is not None else self.tensor
 
 
 @dataclass(frozen=True)
 class _Difference:
-    """τ = new − base, in float32, read piece by piece."""
+    """τ = new − base, in float32 (or float64 if stored so), read piece by piece."""
 
     new: Pieces
     base: Pieces
 
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self.new.read(start, stop).float().sub_(self.base.read(start, stop).float())
+        new, base = self.new.read(start, stop), self.base.read(start, stop)
+        dtype = torch.promote_types(new.dtype, torch.float32)
+        return new.to(dtype, copy=True).sub_(base.to(dtype))
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,11 @@ class _Product:
     right: torch.Tensor
 
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        if not start and stop is None:
+            return self.left @ self.right
         columns = self.right.shape[1]
+        if start % columns or (stop is not None and stop % columns):
+            raise ValueError(f"elements [{start}, {stop}) are not whole rows of {columns} elements")
         rows = slice(start // columns, None if stop is None else stop // columns)
         return (self.left[rows] @ self.right).reshape(-1)
 
@@ -126,6 +136,8 @@ def update_removal(accumulated: Pieces, update: Pieces, shape: tuple[int, int], 
     """What OPCM removes from the update τ of a projected tensor of ``shape`` given its accumulated S (SPEC §4:
     D = τ − removal), to read piece by piece; None if nothing (S is zero, or r = 0 without ``zero_diagonal``)."""
     rows, columns = shape
+    if not rows or not columns:
+        return None
     tall = rows >= columns
     if tall:
         a_blocks = _row_blocks(rows, columns)
@@ -141,29 +153,31 @@ def update_removal(accumulated: Pieces, update: Pieces, shape: tuple[int, int], 
     small = min(shape)
     gram = torch.zeros(small, small, dtype=torch.float64)
     for block in a_blocks:
-        values = a_block(block).double()
+        values = a_block(block)
+        dtype = values.dtype  # float32 in a fold; float64 when a probe asks for it
+        values = values.double()
         gram.addmm_(values.T, values)
     eigenvalues, vectors = torch.linalg.eigh(gram)
     eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)  # descending, as singular values are
     if not bool(eigenvalues[0] > 0):
         return None  # nothing merged in this tensor yet: no subspace to protect
-    r = projection_rank(eigenvalues.clamp(min=0).sqrt(), alpha)
+    resolved = eigenvalues > _GRAM_FLOOR * eigenvalues[0]  # a leading run of them
+    r = min(projection_rank(eigenvalues.clamp(min=0).sqrt(), alpha), int(resolved.sum()))
     if r == 0 and not zero_diagonal:
         return None
-    resolved = eigenvalues > _GRAM_FLOOR * eigenvalues[0]
     inverse = torch.where(resolved, eigenvalues.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), 0.0)  # 1/σ_i
-    large = torch.empty(max(shape), small)  # A V Σ⁻¹: U if S is tall, V if it is wide
+    large = torch.empty(max(shape), small, dtype=dtype)  # A V Σ⁻¹: U if S is tall, V if it is wide
     for block in a_blocks:
         large[block.rows] = (a_block(block).double() @ vectors).mul_(inverse)
-    vectors = vectors.float()
+    vectors = vectors.to(dtype)
     tau_blocks = _row_blocks(rows, columns)
     if tall:  # K = Uᵀ τ V, with Uᵀ τ summed over blocks of rows
-        left_t_tau = torch.zeros(small, columns)
+        left_t_tau = torch.zeros(small, columns, dtype=dtype)
         for block in tau_blocks:
             left_t_tau.addmm_(large[block.rows].T, update.read(block.start, block.stop).reshape(-1, columns))
         k = left_t_tau @ vectors
         return _Product(large, _removed_coefficients_times(k, r, zero_diagonal, vectors.T))
-    tau_v = torch.empty(rows, small)  # K = Uᵀ (τ V), τ V a block of rows at a time
+    tau_v = torch.empty(rows, small, dtype=dtype)  # K = Uᵀ (τ V), τ V a block of rows at a time
     for block in tau_blocks:
         tau_v[block.rows] = update.read(block.start, block.stop).reshape(-1, columns) @ large
     k = vectors.T @ tau_v
