@@ -54,14 +54,11 @@ CASES = [
 @pytest.mark.parametrize("piece", [None, 7], ids=["default-pieces", "tiny-pieces"])
 def test_streaming_fold_equals_the_batch_formula(tmp_path, monkeypatch, method, params, expected, shard_bytes, piece):
     """Tiny pieces (a row each) split every tensor folded in pieces, as large tensors are split; OPCM's projections
-    then also sum their Gram matrices over several blocks of rows."""
+    then also sum their Gram matrices over as many blocks of rows."""
     import json
-
-    from mergeops.fold.methods import opcm
 
     if piece is not None:
         monkeypatch.setattr(mergeops.model.folder, "PIECE", piece)
-        monkeypatch.setattr(opcm, "_BLOCK", 100)
     base_path, base = make_base(tmp_path, shard_bytes=shard_bytes)
     checkpoints = make_checkpoints(tmp_path, base, CHECKPOINTS, shard_bytes=shard_bytes, curvature=True, metrics=True)
     result = fold_all(tmp_path, method, params, checkpoints, base_path)
@@ -139,7 +136,7 @@ def test_opcm_projection_is_as_accurate_as_float64(monkeypatch, shape, condition
     from mergeops.fold.methods import opcm
 
     if block is not None:
-        monkeypatch.setattr(opcm, "_BLOCK", block)
+        monkeypatch.setattr(mergeops.model.folder, "PIECE", block)
     g = torch.Generator().manual_seed(0)
     m, n = shape
     k = min(shape)

@@ -20,19 +20,19 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from mergeops.fold.methods.base import Arrival, MergeMethod, Param
-from mergeops.model import Pieces, StoredTensor
+from mergeops.model import Pieces, StoredTensor, piece_bounds
 
 # Embedding-like matrices are rows of a lookup table, not linear maps: projecting them is meaningless.
 _NOT_LINEAR = re.compile(r"embed|wte|wpe|position|token_type|shared")
 # σ_i² / σ_1² at or below which S's i-th singular direction is below float32's resolution of S: its left singular
 # vector is arbitrary (in any SVD of S), so it is neither protected nor has its diagonal coefficient removed.
 _GRAM_FLOOR = 1e-14
-# Elements of A converted to float64 at a time (2 MiB).
+# Elements summed at a time in float64 by sum_of_squares (2 MiB).
 _BLOCK = 1 << 18
 
 
@@ -109,21 +109,6 @@ class _Product:
         return (self.left[rows] @ self.right).reshape(-1)
 
 
-class _Block(NamedTuple):
-    """A block of whole rows of a matrix: which rows, and where they lie in its flat storage."""
-
-    rows: slice
-    start: int
-    stop: int
-
-
-def _row_blocks(rows: int, columns: int) -> list[_Block]:
-    """Blocks of about ``_BLOCK`` elements of a rows × columns matrix."""
-    step = max(1, _BLOCK // max(columns, 1))
-    return [_Block(slice(first, min(first + step, rows)), first * columns, min(first + step, rows) * columns)
-            for first in range(0, rows, step)]
-
-
 def _removed_coefficients_times(k: torch.Tensor, r: int, zero_diagonal: bool, x_t: torch.Tensor) -> torch.Tensor:
     """C Xᵀ, where C keeps of the coefficients K the top-r block and, with ``zero_diagonal``, the diagonal."""
     product = k.diagonal()[:, None] * x_t if zero_diagonal else torch.zeros_like(x_t)
@@ -139,21 +124,21 @@ def update_removal(accumulated: Pieces, update: Pieces, shape: tuple[int, int], 
     if not rows or not columns:
         return None
     tall = rows >= columns
-    if tall:
-        a_blocks = _row_blocks(rows, columns)
+    if tall:  # S is read a block of rows at a time, never whole
+        a_blocks = list(piece_bounds(shape))
 
-        def a_block(block: _Block) -> torch.Tensor:  # S is read a block of rows at a time, never whole
-            return accumulated.read(block.start, block.stop).reshape(-1, columns)
+        def a_block(start: int, stop: int) -> torch.Tensor:
+            return accumulated.read(start, stop).reshape(-1, columns)
     else:
         a = accumulated.read().reshape(shape).T
-        a_blocks = _row_blocks(columns, rows)
+        a_blocks = list(piece_bounds((columns, rows)))
 
-        def a_block(block: _Block) -> torch.Tensor:
-            return a[block.rows]
+        def a_block(start: int, stop: int) -> torch.Tensor:
+            return a[start // rows:stop // rows]
     small = min(shape)
     gram = torch.zeros(small, small, dtype=torch.float64)
-    for block in a_blocks:
-        values = a_block(block)
+    for start, stop in a_blocks:
+        values = a_block(start, stop)
         dtype = values.dtype  # float32 in a fold; float64 when a probe asks for it
         values = values.double()
         gram.addmm_(values.T, values)
@@ -167,19 +152,19 @@ def update_removal(accumulated: Pieces, update: Pieces, shape: tuple[int, int], 
         return None
     inverse = torch.where(resolved, eigenvalues.clamp(min=torch.finfo(torch.float64).tiny).rsqrt(), 0.0)  # 1/σ_i
     large = torch.empty(max(shape), small, dtype=dtype)  # A V Σ⁻¹: U if S is tall, V if it is wide
-    for block in a_blocks:
-        large[block.rows] = (a_block(block).double() @ vectors).mul_(inverse)
+    for start, stop in a_blocks:
+        large[start // small:stop // small] = (a_block(start, stop).double() @ vectors).mul_(inverse)
     vectors = vectors.to(dtype)
-    tau_blocks = _row_blocks(rows, columns)
+    tau_blocks = piece_bounds(shape)
     if tall:  # K = Uᵀ τ V, with Uᵀ τ summed over blocks of rows
         left_t_tau = torch.zeros(small, columns, dtype=dtype)
-        for block in tau_blocks:
-            left_t_tau.addmm_(large[block.rows].T, update.read(block.start, block.stop).reshape(-1, columns))
+        for start, stop in tau_blocks:
+            left_t_tau.addmm_(large[start // columns:stop // columns].T, update.read(start, stop).reshape(-1, columns))
         k = left_t_tau @ vectors
         return _Product(large, _removed_coefficients_times(k, r, zero_diagonal, vectors.T))
     tau_v = torch.empty(rows, small, dtype=dtype)  # K = Uᵀ (τ V), τ V a block of rows at a time
-    for block in tau_blocks:
-        tau_v[block.rows] = update.read(block.start, block.stop).reshape(-1, columns) @ large
+    for start, stop in tau_blocks:
+        tau_v[start // columns:stop // columns] = update.read(start, stop).reshape(-1, columns) @ large
     k = vectors.T @ tau_v
     return _Product(vectors, _removed_coefficients_times(k, r, zero_diagonal, large.T))
 
