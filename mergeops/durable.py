@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
+
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the dirty pages, do not wait for it
 
 
 def fsync_dir(path: Path) -> None:
@@ -29,3 +36,25 @@ def write_durably(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def start_writeback(fd: int) -> None:
+    """Ask the kernel to start writing ``fd``'s dirty pages to disk now, without waiting (Linux; elsewhere a no-op).
+    Called as a large file is written, the disk works while the writer computes, and the final fsync has little
+    left to wait for (benchmarks/RESULTS.md: elementwise folds 10-13% faster)."""
+    call = _sync_file_range()
+    if call is not None:
+        call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # a hint: an error (e.g. a file system without it) changes nothing
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function

@@ -2,16 +2,17 @@
 
 For a fold at step t ≥ 2 the floor is: read base, checkpoint (and its exp_avg_sq for OTA) and the method state with
 plain safetensors into memory, and write the new state and the merged model with plain safetensors and fsync them —
-the bytes a fold cannot avoid moving. Files are in the page cache for both as far as memory allows (at 1B
-parameters an OTA fold moves ~29 GB, more than the page cache holds; the floor of each fold is measured right
-before it, on the same files). Folds are timed twice: in this long-running process, as the daemon runs them (median
-of --repeats), and once as `mergeops fold` in a fresh process (wall time after imports; peak RSS is that process's
-own, see perf_common.run_measured). Memory is touched once before measuring, because on a VM the first touch of a
-page costs far more than any later one. Models are generated once into --workdir and reused (by the other
-benchmarks in this folder too); above 500M parameters the checkpoints share one weights file (see
-perf_common.LINK_ABOVE). OTA's checkpoints are the same checkpoints plus one exp_avg_sq file (shared, hard-linked);
-the others fold them without it, so they do not hash a file their floor does not read. It checks the free disk first: at
-1B with OTA it needs ~31 GB (models ~9 GB, two versions of OTA's float32 state ~18 GB).
+the bytes a fold cannot avoid moving. Files are in the page cache for both as far as memory allows (at 1B parameters
+an OTA fold moves ~29 GB, more than the page cache holds; the floor of each fold is measured right before it, on the
+same files). Folds are timed twice: in this long-running process, as the daemon runs them (median of --repeats,
+steps t = 2 .. repeats + 1), and once as `mergeops fold` in a fresh process at the last step (wall time after
+imports; peak RSS is that process's own, see perf_common.run_measured). Memory is touched once before measuring,
+because on a VM the first touch of a page costs far more than any later one. Models are generated once into
+--workdir and reused (by the other benchmarks in this folder too); above 500M parameters the checkpoints share one
+weights file (see perf_common.LINK_ABOVE). OTA's checkpoints are the same checkpoints plus one exp_avg_sq file
+(shared, hard-linked); the others fold them without it, so they do not hash a file their floor does not read. It
+checks the free disk first: at 1B with OTA it needs ~31 GB (models ~9 GB, two versions of OTA's float32 state ~18
+GB).
 
     python benchmarks/perf/fold_vs_io.py --params 200e6 1e9 --methods average task_arithmetic mwa ota
 """
@@ -128,12 +129,13 @@ def measure_size(args: argparse.Namespace, base: Path, plain: list[Path], ota: l
         policy = write_policy(home, base, method, PARAMS[method], signing_key)
         checkpoints = ota if method == "ota" else plain  # only OTA's checkpoints carry (and hash) exp_avg_sq
         fold_in_process(checkpoints[0], policy)  # t = 1 creates the state; t >= 2 is what is measured
-        cli = run_fold(checkpoints[1], policy)
-        cli_floor = floor_for(base, checkpoints[1], home, method, args.workdir)
         folds, floors = [], []
-        for checkpoint in checkpoints[2:]:
+        for checkpoint in checkpoints[1:-1]:
             floors.append(floor_for(base, checkpoint, home, method, args.workdir))
             folds.append(fold_in_process(checkpoint, policy))
+        # the fresh process folds last, at a step like any later one (t = 2 is the only fold without a spare state)
+        cli_floor = floor_for(base, checkpoints[-1], home, method, args.workdir)
+        cli = run_fold(checkpoints[-1], policy)
         shutil.rmtree(home)
         fold, floor = statistics.median(folds), statistics.median(floors)
         print(f"| {method} | {fold:.2f} | {floor:.2f} | {fold / floor:.2f} | {cli.seconds:.2f} | "

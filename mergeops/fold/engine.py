@@ -38,6 +38,9 @@ from mergeops.threads import map_ahead, one_torch_thread, quick_gil_handoff
 STATE_SEPARATOR = "::"  # state tensor names are f"{kind}::{tensor name}"
 SCALARS_FILE = "scalars.json"
 _VERSION_DIR = re.compile(r"^v(\d{4,})$")
+# The newest pruned state, whose files the next fold's state overwrites instead of writing new files (not part of
+# any version: a crash or a rejection may leave it consumed or half overwritten).
+SPARE_STATE = ".spare"
 ALWAYS_ON_GATES = ("complete", "parses", "matches-base", "finite")
 DIGEST_PLACEHOLDER = "sha256:" + "0" * 64  # as long as a real digest, so the header keeps its length
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -273,7 +276,8 @@ class _Fold:
         state_specs = [TensorSpec(_state_name(kind, n), torch.float32, self.base.tensors[n].shape)
                        for kind in self.kinds for n in order if n in self.floating]
         with ModelWriter(self.state_dir, state_specs, metadata={"mergeops.stream": self.stream.name},
-                         shard_group=lambda spec: spec.name.split(STATE_SEPARATOR, 1)[0]) as state, \
+                         shard_group=lambda spec: spec.name.split(STATE_SEPARATOR, 1)[0],
+                         recycle=self.state_dir.parent / SPARE_STATE) as state, \
                 output or nullcontext(), \
                 closing(self._prepared([n for n in order if n in self.floating])) as prepared:
             for name in order:
@@ -489,9 +493,19 @@ def _point_latest(root: Path, target: Path) -> None:
 
 
 def _prune(stream: StreamConfig, state_root: Path, head: int) -> None:
-    """Keep the newest ``keep`` versions on disk, and only the head's state."""
-    for root, keep in ((stream.output, stream.keep), (state_root, 1)):
-        for child in root.iterdir():
-            match = _VERSION_DIR.match(child.name)
-            if match and int(match.group(1)) <= head - keep:
-                shutil.rmtree(child)
+    """Keep the newest ``keep`` versions on disk, and only the head's state; the state before it becomes the spare.
+    Outputs are removed, never recycled: a server may still have a pruned version's weights mapped."""
+    for version, folder in _version_dirs(stream.output):
+        if version <= head - stream.keep:
+            shutil.rmtree(folder)
+    for version, folder in _version_dirs(state_root):
+        if version == head - 1:
+            shutil.rmtree(state_root / SPARE_STATE, ignore_errors=True)
+            os.rename(folder, state_root / SPARE_STATE)
+        elif version < head - 1:
+            shutil.rmtree(folder)
+
+
+def _version_dirs(root: Path) -> list[tuple[int, Path]]:
+    return sorted((int(match.group(1)), child) for child in root.iterdir()
+                  if (match := _VERSION_DIR.match(child.name)))

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -24,12 +25,13 @@ from typing import Any
 
 import torch
 
-from mergeops.durable import fsync_dir, write_durably
+from mergeops.durable import fsync_dir, start_writeback, write_durably
 from mergeops.model.digest import file_sha256, is_digest_excluded
 from mergeops.model.folder import INDEX_FILE, SINGLE_FILE
 from mergeops.model.safetensors_file import byte_view, encode_header, write_at
 
 DEFAULT_SHARD_BYTES = 5_000_000_000
+WRITEBACK_EVERY = 32 << 20  # bytes written to a file between requests to start writing them to disk
 TEMP_MARKER = ".tmp-"
 
 # Files a donor folder holds that do not belong in a new model: weights and training leftovers (the
@@ -140,14 +142,19 @@ class ModelWriter:
 
     With ``provisional_metadata`` the headers hold placeholders until :meth:`settle_metadata` gives the
     final values (of the same length, e.g. a digest still being computed); writing need not wait for them.
+
+    With ``recycle``, a weights file of the same name in that folder is taken over (moved in, resized, every byte
+    rewritten) instead of a new one created, if no other name links to it: overwriting a file's pages costs about
+    half of writing a new file and freeing an old one (benchmarks/RESULTS.md). Only for files nobody else reads.
     """
 
     def __init__(self, out: str | os.PathLike[str], specs: Iterable[TensorSpec], *,
                  metadata: Mapping[str, str] | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  donor: str | os.PathLike[str] | None = None, hash_files: bool = True,
-                 provisional_metadata: bool = False, shard_group: Callable[[TensorSpec], str] | None = None
-                 ) -> None:
+                 provisional_metadata: bool = False, shard_group: Callable[[TensorSpec], str] | None = None,
+                 recycle: str | os.PathLike[str] | None = None) -> None:
         self.out = Path(out)
+        self.recycle = Path(recycle) if recycle is not None else None
         self.specs = {s.name: s for s in specs}
         if not self.specs:
             raise ValueError("a model folder needs at least one tensor")
@@ -168,6 +175,7 @@ class ModelWriter:
         self._tmp: Path | None = None
         self._fds: dict[str, int] = {}
         self._written: dict[str, int] = {}  # tensor -> elements written front to back so far
+        self._not_written_back: dict[str, int] = {}  # file -> bytes written since its writeback was last started
         # The layout is fixed up front (file name -> its tensors; tensor -> file and offset), so the order to
         # write in is known before the first byte.
         shards = _plan_shards(list(self.specs.values()), shard_bytes, shard_group)
@@ -188,7 +196,7 @@ class ModelWriter:
         self._tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be read
         for file_name, shard in self._shards.items():
             header, offsets = _header(shard, self.metadata)
-            fd = os.open(self._tmp / file_name, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = self._create(file_name)
             self._fds[file_name] = fd
             os.pwrite(fd, header, 0)
             os.ftruncate(fd, offsets[-1] + shard[-1].nbytes)
@@ -202,6 +210,20 @@ class ModelWriter:
                      "weight_map": weight_map}
             self.extra_files[INDEX_FILE] = (json.dumps(index, indent=2) + "\n").encode()
         return self
+
+    def _create(self, file_name: str) -> int:
+        """Open a new weights file in the temporary folder: a recyclable one moved in, or a new one. The header
+        and the tensors cover every byte of it, so nothing of a recycled file's old content survives."""
+        assert self._tmp is not None
+        path = self._tmp / file_name
+        if self.recycle is not None and _is_unshared_file(self.recycle / file_name):
+            try:
+                os.rename(self.recycle / file_name, path)
+            except OSError:  # taken meanwhile, or on another file system: recycling only saves time
+                pass
+            else:
+                return os.open(path, os.O_RDWR)
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
 
     @property
     def layout_order(self) -> list[str]:
@@ -242,6 +264,10 @@ class ModelWriter:
         end = offset + data.numel() * spec.dtype.itemsize
         write_at(self._fds[file_name], data, offset)
         self._written[name] = start + data.numel()
+        self._not_written_back[file_name] = self._not_written_back.get(file_name, 0) + end - offset
+        if self._not_written_back[file_name] >= WRITEBACK_EVERY:  # the disk writes while the next pieces are made
+            start_writeback(self._fds[file_name])
+            self._not_written_back[file_name] = 0
         running = self._running.get(file_name)
         if self.hash_files and running is not None:
             if running[1] == offset:
@@ -325,6 +351,15 @@ class ModelWriter:
             fsync_dir(directory)
         os.rename(tmp, self.out)
         fsync_dir(self.out.parent)
+
+
+def _is_unshared_file(path: Path) -> bool:
+    """A regular file with no other hard link (a link elsewhere, e.g. a backup, would see it overwritten)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1
 
 
 def write_tensor_file(out: Path, specs: list[TensorSpec], tensor_for: Callable[[TensorSpec], torch.Tensor],

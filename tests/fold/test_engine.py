@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mergeops.errors import PolicyError
-from mergeops.fold.engine import fold_checkpoint
+from mergeops.fold.engine import SPARE_STATE, fold_checkpoint
 from mergeops.ledger import Ledger
 from mergeops.model import folder_digest
 from mergeops.policy import GateConfig, load_policy
@@ -34,10 +34,13 @@ from tests.fold.streams import (
 
 
 def tree(*roots) -> dict[str, str]:
-    """Every file (and link target) under ``roots``, hashed: to prove nothing changed."""
+    """Every file (and link target) under ``roots``, hashed: to prove nothing changed. The spare state is scratch
+    space, not part of any version: a fold may overwrite it before it is rejected."""
     found = {}
     for root in roots:
         for path in sorted(root.rglob("*")) if root.exists() else []:
+            if SPARE_STATE in path.parts:
+                continue
             key = str(path)
             if path.is_symlink():
                 found[key] = "link:" + os.readlink(path)
@@ -62,9 +65,24 @@ def test_versions_latest_link_and_pruning(stream):
     assert os.readlink(out / "latest") == "v0003"
     assert sorted(p.name for p in out.iterdir()) == ["latest", "v0002", "v0003"]  # keep = 2
     state_root = policy.home / "streams" / "s" / "state"
-    assert sorted(p.name for p in state_root.iterdir()) == ["v0003"]
+    assert sorted(p.name for p in state_root.iterdir()) == [SPARE_STATE, "v0003"]  # the spare: v0002's state
     assert results[-1].output_digest == folder_digest(out / "v0003")
     assert (out / "v0003" / "config.json").read_text() == json.dumps(CONFIG)
+
+
+def test_the_state_before_the_head_is_overwritten_by_the_next_fold_instead_of_deleted(stream):
+    policy, _, checkpoints = stream
+    state_root = policy.home / "streams" / "s" / "state"
+    fold_checkpoint(policy, "s", checkpoints[0])
+    first = {p.name: p.stat().st_ino for p in (state_root / "v0001").glob("*.safetensors")}
+    fold_checkpoint(policy, "s", checkpoints[1])
+    assert {p.name: p.stat().st_ino for p in (state_root / SPARE_STATE).glob("*.safetensors")} == first
+    third = fold_checkpoint(policy, "s", checkpoints[2])
+    assert {p.name: p.stat().st_ino for p in (state_root / "v0003").glob("*.safetensors")} == first
+    with Ledger.open_readonly(policy.home) as ledger:
+        [recorded] = ledger.rows("SELECT state_digest FROM versions WHERE stream = 's' AND version = 3")
+    assert folder_digest(state_root / "v0003") == recorded["state_digest"]
+    assert third.output_digest == folder_digest(policy.streams["s"].output / "v0003")
 
 
 def test_output_carries_lineage_metadata(stream):
@@ -132,14 +150,15 @@ def _pickle_only(tmp_path, base):
 ])
 def test_a_rejected_checkpoint_leaves_the_stream_byte_for_byte_unchanged(stream, tmp_path, make_bad, needle):
     policy, base, checkpoints = stream
-    fold_checkpoint(policy, "s", checkpoints[0])
+    for checkpoint in checkpoints[:2]:  # the second makes a spare state, which a rejected fold may consume
+        fold_checkpoint(policy, "s", checkpoint)
     before = tree(policy.home, policy.streams["s"].output)
     result = fold_checkpoint(policy, "s", make_bad(tmp_path, base))
     assert result.status == "rejected" and needle in result.reason
     assert tree(policy.home, policy.streams["s"].output) == before
     with Ledger.open_readonly(policy.home) as ledger:
         assert ledger.rejections("s")[-1]["reason"] == result.reason
-    assert fold_checkpoint(policy, "s", checkpoints[1]).version == 2  # the stream goes on
+    assert fold_checkpoint(policy, "s", checkpoints[2]).version == 3  # the stream goes on
 
 
 def test_ota_rejects_a_checkpoint_without_curvature_and_says_how_to_make_it(tmp_path):

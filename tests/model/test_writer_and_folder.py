@@ -266,3 +266,64 @@ def test_pieces_must_come_in_order_and_complete_the_tensor(tmp_path, tensors):
     with pytest.raises(ValueError, match="overruns"), ModelWriter(tmp_path / "c", specs) as writer:
         writer.write_piece("model.norm.weight", 0, torch.zeros(17))
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+@pytest.mark.parametrize("spare_bytes", [10, 100_000], ids=["smaller", "larger"])
+def test_a_recycled_file_is_taken_over_and_every_byte_of_it_rewritten(tmp_path, tensors, spare_bytes):
+    """A spare of any size and content becomes exactly the file a fresh write makes (same bytes, true hash)."""
+    import hashlib
+
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    (tmp_path / "spare").mkdir()
+    (tmp_path / "spare" / "model.safetensors").write_bytes(b"\xff" * spare_bytes)
+    spare_inode = (tmp_path / "spare" / "model.safetensors").stat().st_ino
+    for out, recycle in (("fresh", None), ("recycled", tmp_path / "spare")):
+        with ModelWriter(tmp_path / out, specs, recycle=recycle) as writer:
+            for name in writer.layout_order:
+                writer.write(name, tensors[name])
+    fresh, recycled = (tmp_path / "fresh" / "model.safetensors"), (tmp_path / "recycled" / "model.safetensors")
+    assert recycled.stat().st_ino == spare_inode and not (tmp_path / "spare" / "model.safetensors").exists()
+    assert recycled.read_bytes() == fresh.read_bytes()
+    assert writer.file_hashes["model.safetensors"] == hashlib.sha256(fresh.read_bytes()).hexdigest()
+
+
+def test_a_spare_file_with_another_link_is_left_alone(tmp_path, tensors):
+    """A hard link elsewhere (a backup made with `cp -al`) would see the file overwritten: a new file is made."""
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    (tmp_path / "spare").mkdir()
+    (tmp_path / "spare" / "model.safetensors").write_bytes(b"backed up")
+    os.link(tmp_path / "spare" / "model.safetensors", tmp_path / "backup")
+    with ModelWriter(tmp_path / "m", specs, recycle=tmp_path / "spare") as writer:
+        for name in writer.layout_order:
+            writer.write(name, tensors[name])
+    assert (tmp_path / "backup").read_bytes() == b"backed up"
+    assert (tmp_path / "m" / "model.safetensors").stat().st_ino != (tmp_path / "backup").stat().st_ino
+
+
+def test_writeback_is_started_every_few_mib_written_to_a_file(tmp_path, monkeypatch):
+    """Large outputs go to disk while the fold computes, so the final fsync has little left to wait for."""
+    import mergeops.model.writer as writer_module
+
+    started: list[int] = []
+    monkeypatch.setattr(writer_module, "WRITEBACK_EVERY", 1000)
+    monkeypatch.setattr(writer_module, "start_writeback", lambda fd: started.append(fd))
+    specs = [TensorSpec("w", torch.float32, (100, 10))]  # 4000 bytes
+    with ModelWriter(tmp_path / "m", specs) as writer:
+        for start in range(0, 1000, 50):  # 200-byte pieces
+            writer.write_piece("w", start, torch.arange(start, start + 50, dtype=torch.float32))
+    assert len(started) == 4 and len(set(started)) == 1
+    with ModelFolder.open(tmp_path / "m") as model:
+        assert torch.equal(model.read("w").reshape(-1), torch.arange(1000, dtype=torch.float32))
+
+
+def test_starting_writeback_is_a_harmless_hint_on_any_descriptor(tmp_path):
+    from mergeops.durable import start_writeback
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 100_000)
+    with open(path, "rb+") as f:
+        start_writeback(f.fileno())
+    read_end, write_end = os.pipe()  # not a file: the kernel refuses, and nothing is raised
+    start_writeback(read_end)
+    os.close(read_end), os.close(write_end)
+    assert path.read_bytes() == b"x" * 100_000
