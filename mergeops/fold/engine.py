@@ -476,11 +476,10 @@ def _remove_uncommitted(root: Path, next_version: int) -> None:
     """Remove version folders at or past ``next_version`` and temp folders: leftovers of a crash."""
     if not root.is_dir():
         return
-    for child in root.iterdir():
-        match = _VERSION_DIR.match(child.name)
-        is_temp = child.name.startswith(".") and TEMP_MARKER in child.name
-        if is_temp or (match and int(match.group(1)) >= next_version):
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    leftovers = [child for child in root.iterdir() if child.name.startswith(".") and TEMP_MARKER in child.name]
+    leftovers += [folder for version, folder in _version_dirs(root) if version >= next_version]
+    for child in leftovers:
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
 def _point_latest(root: Path, target: Path) -> None:
@@ -498,12 +497,19 @@ def _prune(stream: StreamConfig, state_root: Path, head: int) -> None:
     for version, folder in _version_dirs(stream.output):
         if version <= head - stream.keep:
             shutil.rmtree(folder)
+    spare = state_root / SPARE_STATE
     for version, folder in _version_dirs(state_root):
-        if version == head - 1:
-            shutil.rmtree(state_root / SPARE_STATE, ignore_errors=True)
-            os.rename(folder, state_root / SPARE_STATE)
-        elif version < head - 1:
+        if version == head - 1 and _cleared(spare):
+            os.rename(folder, spare)
+        elif version < head:
             shutil.rmtree(folder)
+
+
+def _cleared(path: Path) -> bool:
+    """Remove the folder ``path`` if it is there; whether it is gone (a spare that cannot be replaced only costs
+    the next fold some time, and must not fail a fold that is already committed)."""
+    shutil.rmtree(path, ignore_errors=True)
+    return not os.path.lexists(path)
 
 
 def _version_dirs(root: Path) -> list[tuple[int, Path]]:

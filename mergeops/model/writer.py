@@ -196,7 +196,7 @@ class ModelWriter:
         self._tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be read
         for file_name, shard in self._shards.items():
             header, offsets = _header(shard, self.metadata)
-            fd = self._create(file_name)
+            fd = self._open_weights_file(file_name)
             self._fds[file_name] = fd
             os.pwrite(fd, header, 0)
             os.ftruncate(fd, offsets[-1] + shard[-1].nbytes)
@@ -211,7 +211,7 @@ class ModelWriter:
             self.extra_files[INDEX_FILE] = (json.dumps(index, indent=2) + "\n").encode()
         return self
 
-    def _create(self, file_name: str) -> int:
+    def _open_weights_file(self, file_name: str) -> int:
         """Open a new weights file in the temporary folder: a recyclable one moved in, or a new one. The header
         and the tensors cover every byte of it, so nothing of a recycled file's old content survives."""
         assert self._tmp is not None
@@ -357,7 +357,7 @@ def _is_unshared_file(path: Path) -> bool:
     """A regular file with no other hard link (a link elsewhere, e.g. a backup, would see it overwritten)."""
     try:
         info = os.lstat(path)
-    except FileNotFoundError:
+    except OSError:  # missing, or the folder is not one
         return False
     return stat.S_ISREG(info.st_mode) and info.st_nlink == 1
 

@@ -77,12 +77,31 @@ def test_the_state_before_the_head_is_overwritten_by_the_next_fold_instead_of_de
     first = {p.name: p.stat().st_ino for p in (state_root / "v0001").glob("*.safetensors")}
     fold_checkpoint(policy, "s", checkpoints[1])
     assert {p.name: p.stat().st_ino for p in (state_root / SPARE_STATE).glob("*.safetensors")} == first
-    third = fold_checkpoint(policy, "s", checkpoints[2])
+    fold_checkpoint(policy, "s", checkpoints[2])
     assert {p.name: p.stat().st_ino for p in (state_root / "v0003").glob("*.safetensors")} == first
-    with Ledger.open_readonly(policy.home) as ledger:
-        [recorded] = ledger.rows("SELECT state_digest FROM versions WHERE stream = 's' AND version = 3")
-    assert folder_digest(state_root / "v0003") == recorded["state_digest"]
-    assert third.output_digest == folder_digest(policy.streams["s"].output / "v0003")
+
+
+def test_a_spare_that_cannot_be_replaced_costs_time_not_the_fold(stream):
+    policy, _, checkpoints = stream
+    state_root = policy.home / "streams" / "s" / "state"
+    fold_checkpoint(policy, "s", checkpoints[0])
+    (state_root / SPARE_STATE).write_text("not a folder")
+    assert fold_checkpoint(policy, "s", checkpoints[1]).status == "merged"
+    assert sorted(p.name for p in state_root.iterdir()) == [SPARE_STATE, "v0002"]  # v0001 removed instead
+    assert fold_checkpoint(policy, "s", checkpoints[2]).version == 3
+
+
+def test_a_state_written_over_the_spare_is_byte_identical_to_one_written_afresh(stream, tmp_path):
+    policy, _, checkpoints = stream
+    fresh = load_policy(write_policy(tmp_path / "fresh", policy.streams["s"].base, "opcm", keep=2))
+    for checkpoint in checkpoints:
+        fold_checkpoint(policy, "s", checkpoint)
+        shutil.rmtree(fresh.home / "streams" / "s" / "state" / SPARE_STATE, ignore_errors=True)
+        fold_checkpoint(fresh, "s", checkpoint)
+    recycled, written = (p.home / "streams" / "s" / "state" / "v0003" for p in (policy, fresh))
+    assert sorted(p.name for p in recycled.iterdir()) == sorted(p.name for p in written.iterdir())
+    for path in recycled.iterdir():
+        assert path.read_bytes() == (written / path.name).read_bytes(), path.name
 
 
 def test_output_carries_lineage_metadata(stream):
@@ -140,6 +159,7 @@ def _pickle_only(tmp_path, base):
     return tmp_path / "bad"
 
 
+@pytest.mark.parametrize("folded_before", [1, 2], ids=["no-spare", "spare"])
 @pytest.mark.parametrize(("make_bad", "needle"), [
     (_nan_checkpoint, "'model.layers.0.mlp.up_proj.weight'"),
     (_wrong_shape, "'model.norm.weight'"),
@@ -148,9 +168,10 @@ def _pickle_only(tmp_path, base):
     (_truncated, "truncated"),
     (_pickle_only, "pickle"),
 ])
-def test_a_rejected_checkpoint_leaves_the_stream_byte_for_byte_unchanged(stream, tmp_path, make_bad, needle):
+def test_a_rejected_checkpoint_leaves_the_stream_byte_for_byte_unchanged(stream, tmp_path, make_bad, needle,
+                                                                          folded_before):
     policy, base, checkpoints = stream
-    for checkpoint in checkpoints[:2]:  # the second makes a spare state, which a rejected fold may consume
+    for checkpoint in checkpoints[:folded_before]:  # a second fold makes a spare state, which a rejection may use up
         fold_checkpoint(policy, "s", checkpoint)
     before = tree(policy.home, policy.streams["s"].output)
     result = fold_checkpoint(policy, "s", make_bad(tmp_path, base))
@@ -158,7 +179,7 @@ def test_a_rejected_checkpoint_leaves_the_stream_byte_for_byte_unchanged(stream,
     assert tree(policy.home, policy.streams["s"].output) == before
     with Ledger.open_readonly(policy.home) as ledger:
         assert ledger.rejections("s")[-1]["reason"] == result.reason
-    assert fold_checkpoint(policy, "s", checkpoints[2]).version == 3  # the stream goes on
+    assert fold_checkpoint(policy, "s", checkpoints[folded_before]).version == folded_before + 1  # it goes on
 
 
 def test_ota_rejects_a_checkpoint_without_curvature_and_says_how_to_make_it(tmp_path):
@@ -187,6 +208,16 @@ def test_ota_rejects_negative_or_non_finite_curvature_naming_file_and_tensor(tmp
     assert result.status == "rejected" and result.gate == "curvature"
     assert "exp_avg_sq.safetensors" in result.reason and "model.layers.0.mlp.up_proj.weight" in result.reason
     assert tree(policy.home, policy.streams["s"].output) == before
+
+
+def test_ota_rejects_weights_that_overflow_float32_instead_of_merging_garbage(tmp_path):
+    base_path, base = make_base(tmp_path)
+    [first] = make_checkpoints(tmp_path, base, 1, curvature=True, metrics=True)
+    policy = load_policy(write_policy(tmp_path, base_path, "ota", {"metric": "step", "penalty": 20.0}))
+    result = fold_checkpoint(policy, "s", first)  # step 100: a multiplier of 1e40, past float32's 3.4e38
+    assert result.status == "rejected" and result.gate == "curvature"
+    assert "overflow float32" in result.reason and "penalty" in result.reason
+    assert list(policy.streams["s"].output.iterdir()) == []  # no version, and nothing half written
 
 
 def test_mwa_rejects_a_checkpoint_without_its_metric(tmp_path):

@@ -38,6 +38,12 @@ def curvature(v: torch.Tensor, power: float, rank1: bool) -> torch.Tensor:
     return v.pow(power)
 
 
+def _sum(values: torch.Tensor) -> float:
+    """Sum in float32 (torch sums pairwise, to ~1e-7: plenty for ε), in float64 only if float32 overflows."""
+    total = float(values.sum())
+    return total if math.isfinite(total) else float(values.sum(dtype=torch.float64))
+
+
 class OTA(MergeMethod):
     name = "ota"
     v: ModelFolder | None = None  # the checkpoint's exp_avg_sq.safetensors, open during a fold
@@ -101,11 +107,10 @@ class OTA(MergeMethod):
         """The curvature, checked, and ε for this tensor (one pass over it, piece by piece unless ``rank1``)."""
         v = self.v.stored(name)
         power = self.p["power"]
-        # float32 sums of pieces (torch sums pairwise, to ~1e-7), added up in float64: ε needs no more precision
         if self.p["rank1"]:
-            total = float(curvature(self._v(name), power, rank1=True).sum())
+            total = _sum(curvature(self._v(name), power, rank1=True))
         else:
-            total = math.fsum(float(curvature(self._checked(name, v.read(start, stop)), power, rank1=False).sum())
+            total = math.fsum(_sum(curvature(self._checked(name, v.read(start, stop)), power, rank1=False))
                               for start, stop in piece_bounds(v.shape))
         mean = total / v.numel if v.numel else 0.0
         return {"v": v, "epsilon": self.p["epsilon"] * (mean or 1.0)}  # ε relative to this tensor's mean curvature
@@ -140,11 +145,16 @@ class OTA(MergeMethod):
             sums = {"weighted_sum": weight * tau, "weight_sum": weight}
         if self.p["fallback"] == "mean":
             sums["tau_sum"] = state["tau_sum"].add_(tau) if state else tau
+        if not math.isfinite(float(sums["weighted_sum"].sum()) + float(sums["weight_sum"].sum())):
+            raise RejectedError(f"OTA's weighted sums of tensor {name!r} overflow float32 with this checkpoint's "
+                                "curvature and metrics; lower the stream's `power` or `penalty`.", gate="curvature")
         return sums
 
     def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         weights = state["weight_sum"]
-        ratio = state["weighted_sum"] / weights  # NaN (0/0) exactly where every checkpoint excluded the entry
+        # Both sums are finite (checked in fold) and weights are never negative, so the ratio is NaN (0/0) exactly
+        # where every checkpoint excluded the entry.
+        ratio = state["weighted_sum"] / weights
         if self.p["fallback"] == "mean":
             return torch.where(weights > 0, ratio, state["tau_sum"] / self.t).add_(base)
         # a quarter of the time of torch.where with a mask; infinities (overflow) stay what they are
