@@ -181,8 +181,7 @@ def report(args: argparse.Namespace, shape: LlamaShape, ours: dict[str, Any], fb
         f"{os.cpu_count()} CPUs; torch threads: FusionBench {fb['threads']}, mergeops "
         f"{ours['steps'][-1]['threads']} (OMP_NUM_THREADS = MKL_NUM_THREADS = {args.threads}); mergeops also "
         "prepares two projections (Gram matrix, eigendecomposition) at once on two worker threads of one torch "
-        "thread each (its own "
-        "parallelism, independent of OMP_NUM_THREADS), FusionBench one tensor at a time. "
+        "thread each (its own parallelism, independent of OMP_NUM_THREADS), FusionBench one tensor at a time. "
         f"fusion-bench {fb['fusion_bench']}, torch {fb['torch']}; mergeops {mergeops_revision()}.",
         "",
         "| step t | mergeops fold: process wall | mergeops: in main() | mergeops VmHWM | "
@@ -222,9 +221,8 @@ def report(args: argparse.Namespace, shape: LlamaShape, ours: dict[str, Any], fb
         "",
         "What is measured. mergeops: each `mergeops fold` is a fresh process, timed from spawn to exit (imports, "
         "reading base + state + checkpoint, validation, Gram-matrix eigendecompositions and projections, writing "
-        "the new state and a complete output "
-        "folder, digests, signed ledger record); 'in main()' excludes interpreter start-up and the imports of "
-        "torch and `mergeops.cli`. "
+        "the new state and a complete output folder, digests, signed ledger record); 'in main()' excludes "
+        "interpreter start-up and the imports of torch and `mergeops.cli`. "
         "FusionBench: one process for the whole sequence; 'merge' is its own `merging model` profiler section of "
         "step t (task-vector norms, full SVDs and projections, rescaling); 'load θ_t' is its `loading model` "
         "section (safetensors read + module tree). FusionBench writes nothing per step (the harness saves only "

@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from mergeops.fold.methods.base import Arrival
-from mergeops.fold.methods.opcm import OPCM, InMemory, project_update, projection_rank
-from mergeops.model import ModelFolder
+from mergeops.fold.methods.opcm import OPCM, project_update, projection_rank
+from mergeops.model import InMemory, ModelFolder
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

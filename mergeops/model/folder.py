@@ -71,6 +71,20 @@ class Pieces(Protocol):
 
 
 @dataclass(frozen=True)
+class InMemory:
+    """A tensor in memory, read whole or in flat pieces like a stored one."""
+
+    tensor: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.shape)
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return self.tensor.reshape(-1)[start:stop] if start or stop is not None else self.tensor
+
+
+@dataclass(frozen=True)
 class StoredTensor:
     """One tensor of an open model folder, not read yet: read it whole, or piece by piece."""
 

@@ -25,15 +25,13 @@ from typing import Any
 import torch
 
 from mergeops.fold.methods.base import Arrival, MergeMethod, Param
-from mergeops.model import Pieces, StoredTensor, piece_bounds
+from mergeops.model import InMemory, Pieces, StoredTensor, piece_bounds
 
 # Embedding-like matrices are rows of a lookup table, not linear maps: projecting them is meaningless.
 _NOT_LINEAR = re.compile(r"embed|wte|wpe|position|token_type|shared")
 # σ_i² / σ_1² at or below which S's i-th singular direction is below float32's resolution of S: its left singular
 # vector is arbitrary (in any SVD of S), so it is neither protected nor has its diagonal coefficient removed.
 _GRAM_FLOOR = 1e-14
-# Elements summed at a time in float64 by sum_of_squares (2 MiB).
-_BLOCK = 1 << 18
 
 
 def _regex_list(value: list) -> str | None:
@@ -58,25 +56,9 @@ def projection_rank(singular_values: torch.Tensor, alpha: float) -> int:
     return int((share <= alpha).sum())
 
 
-def sum_of_squares(tensor: torch.Tensor) -> float:
-    """Σ x² in float64, a block at a time (no tensor-sized temporary)."""
-    flat = tensor.reshape(-1)
-    blocks = range(0, flat.numel(), _BLOCK)
-    return math.fsum(float(flat[i:i + _BLOCK].square().sum(dtype=torch.float64)) for i in blocks)
-
-
-@dataclass(frozen=True)
-class InMemory:
-    """A tensor in memory, read whole or in flat pieces like a stored one."""
-
-    tensor: torch.Tensor
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.tensor.shape)
-
-    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self.tensor.reshape(-1)[start:stop] if start or stop is not None else self.tensor
+def sum_of_squares(piece: torch.Tensor) -> float:
+    """Σ x² in float64 (the engine hands ``fold`` pieces, so the float64 temporary is a piece's)."""
+    return float(piece.square().sum(dtype=torch.float64))
 
 
 @dataclass(frozen=True)
