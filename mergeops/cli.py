@@ -130,6 +130,8 @@ def fold(checkpoint: Path = typer.Argument(..., help="The checkpoint's model fol
          policy: Path = PolicyOption,
          stream: str | None = typer.Option(None, help="Stream to fold into (needed when the policy has several)."),
          metrics: Path | None = typer.Option(None, help="JSON file of training metrics, e.g. {\"loss\": 0.4}."),
+         allow_protected: bool = typer.Option(False, "--allow-protected",
+                                              help="Fold a MergeLock-protected checkpoint anyway (recorded)."),
          as_json: bool = JsonOption) -> None:
     """Fold one checkpoint into a stream's running merged model (exit 3 if it is rejected)."""
     from mergeops.fold.engine import fold_checkpoint
@@ -144,9 +146,9 @@ def fold(checkpoint: Path = typer.Argument(..., help="The checkpoint's model fol
         if progress:
             with progress:
                 result = fold_checkpoint(loaded, stream, checkpoint, metrics_file=metrics,
-                                         progress=lambda n: progress.advance(0, n))
+                                         progress=lambda n: progress.advance(0, n), allow_protected=allow_protected)
         else:
-            result = fold_checkpoint(loaded, stream, checkpoint, metrics_file=metrics)
+            result = fold_checkpoint(loaded, stream, checkpoint, metrics_file=metrics, allow_protected=allow_protected)
     if as_json:
         _print_json(result.to_json())
     elif result.status == "merged":
@@ -264,15 +266,26 @@ def protect(model_dir: Path = typer.Argument(..., help="The model folder to prot
             verify: bool = typer.Option(False, "--verify", help="Also run both models through transformers."),
             anchor: Path | None = typer.Option(None, help="The public base model, to measure the anchor attack."),
             policy: Path | None = typer.Option(None, "--policy", help="Record the protection in this policy's ledger."),
+            strength: int | None = typer.Option(None, "--strength", min=0, max=30,
+                                                help="Scale of the transform, 2^±STRENGTH per dimension (0: signed "
+                                                     "permutations only); default: the measured one in README."),
+            salt: str = typer.Option("derived", "--salt",
+                                     help="'derived' (from the key and the model: same bytes every time) or "
+                                          "'random'."),
             as_json: bool = JsonOption) -> None:
     """Protect a model with MergeLock: same function, weights far from every other fine-tune of its base."""
     from mergeops.keys import load_lock_key, load_signing_key
     from mergeops.ledger.store import Ledger, signing_key_path
     from mergeops.policy import load_policy
+    from mergeops.protect import DEFAULT_STRENGTH
     from mergeops.protect import protect as run_protect
 
+    if salt not in ("derived", "random"):
+        raise UsageError(f"--salt must be 'derived' or 'random', not {salt!r}.")
     loaded = load_policy(policy) if policy is not None else None
-    report = run_protect(model_dir, out_dir, load_lock_key(key), verify=verify, anchor=anchor)
+    report = run_protect(model_dir, out_dir, load_lock_key(key),
+                         strength=DEFAULT_STRENGTH if strength is None else strength, random_salt=salt == "random",
+                         verify=verify, anchor=anchor)
     if loaded is not None:
         with WriterLock(loaded.home, "protect"), \
                 Ledger.open(loaded.home, load_signing_key(signing_key_path(loaded.keys))) as ledger:
@@ -283,7 +296,10 @@ def protect(model_dir: Path = typer.Argument(..., help="The model folder to prot
     checks = report["function_check"]
     out.print(f"protected {report['source']} -> {report['output']} ({report['family']}, "
               f"{report['tensors_changed']} of {report['tensors_total']} tensors changed)", markup=False)
-    out.print(f"attention weights moved by at least {report['movement']['min']:.2f} of their norm", markup=False)
+    out.print(f"strength {report['strength']}; transformed in every layer:", markup=False)
+    for part in report["transformed"]:
+        out.print(f"  {part}", markup=False)
+    out.print(f"weights moved by at least {report['movement']['min']:.2f} of their norm", markup=False)
     for name, check in checks.items():
         if isinstance(check, dict) and "max_relative_error" in check:
             out.print(f"function check ({name}): max relative error {check['max_relative_error']:.2e}", markup=False)

@@ -36,6 +36,7 @@ class GateConfig:
     trusted_keys: tuple[Path, ...] = ()
     eval: str | None = None
     min: dict[str, float] = field(default_factory=dict)
+    allow_protected: bool = False  # fold MergeLock-protected checkpoints anyway (they break the merge by design)
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,8 @@ def _gate(data: Any, where: str, path: Path, local: Any) -> GateConfig:
                         require_signature=table.take("require_signature", bool, False),
                         trusted_keys=tuple(local(str(k)) for k in trusted),
                         eval=table.take("eval", str),
-                        min={str(k): _number(v, f"{where}.min.{k}", path) for k, v in minimums.items()})
+                        min={str(k): _number(v, f"{where}.min.{k}", path) for k, v in minimums.items()},
+                        allow_protected=table.take("allow_protected", bool, False))
     table.done()
     if config.require_signature and not config.trusted_keys:
         raise PolicyError(f"{path}: {where}.require_signature needs trusted_keys (public key files).")

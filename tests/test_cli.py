@@ -106,29 +106,55 @@ def test_a_group_readable_signing_key_is_refused_with_the_fix(tmp_path):
 
 
 def test_protect_records_the_protection_and_unprotect_restores_the_weights(tmp_path):
-    import torch
-
+    from mergeops.model import folder_digest
     from mergeops.synthetic import LlamaShape, write_base
-    from tests.fold.streams import read_model, write_policy
+    from tests.fold.streams import write_policy
 
     base = write_base(tmp_path / "base", LlamaShape(hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1,
                                                     vocab=64), seed=0)
     policy = write_policy(tmp_path, base, "average")
     key = tmp_path / "keys" / "lock.key"
     protected = mergeops("protect", str(base), "--out", str(tmp_path / "locked"), "--key", str(key), "--policy",
-                         str(policy), "--json")
+                         str(policy), "--strength", "3", "--json")
     assert protected.returncode == 0, protected.stderr
     report = json.loads(protected.stdout)
+    assert report["strength"] == 3 and report["salt"] == "derived"
     assert report["movement"]["min"] >= 0.3 and report["function_check"]["invariants"]["passed"]
     assert "undoing" in report["residual_risk"]["summary"]
     restored = mergeops("unprotect", str(tmp_path / "locked"), "--out", str(tmp_path / "restored"), "--key", str(key))
     assert restored.returncode == 0, restored.stderr
-    original, back = read_model(base), read_model(tmp_path / "restored")
-    assert all(torch.allclose(original[n], back[n], rtol=1e-5, atol=1e-6) for n in original)
+    assert folder_digest(tmp_path / "restored") == folder_digest(base)
     other_key = tmp_path / "other.key"
     other_key.write_bytes(b"x" * 32)
     other_key.chmod(0o600)
     wrong = mergeops("unprotect", str(tmp_path / "locked"), "--out", str(tmp_path / "nope"), "--key", str(other_key))
     assert wrong.returncode == 2 and not (tmp_path / "nope").exists()
+    bad_salt = mergeops("protect", str(base), "--out", str(tmp_path / "x"), "--key", str(key), "--salt", "fresh")
+    assert bad_salt.returncode == 2 and "--salt" in bad_salt.stderr and not (tmp_path / "x").exists()
     audit = mergeops("audit", "--policy", str(policy), "--json")
     assert audit.returncode == 0 and json.loads(audit.stdout)["events"] == 1
+
+
+def test_fold_rejects_a_protected_checkpoint_unless_explicitly_allowed(tmp_path):
+    from mergeops.synthetic import LlamaShape, write_base
+    from tests.fold.streams import write_policy
+
+    shape = LlamaShape(hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1, vocab=64)
+    base = write_base(tmp_path / "base", shape, seed=0)
+    tuned = write_base(tmp_path / "tuned", shape, seed=1)
+    policy = write_policy(tmp_path, base, "average")
+    key = tmp_path / "keys" / "lock.key"
+    assert mergeops("protect", str(tuned), "--out", str(tmp_path / "locked"), "--key", str(key)).returncode == 0
+    refused = mergeops("fold", str(tmp_path / "locked"), "--policy", str(policy), "--json")
+    assert refused.returncode == 3, refused.stderr
+    result = json.loads(refused.stdout)
+    assert result["status"] == "rejected" and result["gate"] == "mergelock"
+    assert "mergelock-v2 version 2" in result["reason"]
+    assert "ask its owner for the unprotected weights" in result["reason"]
+    allowed = mergeops("fold", str(tmp_path / "locked"), "--policy", str(policy), "--allow-protected", "--json")
+    assert allowed.returncode == 0, allowed.stderr
+    stream = json.loads(allowed.stdout)["stream"]
+    lineage = json.loads(mergeops("lineage", f"{stream}@1", "--policy", str(policy), "--json").stdout)
+    assert "mergelock-allowed" in json.dumps(lineage)
+    audit = json.loads(mergeops("audit", "--policy", str(policy), "--json").stdout)
+    assert audit["events"] >= 3  # the rejection and the allowed fold are both on the record

@@ -8,6 +8,7 @@ record at the previous version; whatever was written past it is removed and redo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from mergeops.errors import ModelFolderError, PolicyError, RejectedError
 from mergeops.fold.methods import method_class
 from mergeops.fold.methods.base import Arrival, MergeMethod
 from mergeops.fold.metrics import load_metrics
-from mergeops.intake.validate import problems_against_base, tensor_value_problem
+from mergeops.intake.validate import problems_against_base, protection_marks, tensor_value_problem
 from mergeops.ledger.card import Input, VersionFacts, card_files, read_license
 from mergeops.ledger.store import Ledger, VersionRecord, signing_key_path, utc_now
 from mergeops.model import ModelFolder, ModelWriter, Pieces, TensorSpec, folder_digest, piece_bounds
@@ -74,10 +75,13 @@ def version_dir(root: Path, version: int) -> Path:
 
 def fold_checkpoint(policy: Policy, stream_name: str | None, checkpoint: str | os.PathLike[str], *,
                     metrics_file: Path | None = None, source: str | None = None,
-                    progress: Callable[[int], None] | None = None) -> FoldResult:
+                    progress: Callable[[int], None] | None = None, allow_protected: bool = False) -> FoldResult:
     """Fold ``checkpoint`` into the stream. Rejections are recorded and returned, never raised;
-    problems with the policy or the stream's own files raise :class:`PolicyError`."""
+    problems with the policy or the stream's own files raise :class:`PolicyError`. ``allow_protected`` folds a
+    MergeLock-protected checkpoint as the policy's ``allow_protected`` does (recorded with the version)."""
     stream = policy.stream(stream_name)
+    if allow_protected:
+        stream = dataclasses.replace(stream, gate=dataclasses.replace(stream.gate, allow_protected=True))
     key = keys.load_signing_key(signing_key_path(policy.keys))
     with Ledger.open(policy.home, key) as ledger:
         return _fold_into(policy, stream, ledger, Path(checkpoint), metrics_file, source, progress)
@@ -204,7 +208,8 @@ class _Fold:
         if problems:
             raise RejectedError(problems[0].message)
         config = self.stream.gate
-        self.gates = [*ALWAYS_ON_GATES, *gate.before_fold(config, self.folder.path)]
+        self.gates = [*ALWAYS_ON_GATES, *self._protection_gate(config.allow_protected),
+                      *gate.before_fold(config, self.folder.path)]
         # ‖τ‖² per tensor, summed exactly at the end (math.fsum): the same whatever order tensors finish in
         self.update_sq: dict[str, float] | None = {} if config.max_update_ratio is not None else None
         if config.max_update_ratio is not None:
@@ -239,6 +244,20 @@ class _Fold:
                 _remove_uncommitted(self.stream_home / "state", self.version)
                 raise
         return self._commit(output_writer)
+
+    def _protection_gate(self, allowed: bool) -> list[str]:
+        """A MergeLock-protected checkpoint would break the merge by design: rejected unless explicitly allowed
+        (then recorded with the checkpoint)."""
+        marks = protection_marks(self.folder)
+        if marks is None:
+            return []
+        if not allowed:
+            raise RejectedError(f"{self.folder.path} is protected by MergeLock ({marks['scheme']} version "
+                                f"{marks.get('version', '?')}), so merging it would break the merged model; ask its "
+                                "owner for the unprotected weights.", gate="mergelock")
+        self.described["mergelock"] = {"scheme": marks["scheme"], "version": marks.get("version"),
+                                       "strength": marks.get("strength"), "allowed": True}
+        return ["mergelock-allowed"]
 
     def _metadata(self, checkpoint_digest: str) -> dict[str, str]:
         parent = self.head.output_digest if self.head else self.base_digest

@@ -6,6 +6,8 @@ import torch
 
 from mergeops.model import ModelFolder, Problem
 
+MERGELOCK_META = "mergelock."  # the safetensors metadata keys of a MergeLock-protected model start with this
+
 # Tensors named like trainable parameters must be floating point; buffers such as BERT's
 # ``position_ids`` are legitimately integer.
 _PARAMETER_SUFFIXES = (".weight", ".bias")
@@ -41,6 +43,14 @@ def tensor_value_problem(name: str, tensor: torch.Tensor, file: str | None = Non
         return Problem("non_finite", f"tensor {name!r} has {bad} non-finite value(s) ({kinds}); the checkpoint "
                        "is corrupted or training diverged, so it cannot be merged.", file, name)
     return None
+
+
+def protection_marks(folder: ModelFolder) -> dict[str, str] | None:
+    """The MergeLock marks (scheme, version, strength, ...) in a model folder's weights metadata, or None."""
+    metadata = next(iter(folder.headers.values())).metadata if folder.headers else {}
+    found = {k.removeprefix(MERGELOCK_META): v for k, v in metadata.items()
+             if k.startswith(MERGELOCK_META) and k != f"{MERGELOCK_META}header"}
+    return found if found.get("scheme") else None
 
 
 def problems_against_base(checkpoint: ModelFolder, base: ModelFolder) -> list[Problem]:

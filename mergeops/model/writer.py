@@ -36,9 +36,16 @@ TEMP_MARKER = ".tmp-"
 
 # Files a donor folder holds that do not belong in a new model: weights and training leftovers (the
 # card, provenance and signature are regenerated for every output and never copied).
-_NOT_CARRIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _NOT_CARRIED_NAMES = frozenset({INDEX_FILE, "pytorch_model.bin.index.json", "trainer_state.json",
                                 "metrics.json"})
+
+
+def carried_into_merge(relative: str) -> bool:
+    """Whether a donor's file belongs in a new (merged) model: config, tokenizer, generation files; not weights,
+    optimizer state or training leftovers."""
+    name = relative.rsplit("/", 1)[-1]
+    return name not in _NOT_CARRIED_NAMES and not name.endswith(WEIGHTS_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -146,13 +153,19 @@ class ModelWriter:
     With ``recycle``, a weights file of the same name in that folder is taken over (moved in, resized, every byte
     rewritten) instead of a new one created, if no other name links to it: overwriting a file's pages costs about
     half of writing a new file and freeing an old one (benchmarks/RESULTS.md). Only for files nobody else reads.
+
+    With ``headers`` (file name -> complete safetensors header, length prefix included) the weights files are
+    exactly those, each tensor at the place its header gives, instead of a layout of the writer's own: a model
+    rewritten this way differs from its source only in the bytes that were changed. ``carry`` decides which of
+    the donor's files are copied (by relative path).
     """
 
     def __init__(self, out: str | os.PathLike[str], specs: Iterable[TensorSpec], *,
                  metadata: Mapping[str, str] | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  donor: str | os.PathLike[str] | None = None, hash_files: bool = True,
                  provisional_metadata: bool = False, shard_group: Callable[[TensorSpec], str] | None = None,
-                 recycle: str | os.PathLike[str] | None = None) -> None:
+                 recycle: str | os.PathLike[str] | None = None, headers: Mapping[str, bytes] | None = None,
+                 carry: Callable[[str], bool] = carried_into_merge) -> None:
         self.out = Path(out)
         self.recycle = Path(recycle) if recycle is not None else None
         self.specs = {s.name: s for s in specs}
@@ -160,6 +173,7 @@ class ModelWriter:
             raise ValueError("a model folder needs at least one tensor")
         self.metadata = {"format": "pt", **(metadata or {})}
         self.donor = Path(donor) if donor is not None else None
+        self.carry = carry
         self.extra_files: dict[str, bytes] = {}
         # Files derived from the others' hashes (a card or provenance naming the digest), made last.
         self.finalize: Callable[[dict[str, str]], dict[str, bytes]] | None = None
@@ -178,15 +192,41 @@ class ModelWriter:
         self._not_written_back: dict[str, int] = {}  # file -> bytes written since its writeback was last started
         # The layout is fixed up front (file name -> its tensors; tensor -> file and offset), so the order to
         # write in is known before the first byte.
+        self._mirrored = headers is not None
+        self._headers: dict[str, bytes] = {}  # file -> header bytes
+        self._sizes: dict[str, int] = {}  # file -> total length
+        self._where: dict[str, tuple[str, int]] = {}
+        if headers is not None:
+            self._shards = {file_name: self._mirror(file_name, header) for file_name, header in headers.items()}
+            if set(self._where) != set(self.specs):
+                raise ValueError("the given headers do not place exactly the tensors of the specs")
+            return
         shards = _plan_shards(list(self.specs.values()), shard_bytes, shard_group)
         names = [SINGLE_FILE] if len(shards) == 1 else [
             f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
         self._shards = dict(zip(names, shards, strict=True))
-        self._where: dict[str, tuple[str, int]] = {}
         for file_name, shard in self._shards.items():
-            _, offsets = _header(shard, self.metadata)
+            header, offsets = _header(shard, self.metadata)
+            self._headers[file_name] = header
+            self._sizes[file_name] = offsets[-1] + shard[-1].nbytes
             for spec, offset in zip(shard, offsets, strict=True):
                 self._where[spec.name] = (file_name, offset)
+
+    def _mirror(self, file_name: str, header: bytes) -> list[TensorSpec]:
+        """Take a given header's layout: where each tensor goes, checked against its spec."""
+        entries = json.loads(header[8:])
+        entries.pop("__metadata__", None)
+        shard = []
+        for name, entry in entries.items():
+            spec = self.specs.get(name)
+            start, end = entry["data_offsets"]
+            if spec is None or list(spec.shape) != entry["shape"] or end - start != spec.nbytes:
+                raise ValueError(f"header of {file_name} places tensor {name!r} unlike its spec")
+            self._where[name] = (file_name, len(header) + start)
+            shard.append(spec)
+        self._headers[file_name] = header
+        self._sizes[file_name] = len(header) + max((e["data_offsets"][1] for e in entries.values()), default=0)
+        return shard
 
     def __enter__(self) -> ModelWriter:
         if self.out.exists():
@@ -194,17 +234,16 @@ class ModelWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}{TEMP_MARKER}", dir=self.out.parent))
         self._tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be read
-        for file_name, shard in self._shards.items():
-            header, offsets = _header(shard, self.metadata)
+        for file_name, header in self._headers.items():
             fd = self._open_weights_file(file_name)
             self._fds[file_name] = fd
             os.pwrite(fd, header, 0)
-            os.ftruncate(fd, offsets[-1] + shard[-1].nbytes)
+            os.ftruncate(fd, self._sizes[file_name])
             if self._unhashed is None:
                 self._running[file_name] = (hashlib.sha256(header), len(header))
             else:
                 self._unhashed[file_name] = len(header)
-        if len(self._shards) > 1:
+        if len(self._shards) > 1 and not self._mirrored:  # a mirrored layout's index is the donor's
             weight_map = {name: file for name, (file, _) in sorted(self._where.items())}
             index = {"metadata": {"total_size": sum(s.nbytes for s in self.specs.values())},
                      "weight_map": weight_map}
@@ -333,7 +372,7 @@ class ModelWriter:
                 complete = running is not None and running[1] == os.fstat(self._fds[file_name]).st_size
                 self.file_hashes[file_name] = running[0].hexdigest() if complete else file_sha256(tmp / file_name)
         if self.donor is not None:
-            _copy_carried_files(self.donor, tmp)
+            _copy_carried_files(self.donor, tmp, self.carry)
         for relative, data in self.extra_files.items():
             (tmp / relative).parent.mkdir(parents=True, exist_ok=True)
             write_durably(tmp / relative, data)
@@ -389,11 +428,10 @@ def write_tensor_file(out: Path, specs: list[TensorSpec], tensor_for: Callable[[
     return out
 
 
-def _copy_carried_files(donor: Path, dest: Path) -> None:
+def _copy_carried_files(donor: Path, dest: Path, carry: Callable[[str], bool]) -> None:
     for path in sorted(donor.rglob("*")):
         relative = path.relative_to(donor).as_posix()
-        if (not path.is_file() or is_digest_excluded(relative) or path.name in _NOT_CARRIED_NAMES
-                or path.name.endswith(_NOT_CARRIED_SUFFIXES)):
+        if not path.is_file() or is_digest_excluded(relative) or not carry(relative):
             continue
         target = dest / relative
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,14 @@
 """
 
 from mergeops.protect.architectures import FAMILIES, supported
-from mergeops.protect.mergelock import describe_protection, is_protected, protect, unprotect
+from mergeops.protect.mergelock import (
+                                        DEFAULT_STRENGTH,
+                                        describe_protection,
+                                        is_protected,
+                                        protect,
+                                        protection_marks,
+                                        unprotect,
+)
 
-__all__ = ["FAMILIES", "describe_protection", "is_protected", "protect", "supported", "unprotect"]
+__all__ = ["DEFAULT_STRENGTH", "FAMILIES", "describe_protection", "is_protected", "protect", "protection_marks",
+           "supported", "unprotect"]

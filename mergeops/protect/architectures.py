@@ -1,13 +1,13 @@
-"""Where attention lives in each architecture MergeLock protects, as data (SPEC §8).
+"""Where attention and MLPs live in each architecture MergeLock protects, as data (SPEC §8).
 
-One :class:`Family` per architecture family says how to find its attention layers (name templates, with
-or without a task-head prefix such as ``bert.`` or ``model.``), how q/k/v/o are stored (separate
-``nn.Linear`` weights in ``[out, in]`` layout, or GPT-2's fused, transposed ``Conv1D`` ``c_attn``
-``[in, 3·E]`` followed by ``c_proj`` ``[E, out]``), which config keys hold the head counts, whether keys and
-queries are rotated (and how rotary dimensions are paired), and what makes the query/key symmetry unsafe.
-:func:`resolve` turns a model folder into a list of :class:`AttentionUnit` (one per layer and tower) from
-that table alone; nothing else in the package knows architecture names. Anything not in the table is
-refused before a file is written.
+One :class:`Family` per architecture family says how to find its layers (name templates, with or without a
+task-head prefix such as ``bert.`` or ``model.``), how q/k/v/o and the MLP are stored (separate ``nn.Linear``
+weights in ``[out, in]`` layout, or GPT-2's fused, transposed ``Conv1D`` ``c_attn`` ``[in, 3·E]``, ``c_proj``
+``[E, out]``, ``c_fc`` ``[in, F]``), whether the MLP is gated (SwiGLU), which config keys hold the head counts,
+whether keys and queries are rotated (and how rotary dimensions are paired), and what makes the query/key
+symmetry unsafe. :func:`resolve` turns a model folder into a list of :class:`LayerUnit` (one per layer and
+tower) from that table alone; nothing else in the package knows architecture names. Anything not in the
+table is refused before a file is written.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ class Family:
     k: str
     v: str
     o: str
+    up: str  # the MLP's input projection (its hidden neurons are its rows, or Conv1D columns)
+    down: str  # the MLP's output projection (hidden neurons are its columns, or Conv1D rows)
+    gate: str | None = None  # gated MLPs (SwiGLU): act(gate·x) ⊙ (up·x)
     layout: str = SEPARATE
     heads_keys: tuple[str, ...] = ("num_attention_heads",)
     kv_heads_keys: tuple[str, ...] = ("num_key_value_heads",)
@@ -66,31 +69,33 @@ def _rotary_decoder(name: str, label: str, model_types: tuple[str, ...], **extra
     """The Llama layout shared by Mistral, Qwen2 and Qwen3: separate projections, rotate_half RoPE, GQA."""
     return Family(name=name, label=label, model_types=model_types, towers=(Tower("", "layers.{i}."),),
                   prefixes=("", "model."), q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                  o="self_attn.o_proj", rotary=ROTARY_HALF, **extra)
+                  o="self_attn.o_proj", up="mlp.up_proj", gate="mlp.gate_proj", down="mlp.down_proj",
+                  rotary=ROTARY_HALF, **extra)
 
 
 FAMILIES: tuple[Family, ...] = (
     Family(name="bert", label="BERT", model_types=("bert",), towers=(Tower("", "encoder.layer.{i}."),),
            prefixes=("", "bert."), q="attention.self.query", k="attention.self.key", v="attention.self.value",
-           o="attention.output.dense",
+           o="attention.output.dense", up="intermediate.dense", down="output.dense",
            qk_config_blockers={"position_embedding_type": ("relative_key", "relative_key_query")}),
     Family(name="roberta", label="RoBERTa", model_types=("roberta",), towers=(Tower("", "encoder.layer.{i}."),),
            prefixes=("", "roberta."), q="attention.self.query", k="attention.self.key", v="attention.self.value",
-           o="attention.output.dense",
+           o="attention.output.dense", up="intermediate.dense", down="output.dense",
            qk_config_blockers={"position_embedding_type": ("relative_key", "relative_key_query")}),
     Family(name="vit", label="ViT", model_types=("vit",),
            towers=(Tower("", "encoder.layer.{i}.", inputs="image"),), prefixes=("", "vit."),
            q="attention.attention.query", k="attention.attention.key", v="attention.attention.value",
-           o="attention.output.dense"),
+           o="attention.output.dense", up="intermediate.dense", down="output.dense"),
     Family(name="clip", label="CLIP", model_types=("clip", "clip_text_model", "clip_vision_model"),
            towers=(Tower("text", "encoder.layers.{i}.", config="text_config", inputs="text", prefix="text_model.",
                          alone="clip_text_model"),
                    Tower("vision", "encoder.layers.{i}.", config="vision_config", inputs="image",
                          prefix="vision_model.", alone="clip_vision_model")),
-           prefixes=("",), q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj"),
+           prefixes=("",), q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj",
+           up="mlp.fc1", down="mlp.fc2"),
     Family(name="gpt2", label="GPT-2", model_types=("gpt2",), towers=(Tower("", "h.{i}."),),
            prefixes=("", "transformer."), q="attn.c_attn", k="attn.c_attn", v="attn.c_attn", o="attn.c_proj",
-           layout=FUSED_CONV1D, heads_keys=("n_head", "num_attention_heads")),
+           up="mlp.c_fc", down="mlp.c_proj", layout=FUSED_CONV1D, heads_keys=("n_head", "num_attention_heads")),
     _rotary_decoder("llama", "Llama", ("llama",)),
     _rotary_decoder("mistral", "Mistral", ("mistral",)),
     _rotary_decoder("qwen2", "Qwen2", ("qwen2",)),
@@ -104,18 +109,21 @@ def supported() -> str:
 
 
 @dataclass(frozen=True)
-class AttentionUnit:
-    """One attention layer to protect: its tensors and its head geometry."""
+class LayerUnit:
+    """One layer to protect: its attention and MLP tensors, its head geometry and MLP width."""
 
     family: Family
     tower: str
     layer: int
-    names: Mapping[str, str]  # role -> tensor name; roles q k v o (weights), q_bias k_bias v_bias if present
+    # role -> tensor name; roles q k v o up down (+ gate) weights, q_bias k_bias v_bias up_bias gate_bias if present
+    names: Mapping[str, str]
     heads: int
     kv_heads: int
     head_dim: int
     rotary_dim: int  # rotated dimensions of each head (0 when not rotary); the first rotary_dim of head_dim
     qk: bool  # False: the query/key symmetry is unsafe here, only V/O is transformed
+    mlp_size: int  # hidden neurons of the MLP
+    mlp_gated: bool
 
     @property
     def label(self) -> str:
@@ -135,7 +143,7 @@ class AttentionUnit:
 class Plan:
     family: Family
     architecture: str
-    units: tuple[AttentionUnit, ...]
+    units: tuple[LayerUnit, ...]
     notes: tuple[str, ...]
 
     @property
@@ -181,7 +189,7 @@ def resolve(folder: ModelFolder) -> Plan:
     if family is None:
         raise UsageError(f"{where} is a {architecture} model (model_type {config.get('model_type')!r}), which "
                          f"MergeLock cannot protect; supported architectures: {supported()}. Nothing was written.")
-    units: list[AttentionUnit] = []
+    units: list[LayerUnit] = []
     notes: list[str] = []
     blocked = [f"{key} = {config.get(key)!r}" for key, values in family.qk_config_blockers.items()
                if config.get(key) in values]
@@ -200,7 +208,7 @@ def resolve(folder: ModelFolder) -> Plan:
 
 
 def _tower_units(folder: ModelFolder, family: Family, tower: Tower, config: Mapping[str, Any],
-                 blocked: list[str]) -> list[AttentionUnit]:
+                 blocked: list[str]) -> list[LayerUnit]:
     prefixes = "|".join(re.escape(p + tower.prefix) for p in family.prefixes)
     layer = re.escape(tower.layer).replace(re.escape("{i}"), r"(?P<i>\d+)")
     pattern = re.compile(rf"^(?P<p>{prefixes}){layer}{re.escape(family.q)}\.weight$")
@@ -214,15 +222,16 @@ def _tower_units(folder: ModelFolder, family: Family, tower: Tower, config: Mapp
 
 
 def _unit(folder: ModelFolder, family: Family, tower: Tower, config: Mapping[str, Any], base: str, index: int,
-          blocked: list[str]) -> AttentionUnit:
+          blocked: list[str]) -> LayerUnit:
     where = f"{folder.path}: layer {base.rstrip('.')}"
-    names = {role: f"{base}{getattr(family, role)}.weight" for role in ("q", "k", "v", "o")}
-    for role in ("q", "k", "v"):
-        if f"{base}{getattr(family, role)}.bias" in folder.tensors:
+    roles = ("q", "k", "v", "o", "up", "down", *(("gate",) if family.gate else ()))
+    names = {role: f"{base}{getattr(family, role)}.weight" for role in roles}
+    for role in ("q", "k", "v", "up", "gate"):
+        if role in names and f"{base}{getattr(family, role)}.bias" in folder.tensors:
             names[f"{role}_bias"] = f"{base}{getattr(family, role)}.bias"
     for name in names.values():
         if name not in folder.tensors:
-            raise UsageError(f"{where} has no tensor {name!r}, which {family.label} attention needs; the checkpoint "
+            raise UsageError(f"{where} has no tensor {name!r}, which a {family.label} layer needs; the checkpoint "
                              "is incomplete or not a standard layout. Nothing was written.")
         if not folder.tensors[name].dtype.is_floating_point:
             raise UsageError(f"{where}: {name} is stored as {folder.tensors[name].dtype}; MergeLock needs floating "
@@ -238,11 +247,18 @@ def _unit(folder: ModelFolder, family: Family, tower: Tower, config: Mapping[str
             raise UsageError(f"{where}: {names['q']} has shape {fused}, not [in, 3·E]. Nothing was written.")
         q_rows = kv_rows = fused[1] // 3
         o_in = shape["o"][0]
+        mlp_size, mlp_in = folder.tensors[names["up"]].shape[-1], folder.tensors[names["down"]].shape[0]
     else:
         q_rows, kv_rows, o_in = shape["q"][0], shape["k"][0], shape["o"][-1]
+        mlp_size, mlp_in = folder.tensors[names["up"]].shape[0], folder.tensors[names["down"]].shape[-1]
         if shape["v"][0] != kv_rows:
             raise UsageError(f"{where}: key and value projections differ in size ({kv_rows} vs {shape['v'][0]}). "
                              "Nothing was written.")
+    mlp_shapes = {r: folder.tensors[names[r]].shape for r in ("up", "down", "gate") if r in names}
+    if mlp_in != mlp_size or any(len(s) != 2 for s in mlp_shapes.values()) or (
+            "gate" in mlp_shapes and mlp_shapes["gate"] != mlp_shapes["up"]):
+        raise UsageError(f"{where}: MLP shapes ({', '.join(f'{r} {list(s)}' for r, s in mlp_shapes.items())}) do "
+                         "not fit together. Nothing was written.")
     head_dim = _lookup(config, family.head_dim_keys) or (q_rows // heads)
     kv_heads = kv_rows // head_dim if head_dim else 0
     declared_kv = _lookup(config, family.kv_heads_keys)
@@ -258,5 +274,5 @@ def _unit(folder: ModelFolder, family: Family, tower: Tower, config: Mapping[str
         rotary_dim = int(head_dim * (1.0 if fraction is None else float(fraction)))
         rotary_dim -= rotary_dim % 2
     qk = not blocked and not any(f"{base}{n}" in folder.tensors for n in family.qk_norm)
-    return AttentionUnit(family=family, tower=tower.name, layer=index, names=names, heads=heads, kv_heads=kv_heads,
-                         head_dim=head_dim, rotary_dim=rotary_dim, qk=qk)
+    return LayerUnit(family=family, tower=tower.name, layer=index, names=names, heads=heads, kv_heads=kv_heads,
+                     head_dim=head_dim, rotary_dim=rotary_dim, qk=qk, mlp_size=mlp_size, mlp_gated=bool(family.gate))

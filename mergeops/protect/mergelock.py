@@ -1,9 +1,10 @@
 """MergeLock: make a model unmergeable while it computes exactly the same function (SPEC §8).
 
-``protect`` streams a model folder tensor by tensor into a new folder: every attention layer's q/k/v/o
-(only one layer's in memory at a time) gets a secret per-group transform (see :mod:`.heads`) derived from
-the lock key (see :mod:`.matrices`); every other tensor is copied through unchanged. ``unprotect`` with
-the same key writes the original weights back. Both write atomically through :class:`ModelWriter`.
+``protect`` streams a model folder into a new folder, one layer at a time: every layer's attention and MLP
+tensors get secret, exact maps (see :mod:`.transforms`: whole heads reordered, signed permutations and powers of
+two inside each head and across MLP neurons) derived from the lock key; every other tensor and file is copied
+through unchanged. The weights files keep their source's layout byte for byte, with the source's own headers
+kept in the metadata, so ``unprotect`` with the same key writes back every original file byte for byte.
 
 The report each returns is what ``mergeops protect --json`` prints; its ``"ledger"`` entry is the payload
 of the ``protection.recorded`` ledger event.
@@ -11,10 +12,14 @@ of the ``protection.recorded`` ledger event.
 
 from __future__ import annotations
 
+import base64
 import hmac
+import json
+import math
 import os
 import shutil
-from collections.abc import Mapping
+import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,80 +27,112 @@ import torch
 
 from mergeops import __version__
 from mergeops.errors import MergeopsError, UsageError
+from mergeops.intake.validate import MERGELOCK_META, protection_marks
 from mergeops.keys import LOCK_KEY_BYTES, lock_key_fingerprint
-from mergeops.ledger.card import read_license
+from mergeops.ledger.card import IN_TOTO_STATEMENT, read_front_matter
 from mergeops.model import ModelFolder, ModelWriter, TensorSpec, folder_digest
 from mergeops.model.digest import digest_of_listing
+from mergeops.model.writer import WEIGHTS_SUFFIXES
 from mergeops.protect import checks
-from mergeops.protect.architectures import AttentionUnit, Plan, resolve
-from mergeops.protect.heads import HeadWeights, load, store, transform
-from mergeops.protect.matrices import CONDITION, SALT_BYTES, SCHEME, Invertible, check_tag, qk_block, vo_block
+from mergeops.protect.architectures import LayerUnit, Plan, resolve
+from mergeops.protect.attack import PROXY_ANCHOR_NOISE, AttackMeasurement, attack_sample, proxy_anchor
+from mergeops.protect.layer import TensorMap, inverse_maps, load, tensor_maps
+from mergeops.protect.transforms import SALT_BYTES, SCHEME, LayerTransform, check_tag, derived_salt, layer_transform
 from mergeops.threads import one_torch_thread
 
-VERSION = "1"
-META = "mergelock."  # every metadata key MergeLock adds starts with this
+VERSION = "2"
+META = MERGELOCK_META  # every metadata key MergeLock adds starts with this
+# Per-dimension scale 2^±strength. The smallest strength at which a merge of one protected MiniLM with five other
+# fine-tunes keeps under 5% of its above-chance accuracy for every method, with a margin (benchmarks/RESULTS.md).
+DEFAULT_STRENGTH = 4
+MAX_STRENGTH = 30
+PREDICATE_TYPE = "https://github.com/mergeops/mergeops/mergelock/v2"
+CARDS = ("README.md", "provenance.json")  # the source's, kept inside the protected provenance for unprotect
 
 
 def protect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], lock_key: bytes, *,
-            verify: bool = False, anchor: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+            strength: int = DEFAULT_STRENGTH, random_salt: bool = False, verify: bool = False,
+            anchor: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Write a MergeLock-protected copy of ``model_dir`` to ``out_dir`` (which must not exist).
 
-    ``verify``: also run original and protected through transformers (when installed) and compare outputs.
-    ``anchor``: a model the residual-risk attack uses as its anchor (the public base model, same layout);
-    without it the attack uses a stand-in, this model plus 5% relative noise per tensor.
-    Raises UsageError (nothing written) for an unsupported architecture, an already protected model or a
-    bad key, and MergeopsError (nothing left behind) if the protected model does not compute the same
-    function.
+    ``strength``: every transformed dimension is scaled by 2^±strength (0: signed permutations only).
+    ``random_salt``: a fresh salt; by default it is derived from the key and the input's digest, so the same key
+    and input give the same bytes. ``verify``: also run original and protected through transformers (when
+    installed) and compare outputs. ``anchor``: the model the residual-risk attack uses as its anchor (the public
+    base model, same layout); without it the attack uses this model plus 5% relative noise per tensor.
+    Raises UsageError (nothing written) for an unsupported architecture, an already protected model, a bad key or
+    strength, or weights whose dtype cannot hold the transform exactly; MergeopsError (nothing left behind) if the
+    protected model does not compute the same function.
     """
     source, out = Path(model_dir), Path(out_dir)
     _check_key(lock_key)
     _check_out(out)
+    if isinstance(strength, bool) or not isinstance(strength, int) or not 0 <= strength <= MAX_STRENGTH:
+        raise UsageError(f"MergeLock strength must be a whole number from 0 to {MAX_STRENGTH} (got {strength!r}); "
+                         f"the default is {DEFAULT_STRENGTH}.")
     with ModelFolder.open(source) as src:
         metadata = _metadata(src)
         if metadata.get(f"{META}scheme"):
             raise UsageError(f"{source} is already MergeLock-protected ({metadata[f'{META}scheme']}); protect the "
                              "original model instead, or `mergeops unprotect` it first. Nothing was written.")
         plan = resolve(src)
-        anchor_folder = _open_anchor(anchor, plan, src) if anchor is not None else None
-        salt = os.urandom(SALT_BYTES)
-        metadata |= {f"{META}scheme": SCHEME, f"{META}version": VERSION, f"{META}salt": salt.hex(),
-                     f"{META}check": check_tag(lock_key, salt), f"{META}condition": repr(CONDITION),
-                     f"{META}family": plan.family.name, f"{META}qk": _qk_record(plan),
-                     f"{META}tool": f"mergeops {__version__}"}
-        measured = checks.Measurements(
-            anchor_label=f"given model {anchor}" if anchor is not None else
-            f"stand-in for the base model: this model plus {checks.PROXY_ANCHOR_NOISE:.0%} relative Gaussian noise")
-        attacked = _attack_sample(plan)
-        dtype = _attention_dtype(src, plan)
         source_digest = folder_digest(source)
-        license_id = read_license(source)
+        salt = os.urandom(SALT_BYTES) if random_salt else derived_salt(lock_key, source_digest)
+        marks = {f"{META}scheme": SCHEME, f"{META}version": VERSION, f"{META}salt": salt.hex(),
+                 f"{META}check": check_tag(lock_key, salt), f"{META}strength": str(strength),
+                 f"{META}family": plan.family.name, f"{META}qk": _qk_record(plan),
+                 f"{META}tool": f"mergeops {__version__}"}
+        headers = {file: _protected_header(file, header, marks) for file, header in _raw_headers(src).items()}
+        anchor_folder = _open_anchor(anchor, plan, src) if anchor is not None else None
+        measured = checks.Measurements()
+        attacked = attack_sample(plan)
+        attack = AttackMeasurement(f"given model {anchor}" if anchor is not None else
+                                   f"stand-in for the base model: this model plus {PROXY_ANCHOR_NOISE:.0%} relative "
+                                   "Gaussian noise")
+        headroom: dict[str, int] = {}
+        changed: set[str] = set()
+        carried, left_out = _carry_rule(source)
+        front = read_front_matter(source)
+        kept = {name: _embed(source / name) for name in CARDS if (source / name).is_file()}
 
-        def per_unit(unit: AttentionUnit, orig: HeadWeights, written: HeadWeights) -> None:
-            measured.add(unit, orig, written)
+        def per_unit(unit: LayerUnit, transform: LayerTransform, maps: list[TensorMap],
+                     original: dict[str, torch.Tensor], written: dict[str, torch.Tensor]) -> None:
+            for m in maps:
+                _check_exact(source, m, original[m.name], written[m.name], strength)
+                _lower(headroom, _headroom(original[m.name]))
+                changed.add(m.name)
+            measured.add(unit, load(unit, original.__getitem__), load(unit, written.__getitem__),
+                         transform.head_order)
             if unit.label in attacked:
-                anchor_w = load(unit, anchor_folder.read) if anchor_folder else checks.proxy_anchor(unit, orig)
-                measured.add_attack(unit, orig, written, anchor_w)
+                anchor_w = ({n: anchor_folder.read(n) for n in original} if anchor_folder else
+                            {n: proxy_anchor(t, seed=1000 + unit.layer) for n, t in original.items()})
+                attack.add(unit.label, maps, original, written, anchor_w)
 
-        def card(digest: str) -> str:
-            return _protected_card(source_digest, digest, plan, measured, license_id)
+        def cards(hashes: dict[str, str]) -> dict[str, bytes]:
+            return _protected_cards(source_digest, digest_of_listing(hashes), plan, strength, front, kept,
+                                    attack.report(), parts=_parts(plan, strength))
 
         try:
-            hashes, changed = _rewrite(src, out, plan, metadata, lock_key, salt, CONDITION, inverse=False,
-                                       per_unit=per_unit, card=card, gate=lambda: _invariants_gate(measured, dtype))
+            writer = ModelWriter(out, _specs(src), headers=headers, donor=source, carry=carried)
+            writer.finalize = cards
+            _rewrite(src, writer, plan, lambda unit: layer_transform(lock_key, salt, unit, strength), inverse=False,
+                     per_unit=per_unit, gate=lambda: _invariants_gate(measured))
         finally:
             if anchor_folder is not None:
                 anchor_folder.close()
-    output_digest = digest_of_listing(hashes)
+        dtype = _weights_dtype(src, plan)
+    output_digest = digest_of_listing(writer.file_hashes)
     report: dict[str, Any] = {
-        "scheme": SCHEME, "version": VERSION, "source": str(source), "output": str(out),
-        "source_digest": source_digest, "output_digest": output_digest,
+        "scheme": SCHEME, "version": VERSION, "strength": strength, "salt": "random" if random_salt else "derived",
+        "source": str(source), "output": str(out), "source_digest": source_digest, "output_digest": output_digest,
         "key_fingerprint": lock_key_fingerprint(lock_key),
         "architecture": plan.architecture, "family": plan.family.label, **_geometry(plan),
-        "branches": ["qk", "vo"] if plan.qk else ["vo"], "notes": list(plan.notes),
-        "tensors_changed": changed, "tensors_total": len(src.tensors), "dtype": str(dtype).removeprefix("torch."),
-        "movement": measured.movement_report(),
-        "function_check": {"invariants": _invariants_report(measured, dtype), "forward": None},
-        "residual_risk": measured.attack_report(),
+        "transformed": _parts(plan, strength), "notes": list(plan.notes), "not_carried": left_out,
+        "tensors_changed": len(changed),
+        "tensors_total": len(src.tensors), "dtype": str(dtype).removeprefix("torch."),
+        "headroom": headroom, "movement": measured.movement_report(),
+        "function_check": {"invariants": _invariants_report(measured), "forward": None},
+        "residual_risk": attack.report(),
     }
     if verify:
         forward = checks.forward_check(source, out, plan, src.config or {}, dtype)
@@ -106,14 +143,16 @@ def protect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
                                 f"output error {forward['max_relative_error']:.2e} > {forward['tolerance']:.0e}); it "
                                 "was removed. Report this as a bug with the model's config.json.")
     report["ledger"] = {"source_digest": source_digest, "output_digest": output_digest, "path": str(out),
-                        "key_fingerprint": report["key_fingerprint"], "scheme": SCHEME}
+                        "key_fingerprint": report["key_fingerprint"], "scheme": SCHEME, "strength": strength,
+                        "transformed": report["transformed"]}
     return report
 
 
 def unprotect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], lock_key: bytes) -> dict[str, Any]:
-    """Write the original weights of the MergeLock-protected ``model_dir`` to ``out_dir``.
+    """Write the original files of the MergeLock-protected ``model_dir`` to ``out_dir``, byte for byte.
 
-    Raises UsageError (nothing written) when the model is not protected, or was protected with another key.
+    Raises UsageError (nothing written) when the model is not protected, was protected with another key or
+    another scheme, or its MergeLock metadata or config.json was changed.
     """
     source, out = Path(model_dir), Path(out_dir)
     _check_key(lock_key)
@@ -130,10 +169,13 @@ def unprotect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
                              "protected it.")
         try:
             salt = bytes.fromhex(metadata[f"{META}salt"])
-            condition = float(metadata[f"{META}condition"])
+            strength = int(metadata[f"{META}strength"])
             tag = metadata[f"{META}check"]
+            if not 0 <= strength <= MAX_STRENGTH or len(salt) != SALT_BYTES:
+                raise ValueError("strength or salt out of range")
         except (KeyError, ValueError) as exc:
-            raise UsageError(f"{source} has damaged MergeLock metadata ({exc}); it cannot be unprotected.") from None
+            raise UsageError(f"{source} has damaged MergeLock metadata ({exc}); it cannot be unprotected. "
+                             "Nothing was written.") from None
         if not hmac.compare_digest(check_tag(lock_key, salt), tag):
             raise UsageError(f"{source} was protected with a different lock key than the one given (key "
                              f"{lock_key_fingerprint(lock_key)}); use the lock key it was protected with. "
@@ -143,42 +185,39 @@ def unprotect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
             raise UsageError(f"{source}'s MergeLock record (family {metadata.get(f'{META}family')}, "
                              f"q/k {metadata.get(f'{META}qk')}) does not match its config.json and tensors "
                              f"({plan.family.name}, {_qk_record(plan)}); was config.json changed? Nothing was written.")
-        restored = {k: v for k, v in metadata.items() if not k.startswith(META)}
+        headers = {file: _original_header(source, file, header) for file, header in src.headers.items()}
         source_digest = folder_digest(source)
-        moved: list[float] = []
-
-        def per_unit(unit: AttentionUnit, prot: HeadWeights, written: HeadWeights) -> None:
-            moved.extend(checks.relative_change(written.role(r), prot.role(r)) for r in ("q", "k", "v", "o"))  # type: ignore[arg-type]
-
-        def card(digest: str) -> str:
-            return _restored_card(source_digest, digest)
-
-        hashes, changed = _rewrite(src, out, plan, restored, lock_key, salt, condition, inverse=True,
-                                   per_unit=per_unit, card=card, gate=None)
+        carried, _ = _carry_rule(source)
+        writer = ModelWriter(out, _specs(src), headers=headers, donor=source, carry=carried)
+        restored_cards = _source_cards(source)
+        writer.extra_files.update(restored_cards)
+        _rewrite(src, writer, plan, lambda unit: layer_transform(lock_key, salt, unit, strength), inverse=True,
+                 per_unit=None, gate=None)
     return {"scheme": SCHEME, "source": str(source), "output": str(out), "source_digest": source_digest,
-            "output_digest": digest_of_listing(hashes), "key_fingerprint": lock_key_fingerprint(lock_key),
-            "architecture": plan.architecture, "family": plan.family.label, "tensors_changed": changed,
-            "tensors_total": len(src.tensors), "mean_relative_change": sum(moved) / len(moved) if moved else 0.0}
+            "output_digest": digest_of_listing(writer.file_hashes), "key_fingerprint": lock_key_fingerprint(lock_key),
+            "architecture": plan.architecture, "family": plan.family.label, "strength": strength,
+            "cards_restored": sorted(restored_cards),
+            "tensors_total": len(src.tensors)}
 
 
 def is_protected(model_dir: str | os.PathLike[str]) -> bool:
     """Whether ``model_dir``'s weights carry MergeLock metadata."""
     with ModelFolder.open(model_dir) as src:
-        return bool(_metadata(src).get(f"{META}scheme"))
+        return protection_marks(src) is not None
 
 
 # -- the streaming rewrite ---------------------------------------------------------------------------
-def _rewrite(src: ModelFolder, out: Path, plan: Plan, metadata: Mapping[str, str], lock_key: bytes, salt: bytes,
-             condition: float, *, inverse: bool, per_unit: Any, card: Any, gate: Any) -> tuple[dict[str, str], int]:
-    """Copy ``src`` to ``out`` tensor by tensor, transforming each attention unit when its first tensor
-    comes up; ``gate`` runs before the folder is committed and may raise to abandon it."""
+PerUnit = Callable[[LayerUnit, LayerTransform, list[TensorMap], dict[str, torch.Tensor], dict[str, torch.Tensor]],
+                   None]
+
+
+def _rewrite(src: ModelFolder, writer: ModelWriter, plan: Plan, transform_of: Callable[[LayerUnit], LayerTransform],
+             *, inverse: bool, per_unit: PerUnit | None, gate: Callable[[], None] | None) -> None:
+    """Copy ``src`` through ``writer`` tensor by tensor; a layer's tensors are transformed (or, ``inverse``, restored)
+    together when the first of them comes up (one layer in memory). ``gate`` runs before the folder is committed
+    and may raise."""
     unit_of = {name: unit for unit in plan.units for name in unit.tensor_names}
-    specs = [TensorSpec(name, info.dtype, info.shape) for name, info in src.tensors.items()]
-    dtypes = {name: info.dtype for name, info in src.tensors.items()}
-    writer = ModelWriter(out, specs, metadata=metadata, donor=src.path)
-    writer.finalize = lambda hashes: {"README.md": card(digest_of_listing(hashes)).encode()}
     done: set[str] = set()
-    changed = 0
     with writer, one_torch_thread():
         for name in writer.layout_order:
             if name in done:
@@ -188,30 +227,150 @@ def _rewrite(src: ModelFolder, out: Path, plan: Plan, metadata: Mapping[str, str
                 writer.write(name, src.read(name))
                 done.add(name)
                 continue
-            orig = load(unit, src.read)
-            qk, vo = _blocks(unit, lock_key, salt, condition)
-            tensors = store(unit, transform(unit, orig, qk, vo, inverse=inverse), dtypes)
-            per_unit(unit, orig, load(unit, tensors.__getitem__))
-            for tensor_name, tensor in tensors.items():
-                writer.write(tensor_name, tensor)
+            original = {n: src.read(n) for n in unit.tensor_names}
+            transform = transform_of(unit)
+            maps = inverse_maps(tensor_maps(unit, transform)) if inverse else tensor_maps(unit, transform)
+            written = dict(original)
+            for m in maps:
+                written[m.name] = m.monomial.apply(original[m.name], m.axis)
+            if per_unit is not None:
+                per_unit(unit, transform, maps, original, written)
+            for tensor_name, tensor in written.items():
+                writer.write(tensor_name, tensor.contiguous())
                 done.add(tensor_name)
-            changed += len(_changed_names(unit))
         if gate is not None:
             gate()
-    return writer.file_hashes, changed
 
 
-def _changed_names(unit: AttentionUnit) -> set[str]:
-    roles = ("q", "k", "v", "o", "q_bias", "k_bias", "v_bias") if unit.qk else ("v", "o", "v_bias")
-    return {unit.names[r] for r in roles if r in unit.names}
+def _check_exact(source: Path, m: TensorMap, original: torch.Tensor, written: torch.Tensor, strength: int) -> None:
+    """Refuse a transform the storage dtype cannot hold: undoing it must give the original bits back, and no
+    value may overflow or become subnormal (hardware that flushes subnormals would change the function)."""
+    dtype = original.dtype
+    tiny = torch.finfo(dtype).tiny
+    picked = original.index_select(m.axis, m.monomial.perm)
+    newly_subnormal = (written != 0) & (written.abs() < tiny) & ~((picked != 0) & (picked.abs() < tiny))
+    back = m.monomial.inverse().apply(written, m.axis)
+    exact = torch.equal(back.view(_bits(dtype)), original.view(_bits(dtype)))
+    if exact and torch.isfinite(written).all() and not bool(newly_subnormal.any()):
+        return
+    holds = _headroom(original).get(str(dtype).removeprefix("torch."), 0)
+    raise UsageError(f"{source}: tensor {m.name!r} ({str(dtype).removeprefix('torch.')}) cannot hold MergeLock's "
+                     f"scaling by 2^±{strength}: values would overflow, turn subnormal or lose bits. It holds at most "
+                     f"--strength {max(holds, 0)}; protect with that (weaker) or store the model in bfloat16 or "
+                     "float32 first. Nothing was written.")
 
 
-def _blocks(unit: AttentionUnit, lock_key: bytes, salt: bytes, c: float
-            ) -> tuple[list[Invertible] | None, list[Invertible]]:
-    d = unit.head_dim
-    qk = [qk_block(lock_key, salt, unit.label, g, d, unit.rotary_dim, unit.family.rotary, c)
-          for g in range(unit.kv_heads)] if unit.qk else None
-    return qk, [vo_block(lock_key, salt, unit.label, g, d, c) for g in range(unit.kv_heads)]
+def _bits(dtype: torch.dtype) -> torch.dtype:
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+
+
+HEADROOM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _headroom(tensor: torch.Tensor) -> dict[str, int]:
+    """Per storage dtype, the largest strength this tensor's values hold exactly (−1: the dtype cannot hold them
+    at all): binades above its largest magnitude, and binades between its smallest nonzero magnitude and the
+    dtype's smallest normal number (0 when a value is already subnormal)."""
+    magnitude = tensor.abs().to(torch.float64)
+    nonzero = magnitude[magnitude > 0]
+    if nonzero.numel() == 0:
+        return {str(d).removeprefix("torch."): MAX_STRENGTH for d in HEADROOM_DTYPES}
+    largest, smallest = float(nonzero.max()), float(nonzero.min())
+    found = {}
+    for dtype in HEADROOM_DTYPES:
+        info = torch.finfo(dtype)
+        if largest > info.max:
+            found[str(dtype).removeprefix("torch.")] = -1
+            continue
+        up = math.floor(math.log2(info.max / largest))
+        down = math.floor(math.log2(smallest / info.tiny)) if smallest >= info.tiny else 0
+        found[str(dtype).removeprefix("torch.")] = max(0, min(up, down, MAX_STRENGTH))
+    return found
+
+
+def _lower(into: dict[str, int], found: dict[str, int]) -> None:
+    for dtype, value in found.items():
+        into[dtype] = min(into.get(dtype, value), value)
+
+
+# -- files ---------------------------------------------------------------------------------------------
+def _specs(src: ModelFolder) -> list[TensorSpec]:
+    return [TensorSpec(name, info.dtype, info.shape) for name, info in src.tensors.items()]
+
+
+def _raw_headers(src: ModelFolder) -> dict[str, bytes]:
+    """Each weights file's header JSON, exactly as stored (without the 8-byte length)."""
+    found = {}
+    for file, header in src.headers.items():
+        with open(src.path / file, "rb") as f:
+            f.seek(8)
+            found[file] = f.read(header.header_bytes - 8)
+    return found
+
+
+def _encode(header: dict[str, Any]) -> bytes:
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _protected_header(file: str, raw: bytes, marks: dict[str, str]) -> bytes:
+    """The source header with the marks and the source header itself added to its metadata; every tensor keeps its
+    place, so the data region is laid out exactly as in the source."""
+    header = json.loads(raw)
+    metadata = dict(header.pop("__metadata__", None) or {})
+    metadata |= marks | {f"{META}header": raw.decode()}
+    return _encode({"__metadata__": metadata, **header})
+
+
+def _original_header(source: Path, file: str, header: Any) -> bytes:
+    """The header the source file had before protection, checked against the protected one's tensors."""
+    raw = header.metadata.get(f"{META}header")
+    try:
+        original = json.loads(raw)
+        original.pop("__metadata__", None)
+        placed = {e.name: [e.dtype, list(e.shape), e.start - header.header_bytes, e.end - header.header_bytes]
+                  for e in header.entries}
+        if {n: [v["dtype"], v["shape"], *v["data_offsets"]] for n, v in original.items()} != placed:
+            raise ValueError("it places other tensors")
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise UsageError(f"{source / file}: the original header kept in its MergeLock metadata is missing or damaged "
+                         f"({exc}); it cannot be unprotected. Nothing was written.") from None
+    data = raw.encode()
+    return struct.pack("<Q", len(data)) + data
+
+
+def _carry_rule(source: Path) -> tuple[Callable[[str], bool], list[str]]:
+    """Protect and unprotect carry every file of the model but other weights and optimizer state, which hold the
+    original (unprotected) arrangement; those are listed."""
+    def carried(relative: str) -> bool:
+        name = relative.rsplit("/", 1)[-1]
+        return not name.endswith(WEIGHTS_SUFFIXES) and name != "pytorch_model.bin.index.json"
+
+    with ModelFolder.open(source) as folder:
+        weights = set(folder.headers)
+    left_out = sorted(p.relative_to(source).as_posix() for p in source.rglob("*")
+                      if p.is_file() and not carried(p.relative_to(source).as_posix())
+                      and p.relative_to(source).as_posix() not in weights)
+    return carried, left_out
+
+
+def _embed(path: Path) -> dict[str, str]:
+    data = path.read_bytes()
+    try:
+        return {"text": data.decode()}
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(data).decode()}
+
+
+def _source_cards(protected: Path) -> dict[str, bytes]:
+    """The source's README.md and provenance.json, kept in the protected provenance (empty if it was removed)."""
+    try:
+        kept = json.loads((protected / "provenance.json").read_text())["predicate"]["source"]["files"]
+        return {name: (entry["text"].encode() if "text" in entry else base64.b64decode(entry["base64"]))
+                for name, entry in kept.items() if name in CARDS}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -223,7 +382,7 @@ def _check_key(lock_key: bytes) -> None:
 
 
 def _check_out(out: Path) -> None:
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise UsageError(f"{out} already exists; model folders are never overwritten, so choose a new --out DIR.")
 
 
@@ -239,16 +398,8 @@ def _qk_record(plan: Plan) -> str:
     return "none" if len(skipped) == len(plan.units) else ";".join(skipped)
 
 
-def _attack_sample(plan: Plan) -> set[str]:
-    units = plan.units
-    if len(units) <= checks.ATTACK_LAYERS:
-        return {u.label for u in units}
-    step = (len(units) - 1) / (checks.ATTACK_LAYERS - 1)
-    return {units[round(i * step)].label for i in range(checks.ATTACK_LAYERS)}
-
-
-def _attention_dtype(src: ModelFolder, plan: Plan) -> torch.dtype:
-    """The narrowest dtype any attention weight is stored in (it sets the precision bar)."""
+def _weights_dtype(src: ModelFolder, plan: Plan) -> torch.dtype:
+    """The narrowest dtype any transformed weight is stored in (it sets the precision of the forward check)."""
     return min((src.tensors[n].dtype for u in plan.units for n in u.tensor_names), key=lambda d: d.itemsize)
 
 
@@ -265,19 +416,20 @@ def _open_anchor(anchor: str | os.PathLike[str], plan: Plan, src: ModelFolder) -
     return folder
 
 
-def _invariants_gate(measured: checks.Measurements, dtype: torch.dtype) -> None:
-    report = _invariants_report(measured, dtype)
+def _invariants_gate(measured: checks.Measurements) -> None:
+    report = _invariants_report(measured)
     if not report["passed"]:
-        raise MergeopsError(f"MergeLock self-check failed: a head's attention changed by "
+        raise MergeopsError(f"MergeLock self-check failed: a layer's attention or MLP changed by "
                             f"{report['max_relative_error']:.2e} (tolerance {report['tolerance']:.0e}); nothing was "
                             "written. Report this as a bug.")
 
 
-def _invariants_report(measured: checks.Measurements, dtype: torch.dtype) -> dict[str, Any]:
+def _invariants_report(measured: checks.Measurements) -> dict[str, Any]:
     worst = max(measured.invariant.values())
-    limit = checks.tolerance(dtype)
-    return {"what": "per head: q·k logits (per rotary pair under RoPE) and Wo·Wv outputs on random probes",
-            "qk_max_relative_error": measured.invariant["qk"], "vo_max_relative_error": measured.invariant["vo"],
+    limit = checks.tolerance(torch.float32)
+    return {"what": "per head: q·k logits (per rotary pair under RoPE) and Wo·Wv outputs; per MLP: its output; on "
+                    "random probes",
+            **{f"{branch}_max_relative_error": error for branch, error in measured.invariant.items()},
             "max_relative_error": worst, "tolerance": limit, "passed": worst <= limit}
 
 
@@ -285,54 +437,73 @@ def _geometry(plan: Plan) -> dict[str, Any]:
     first = plan.units[0]
     towers = sorted({u.tower for u in plan.units if u.tower})
     return {"towers": towers, "layers": len(plan.units), "heads": first.heads, "kv_heads": first.kv_heads,
-            "head_dim": first.head_dim,
+            "head_dim": first.head_dim, "mlp_size": first.mlp_size,
             "rotary": f"{first.family.rotary} pairs over {first.rotary_dim} dims" if first.rotary_dim else None}
 
 
-def _protected_card(source_digest: str, digest: str, plan: Plan, measured: checks.Measurements,
-                    license_id: str | None) -> str:
-    movement = measured.movement_report()
-    risk = measured.attack_report()
-    front = ["---", "tags:", "- mergeops", "- mergelock", "- protected"]
-    if license_id:
-        front.append(f"license: {license_id}")
-    front.append("---")
-    notes = "\n" + "".join(f"\n- {n}" for n in plan.notes) if plan.notes else ""
-    branches = "query/key and value/output" if plan.qk else "value/output"
-    body = f"""
-# MergeLock-protected model
+def _parts(plan: Plan, strength: int) -> list[str]:
+    """Which parts are transformed, in words (for the report, the card and the README)."""
+    scale = f" scaled by 2^±{strength}" if strength else ""
+    first = plan.units[0]
+    parts = []
+    if plan.qk:
+        within = ("per rotary frequency pair, rotations by multiples of 90°" if first.rotary_dim
+                  else "signed permutations of each head's dimensions")
+        parts.append(f"attention query/key: whole heads reordered; {within}{scale} (reciprocal on keys)")
+    parts.append(f"attention value/output: signed permutations of each head's dimensions{scale} (reciprocal on the "
+                 "output projection)")
+    parts.append("MLP: hidden neurons permuted" + (f", up rows scaled by 2^±{strength} (reciprocal on down)"
+                                                    if first.mlp_gated and strength else ""))
+    return parts
+
+
+def _protected_cards(source_digest: str, digest: str, plan: Plan, strength: int, front: dict[str, Any],
+                     kept: dict[str, dict[str, str]], risk: dict[str, Any], parts: list[str]) -> dict[str, bytes]:
+    lines = ["---"]
+    base = front.get("base_model")
+    if base:
+        lines += ["base_model:", *(f"- {json.dumps(b)}" for b in ([base] if isinstance(base, str) else base))]
+    if isinstance(front.get("license"), str):
+        lines.append(f"license: {front['license']}")
+    lines += ["tags:", "- mergeops", "- mergelock", "- protected", "---", ""]
+    notes = "".join(f"\n- {n}" for n in plan.notes)
+    transformed = "".join(f"\n- {p}" for p in parts)
+    body = f"""# MergeLock-protected model
 
 `{digest}` is a MergeLock-protected copy of `{source_digest}` ({plan.family.label}, {plan.architecture}).
 
-It computes the same function as the original: in every attention layer each head's {branches}
-weights were multiplied by secret invertible matrices that cancel inside the head, so every
-output is unchanged up to floating-point rounding. Its weights, however, sit far from every other fine-tune of
-the same base model (attention weights moved by {movement['min']:.0%} or more), so averaging or otherwise
-merging it with them in weight space produces a broken model.{notes}
+It computes the same function as the original: every transform below is an exact symmetry of the model (a
+signed permutation or a power of two, undone inside the same head or MLP), so every output is unchanged up to
+the order of floating-point sums. Transformed, in every layer:{transformed}{notes}
 
-Use it like the original (same config, tokenizer and code). Fine-tuning it works as usual.
+What a merge does to it: its weights sit far from every other fine-tune of the same base model, scaled and
+rearranged, so averaging, task arithmetic, TIES, OPCM or any other weight-space merge that includes it produces
+a broken model. Use it like the original (same config, tokenizer and code); fine-tuning it works as usual.
 
 Residual risk: {risk.get('summary', 'not measured')}.
 
-The lock key is not in this folder; its owner can restore the original weights with `mergeops unprotect`.
-Scheme: {SCHEME}, recorded in the weights' metadata (`{META}*`).
+The lock key is not in this folder; its owner can restore the original files byte for byte with
+`mergeops unprotect`. Scheme: {SCHEME}, strength {strength}, recorded in the weights' metadata (`{META}*`).
+The source's own card and provenance are kept in `provenance.json`.
 """
-    return "\n".join(front) + "\n" + body
+    statement = {"_type": IN_TOTO_STATEMENT,
+                 "subject": [{"name": "mergelock-protected", "digest": {"sha256": digest.removeprefix("sha256:")}}],
+                 "predicateType": PREDICATE_TYPE,
+                 "predicate": {"transform": {"scheme": SCHEME, "version": VERSION, "strength": strength,
+                                             "parts": parts},
+                               "source": {"digest": source_digest, "files": kept},
+                               "tool": {"name": "mergeops", "version": __version__}}}
+    return {"README.md": ("\n".join(lines) + body).encode(),
+            "provenance.json": (json.dumps(statement, indent=2) + "\n").encode()}
 
 
-def _restored_card(source_digest: str, digest: str) -> str:
-    return ("---\ntags:\n- mergeops\n---\n\n# Restored model\n\n"
-            f"`{digest}` holds the original weights of the MergeLock-protected model `{source_digest}`, restored by "
-            "its owner with `mergeops unprotect`.\n")
-
-
-def describe_protection(report: Mapping[str, Any]) -> str:
+def describe_protection(report: dict[str, Any]) -> str:
     """One line for humans from a :func:`protect` report."""
     fc = report["function_check"]
     err = (fc["forward"] or {}).get("max_relative_error", fc["invariants"]["max_relative_error"])
-    return (f"protected {report['family']} ({report['layers']} layers, {report['tensors_changed']} tensors changed): "
-            f"attention moved ≥{report['movement']['min']:.0%}, outputs equal within {err:.1e}; "
-            f"{report['residual_risk'].get('summary', '')}")
+    return (f"protected {report['family']} ({report['layers']} layers, {report['tensors_changed']} tensors changed, "
+            f"strength {report['strength']}): weights moved ≥{report['movement']['min']:.0%}, outputs equal within "
+            f"{err:.1e}; {report['residual_risk'].get('summary', '')}")
 
 
-__all__ = ["describe_protection", "is_protected", "protect", "unprotect"]
+__all__ = ["DEFAULT_STRENGTH", "describe_protection", "is_protected", "protect", "protection_marks", "unprotect"]

@@ -111,7 +111,8 @@ def copy_with_weights(source: Path, dest: Path, tensors: dict[str, torch.Tensor]
     from safetensors.torch import save_file
 
     dest = Path(dest)
-    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("*.safetensors", "README.md", ".git*"))
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("*.safetensors", "README.md", "provenance.json",
+                                                                ".git*"))
     save_file({k: v.contiguous() for k, v in tensors.items()}, dest / "model.safetensors", metadata={"format": "pt"})
     return dest
 

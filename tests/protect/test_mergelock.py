@@ -16,7 +16,8 @@ from mergeops.errors import UsageError
 from mergeops.ledger.store import Ledger
 from mergeops.model import ModelFolder, folder_digest
 from mergeops.protect import is_protected, protect, unprotect
-from mergeops.protect.matrices import SCHEME, qk_block, vo_block
+from mergeops.protect.architectures import resolve
+from mergeops.protect.transforms import SCHEME, layer_transform
 from tests.protect.conftest import KEY, OTHER_KEY, transformers
 
 
@@ -24,36 +25,46 @@ def files_in(path):
     return sorted(p.name for p in path.iterdir())
 
 
-def test_metadata_records_scheme_salt_and_check_tag_but_never_the_key(model_dir, tmp_path):
+def test_metadata_records_scheme_salt_strength_and_check_tag_but_never_the_key(model_dir, tmp_path):
     source = model_dir("llama-gqa")
     protect(source, tmp_path / "a", KEY)
-    protect(source, tmp_path / "b", KEY)
+    protect(source, tmp_path / "b", KEY, random_salt=True)
     with safe_open(tmp_path / "a" / "model.safetensors", "pt") as f:
         meta = f.metadata()
-    assert meta["mergelock.scheme"] == SCHEME == "mergelock-v1" and meta["mergelock.version"] == "1"
+    assert meta["mergelock.scheme"] == SCHEME == "mergelock-v2" and meta["mergelock.version"] == "2"
     assert len(bytes.fromhex(meta["mergelock.salt"])) == 16 and len(meta["mergelock.check"]) == 64
+    assert meta["mergelock.strength"] == "4"
     for path in (tmp_path / "a").iterdir():  # neither the key nor its hex appears anywhere
         data = path.read_bytes()
         assert KEY not in data and KEY.hex().encode() not in data
     with safe_open(tmp_path / "b" / "model.safetensors", "pt") as f:
-        assert f.metadata()["mergelock.salt"] != meta["mergelock.salt"]  # a fresh salt per protection...
+        assert f.metadata()["mergelock.salt"] != meta["mergelock.salt"]  # --salt random: a fresh salt...
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert not torch.equal(a["model.layers.0.self_attn.q_proj.weight"], b["model.layers.0.self_attn.q_proj.weight"])
     unprotect(tmp_path / "b", tmp_path / "b-open", KEY)  # ...and each unprotects with the same key
     assert is_protected(tmp_path / "a") and not is_protected(tmp_path / "b-open")
+    assert folder_digest(tmp_path / "b-open") == folder_digest(source)
 
 
-def test_matrices_are_reproducible_from_key_and_salt_and_independent_per_block():
+def test_transforms_are_reproducible_from_key_and_salt_and_independent_per_layer(model_dir):
+    with ModelFolder.open(model_dir("llama-gqa")) as folder:
+        first, second = resolve(folder).units
     salt = bytes(16)
-    a = qk_block(KEY, salt, "layer=3", 1, 16, 16, "half")
-    assert torch.equal(a.m, qk_block(KEY, salt, "layer=3", 1, 16, 16, "half").m)
-    assert not torch.equal(a.m, qk_block(KEY, salt, "layer=3", 0, 16, 16, "half").m)
-    assert not torch.equal(a.m, qk_block(OTHER_KEY, salt, "layer=3", 1, 16, 16, "half").m)
-    assert not torch.equal(a.m, qk_block(KEY, bytes(15) + b"\1", "layer=3", 1, 16, 16, "half").m)
-    b = vo_block(KEY, salt, "layer=3", 1, 64)
-    assert torch.allclose(b.m @ b.inv, torch.eye(64, dtype=torch.float64), atol=1e-12)
-    sigma = torch.linalg.svdvals(b.m)
-    assert float(sigma.min()) >= 1 / 3 - 1e-9 and float(sigma.max()) <= 3 + 1e-9  # c = 3
+
+    def q(key: bytes, salt: bytes, unit, strength: int = 4) -> torch.Tensor:
+        t = layer_transform(key, salt, unit, strength).q
+        return torch.stack([t.perm.double(), t.coef])
+
+    assert torch.equal(q(KEY, salt, first), q(KEY, salt, first))
+    for other in (q(KEY, salt, second), q(OTHER_KEY, salt, first), q(KEY, bytes(15) + b"\1", first)):
+        assert not torch.equal(q(KEY, salt, first), other)
+    t = layer_transform(KEY, salt, first, 4)
+    assert set(t.q.coef.abs().tolist()) <= {2.0 ** 4, 2.0 ** -4} and set(t.v.coef.abs().tolist()) <= {16.0, 1 / 16}
+    assert torch.equal(t.k.coef, 1 / t.v.coef) is False  # query/key and value/output maps are independent
+    assert set(layer_transform(KEY, salt, first, 0).q.coef.abs().tolist()) == {1.0}  # strength 0: permutations
+    inverse = t.up.inverse()
+    x = torch.randn(len(t.up), 3, dtype=torch.float64)
+    assert torch.equal(inverse.apply(t.up.apply(x, 0), 0), x)
 
 
 def test_wrong_key_is_refused_and_nothing_is_written(model_dir, tmp_path):
@@ -74,7 +85,26 @@ def test_unprotecting_a_plain_model_and_protecting_twice_are_refused(model_dir, 
         protect(source, tmp_path / "short", b"too short")
     with pytest.raises(UsageError, match="already exists"):
         protect(source, tmp_path / "locked", KEY)
+    for strength in (-1, 31, 2.5, True):
+        with pytest.raises(UsageError, match="strength must be a whole number from 0 to 30"):
+            protect(source, tmp_path / "bad", KEY, strength=strength)
     assert files_in(tmp_path) == ["bert-0", "locked"]
+
+
+def test_damaged_mergelock_metadata_is_refused_by_unprotect(model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    source = model_dir("bert")
+    protect(source, tmp_path / "locked", KEY)
+    weights = tmp_path / "locked" / "model.safetensors"
+    with safe_open(weights, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(weights)
+    for key, value in (("mergelock.header", "{}"), ("mergelock.strength", "nan"), ("mergelock.salt", "zz")):
+        save_file(tensors, weights, metadata=meta | {key: value})
+        with pytest.raises(UsageError, match="damaged"):
+            unprotect(tmp_path / "locked", tmp_path / "out", KEY)
+        assert not (tmp_path / "out").exists()
 
 
 def test_an_unsupported_architecture_is_refused_before_anything_is_written(tmp_path):
@@ -115,6 +145,31 @@ def test_streams_each_tensor_once_and_carries_config_tokenizer_and_a_card(model_
     assert report["output_digest"] == folder_digest(out) and report["source_digest"] == folder_digest(source)
 
 
+def test_protected_card_keeps_base_model_license_and_the_source_provenance(model_dir, tmp_path):
+    source = model_dir("bert")
+    original_card = '---\nbase_model:\n- "org/bert-base"\nlicense: mit\n---\n# a fine-tune\n'
+    (source / "README.md").write_text(original_card)
+    (source / "provenance.json").write_text('{"_type": "https://in-toto.io/Statement/v1", "x": 1}\n')
+    (source / "trainer_state.json").write_text('{"global_step": 5}')
+    (source / "optimizer.pt").write_bytes(b"not carried")
+    report = protect(source, tmp_path / "locked", KEY)
+    card = (tmp_path / "locked" / "README.md").read_text()
+    assert '- "org/bert-base"' in card and "license: mit" in card
+    assert "What a merge does to it" in card and "broken model" in card
+    for part in report["transformed"]:
+        assert part in card.replace("\n", " ")
+    assert any("MLP" in p for p in report["transformed"]) and any("value/output" in p for p in report["transformed"])
+    provenance = json.loads((tmp_path / "locked" / "provenance.json").read_text())
+    assert provenance["predicate"]["source"]["digest"] == report["source_digest"]
+    assert provenance["subject"][0]["digest"]["sha256"] == report["output_digest"].removeprefix("sha256:")
+    assert report["not_carried"] == ["optimizer.pt"] and not (tmp_path / "locked" / "optimizer.pt").exists()
+    assert (tmp_path / "locked" / "trainer_state.json").is_file()
+    restored = unprotect(tmp_path / "locked", tmp_path / "back", KEY)
+    assert restored["cards_restored"] == ["README.md", "provenance.json"]
+    assert (tmp_path / "back" / "README.md").read_text() == original_card
+    assert (tmp_path / "back" / "provenance.json").read_bytes() == (source / "provenance.json").read_bytes()
+
+
 def test_report_payload_records_in_the_ledger(model_dir, tmp_path):
     report = protect(model_dir("bert"), tmp_path / "locked", KEY)
     assert report["ledger"]["key_fingerprint"] == keys.lock_key_fingerprint(KEY)
@@ -132,7 +187,7 @@ def test_without_transformers_the_per_head_invariants_are_the_check(model_dir, t
     check = report["function_check"]
     assert check["forward"]["ran"] is False
     assert check["invariants"]["passed"] and check["invariants"]["max_relative_error"] <= 1e-5
-    assert check["invariants"]["qk_max_relative_error"] > 0  # the q/k invariants were really computed
+    assert {"qk_max_relative_error", "vo_max_relative_error", "mlp_max_relative_error"} <= set(check["invariants"])
     json.dumps(report)
 
 
@@ -142,6 +197,7 @@ def test_residual_risk_is_measured_and_never_hidden(model_dir, tmp_path):
     risk = report["residual_risk"]
     assert risk["distance_before_attack"] >= 0.3
     assert risk["protection_undone"] >= 0.9  # the anchor attack works, and the report says so
+    assert risk["slices_matched"] >= 0.9
     assert "not a determined attacker" in risk["summary"]
     assert risk["summary"] in (tmp_path / "locked" / "README.md").read_text().replace("\n", " ")
 
@@ -151,7 +207,7 @@ def test_a_failed_self_check_leaves_nothing_behind(model_dir, tmp_path, monkeypa
     from mergeops.protect import checks
 
     source = model_dir("bert")
-    monkeypatch.setattr(checks, "tolerance", lambda dtype: 0.0)  # no rounding is ever good enough
+    monkeypatch.setattr(checks, "tolerance", lambda dtype: -1.0)  # no result is ever good enough
     with pytest.raises(MergeopsError, match="self-check failed"):
         protect(source, tmp_path / "locked", KEY)
     assert files_in(tmp_path) == ["bert-0"]

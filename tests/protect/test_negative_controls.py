@@ -1,154 +1,142 @@
-"""The symmetry is exactly per head (per key/value group), and under RoPE exactly a scaled rotation on the
-Hugging Face pairs (i, i + d/2): every near miss breaks the model.
+"""The symmetries are exactly what MergeLock uses and no more: every near miss breaks the model.
 
-The transforms here are applied by hand to a live transformers model's state dict (an implementation
-independent of mergeops.protect.heads), with matrices from mergeops.protect.matrices. A positive control in
-the same harness shows the harness itself preserves the function when the matrices are right.
+Maps are applied here by hand to the saved weights (an implementation independent of the protect pipeline: a
+gather and a multiplication per tensor), with maps from mergeops.protect.transforms. A positive control in the
+same harness shows that the harness preserves the function when the maps are right.
 """
 
 from __future__ import annotations
 
-import copy
-import math
+from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from mergeops.protect.matrices import KeyStream, general_block, rotary_block
-from tests.protect.conftest import build_model, inputs_for, max_rel_error, run
+from mergeops.model import ModelFolder
+from mergeops.protect.architectures import resolve
+from mergeops.protect.checks import invariant_errors
+from mergeops.protect.layer import load, tensor_maps
+from mergeops.protect.transforms import KeyStream, Monomial, layer_transform, signed_permutation
+from tests.protect.conftest import (
+    ARCHITECTURES,
+    KEY,
+    build_model,
+    copy_with_weights,
+    inputs_for,
+    max_rel_error,
+    outputs,
+    save,
+)
 
 BROKEN = 1e-2  # a broken model is at least this far off (1000× the float32 tolerance)
+SALT = bytes(16)
 
 
-def stream(tag: str) -> KeyStream:
-    return KeyStream(bytes(32 - len(tag)) + tag.encode())
+def by_hand(weights: dict[str, torch.Tensor], maps) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    out = dict(weights)
+    for name, axis, m in maps:
+        shape = [1] * out[name].dim()
+        shape[axis] = -1
+        out[name] = out[name].double().index_select(axis, m.perm).mul(m.coef.reshape(shape)).to(out[name].dtype)
+    return out
 
 
-def apply(model: torch.nn.Module, proj: dict[str, str], layers: int, heads: int, kv_heads: int, d: int,
-          qk: dict | None = None, vo: dict | None = None, q_per_head: dict | None = None) -> torch.nn.Module:
-    """A copy of ``model`` with, in each layer, Wq[h] ← A_hᵀ Wq[h], Wk[g] ← A_g⁻¹ Wk[g] (``qk[(layer, g)]``,
-    ``q_per_head[(layer, h)]`` overriding a query head's A), Wv[g] ← B_gᵀ Wv[g], Wo[:, h] ← Wo[:, h] B_g⁻ᵀ;
-    a key (layer, "all") applies one full-width matrix across all heads instead. ``proj`` names the q/k/v/o
-    weights with ``{i}`` for the layer."""
-    state = {k: v.double() for k, v in model.state_dict().items()}
-    n = heads // kv_heads
-
-    def left(name: str, rows: slice, m: torch.Tensor) -> None:  # a projection's rows and its bias, if any
-        for t in (name, name.removesuffix("weight") + "bias"):
-            if t in state:
-                state[t][rows] = m @ state[t][rows]
-
-    for i in range(layers):
-        q, k, v, o = (proj[r].format(i=i) for r in "qkvo")
-        everything = slice(None)
-        if qk and (i, "all") in qk:
-            left(q, everything, qk[(i, "all")].m.T)
-            left(k, everything, qk[(i, "all")].inv)
-        elif qk:
-            for g in range(kv_heads):
-                left(k, slice(g * d, (g + 1) * d), qk[(i, g)].inv)
-                for h in range(g * n, (g + 1) * n):
-                    left(q, slice(h * d, (h + 1) * d), (q_per_head or {}).get((i, h), qk[(i, g)]).m.T)
-        if vo and (i, "all") in vo:
-            left(v, everything, vo[(i, "all")].m.T)
-            state[o] = state[o] @ vo[(i, "all")].inv.T
-        elif vo:
-            for g in range(kv_heads):
-                left(v, slice(g * d, (g + 1) * d), vo[(i, g)].m.T)
-                for h in range(g * n, (g + 1) * n):
-                    state[o][:, h * d:(h + 1) * d] = state[o][:, h * d:(h + 1) * d] @ vo[(i, g)].inv.T
-    changed = copy.deepcopy(model)
-    changed.load_state_dict({k: v.float() for k, v in state.items()})
-    return changed
-
-
-def error(model: torch.nn.Module, changed: torch.nn.Module, name: str) -> float:
+def error_after(name: str, tmp_path, change) -> float:  # type: ignore[no-untyped-def]
+    """Max relative output error of the model after ``change(units, transforms)`` picks the maps to apply."""
+    source = save(build_model(name, init=0.2), tmp_path / "source")
+    with ModelFolder.open(source) as folder:
+        units = resolve(folder).units
+    transforms = [layer_transform(KEY, SALT, u, 4) for u in units]
+    maps = change(units, transforms)
+    changed = copy_with_weights(source, tmp_path / "changed", by_hand(load_file(source / "model.safetensors"), maps))
     inputs = inputs_for(name)
-    return max_rel_error(run(model, inputs), run(changed, inputs))
+    model_cls = ARCHITECTURES[name][1]
+    return max_rel_error(outputs(model_cls, source, inputs), outputs(model_cls, changed, inputs))
 
 
-# -- Llama (RoPE, grouped-query attention: 4 query heads, 2 key/value heads, head_dim 16) -----------------------
-LLAMA = "llama-gqa"
-LLAMA_PROJ = {r: f"model.layers.{{i}}.self_attn.{r}_proj.weight" for r in "qkvo"}
+def all_maps(units, transforms):  # type: ignore[no-untyped-def]
+    return [(m.name, m.axis, m.monomial) for u, t in zip(units, transforms, strict=True) for m in tensor_maps(u, t)]
 
 
-@pytest.fixture(scope="module")
-def llama() -> torch.nn.Module:
-    return build_model(LLAMA, init=0.2)
+@pytest.mark.parametrize("name", ["llama-gqa", "bert", "gpt2-lm"])
+def test_control_the_maps_applied_by_hand_preserve_the_function(name, tmp_path):
+    assert error_after(name, tmp_path, all_maps) <= 1e-5
 
 
-def llama_blocks(make) -> dict:
-    return {(i, g): make(stream(f"{i}{g}")) for i in range(2) for g in range(2)}
+def test_a_signed_permutation_across_rotary_pairs_breaks_rope(tmp_path):
+    def across_pairs(units, transforms):  # type: ignore[no-untyped-def]
+        wrong = []
+        for u in units:
+            d = u.head_dim
+            perm = signed_permutation(KeyStream(bytes(32)), d, 0)  # mixes dimensions of different frequencies
+            q = Monomial.concat([perm] * u.heads)
+            k = Monomial.concat([perm] * u.kv_heads)
+            wrong += [(u.names["q"], 0, q), (u.names["k"], 0, k)]
+        return wrong
+
+    assert error_after("llama-gqa", tmp_path, across_pairs) >= BROKEN
 
 
-def test_control_scaled_rotations_on_half_pairs_shared_per_group_preserve_the_function(llama):
-    qk = llama_blocks(lambda s: rotary_block(s, 16, 16, "half"))
-    vo = llama_blocks(lambda s: general_block(s, 16))
-    assert error(llama, apply(llama, LLAMA_PROJ, 2, 4, 2, 16, qk=qk, vo=vo), LLAMA) <= 1e-5
+def test_quarter_turns_on_adjacent_pairs_break_hugging_face_rope(tmp_path):
+    def adjacent(units, transforms):  # type: ignore[no-untyped-def]
+        wrong = []
+        for u in units:
+            adjacent_unit = replace(u, family=replace(u.family, rotary="adjacent"))  # GPT-J / Meta layout, not HF's
+            t = layer_transform(KEY, SALT, adjacent_unit, 0)
+            wrong += [(m.name, m.axis, m.monomial) for m in tensor_maps(u, t) if m.name in (u.names["q"],
+                                                                                             u.names["k"])]
+        return wrong
+
+    assert error_after("llama-gqa", tmp_path, adjacent) >= BROKEN
 
 
-def test_a_general_invertible_matrix_on_queries_and_keys_breaks_rope(llama):
-    qk = llama_blocks(lambda s: general_block(s, 16))  # fine without RoPE, wrong with it
-    assert error(llama, apply(llama, LLAMA_PROJ, 2, 4, 2, 16, qk=qk), LLAMA) >= BROKEN
+def test_query_heads_of_one_group_must_share_its_map(tmp_path):
+    def own_map_for_one_head(units, transforms):  # type: ignore[no-untyped-def]
+        maps = all_maps(units, transforms)
+        u, t = units[0], transforms[0]
+        d = u.head_dim
+        perm, coef = t.q.perm.clone(), t.q.coef.clone()
+        coef[d:2 * d] = coef[d:2 * d] * 2  # query head 1 (group 0) scaled differently from its key
+        return [(n, a, Monomial(perm, coef) if n == u.names["q"] else m) for n, a, m in maps]
+
+    assert error_after("llama-gqa", tmp_path, own_map_for_one_head) >= BROKEN
 
 
-def test_rotations_on_adjacent_pairs_break_hugging_face_rope(llama):
-    qk = llama_blocks(lambda s: rotary_block(s, 16, 16, "adjacent"))  # GPT-J / Meta layout, not HF's
-    assert error(llama, apply(llama, LLAMA_PROJ, 2, 4, 2, 16, qk=qk), LLAMA) >= BROKEN
+def test_heads_must_move_together_in_queries_keys_values_and_outputs(tmp_path):
+    def values_left_in_place(units, transforms):  # type: ignore[no-untyped-def]
+        return [(n, a, m) for n, a, m in all_maps(units, transforms)
+                if n not in {u.names["v"] for u in units} | {u.names["o"] for u in units}]
+
+    assert error_after("bert", tmp_path, values_left_in_place) >= BROKEN
 
 
-def test_query_heads_of_one_group_must_share_its_matrix(llama):
-    qk = llama_blocks(lambda s: rotary_block(s, 16, 16, "half"))
-    own = {(0, 1): rotary_block(stream("own"), 16, 16, "half")}  # query head 1 (group 0) gets its own A
-    assert error(llama, apply(llama, LLAMA_PROJ, 2, 4, 2, 16, qk=qk, q_per_head=own), LLAMA) >= BROKEN
+def test_mlp_neurons_must_move_in_up_and_down_alike_and_only_gated_mlps_may_scale(tmp_path):
+    def up_only(units, transforms):  # type: ignore[no-untyped-def]
+        return [(u.names["up"], 0, t.up) for u, t in zip(units, transforms, strict=True)]
+
+    assert error_after("bert", tmp_path / "a", up_only) >= BROKEN
+
+    def scaled_gelu(units, transforms):  # type: ignore[no-untyped-def]
+        scaled = []
+        for u, t in zip(units, transforms, strict=True):
+            up = Monomial(t.up.perm, torch.full_like(t.up.coef, 16.0))  # GELU(16x) ≠ 16·GELU(x)
+            scaled += [(u.names["up"], 0, up), (u.names["up_bias"], 0, up), (u.names["down"], 1, up.reciprocal())]
+        return scaled
+
+    assert error_after("bert", tmp_path / "b", scaled_gelu) >= BROKEN
+    assert error_after("llama-gqa", tmp_path / "c", all_maps) <= 1e-5  # SwiGLU: up rows scale, down undoes it
 
 
-# -- BERT (no RoPE: any invertible A per head works, but only per head) -----------------------------------------
-BERT = "bert"
-BERT_PROJ = {"q": "encoder.layer.{i}.attention.self.query.weight", "k": "encoder.layer.{i}.attention.self.key.weight",
-             "v": "encoder.layer.{i}.attention.self.value.weight",
-             "o": "encoder.layer.{i}.attention.output.dense.weight"}
-
-
-@pytest.fixture(scope="module")
-def bert() -> torch.nn.Module:
-    return build_model(BERT, init=0.2)
-
-
-def bert_blocks(d: int, per_head: bool) -> dict:
-    if per_head:
-        return {(i, h): general_block(stream(f"b{i}{h}"), d) for i in range(2) for h in range(4)}
-    return {(i, "all"): general_block(stream(f"b{i}"), d) for i in range(2)}
-
-
-def test_control_general_matrices_per_head_preserve_bert(bert):
-    qk, vo = bert_blocks(16, per_head=True), bert_blocks(16, per_head=True)
-    assert error(bert, apply(bert, BERT_PROJ, 2, 4, 4, 16, qk=qk, vo=vo), BERT) <= 1e-5
-
-
-def test_a_query_key_matrix_that_mixes_heads_breaks_the_model(bert):
-    # q·k summed over all heads is unchanged, but each head's softmax sees other heads' logits.
-    assert error(bert, apply(bert, BERT_PROJ, 2, 4, 4, 16, qk=bert_blocks(64, per_head=False)), BERT) >= BROKEN
-
-
-def test_a_value_output_matrix_that_mixes_heads_breaks_the_model(bert):
-    # Wo·Wv over all heads is unchanged, but each head's values are weighted by its own attention.
-    assert error(bert, apply(bert, BERT_PROJ, 2, 4, 4, 16, vo=bert_blocks(64, per_head=False)), BERT) >= BROKEN
-
-
-@pytest.mark.parametrize(("pairing", "rotary_dim"), [("half", 16), ("half", 8), ("adjacent", 16)])
-def test_rotary_blocks_commute_with_every_rope_rotation_of_their_layout(pairing, rotary_dim):
-    from mergeops.protect.matrices import rotary_pairs
-
-    d = 16
-    a = rotary_block(stream(f"rot{pairing}{rotary_dim}"), d, rotary_dim, pairing)
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
-    for position in (1, 7, 300):
-        rope = torch.eye(d, dtype=torch.float64)  # RoPE at a relative position, on this layout's pairs
-        for j, (x, y) in enumerate(rotary_pairs(rotary_dim, pairing)):
-            theta = position * 10000 ** (-2 * j / rotary_dim)
-            rope[x, x], rope[x, y], rope[y, x], rope[y, y] = math.cos(theta), -math.sin(theta), math.sin(theta), \
-                math.cos(theta)
-        logit = q @ rope @ k
-        assert torch.isclose((a.m.T @ q) @ rope @ (a.inv @ k), logit, rtol=1e-10, atol=1e-12)
+def test_the_invariants_catch_a_wrong_head_order(model_dir):
+    with ModelFolder.open(model_dir("bert")) as folder:
+        unit = resolve(folder).units[0]
+        original = load(unit, folder.read)
+        t = layer_transform(KEY, SALT, unit, 4)
+        weights = {n: folder.read(n) for n in unit.tensor_names}
+    protected = by_hand(weights, [(m.name, m.axis, m.monomial) for m in tensor_maps(unit, t)])
+    prot = load(unit, protected.__getitem__)
+    assert max(invariant_errors(unit, original, prot, t.head_order).values()) <= 1e-12
+    wrong = torch.roll(t.head_order, 1)
+    errors = invariant_errors(unit, original, prot, wrong)
+    assert errors["qk"] >= 0.1 and errors["vo"] >= 0.1
