@@ -43,6 +43,9 @@ def test_a_good_policy_resolves_paths_and_fills_defaults(tmp_path, monkeypatch):
     assert stream.params == {"alpha": 0.7, "zero_diagonal": False, "project": [], "skip": []}
     assert stream.watch[0].path == tmp_path / "registry" and stream.watch[0].settle_seconds == 2.0
     assert stream.gate.max_update_ratio == 4.0 and stream.gate.licenses == ("mit",)
+    assert stream.gate.allow_protected is False  # MergeLock-protected checkpoints are rejected unless allowed
+    assert load_policy(write(tmp_path, GOOD.replace("licenses", "allow_protected = true\nlicenses"))
+                       ).stream(None).gate.allow_protected is True
     assert stream.keep == 5 and stream.dtype == "base"
     assert policy.digest.startswith("sha256:")
 
@@ -62,6 +65,7 @@ def test_mergeops_home_overrides_home(tmp_path, monkeypatch):
     (('path = "registry"', 'hub = "o/r"\npath = "registry"'), "exactly one of 'path'"),
     (('home = "state"', 'hoem = "state"'), "unknown key 'hoem' in the top level (did you mean 'home'?)"),
     (('base = "models/base"', ""), "[streams.a] needs a 'base' key"),
+    (("licenses", 'allow_protected = "yes"\nlicenses'), "allow_protected must be a bool"),
 ])
 def test_mistakes_are_named_with_a_suggestion(tmp_path, monkeypatch, change, message):
     monkeypatch.delenv("MERGEOPS_HOME", raising=False)

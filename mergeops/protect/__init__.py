@@ -5,14 +5,6 @@
 """
 
 from mergeops.protect.architectures import FAMILIES, supported
-from mergeops.protect.mergelock import (
-                                        DEFAULT_STRENGTH,
-                                        describe_protection,
-                                        is_protected,
-                                        protect,
-                                        protection_marks,
-                                        unprotect,
-)
+from mergeops.protect.mergelock import DEFAULT_STRENGTH, is_protected, protect, protection_marks, unprotect
 
-__all__ = ["DEFAULT_STRENGTH", "FAMILIES", "describe_protection", "is_protected", "protect", "protection_marks",
-           "supported", "unprotect"]
+__all__ = ["DEFAULT_STRENGTH", "FAMILIES", "is_protected", "protect", "protection_marks", "supported", "unprotect"]

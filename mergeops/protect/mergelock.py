@@ -91,7 +91,7 @@ def protect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
                                    "Gaussian noise")
         headroom: dict[str, int] = {}
         changed: set[str] = set()
-        carried, left_out = _carry_rule(source)
+        left_out = _left_out(src)
         front = read_front_matter(source)
         kept = {name: _embed(source / name) for name in CARDS if (source / name).is_file()}
 
@@ -113,7 +113,7 @@ def protect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
                                     attack.report(), parts=_parts(plan, strength))
 
         try:
-            writer = ModelWriter(out, _specs(src), headers=headers, donor=source, carry=carried)
+            writer = ModelWriter(out, _specs(src), headers=headers, donor=source, carry=_carried)
             writer.finalize = cards
             _rewrite(src, writer, plan, lambda unit: layer_transform(lock_key, salt, unit, strength), inverse=False,
                      per_unit=per_unit, gate=lambda: _invariants_gate(measured))
@@ -127,7 +127,8 @@ def protect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         "source": str(source), "output": str(out), "source_digest": source_digest, "output_digest": output_digest,
         "key_fingerprint": lock_key_fingerprint(lock_key),
         "architecture": plan.architecture, "family": plan.family.label, **_geometry(plan),
-        "transformed": _parts(plan, strength), "notes": list(plan.notes), "not_carried": left_out,
+        "transformed": _parts(plan, strength), "notes": [*plan.notes, *_strength_notes(strength)],
+        "not_carried": left_out,
         "tensors_changed": len(changed),
         "tensors_total": len(src.tensors), "dtype": str(dtype).removeprefix("torch."),
         "headroom": headroom, "movement": measured.movement_report(),
@@ -187,8 +188,7 @@ def unprotect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
                              f"({plan.family.name}, {_qk_record(plan)}); was config.json changed? Nothing was written.")
         headers = {file: _original_header(source, file, header) for file, header in src.headers.items()}
         source_digest = folder_digest(source)
-        carried, _ = _carry_rule(source)
-        writer = ModelWriter(out, _specs(src), headers=headers, donor=source, carry=carried)
+        writer = ModelWriter(out, _specs(src), headers=headers, donor=source, carry=_carried)
         restored_cards = _source_cards(source)
         writer.extra_files.update(restored_cards)
         _rewrite(src, writer, plan, lambda unit: layer_transform(lock_key, salt, unit, strength), inverse=True,
@@ -340,19 +340,17 @@ def _original_header(source: Path, file: str, header: Any) -> bytes:
     return struct.pack("<Q", len(data)) + data
 
 
-def _carry_rule(source: Path) -> tuple[Callable[[str], bool], list[str]]:
+def _carried(relative: str) -> bool:
     """Protect and unprotect carry every file of the model but other weights and optimizer state, which hold the
-    original (unprotected) arrangement; those are listed."""
-    def carried(relative: str) -> bool:
-        name = relative.rsplit("/", 1)[-1]
-        return not name.endswith(WEIGHTS_SUFFIXES) and name != "pytorch_model.bin.index.json"
+    original (unprotected) arrangement."""
+    name = relative.rsplit("/", 1)[-1]
+    return not name.endswith(WEIGHTS_SUFFIXES) and name != "pytorch_model.bin.index.json"
 
-    with ModelFolder.open(source) as folder:
-        weights = set(folder.headers)
-    left_out = sorted(p.relative_to(source).as_posix() for p in source.rglob("*")
-                      if p.is_file() and not carried(p.relative_to(source).as_posix())
-                      and p.relative_to(source).as_posix() not in weights)
-    return carried, left_out
+
+def _left_out(src: ModelFolder) -> list[str]:
+    """The files of ``src`` that are neither its weights nor carried."""
+    relative = (p.relative_to(src.path).as_posix() for p in src.path.rglob("*") if p.is_file())
+    return sorted(r for r in relative if not _carried(r) and r not in src.headers)
 
 
 def _embed(path: Path) -> dict[str, str]:
@@ -441,6 +439,14 @@ def _geometry(plan: Plan) -> dict[str, Any]:
             "rotary": f"{first.family.rotary} pairs over {first.rotary_dim} dims" if first.rotary_dim else None}
 
 
+def _strength_notes(strength: int) -> list[str]:
+    if strength >= DEFAULT_STRENGTH:
+        return []
+    return [f"strength {strength} is below {DEFAULT_STRENGTH}, the smallest measured to break merges that include the "
+            "protected model (benchmarks/RESULTS.md: at 0-2 such merges keep much of their accuracy); this copy "
+            "may not lock."]
+
+
 def _parts(plan: Plan, strength: int) -> list[str]:
     """Which parts are transformed, in words (for the report, the card and the README)."""
     scale = f" scaled by 2^±{strength}" if strength else ""
@@ -466,7 +472,7 @@ def _protected_cards(source_digest: str, digest: str, plan: Plan, strength: int,
     if isinstance(front.get("license"), str):
         lines.append(f"license: {front['license']}")
     lines += ["tags:", "- mergeops", "- mergelock", "- protected", "---", ""]
-    notes = "".join(f"\n- {n}" for n in plan.notes)
+    notes = "".join(f"\n- {n}" for n in [*plan.notes, *_strength_notes(strength)])
     transformed = "".join(f"\n- {p}" for p in parts)
     body = f"""# MergeLock-protected model
 
@@ -497,13 +503,4 @@ The source's own card and provenance are kept in `provenance.json`.
             "provenance.json": (json.dumps(statement, indent=2) + "\n").encode()}
 
 
-def describe_protection(report: dict[str, Any]) -> str:
-    """One line for humans from a :func:`protect` report."""
-    fc = report["function_check"]
-    err = (fc["forward"] or {}).get("max_relative_error", fc["invariants"]["max_relative_error"])
-    return (f"protected {report['family']} ({report['layers']} layers, {report['tensors_changed']} tensors changed, "
-            f"strength {report['strength']}): weights moved ≥{report['movement']['min']:.0%}, outputs equal within "
-            f"{err:.1e}; {report['residual_risk'].get('summary', '')}")
-
-
-__all__ = ["DEFAULT_STRENGTH", "describe_protection", "is_protected", "protect", "protection_marks", "unprotect"]
+__all__ = ["DEFAULT_STRENGTH", "is_protected", "protect", "protection_marks", "unprotect"]
