@@ -232,17 +232,17 @@ class _Fold:
                     progress(0)  # lets the daemon ping its watchdog and stop between tensors
                 self.method.survey(name, self.base.read(name).float(), self.folder.read(name).float(),
                                    self.state_of(self.old_state, name))
-        output_writer = self._fold_pass(progress)
-        if output_writer is None:  # the merged tensors needed a model-wide quantity: a second pass
-            output_writer = self._merge_pass(progress)
-        self.eval_metrics: dict[str, float] = {}
-        if config.eval is not None:
-            try:
+        try:
+            output_writer = self._fold_pass(progress)
+            if output_writer is None:  # the merged tensors needed a model-wide quantity: a second pass
+                output_writer = self._merge_pass(progress)
+            self.eval_metrics: dict[str, float] = {}
+            if config.eval is not None:
                 self.eval_metrics = gate.evaluate(config, self.output_dir, tick=_ticker(progress))
-            except RejectedError:
-                _remove_uncommitted(self.stream.output, self.version)
-                _remove_uncommitted(self.stream_home / "state", self.version)
-                raise
+        except BaseException:  # a rejection, a duplicate or a crash: no version folder it wrote may stay
+            _remove_uncommitted(self.stream.output, self.version)
+            _remove_uncommitted(self.stream_home / "state", self.version)
+            raise
         return self._commit(output_writer)
 
     def _protection_gate(self, allowed: bool) -> list[str]:
@@ -358,7 +358,7 @@ class _Fold:
         if self.method.needs_global:
             return new_state, None
         dtype = _output_dtype(self.stream, self.base.tensors[name].dtype)
-        return new_state, self.method.merged(name, base, new_state).to(dtype)
+        return new_state, _finite_merged(name, self.method.merged(name, base, new_state).to(dtype))
 
     def _fold_pieces(self, name: str, extra: dict[str, Any], state: ModelWriter, output: ModelWriter | None) -> None:
         """Fold one tensor in cache-sized pieces of whole rows, read from and written to disk piece by piece: memory
@@ -373,17 +373,23 @@ class _Fold:
                 for kind, value in new_state.items():
                     state.write_piece(_state_name(kind, name), start, value)
                 if output:
-                    merged = self.method.merged(name, base, new_state)
-                    output.write_piece(name, start, merged.to(output.specs[name].dtype))
+                    merged = self.method.merged(name, base, new_state).to(output.specs[name].dtype)
+                    output.write_piece(name, start, _finite_merged(name, merged))
 
     def _checked_float(self, name: str, values: torch.Tensor) -> torch.Tensor:
-        """``values`` (part or all of the checkpoint's tensor ``name``) in float32, refused if not finite."""
-        values = values.float()
-        if not math.isfinite(float(values.sum())):  # cheap; the exact check (and its message) only if needed
+        """``values`` (part or all of the checkpoint's tensor ``name``) in float32, refused if not finite there: a
+        finite float64 value beyond float32's range is as unmergeable as a NaN."""
+        converted = values.float()
+        if not math.isfinite(float(converted.sum())):  # cheap; the exact check (and its message) only if needed
             problem = tensor_value_problem(name, self.folder.read(name), self.folder.tensors[name].file)
             if problem:
-                raise RejectedError(problem.message)
-        return values
+                raise RejectedError(problem.message, gate="finite")
+            if not bool(torch.isfinite(converted).all()):
+                raise RejectedError(f"tensor {name!r} of {self.folder.path} has values beyond float32's range "
+                                    f"(largest magnitude {float(values.abs().max()):.3g}) and merging computes in "
+                                    "float32, so it cannot be merged; the checkpoint is corrupted or was saved "
+                                    "wrongly.", gate="finite")
+        return converted
 
     def _add_update(self, name: str, new: torch.Tensor, base: torch.Tensor) -> None:
         if self.update_sq is not None:  # a tensor's pieces come in order on one thread
@@ -413,7 +419,7 @@ class _Fold:
                 for start, stop in piece_bounds(self.base.tensors[name].shape):
                     merged = self.method.merged(name, self.base.read(name, start, stop).float(),
                                                 self.state_of(state, name, start, stop))
-                    writer.write_piece(name, start, merged.to(writer.specs[name].dtype))
+                    writer.write_piece(name, start, _finite_merged(name, merged.to(writer.specs[name].dtype)))
         return writer
 
     def _commit(self, output: ModelWriter) -> FoldResult:
@@ -441,6 +447,18 @@ class _Fold:
         _prune(stream, self.stream_home / "state", version)
         return FoldResult("merged", stream.name, version, self.output_dir, self.described["digest"],
                           output_digest=output_digest, notes=tuple(self.method.notes))
+
+
+def _finite_merged(name: str, merged: torch.Tensor) -> torch.Tensor:
+    """A merged piece as it will be stored, refused if any value is not finite: float32 arithmetic on finite inputs
+    can overflow (3e38 + 3e38), and so can the cast to the output dtype (float16 ends at 65504)."""
+    if not bool(torch.isfinite(merged).all()):
+        bad = int((~torch.isfinite(merged)).sum())
+        raise RejectedError(f"merging this checkpoint would give tensor {name!r} {bad} non-finite value(s) in "
+                            f"{str(merged.dtype).removeprefix('torch.')} (an overflow: its values or its update are "
+                            "too large for the arithmetic or the output dtype), so it is rejected and the stream is "
+                            "unchanged.", gate="finite")
+    return merged
 
 
 def _read_extra(extra: dict[str, Any], start: int = 0, stop: int | None = None) -> dict[str, Any]:

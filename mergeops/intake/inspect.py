@@ -40,10 +40,8 @@ def inspect_folder(path: str | Path, progress: Callable[[int], None] | None = No
     if folder is None or any(p.code == "path_escape" for p in report.problems):
         return report  # never hash (or read) files that lie outside the folder
     with folder:
-        try:
+        if not any(p.code == "bad_config" for p in report.problems):  # scan reported a bad config already
             report.architecture = folder.architecture
-        except ModelFolderError as exc:
-            report.problems.append(Problem("bad_config", str(exc), "config.json"))
         known_hashes = {}
         for shard in folder.headers:
             hasher = hashlib.sha256()

@@ -33,7 +33,8 @@ def is_digest_excluded(relative: str) -> bool:
 def digest_files(root: Path) -> list[str]:
     """Relative paths (with ``/``) of the files the digest covers, sorted by their UTF-8 bytes.
 
-    Symlinks are followed when they stay inside the folder and refused when they leave it.
+    Symlinks are followed when they stay inside the folder and refused when they leave it, or when a link to a
+    directory leads back to a directory on its own path (a loop, which ``find -L`` refuses too).
     """
     root = Path(root)
     if not root.is_dir():
@@ -42,6 +43,12 @@ def digest_files(root: Path) -> list[str]:
     found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
+        real = here.resolve()
+        for name in dirnames:
+            path = here / name
+            if path.is_symlink() and (real == path.resolve() or real.is_relative_to(path.resolve())):
+                raise ModelFolderError(f"{path.relative_to(root).as_posix()} in {root} is a symlink loop (it leads "
+                                       f"back to {path.resolve()}); remove it.")
         for name in list(dirnames) + filenames:
             path = here / name
             relative = path.relative_to(root).as_posix()

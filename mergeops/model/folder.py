@@ -196,18 +196,19 @@ class ModelFolder:
             problems += _index_mismatches(index, tensors, headers)
         if not tensors and not problems:
             problems.append(Problem("no_tensors", f"{root} has weight files but no tensors in them.", None))
+        config_problem = _read_config(root)[1]
+        if config_problem is not None:
+            problems.append(config_problem)
         return cls(root, headers, tensors, index), problems
 
     # -- reading -------------------------------------------------------------------------------
     @property
     def config(self) -> dict[str, Any] | None:
-        path = self.path / "config.json"
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModelFolderError(f"{path} is not valid JSON ({exc}); fix or remove it.") from exc
+        """``config.json`` (None when absent); :meth:`scan` has checked that it is a JSON object."""
+        config, problem = _read_config(self.path)
+        if problem is not None:
+            raise ModelFolderError(problem.message)
+        return config
 
     @property
     def architecture(self) -> str | None:
@@ -215,7 +216,8 @@ class ModelFolder:
         archs = config.get("architectures")
         if isinstance(archs, list) and archs:
             return str(archs[0])
-        return config.get("model_type")
+        model_type = config.get("model_type")
+        return model_type if isinstance(model_type, str) else None
 
     @property
     def total_bytes(self) -> int:
@@ -277,6 +279,35 @@ class ModelFolder:
 
     def __repr__(self) -> str:
         return f"ModelFolder({str(self.path)!r}, tensors={len(self.tensors)})"
+
+
+def _read_config(root: Path) -> tuple[dict[str, Any] | None, Problem | None]:
+    """``config.json`` as a JSON object, or the problem with it: not UTF-8 JSON, not an object, or ``architectures``
+    / ``model_type`` of the wrong kind (they decide whether a checkpoint fits its base)."""
+    path = root / "config.json"
+    if not path.is_file():
+        return None, None
+
+    def problem(what: str) -> tuple[None, Problem]:
+        return None, Problem("bad_config", f"{path} {what}; fix it or copy it again from the model's source.",
+                             "config.json")
+
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        return problem(f"cannot be read ({exc.strerror})")
+    except UnicodeDecodeError:
+        return problem("is not UTF-8 text")
+    except json.JSONDecodeError as exc:
+        return problem(f"is not valid JSON ({exc.msg} at line {exc.lineno})")
+    if not isinstance(config, dict):
+        return problem(f"is a JSON {type(config).__name__}, not an object")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        return problem("has 'architectures' that is not a list of class names")
+    if config.get("model_type") is not None and not isinstance(config["model_type"], str):
+        return problem("has a 'model_type' that is not a string")
+    return config, None
 
 
 def _read_index(root: Path) -> tuple[dict[str, Any] | None, list[str], list[Problem]]:

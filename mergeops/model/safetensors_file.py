@@ -103,8 +103,12 @@ def parse_header(path: Path, label: str) -> tuple[SafetensorsHeader | None, list
                                   f"header needs {8 + n}); copy the file again from its source.")]
         raw = f.read(n)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return None, [problem("bad_header", f"{label} has a header that is not valid UTF-8 (byte {exc.start}: a "
+                              "tensor name or metadata value is not text); it is not a safetensors file or it "
+                              "is corrupted.")]
+    except json.JSONDecodeError as exc:
         return None, [problem("bad_header", f"{label} has a header that is not valid JSON ({exc.msg}); "
                               "it is not a safetensors file or it is corrupted.")]
     if not isinstance(header, dict):

@@ -159,9 +159,51 @@ def _pickle_only(tmp_path, base):
     return tmp_path / "bad"
 
 
+def _overflows_float32_arithmetic(tmp_path, base):
+    tensors = {n: t.clone() for n, t in base.items()}
+    tensors["model.layers.0.mlp.up_proj.weight"][:4] = 3e38  # finite in float32; its square and its norm are not
+    return write_model(tmp_path / "bad", tensors, config=CONFIG)
+
+
+def _beyond_float32(tmp_path, base):
+    tensors = {n: t.double() if t.is_floating_point() else t.clone() for n, t in base.items()}
+    tensors["model.norm.weight"][3] = 1e300  # finite in float64, Inf once converted for the arithmetic
+    return write_model(tmp_path / "bad", tensors, config=CONFIG)
+
+
+def _non_utf8_tensor_name(tmp_path, base):
+    path = write_model(tmp_path / "bad", dict(base), config=CONFIG)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes().replace(b"model.norm.weight", b"model.norm.w\xffight", 1))
+    return path
+
+
+def _symlink_loop(tmp_path, base):
+    path = write_model(tmp_path / "bad", dict(base), config=CONFIG)
+    os.symlink(".", path / "a")
+    os.symlink(".", path / "b")
+    return path
+
+
+def _config(text: str):  # type: ignore[no-untyped-def]
+    def make(tmp_path, base):  # type: ignore[no-untyped-def]
+        path = write_model(tmp_path / "bad", dict(base), config=CONFIG)
+        (path / "config.json").write_text(text)
+        return path
+
+    return make
+
+
 @pytest.mark.parametrize("folded_before", [1, 2], ids=["no-spare", "spare"])
 @pytest.mark.parametrize(("make_bad", "needle"), [
     (_nan_checkpoint, "'model.layers.0.mlp.up_proj.weight'"),
+    (_overflows_float32_arithmetic, "non-finite value(s) in float32 (an overflow"),
+    (_beyond_float32, "beyond float32's range"),
+    (_non_utf8_tensor_name, "not valid UTF-8"),
+    (_symlink_loop, "symlink loop"),
+    (_config("{not json"), "config.json is not valid JSON"),
+    (_config("[1, 2]"), "config.json is a JSON list, not an object"),
+    (_config('{"architectures": {"LlamaForCausalLM": 1}}'), "'architectures' that is not a list"),
     (_wrong_shape, "'model.norm.weight'"),
     (_other_architecture, "GPT2LMHeadModel"),
     (_changed_integer, "'model.position_ids'"),
@@ -352,3 +394,23 @@ def test_a_checkpoint_folded_before_is_a_duplicate_even_when_a_gate_would_now_re
     result = fold_checkpoint(policy, "s", checkpoints[0])
     assert (result.status, result.version) == ("duplicate", 1)
     assert tree(policy.home, policy.streams["s"].output) == before
+
+
+def test_float64_checkpoints_fold_in_float32_with_every_method(tmp_path):
+    base_path, base = make_base(tmp_path, dtype=torch.float64)
+    checkpoints = make_checkpoints(tmp_path, base, 2)
+    for method in ("opcm", "average", "ties", "magmax", "task_arithmetic"):
+        policy = load_policy(write_policy(tmp_path / method, base_path, method))
+        assert [fold_checkpoint(policy, "s", c).status for c in checkpoints] == ["merged", "merged"], method
+
+
+def test_an_output_dtype_that_overflows_is_a_rejection_naming_the_tensor(tmp_path):
+    base_path, base = make_base(tmp_path)
+    tensors = {n: t.clone() for n, t in base.items()}
+    tensors["model.norm.weight"][0] = 1e6  # fine in float32, Inf in float16
+    checkpoint = write_model(tmp_path / "big", tensors, config=CONFIG)
+    policy = load_policy(write_policy(tmp_path, base_path, "average", dtype="float16"))
+    result = fold_checkpoint(policy, "s", checkpoint)
+    assert result.status == "rejected" and result.gate == "finite"
+    assert "'model.norm.weight'" in result.reason and "float16" in result.reason
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

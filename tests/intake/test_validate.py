@@ -197,3 +197,24 @@ def test_index_path_through_a_symlinked_directory_leaving_the_folder(tmp_path, t
     (model / "sub").symlink_to(outside)
     _rewrite_index(model, f"sub/{first.name}")
     assert "path_escape" in codes(model)
+
+
+def test_a_tensor_name_that_is_not_utf8_is_a_problem_not_a_crash(tmp_path, tensors):
+    path = write_model(tmp_path / "m", tensors)
+    weights = path / "model.safetensors"
+    name = next(iter(tensors)).encode()
+    weights.write_bytes(weights.read_bytes().replace(name, name[:-1] + b"\xff", 1))
+    problem = only_problem(path)
+    assert problem.code == "bad_header" and "not valid UTF-8" in problem.message
+
+
+def test_config_json_must_be_a_json_object_with_a_list_of_architectures(tmp_path, tensors):
+    path = write_model(tmp_path / "m", tensors)
+    for text, needle in (("{oops", "is not valid JSON"), ("[1, 2]", "is a JSON list, not an object"),
+                         (b"{\"a\": \"\xff\"}", "is not UTF-8 text"),
+                         ('{"architectures": {"X": 1}}', "'architectures' that is not a list of class names"),
+                         ('{"model_type": 3}', "'model_type' that is not a string")):
+        config = path / "config.json"
+        config.write_bytes(text if isinstance(text, bytes) else text.encode())
+        problem = only_problem(path)
+        assert problem.code == "bad_config" and needle in problem.message and str(config) in problem.message

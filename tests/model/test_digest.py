@@ -63,6 +63,19 @@ def test_symlink_leaving_the_folder_is_refused(tmp_path, tensors):
         folder_digest(model)
 
 
+@pytest.mark.timeout(20)
+def test_a_symlink_loop_is_refused_instead_of_walked_forever(tmp_path, tensors):
+    model = write_model(tmp_path / "m", tensors)
+    (model / "sub").mkdir()
+    (model / "sub" / "up").symlink_to("..")
+    with pytest.raises(ModelFolderError, match="symlink loop"):
+        folder_digest(model)
+    (model / "sub" / "up").unlink()
+    (model / "sub" / "here").symlink_to(".")
+    with pytest.raises(ModelFolderError, match=r"sub/here in .* is a symlink loop"):
+        folder_digest(model)
+
+
 def test_symlink_inside_the_folder_is_followed(tmp_path, tensors):
     model = write_model(tmp_path / "m", tensors)
     (model / "real.json").write_text("{}")

@@ -63,15 +63,14 @@ def sum_of_squares(piece: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class _Difference:
-    """τ = new − base, in float32 (or float64 if stored so), read piece by piece."""
+    """τ = new − base in float32 whatever the stored dtype (SPEC §4), read piece by piece."""
 
     new: Pieces
     base: Pieces
 
     def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
         new, base = self.new.read(start, stop), self.base.read(start, stop)
-        dtype = torch.promote_types(new.dtype, torch.float32)
-        return new.to(dtype, copy=True).sub_(base.to(dtype))
+        return new.to(torch.float32, copy=True).sub_(base.to(torch.float32))
 
 
 @dataclass(frozen=True)
