@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mergeops.errors import PolicyError
@@ -66,6 +68,8 @@ def test_mergeops_home_overrides_home(tmp_path, monkeypatch):
     (('home = "state"', 'hoem = "state"'), "unknown key 'hoem' in the top level (did you mean 'home'?)"),
     (('base = "models/base"', ""), "[streams.a] needs a 'base' key"),
     (("licenses", 'allow_protected = "yes"\nlicenses'), "allow_protected must be a bool"),
+    (("alpha = 0.7", "alpha = nan"), "alpha must be a finite number, not nan"),
+    (('method = "opcm"\n', 'method = "task_arithmetic"\n'), "unknown parameter 'alpha'"),
 ])
 def test_mistakes_are_named_with_a_suggestion(tmp_path, monkeypatch, change, message):
     monkeypatch.delenv("MERGEOPS_HOME", raising=False)
@@ -88,3 +92,16 @@ def test_choosing_a_stream(tmp_path):
     with pytest.raises(PolicyError, match="no stream 'c'"):
         policy.stream("c")
     assert policy.stream("b").params == {}
+
+
+@pytest.mark.parametrize(("method", "value", "message"), [
+    ("task_arithmetic", "nan", "lambda must be a finite number, not nan"),
+    ("ties", "inf", "lambda must be a finite number, not inf"),
+    ("magmax", "-inf", "lambda must be a finite number, not -inf"),
+    ("task_arithmetic", "1e39", "lambda must be between -100 and 100, not 1e+39"),
+])
+def test_non_finite_and_absurd_parameters_are_refused_at_load_time(tmp_path, monkeypatch, method, value, message):
+    monkeypatch.delenv("MERGEOPS_HOME", raising=False)
+    text = GOOD.replace('method = "opcm"', f'method = "{method}"').replace("alpha = 0.7", f"lambda = {value}")
+    with pytest.raises(PolicyError, match=re.escape(message)):
+        load_policy(write(tmp_path, text))

@@ -17,6 +17,7 @@ in ``prepare``, which may read the tensor's inputs piece by piece too.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,14 @@ def in_unit_interval(value: float) -> str | None:
 
 def non_negative(value: float) -> str | None:
     return None if value >= 0 else "must be at least 0"
+
+
+def between(low: float, high: float) -> Callable[[float], str | None]:
+    """A range check; the bounds keep float32 arithmetic meaningful (a λ of 1e39 overflows every merged value)."""
+    return lambda value: None if low <= value <= high else f"must be between {low:g} and {high:g}"
+
+
+SCALE = between(-100, 100)  # scalings of task vectors (λ): far beyond any useful merge, far below overflow
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,8 @@ class MergeMethod:
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 names = " or ".join(k.__name__ for k in kinds)
                 raise PolicyError(f"{where}: {key} must be a {names}, not {value!r}.")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise PolicyError(f"{where}: {key} must be a finite number, not {value!r}.")
             problem = spec.check(value) if spec.check else None
             if problem:
                 raise PolicyError(f"{where}: {key} {problem}, not {value!r}.")

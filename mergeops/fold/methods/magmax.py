@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from mergeops.fold.methods.base import MergeMethod, Param
+from mergeops.fold.methods.base import SCALE, MergeMethod, Param
 
 
 class MagMax(MergeMethod):
     name = "magmax"
     elementwise = True
-    params = {"lambda": Param(0.5, float, help="scaling of the max-magnitude task vector")}
+    params = {"lambda": Param(0.5, float, SCALE, help="scaling of the max-magnitude task vector")}
 
     def state_kinds(self) -> tuple[str, ...]:
         return ("tau_max",)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 
 from mergeops.errors import ModelFolderError, RejectedError
-from mergeops.fold.methods.base import Arrival, MergeMethod, Param, PastCheckpoint, non_negative
+from mergeops.fold.methods.base import Arrival, MergeMethod, Param, PastCheckpoint, between
 from mergeops.model import ModelFolder, folder_digest
 
 
@@ -39,7 +39,7 @@ class MWA(MergeMethod):
     rebuild: list[tuple[ModelFolder, float]] | None = None
     params = {
         "metric": Param("loss", str, _metric_name, "weight by 1/loss or by training step"),
-        "penalty": Param(1.0, float, non_negative, "exponent of the metric; 0 is the plain average"),
+        "penalty": Param(1.0, float, between(0, 100), "exponent of the metric; 0 is the plain average"),
         "window": Param(0, int, lambda k: None if k >= 0 else "must be at least 0",
                         "merge only the last k checkpoints (0: all)"),
     }

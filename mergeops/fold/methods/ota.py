@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from mergeops.errors import RejectedError
-from mergeops.fold.methods.base import Arrival, MergeMethod, Param, in_unit_interval, non_negative
+from mergeops.fold.methods.base import Arrival, MergeMethod, Param, between, in_unit_interval
 from mergeops.fold.methods.mwa import metric_weight
 from mergeops.fold.topk import KthLargest
 from mergeops.model import ModelFolder, StoredTensor, piece_bounds
@@ -48,13 +48,13 @@ class OTA(MergeMethod):
     name = "ota"
     v: ModelFolder | None = None  # the checkpoint's exp_avg_sq.safetensors, open during a fold
     params = {
-        "power": Param(0.5, float, non_negative, "c = v^power"),
-        "epsilon": Param(1e-12, float, non_negative, "added to c, relative to the tensor's mean curvature"),
+        "power": Param(0.5, float, between(0, 10), "c = v^power"),
+        "epsilon": Param(1e-12, float, between(0, 1), "added to c, relative to the tensor's mean curvature"),
         "density": Param(None, float, in_unit_interval, "Fast Fisher Grafting: share of entries kept"),
         "rank1": Param(False, bool, help="use a rank-1 (row sums × column sums) approximation of 2-D v"),
         "fallback": Param("base", str, _one_of("base", "mean"), "where every checkpoint dropped an entry"),
         "metric": Param("none", str, _one_of("none", "loss", "step"), "per-checkpoint multiplier m_t from metrics"),
-        "penalty": Param(1.0, float, non_negative, "exponent of the metric multiplier"),
+        "penalty": Param(1.0, float, between(0, 100), "exponent of the metric multiplier"),
     }
 
     def state_kinds(self) -> tuple[str, ...]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from mergeops.fold.methods.base import MergeMethod, Param
+from mergeops.fold.methods.base import SCALE, MergeMethod, Param
 
 
 class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
     elementwise = True
-    params = {"lambda": Param(0.3, float, help="scaling of the summed task vectors")}
+    params = {"lambda": Param(0.3, float, SCALE, help="scaling of the summed task vectors")}
 
     def state_kinds(self) -> tuple[str, ...]:
         return ("sum",)

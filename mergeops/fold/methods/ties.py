@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from mergeops.fold.methods.base import Arrival, MergeMethod, Param, in_unit_interval
+from mergeops.fold.methods.base import SCALE, Arrival, MergeMethod, Param, in_unit_interval
 from mergeops.fold.topk import KthLargest
 
 
@@ -29,7 +29,7 @@ class Ties(MergeMethod):
     name = "ties"
     elementwise = True
     params = {
-        "lambda": Param(0.3, float, help="scaling of each step's merged update"),
+        "lambda": Param(0.3, float, SCALE, help="scaling of each step's merged update"),
         "density": Param(0.2, float, in_unit_interval, "share of entries kept by magnitude, model-wide"),
     }
 
