@@ -150,9 +150,27 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     if not streams_data:
         raise PolicyError(f"{path} defines no streams; add a [streams.NAME] table.")
     streams = {name: _stream(name, table, path, local) for name, table in streams_data.items()}
-    return Policy(path=path.resolve(), digest="sha256:" + hashlib.sha256(raw).hexdigest(), home=local(home_value),
+    home = local(home_value)
+    _check_folders_apart(streams, home, path)
+    return Policy(path=path.resolve(), digest="sha256:" + hashlib.sha256(raw).hexdigest(), home=home,
                   keys=KeysConfig(local(signing) if signing else None, local(lock) if lock else None),
                   streams=streams)
+
+
+def _check_folders_apart(streams: dict[str, StreamConfig], home: Path, path: Path) -> None:
+    """Every folder a stream writes (its versions, its publish target) is its own: two streams writing to one folder,
+    or one inside another or inside the home's stream states, would prune and overwrite each other's versions."""
+    owned = [(f"[streams.{name}].output", s.output) for name, s in streams.items()]
+    owned += [(f"[streams.{name}.publish].to", s.publish.to) for name, s in streams.items()
+              if s.publish is not None and s.publish.to is not None]
+    for i, (what, folder) in enumerate(owned):
+        for other, other_folder in owned[i + 1:]:
+            if folder == other_folder or folder.is_relative_to(other_folder) or other_folder.is_relative_to(folder):
+                raise PolicyError(f"{path}: {what} ({folder}) and {other} ({other_folder}) overlap; each stream "
+                                  "needs folders of its own, or their versions would overwrite each other.")
+        if folder == home or folder.is_relative_to(home / "streams"):
+            raise PolicyError(f"{path}: {what} ({folder}) is the home or lies among its stream states ({home}); "
+                              "give it a folder of its own.")
 
 
 def _stream(name: str, data: Any, path: Path, local: Any) -> StreamConfig:

@@ -105,3 +105,18 @@ def test_non_finite_and_absurd_parameters_are_refused_at_load_time(tmp_path, mon
     text = GOOD.replace('method = "opcm"', f'method = "{method}"').replace("alpha = 0.7", f"lambda = {value}")
     with pytest.raises(PolicyError, match=re.escape(message)):
         load_policy(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ('[streams.b]\nbase = "models/base"\nmethod = "average"\noutput = "merged/a"\n', "overlap"),
+    ('[streams.b]\nbase = "models/base"\nmethod = "average"\noutput = "merged/a/inner"\n', "overlap"),
+    ('[streams.b]\nbase = "models/base"\nmethod = "average"\noutput = "elsewhere"\n'
+     '[streams.b.publish]\nto = "published/a"\n', "overlap"),
+    ('[streams.b]\nbase = "models/base"\nmethod = "average"\noutput = "state/streams/x"\n', "stream states"),
+])
+def test_streams_that_would_write_into_each_others_folders_are_refused_naming_both(tmp_path, monkeypatch, extra,
+                                                                                   message):
+    monkeypatch.delenv("MERGEOPS_HOME", raising=False)
+    with pytest.raises(PolicyError, match=message) as caught:
+        load_policy(write(tmp_path, GOOD + extra))
+    assert "[streams.a" in str(caught.value) or "[streams.b" in str(caught.value)
