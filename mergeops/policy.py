@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ class GateConfig:
     eval: str | None = None
     min: dict[str, float] = field(default_factory=dict)
     allow_protected: bool = False  # fold MergeLock-protected checkpoints anyway (they break the merge by design)
+    eval_timeout: float = 3600.0  # seconds the eval command may run
+    eval_env: tuple[str, ...] = ()  # secret environment variables the eval command may see (e.g. HF_TOKEN)
 
 
 @dataclass(frozen=True)
@@ -226,8 +229,13 @@ def _gate(data: Any, where: str, path: Path, local: Any) -> GateConfig:
                         trusted_keys=tuple(local(str(k)) for k in trusted),
                         eval=table.take("eval", str),
                         min={str(k): _number(v, f"{where}.min.{k}", path) for k, v in minimums.items()},
-                        allow_protected=table.take("allow_protected", bool, False))
+                        allow_protected=table.take("allow_protected", bool, False),
+                        eval_timeout=_number(table.take("eval_timeout", float, 3600.0), f"{where}.eval_timeout", path),
+                        eval_env=tuple(str(x) for x in table.take("eval_env", list, [])))
     table.done()
+    if not 0 < config.eval_timeout <= 7 * 24 * 3600:
+        raise PolicyError(f"{path}: {where}.eval_timeout must be between 0 and 604800 seconds, not "
+                          f"{config.eval_timeout!r}.")
     if config.require_signature and not config.trusted_keys:
         raise PolicyError(f"{path}: {where}.require_signature needs trusted_keys (public key files).")
     return config
@@ -245,6 +253,6 @@ def _publish(data: Any, where: str, path: Path, local: Any) -> PublishConfig:
 
 
 def _number(value: Any, where: str, path: Path) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise PolicyError(f"{path}: {where} must be a number, not {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise PolicyError(f"{path}: {where} must be a finite number, not {value!r}.")
     return float(value)

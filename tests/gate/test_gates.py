@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 
@@ -167,3 +168,62 @@ def test_a_long_eval_keeps_ticking_and_is_killed_when_the_tick_says_stop(tmp_pat
     with pytest.raises(Stop):
         gate.evaluate(config, tmp_path, tick=stop)
     assert time.monotonic() - started < 2.0  # killed, not waited for
+
+
+def _evaluate(tmp_path, body: str, **config):  # type: ignore[no-untyped-def]
+    from mergeops import gate
+    from mergeops.policy import GateConfig
+
+    script = tmp_path / "eval_script.py"
+    script.write_text("import json, os, subprocess, sys, time\n" + body)
+    return gate.evaluate(GateConfig(eval=f"{sys.executable} {script} {{model}}", **config), tmp_path)
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    ("print(json.dumps({'acc': float('nan')}))", "acc = nan, not a finite number"),
+    ("print(json.dumps({'acc': 'high'}))", "acc = 'high', not a finite number"),
+    ("print(json.dumps([0.9]))", "a JSON list, not an object"),
+    ("sys.stdout.buffer.write(b'\\xff\\xfe{}\\n')", "not UTF-8 text"),
+    ("print('done')", "no JSON object of metrics"),
+])
+def test_eval_output_that_is_not_a_finite_metric_is_a_rejection(tmp_path, body, needle):
+    from mergeops.errors import RejectedError
+    from mergeops.policy import GateConfig
+
+    with pytest.raises(RejectedError, match=re.escape(needle)) as caught:
+        _evaluate(tmp_path, body, min={"acc": 0.5})
+    assert caught.value.gate == "eval"
+    assert GateConfig().eval_timeout == 3600
+
+
+@pytest.mark.timeout(60)
+def test_a_background_grandchild_holding_stdout_neither_blocks_the_fold_nor_outlives_it(tmp_path):
+    import psutil
+
+    pid_file = tmp_path / "grandchild.pid"
+    body = (f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+            "print(json.dumps({'acc': 0.9}))\n")
+    assert _evaluate(tmp_path, body) == {"acc": 0.9}
+    grandchild = int(pid_file.read_text())
+    deadline = time.monotonic() + 20  # SIGKILL is delivered asynchronously
+    while psutil.pid_exists(grandchild) and psutil.Process(grandchild).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the eval command's background process outlived it"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(60)
+def test_the_eval_timeout_is_a_policy_key_and_stops_the_command(tmp_path):
+    from mergeops.errors import RejectedError
+
+    with pytest.raises(RejectedError, match=r"ran past eval_timeout = 1 s"):
+        _evaluate(tmp_path, "time.sleep(30)\nprint(json.dumps({'acc': 1}))", eval_timeout=1.0)
+
+
+def test_secrets_reach_the_eval_command_only_when_the_policy_passes_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("MY_API_KEY", "k")
+    monkeypatch.setenv("HARMLESS", "1")
+    body = "print(json.dumps({k: float(k in os.environ) for k in ('HF_TOKEN', 'MY_API_KEY', 'HARMLESS')}))"
+    assert _evaluate(tmp_path, body) == {"HF_TOKEN": 0.0, "MY_API_KEY": 0.0, "HARMLESS": 1.0}
+    assert _evaluate(tmp_path, body, eval_env=("HF_TOKEN",)) == {"HF_TOKEN": 1.0, "MY_API_KEY": 0.0, "HARMLESS": 1.0}
