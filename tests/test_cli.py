@@ -68,6 +68,12 @@ def test_fold_exit_codes_and_json(tmp_path):
     assert usage.returncode == 2 and "base folder" in usage.stderr and "Traceback" not in usage.stderr
 
 
+def test_the_command_line_does_not_import_torch_until_a_command_needs_it():
+    probe = subprocess.run([sys.executable, "-c", "import sys, mergeops.cli; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, check=True, timeout=120)
+    assert probe.stdout.strip() == "False"  # `mergeops --help` answers in well under a second
+
+
 def test_unknown_option_is_a_usage_error():
     assert mergeops("inspect", "--bogus").returncode == 2
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,7 +24,6 @@ from sqlite_utils import Database
 from mergeops import keys
 from mergeops.durable import fsync_dir, write_durably
 from mergeops.errors import PolicyError
-from mergeops.fold.methods.base import PastCheckpoint
 from mergeops.ledger.events import GENESIS, Event, canonical
 from mergeops.ledger.tables import apply, migrations
 
@@ -35,6 +34,15 @@ BUSY_TIMEOUT_MS = 30_000
 
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class PastCheckpoint:
+    """A checkpoint already folded into the stream, as the record knows it."""
+
+    digest: str
+    path: Path
+    metrics: Mapping[str, float]
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,12 @@ import difflib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from mergeops.errors import PolicyError
+from mergeops.ledger.store import PastCheckpoint
 from mergeops.model import ModelFolder, StoredTensor
 
 
@@ -53,15 +53,6 @@ def between(low: float, high: float) -> Callable[[float], str | None]:
 
 
 SCALE = between(-100, 100)  # scalings of task vectors (λ): far beyond any useful merge, far below overflow
-
-
-@dataclass(frozen=True)
-class PastCheckpoint:
-    """A checkpoint already folded into the stream, as the record knows it."""
-
-    digest: str
-    path: Path
-    metrics: Mapping[str, float]
 
 
 @dataclass
