@@ -186,19 +186,41 @@ def status(policy: Path = PolicyOption, as_json: bool = JsonOption) -> None:
     if as_json:
         _print_json(document)
         return
-    table = Table("stream", "latest", "method", "folded", "rejected", "pending", "last event")
+    table = Table("stream", "latest", "method", "folded", "rejected", "failed", "pending", "last event")
     for name, s in document["streams"].items():
         latest = f"v{s['latest_version']:04d}" if s["latest_version"] else "-"
-        table.add_row(name, latest, s["method"], str(s["folded"]), str(s["rejected"]), str(s["pending"]),
-                      s["last_event"] or "-")
+        table.add_row(name, latest, s["method"], str(s["folded"]), str(s["rejected"]), str(s["failed"]),
+                      str(s["pending"]), s["last_event"] or "-")
     out.print(table)
     d = document["daemon"]
     if d["running"]:
         out.print(f"daemon: running, pid {d['pid']}, heartbeat {d['heartbeat_age_seconds']} s ago ({d['status']})")
     elif d["pid"]:
-        out.print(f"daemon: not running (last seen pid {d['pid']}, {d['heartbeat_age_seconds']} s ago)")
+        out.print(f"daemon: not running (last seen pid {d['pid']}, {d['heartbeat_age_seconds']} s ago: "
+                  f"{d['status']})", markup=False)
     else:
         out.print("daemon: never ran on this home")
+    if any(s["rejected"] or s["failed"] for s in document["streams"].values()):
+        out.print("see why: mergeops rejections --policy " + str(policy), markup=False)
+
+
+@app.command()
+def rejections(policy: Path = PolicyOption, stream: str | None = typer.Option(None, help="Only this stream."),
+               as_json: bool = JsonOption) -> None:
+    """Every rejected checkpoint and failed arrival: when, which checkpoint, which gate, why."""
+    from mergeops.daemon.status import failures
+    from mergeops.policy import load_policy
+
+    found = failures(load_policy(policy), stream)
+    if as_json:
+        _print_json({"failures": found})
+        return
+    from rich.markup import escape
+
+    table = Table("time", "stream", "checkpoint", "what", "gate", "reason")
+    for f in found:
+        table.add_row(*(escape(str(f[k] or "-")) for k in ("time", "stream", "checkpoint", "kind", "gate", "reason")))
+    out.print(table if found else "no rejections and no failed arrivals")
 
 
 @app.command()

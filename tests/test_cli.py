@@ -74,6 +74,16 @@ def test_the_command_line_does_not_import_torch_until_a_command_needs_it():
     assert probe.stdout.strip() == "False"  # `mergeops --help` answers in well under a second
 
 
+def test_a_checkpoint_path_that_does_not_exist_is_a_usage_error_not_a_rejection(tmp_path):
+    from tests.fold.streams import make_base, write_policy
+
+    base_path, _ = make_base(tmp_path)
+    policy = write_policy(tmp_path, base_path, "average")
+    result = mergeops("fold", str(tmp_path / "no-such-checkpoint"), "--policy", str(policy))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert not (tmp_path / "state" / "ledger.db").exists()  # nothing recorded
+
+
 def test_unknown_option_is_a_usage_error():
     assert mergeops("inspect", "--bogus").returncode == 2
 

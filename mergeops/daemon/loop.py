@@ -58,6 +58,7 @@ class Daemon:
         self.hubs = [(stream.name, HubRegistry(w.hub, w.revision, policy.home / "downloads"), w.poll_seconds)
                      for stream in policy.streams.values() for w in stream.watch if w.hub is not None]
         self.next_poll = [0.0] * len(self.hubs)
+        self.failed = 0  # arrivals whose fold failed in this run (not rejections)
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping.set()
@@ -75,7 +76,12 @@ class Daemon:
                 log("started", pid=os.getpid(), home=str(self.policy.home), streams=list(self.policy.streams),
                     retrying_failed=retried)
                 self.notifier.ready("watching registries")
-                self._loop()
+                try:
+                    self._loop()
+                except BaseException as exc:  # status must not keep saying "folding" after a crash
+                    self._set_status(f"crashed: {type(exc).__name__}: {exc}"[:500])
+                    raise
+                self._set_status("stopped")
         finally:
             for observer in observers:
                 observer.stop()
@@ -83,8 +89,9 @@ class Daemon:
                 signal.signal(signum, handler)
             self.notifier.stopping()
             lock.release()
-        log("stopped", pid=os.getpid())
-        return 0
+        log("stopped", pid=os.getpid(), failed=self.failed)
+        # --once is a batch job: an arrival that failed (a broken policy, a missing base) must fail it too.
+        return 1 if self.once and self.failed else 0
 
     def _loop(self) -> None:
         next_rescan = 0.0
@@ -201,6 +208,7 @@ class Daemon:
             self.ledger.db.execute("UPDATE queue SET state = 'failed', result = ? WHERE id = ?",
                                    (f"{type(exc).__name__}: {exc}", item["id"]))
             log("failed", level="error", stream=stream, source=source, error=f"{type(exc).__name__}: {exc}")
+            self.failed += 1
             return
         self.ledger.db.execute("UPDATE queue SET state = ?, result = ? WHERE id = ?",
                                (result.status, json.dumps(result.to_json()), item["id"]))
@@ -232,5 +240,8 @@ class Daemon:
         if now - self.last_beat < HEARTBEAT_SECONDS / 5:
             return
         self.last_beat = now
+        self._set_status(status)
+
+    def _set_status(self, status: str) -> None:
         self.ledger.db.execute("INSERT OR REPLACE INTO heartbeat (id, pid, time, status) VALUES (1, ?, ?, ?)",
                                (os.getpid(), utc_now(), status))

@@ -20,6 +20,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def failures(policy: Policy, stream: str | None = None) -> list[dict[str, Any]]:
+    """Every rejection and every failed arrival, oldest first: when, which stream and checkpoint, which gate, why."""
+    names = [policy.stream(stream).name] if stream is not None else list(policy.streams)
+    if not (policy.home / LEDGER_FILE).is_file():
+        return []
+    found = []
+    with Ledger.open_readonly(policy.home) as ledger:
+        for name in names:
+            found += [{"time": r["arrived"], "stream": name, "kind": "rejected", "checkpoint": r["source"],
+                       "digest": r["digest"], "gate": r["gate"], "reason": r["reason"]}
+                      for r in ledger.rejections(name)]
+            found += [{"time": r["queued"], "stream": name, "kind": "failed", "checkpoint": r["source"],
+                       "digest": None, "gate": None, "reason": r["result"]}
+                      for r in ledger.failed_arrivals(name)]
+    return sorted(found, key=lambda f: f["time"] or "")
+
+
 def status(policy: Policy) -> dict[str, Any]:
     """Readable while the daemon writes (WAL readers never block the writer)."""
     streams: dict[str, Any] = {}
@@ -27,7 +44,7 @@ def status(policy: Policy) -> dict[str, Any]:
     if not (policy.home / LEDGER_FILE).is_file():
         for name, stream in policy.streams.items():
             streams[name] = {"latest_version": None, "method": stream.method, "folded": 0, "rejected": 0,
-                             "pending": 0, "last_event": None}
+                             "pending": 0, "failed": 0, "last_event": None}
         return {"streams": streams, "daemon": daemon}
     with Ledger.open_readonly(policy.home) as ledger:
         for name, stream in policy.streams.items():
@@ -44,6 +61,7 @@ def status(policy: Policy) -> dict[str, Any]:
                 "folded": count("SELECT count(*) AS n FROM versions WHERE stream = ?"),
                 "rejected": count("SELECT count(*) AS n FROM checkpoints WHERE stream = ? AND status = 'rejected'"),
                 "pending": count("SELECT count(*) AS n FROM queue WHERE stream = ? AND state = 'pending'"),
+                "failed": len(ledger.failed_arrivals(name)),
                 "last_event": last,
             }
         beat = ledger.rows("SELECT * FROM heartbeat WHERE id = 1")

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from mergeops import __version__, gate, keys
-from mergeops.errors import ModelFolderError, PolicyError, RejectedError
+from mergeops.errors import ModelFolderError, PolicyError, RejectedError, UsageError
 from mergeops.fold.methods import method_class
 from mergeops.fold.methods.base import Arrival, MergeMethod
 from mergeops.fold.metrics import load_metrics
@@ -80,6 +80,8 @@ def fold_checkpoint(policy: Policy, stream_name: str | None, checkpoint: str | o
     problems with the policy or the stream's own files raise :class:`PolicyError`. ``allow_protected`` folds a
     MergeLock-protected checkpoint as the policy's ``allow_protected`` does (recorded with the version)."""
     stream = policy.stream(stream_name)
+    if not Path(checkpoint).exists():
+        raise UsageError(f"{checkpoint} does not exist; give the path of a checkpoint's model folder.")
     if allow_protected:
         stream = dataclasses.replace(stream, gate=dataclasses.replace(stream.gate, allow_protected=True))
     key = keys.load_signing_key(signing_key_path(policy.keys))

@@ -196,6 +196,10 @@ class Ledger:
     def rejections(self, stream: str) -> list[dict[str, Any]]:
         return self.rows("SELECT * FROM checkpoints WHERE stream = ? AND status = 'rejected' ORDER BY id", (stream,))
 
+    def failed_arrivals(self, stream: str) -> list[dict[str, Any]]:
+        """Queue items whose fold failed (not a rejection: an error, retried at the daemon's next start)."""
+        return self.rows("SELECT * FROM queue WHERE stream = ? AND state = 'failed' ORDER BY id", (stream,))
+
     def events(self) -> list[dict[str, Any]]:
         return self.rows("SELECT * FROM events ORDER BY seq")
 

@@ -16,7 +16,7 @@ for module in ("transformers", "faker", "wordfreq", "vaderSentiment", "gt_all_mi
     pytest.importorskip(module)
 
 from benchmarks.quality import report  # noqa: E402
-from benchmarks.quality.experiments import continual_metrics  # noqa: E402
+from benchmarks.quality.experiments import continual_metrics, kept_fraction  # noqa: E402
 from benchmarks.quality.run import task_orders  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +33,11 @@ def test_metrics_follow_their_definitions() -> None:
     orders = task_orders(order, 4, seed=0)
     assert len({tuple(o) for o in orders}) == 4 and all(sorted(o) == order for o in orders)
     assert report.mean_std([0.5, 0.7]) == "60.0 ± 14.1"
+    # MergeLock's kept fraction: above-chance accuracy averaged over the tasks, relative to the control merge's
+    control, chance = {"a": 0.9, "b": 0.6}, {"a": 0.5, "b": 0.1}
+    assert kept_fraction(chance, control, chance) == 0.0
+    assert kept_fraction(control, control, chance) == pytest.approx(1.0)
+    assert kept_fraction({"a": 0.6, "b": 0.2}, control, chance) == pytest.approx((0.1 + 0.1) / (0.4 + 0.5))
 
 
 def test_committed_tables_are_rendered_from_the_committed_json() -> None:
@@ -78,15 +83,23 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     mwa = results["mwa"]
     assert len(mwa["checkpoints"]) == 2 and set(mwa["merges"]) == {"mwa-loss"}
 
-    # MergeLock: the protected model computes the same function; merged with the others, its task suffers
+    # MergeLock: the protected model, stripped of every mark, computes the same function; merged with the other
+    # fine-tune, the merge loses its above-chance accuracy (against the same merge with the unprotected fine-tune)
     lock = results["mergelock"]
     victim = lock["victim"]
+    assert lock["sizes"] == [2] and set(lock["methods"]) == {"average"} and lock["mergekit"] is None
     assert lock["alone"]["protected"][victim] == pytest.approx(lock["alone"]["finetune"][victim], abs=0.02)
-    assert lock["protect_report"]["function_check"]["forward"]["passed"]
-    control = run["methods"]["average"]["final"][victim]
-    assert lock["merged"]["protected"]["average"]["accuracy"][victim] < control
-    assert lock["attack"]["mean_relative_distance_to_finetune"]["recovered"] < \
-        lock["attack"]["mean_relative_distance_to_finetune"]["protected"]
+    assert lock["protect_report"]["function_check"]["forward"]["max_relative_error"] < 1e-4
+    assert lock["stripped"]["removed"]["files"] and "README.md" not in lock["stripped"]["files"]
+    merged, control = lock["merges"]["protected"]["average"]["2"], lock["merges"]["control"]["average"]["2"]
+    assert set(merged) == set(control) == set(names)
+    assert merged[victim] < control[victim]
+    chance = {t: 1 / len(results["tasks"][t]["classes"]) for t in names}
+    kept = sum(merged[t] - chance[t] for t in names) / sum(control[t] - chance[t] for t in names)
+    assert lock["kept"]["protected"]["average"]["2"] == pytest.approx(kept)
+    assert lock["passed"] == (kept <= lock["bar"])
+    apart = lock["distances"]["mean_relative_distance_to_finetune"]
+    assert apart["recovered"] < apart["protected"]
 
     text = (out / "results.md").read_text()
     for heading in ("Continual merging", "MWA over the checkpoints", "MergeLock", "Individual fine-tunes"):

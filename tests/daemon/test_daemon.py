@@ -47,10 +47,10 @@ def daemon(policy: Path, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run_once(policy: Path) -> list[dict]:
+def run_once(policy: Path, expect: int = 0) -> list[dict]:
     result = subprocess.run([sys.executable, "-m", "mergeops", "daemon", "--policy", str(policy), "--once"],
                             capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == expect, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
@@ -129,13 +129,14 @@ def test_a_running_daemon_folds_arrivals_reports_status_and_stops_on_sigterm(tmp
         current = status(policy)
         assert current["streams"]["s"] | {"last_event": None} == {
             "latest_version": 3, "method": "average", "latest_output": str(tmp_path / "out" / "v0003"),
-            "folded": 3, "rejected": 0, "pending": 0, "last_event": None}
+            "folded": 3, "rejected": 0, "failed": 0, "pending": 0, "last_event": None}
         assert current["daemon"]["pid"] == process.pid and current["daemon"]["heartbeat_age_seconds"] < 30
         started = time.monotonic()
     finally:
         stop(process)
     assert time.monotonic() - started < 10
-    assert not status(policy)["daemon"]["running"]
+    after = status(policy)["daemon"]
+    assert not after["running"] and after["status"] == "stopped"
 
 
 def test_a_second_writer_on_the_same_home_is_refused_and_told_who_holds_it(tmp_path):
@@ -166,6 +167,9 @@ def test_a_malformed_checkpoint_is_rejected_and_the_next_good_one_still_folds(tm
     assert folded_sources(policy) == ["a-good", "c-good"]
     rejected = [line for line in lines if line["event"] == "rejected"]
     assert len(rejected) == 1 and "pickle" in rejected[0]["reason"]
+    listed = subprocess.run([sys.executable, "-m", "mergeops", "rejections", "--policy", str(policy)],
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and "b-pickle" in listed.stdout and "validation" in listed.stdout
 
 
 def test_a_burst_of_50_arrivals_is_folded_exactly_once_in_order(tmp_path):
@@ -240,8 +244,15 @@ def test_an_arrival_that_failed_for_a_reason_outside_it_is_retried_at_the_next_s
     policy = setup(tmp_path)
     drop(tmp_path, "ck0", seed=1)
     (tmp_path / "base").rename(tmp_path / "base-away")  # e.g. the base's mount is missing for a while
-    failed = [line for line in run_once(policy) if line["event"] == "failed"]
+    failed = [line for line in run_once(policy, expect=1) if line["event"] == "failed"]  # --once fails with it
     assert len(failed) == 1 and "base folder" in failed[0]["error"]
+    seen = status(policy)
+    assert seen["streams"]["s"]["failed"] == 1 and seen["daemon"]["status"] == "stopped"
+    listed = subprocess.run([sys.executable, "-m", "mergeops", "rejections", "--policy", str(policy), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    [failure] = json.loads(listed.stdout)["failures"]
+    assert failure["kind"] == "failed" and "base folder" in failure["reason"] and failure["checkpoint"].endswith("ck0")
     (tmp_path / "base-away").rename(tmp_path / "base")
     lines = run_once(policy)
     assert next(line for line in lines if line["event"] == "started")["retrying_failed"] == 1
