@@ -35,3 +35,31 @@ class RejectedError(MergeopsError):
     def __init__(self, message: str, gate: str = "validation") -> None:
         super().__init__(message)
         self.gate = gate
+
+
+class DiskFullError(MergeopsError):
+    """The disk holding the home or an output folder is full; nothing was committed. Exit code 1."""
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` means the disk is full (ENOSPC/EDQUOT from the OS, or SQLite failing to write)."""
+    import errno
+    import sqlite3
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        phrase in str(exc) for phrase in ("database or disk is full", "disk I/O error"))
+
+
+def no_space(path: object, needed_bytes: int | None = None) -> DiskFullError:
+    """The one-sentence message for a full disk: where, how much is free, how much to free."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(path).free  # type: ignore[arg-type]
+    except OSError:
+        free = 0
+    need = f"free about {max(1, -(-(needed_bytes - free) // 2**20))} MB" if needed_bytes else "free some space"
+    return DiskFullError(f"no space left on {path} ({free / 2**20:.1f} MB free): {need} and run again; nothing was "
+                         "committed.")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from mergeops import __version__
 from tests.conftest import write_model
@@ -174,3 +177,56 @@ def test_fold_rejects_a_protected_checkpoint_unless_explicitly_allowed(tmp_path)
     assert "mergelock-allowed" in json.dumps(lineage)
     audit = json.loads(mergeops("audit", "--policy", str(policy), "--json").stdout)
     assert audit["events"] >= 3  # the rejection and the allowed fold are both on the record
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs, to fill up for real (the tests run as root, as CI does)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount)], capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}); this test needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk) -> None:
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(1 << 16))
+    except OSError:
+        pass
+    try:
+        while True:
+            os.write(fd, bytes(512))
+    except OSError:
+        pass
+    os.close(fd)
+
+
+def test_on_a_full_disk_reading_commands_work_and_a_fold_says_how_much_to_free(tmp_path, small_disk):
+    from mergeops.keys import generate_keys
+    from mergeops.synthetic import LlamaShape, write_base, write_finetune
+
+    shape = LlamaShape(hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1, vocab=64)
+    write_base(tmp_path / "base", shape, seed=0)
+    generate_keys(tmp_path / "keys")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'home = "{small_disk}/state"\n[keys]\nsigning = "keys/signing.pem"\n[streams.s]\n'
+                      f'base = "base"\nmethod = "average"\noutput = "{small_disk}/out"\n')
+    first, second = (write_finetune(tmp_path / "base", tmp_path / f"ck{i}", seed=i + 1) for i in range(2))
+    assert mergeops("fold", str(first), "--policy", str(policy)).returncode == 0
+    fill(small_disk)
+    for command in (["status"], ["audit"], ["lineage", "s"], ["rejections"]):
+        result = mergeops(*command, "--policy", str(policy))
+        assert result.returncode == 0, (command, result.stderr)
+    refused = mergeops("fold", str(second), "--policy", str(policy))
+    assert refused.returncode == 1 and "no space left on" in refused.stderr and "MB and run again" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    (small_disk / "filler").unlink()
+    audit = json.loads(mergeops("audit", "--policy", str(policy), "--json").stdout)
+    assert audit["ok"] and audit["events"] == 2  # the stream's start and its one version: nothing half-recorded
+    assert mergeops("fold", str(second), "--policy", str(policy)).returncode == 0  # it goes on once space is freed

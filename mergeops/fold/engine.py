@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 
 from mergeops import __version__, gate, keys
-from mergeops.errors import ModelFolderError, PolicyError, RejectedError, UsageError
+from mergeops.errors import ModelFolderError, PolicyError, RejectedError, UsageError, disk_full, no_space
 from mergeops.fold.methods import method_class
 from mergeops.fold.methods.base import Arrival, MergeMethod
 from mergeops.fold.metrics import load_metrics
@@ -85,8 +85,24 @@ def fold_checkpoint(policy: Policy, stream_name: str | None, checkpoint: str | o
     if allow_protected:
         stream = dataclasses.replace(stream, gate=dataclasses.replace(stream.gate, allow_protected=True))
     key = keys.load_signing_key(signing_key_path(policy.keys))
-    with Ledger.open(policy.home, key) as ledger:
-        return _fold_into(policy, stream, ledger, Path(checkpoint), metrics_file, source, progress)
+    try:
+        with Ledger.open(policy.home, key) as ledger:
+            return _fold_into(policy, stream, ledger, Path(checkpoint), metrics_file, source, progress)
+    except Exception as exc:  # a full disk anywhere: the version folders are gone, the ledger unchanged
+        if disk_full(exc):
+            where = getattr(exc, "filename", None) or policy.home
+            raise no_space(Path(where).parent if Path(where).suffix else where, _space_needed(stream)) from exc
+        raise
+
+
+def _space_needed(stream: StreamConfig) -> int | None:
+    """About what a fold writes: one version (the base's size in the output dtype) and a float32 state of up to
+    two tensors per floating tensor."""
+    try:
+        with ModelFolder.open(stream.base) as base:
+            return sum(info.numel * (_output_dtype(stream, info.dtype).itemsize + 8) for info in base.tensors.values())
+    except (ModelFolderError, TypeError, OSError):
+        return None
 
 
 def _fold_into(policy: Policy, stream: StreamConfig, ledger: Ledger, path: Path, metrics_file: Path | None,

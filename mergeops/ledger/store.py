@@ -23,7 +23,7 @@ from sqlite_utils import Database
 
 from mergeops import keys
 from mergeops.durable import fsync_dir, write_durably
-from mergeops.errors import PolicyError
+from mergeops.errors import PolicyError, disk_full, no_space
 from mergeops.ledger.events import GENESIS, Event, canonical
 from mergeops.ledger.tables import apply, migrations
 
@@ -79,11 +79,15 @@ def public_key_for(policy_keys: Any) -> ec.EllipticCurvePublicKey:
 class Ledger:
     """Open with :meth:`open` (a writer, needs the signing key) or :meth:`open_readonly`."""
 
-    def __init__(self, home: Path, signing_key: ec.EllipticCurvePrivateKey | None) -> None:
+    def __init__(self, home: Path, signing_key: ec.EllipticCurvePrivateKey | None, *, read_only: bool = False,
+                 immutable: bool = False) -> None:
         self.home = Path(home)
         self.path = self.home / LEDGER_FILE
         self.key = signing_key
-        connection = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        target: str | Path = self.path
+        if read_only:
+            target = f"{self.path.resolve().as_uri()}?mode=ro" + ("&immutable=1" if immutable else "")
+        connection = sqlite3.connect(target, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, uri=read_only)
         self.db = Database(connection)
         self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         self.db.execute("PRAGMA foreign_keys = ON")
@@ -100,9 +104,21 @@ class Ledger:
 
     @classmethod
     def open_readonly(cls, home: Path) -> Ledger:
+        """For commands that only read (status, audit, lineage): a read-only connection, so they work on a full
+        disk. Where SQLite cannot set up its shared-memory file (a full disk), and the write-ahead log is empty (so
+        the database file is the whole truth), the file is read as immutable."""
         if not (home / LEDGER_FILE).is_file():
             raise PolicyError(f"there is no ledger in {home} yet; nothing has been folded with this policy.")
-        return cls(home, None)
+        ledger = cls(home, None, read_only=True)
+        try:
+            ledger.db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError as exc:
+            ledger.close()
+            wal = home / f"{LEDGER_FILE}-wal"
+            if wal.is_file() and wal.stat().st_size:
+                raise no_space(home) if disk_full(exc) else exc from None
+            ledger = cls(home, None, read_only=True, immutable=True)
+        return ledger
 
     def close(self) -> None:
         self.db.conn.close()
