@@ -27,6 +27,7 @@ class WatchConfig:
     revision: str = "main"
     poll_seconds: float = 300.0
     settle_seconds: float = 5.0
+    marker: str | None = None  # a file whose presence says a checkpoint is complete (COMMITTED, trainer_state.json)
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,8 @@ def _watch(data: Any, where: str, path: Path, local: Any) -> WatchConfig:
     config = WatchConfig(path=local(folder) if folder else None, hub=hub,
                          revision=table.take("revision", str, "main"),
                          poll_seconds=table.take("poll_seconds", float, 300.0),
-                         settle_seconds=table.take("settle_seconds", float, 5.0))
+                         settle_seconds=table.take("settle_seconds", float, 5.0),
+                         marker=table.take("marker", str))
     table.done()
     if (folder is None) == (hub is None):
         raise PolicyError(f"{path}: each {where} needs exactly one of 'path' (a local folder) or 'hub' (org/repo).")

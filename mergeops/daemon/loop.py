@@ -53,7 +53,8 @@ class Daemon:
         self.notifier = Notifier.from_environment(unset_environment=True)
         self.last_beat = 0.0
         self.reported_incomplete: set[Path] = set()
-        self.registries = [(stream.name, LocalRegistry(w.path, w.settle_seconds))
+        self.reported_changed: set[str] = set()
+        self.registries = [(stream.name, LocalRegistry(w.path, w.settle_seconds, w.marker))
                            for stream in policy.streams.values() for w in stream.watch if w.path is not None]
         self.hubs = [(stream.name, HubRegistry(w.hub, w.revision, policy.home / "downloads"), w.poll_seconds)
                      for stream in policy.streams.values() for w in stream.watch if w.hub is not None]
@@ -121,8 +122,17 @@ class Daemon:
                 if folder not in self.reported_incomplete:
                     self.reported_incomplete.add(folder)
                     log("incomplete", stream=stream, source=str(folder),
-                        note="settled but missing shards or bytes; waiting for the producer to finish it")
+                        note="settled but missing shards, bytes or its completion marker; waiting for the producer "
+                             "to finish it")
             for candidate in found.ready:
+                if self.ledger.taken_before(stream, candidate.source, candidate.fingerprint):
+                    # A registry folder is taken once: changes after its fold are reported, not folded again.
+                    if candidate.source not in self.reported_changed:
+                        self.reported_changed.add(candidate.source)
+                        log("changed_after_intake", level="warning", stream=stream, source=candidate.source,
+                            note="this folder was folded before and has changed since; it is not folded again. "
+                                 "Publish new weights as a new folder.")
+                    continue
                 self._enqueue(stream, candidate.source, candidate.fingerprint)
         for i, (stream, hub, poll_seconds) in enumerate(self.hubs):
             if time.monotonic() >= self.next_poll[i]:

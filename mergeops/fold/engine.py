@@ -32,6 +32,7 @@ from mergeops.ledger.card import Input, VersionFacts, card_files, read_license
 from mergeops.ledger.store import Ledger, VersionRecord, signing_key_path, utc_now
 from mergeops.model import ModelFolder, ModelWriter, Pieces, TensorSpec, folder_digest, piece_bounds
 from mergeops.model.digest import BackgroundDigest, digest_of_listing
+from mergeops.model.folder import INDEX_FILE
 from mergeops.model.writer import TEMP_MARKER
 from mergeops.policy import Policy, StreamConfig
 from mergeops.threads import map_ahead, one_torch_thread, quick_gil_handoff
@@ -125,15 +126,16 @@ def _fold_into(policy: Policy, stream: StreamConfig, ledger: Ledger, path: Path,
         except _AlreadyFolded as known:
             return known.result
         except RejectedError as rejection:
-            return _rejected_unless_duplicate(ledger, stream, described, pending, progress, rejection)
+            return _rejected_unless_duplicate(ledger, stream, described, pending, _weights_files(folder), progress,
+                                              rejection)
 
 
 def _rejected_unless_duplicate(ledger: Ledger, stream: StreamConfig, described: dict[str, Any],
-                               pending: BackgroundDigest, progress: Callable[[int], None] | None,
-                               rejection: RejectedError) -> FoldResult:
+                               pending: BackgroundDigest, weights_files: list[str],
+                               progress: Callable[[int], None] | None, rejection: RejectedError) -> FoldResult:
     """Record the rejection, unless the checkpoint was folded before: a duplicate is reported as one."""
     try:
-        _digest_or_duplicate(ledger, stream, described, pending, progress)
+        _digest_or_duplicate(ledger, stream, described, pending, weights_files, progress)
     except _AlreadyFolded as known:
         return known.result
     except RejectedError as unreadable:
@@ -147,18 +149,25 @@ class _AlreadyFolded(Exception):
 
 
 def _digest_or_duplicate(ledger: Ledger, stream: StreamConfig, described: dict[str, Any], pending: BackgroundDigest,
-                         progress: Callable[[int], None] | None) -> str:
+                         weights_files: list[str], progress: Callable[[int], None] | None) -> str:
     """The checkpoint's digest (stored in ``described``); raises _AlreadyFolded if the stream has it."""
     if "digest" not in described:
         try:
             described["digest"] = pending.result(tick=_ticker(progress))
         except ModelFolderError as exc:
             raise RejectedError(str(exc), gate="validation") from exc
-        previous = ledger.version_with_checkpoint(stream.name, described["digest"])
+        described["weights_digest"] = pending.weights_digest(weights_files)
+        previous = ledger.version_with_checkpoint(stream.name, described["digest"], described["weights_digest"])
         if previous is not None:
+            same = "" if previous.checkpoint == described["digest"] else " (the same weights)"
             raise _AlreadyFolded(FoldResult("duplicate", stream.name, previous.version, Path(previous.output),
-                                            described["digest"], f"already folded into version {previous.version}"))
+                                            described["digest"],
+                                            f"already folded into version {previous.version}{same}"))
     return described["digest"]
+
+
+def _weights_files(folder: ModelFolder) -> list[str]:
+    return [*folder.headers, *([INDEX_FILE] if folder.index is not None else [])]
 
 
 def _dtype_counts(folder: ModelFolder) -> dict[str, int]:
@@ -209,6 +218,7 @@ class _Fold:
         self.kinds = self.method.state_kinds()
         self.floating = [n for n, info in base.tensors.items() if info.dtype.is_floating_point]
         self.stream_row = ledger.stream_row(stream.name)
+        self.zero_elements: dict[str, int] = {}  # per tensor, checkpoint elements in pieces that were all zeros
         self.base_digest = self.stream_row["base_digest"] if self.stream_row else folder_digest(base.path)
 
     def state_of(self, source: ModelFolder | None, name: str, start: int = 0,
@@ -218,7 +228,8 @@ class _Fold:
 
     def digest(self) -> str:
         """The checkpoint's digest, waiting for it if need be; a checkpoint already folded ends the fold."""
-        return _digest_or_duplicate(self.ledger, self.stream, self.described, self.pending_digest, self.progress)
+        return _digest_or_duplicate(self.ledger, self.stream, self.described, self.pending_digest,
+                                    _weights_files(self.folder), self.progress)
 
     def run(self, metrics_file: Path | None) -> FoldResult:
         progress = self.progress
@@ -339,6 +350,7 @@ class _Fold:
                 del extra  # a projection's factor is not kept while the next one is awaited
                 if output:
                     self._settle(output, wait=False)
+            self._check_written()
             self.digest()  # a duplicate must stop the fold before its state is kept
             if output:
                 self._settle(output, wait=True)
@@ -398,7 +410,10 @@ class _Fold:
         """``values`` (part or all of the checkpoint's tensor ``name``) in float32, refused if not finite there: a
         finite float64 value beyond float32's range is as unmergeable as a NaN."""
         converted = values.float()
-        if not math.isfinite(float(converted.sum())):  # cheap; the exact check (and its message) only if needed
+        total = float(converted.sum())
+        if total == 0.0 and not bool(converted.any()):
+            self.zero_elements[name] = self.zero_elements.get(name, 0) + converted.numel()
+        if not math.isfinite(total):  # cheap; the exact check (and its message) only if needed
             problem = tensor_value_problem(name, self.folder.read(name), self.folder.tensors[name].file)
             if problem:
                 raise RejectedError(problem.message, gate="finite")
@@ -408,6 +423,17 @@ class _Fold:
                                     "float32, so it cannot be merged; the checkpoint is corrupted or was saved "
                                     "wrongly.", gate="finite")
         return converted
+
+    def _check_written(self) -> None:
+        """A tensor that is all zeros where the base's is not was never written: a weights file preallocated to its
+        full length looks complete before its bytes arrive."""
+        for name, zeros in self.zero_elements.items():
+            shape = self.base.tensors[name].shape
+            if zeros == self.base.tensors[name].numel and any(
+                    bool(self.base.read(name, start, stop).any()) for start, stop in piece_bounds(shape)):
+                raise RejectedError(f"tensor {name!r} of {self.folder.path} is all zeros where the base's is not: the "
+                                    "weights look preallocated and not yet written; wait until the producer has "
+                                    "finished (a completion `marker` in the watch table makes the daemon wait for it).")
 
     def _add_update(self, name: str, new: torch.Tensor, base: torch.Tensor) -> None:
         if self.update_sq is not None:  # a tensor's pieces come in order on one thread

@@ -57,6 +57,10 @@ def problems_against_base(checkpoint: ModelFolder, base: ModelFolder) -> list[Pr
     """Header-level fit to the base: same tensor names and shapes, floats where the base has floats,
     same architecture. Values are checked while folding, so each tensor is read once."""
     problems: list[Problem] = []
+    if base.config is not None and checkpoint.config is None:
+        problems.append(Problem("missing_config", f"{checkpoint.path} has no config.json, which its base has, so its "
+                                "architecture cannot be checked; copy the training run's config.json into it.",
+                                "config.json"))
     base_arch, arch = base.architecture, checkpoint.architecture
     if base_arch and arch and base_arch != arch:
         problems.append(Problem("architecture_mismatch", f"{checkpoint.path} is a {arch} but the base is a "

@@ -192,10 +192,22 @@ class Ledger:
         rows = self.rows("SELECT * FROM versions WHERE stream = ? AND version = ?", (stream, number))
         return self._version(rows[0] if rows else None)
 
-    def version_with_checkpoint(self, stream: str, digest: str) -> VersionRecord | None:
+    def version_with_checkpoint(self, stream: str, digest: str, weights_digest: str | None = None
+                                ) -> VersionRecord | None:
+        """The version that folded this checkpoint: the same folder digest, or the same weights (a folder that
+        only gained or lost a file beside its weights, such as trainer_state.json, is the same checkpoint)."""
         rows = self.rows("SELECT * FROM versions WHERE stream = ? AND checkpoint_digest = ? LIMIT 1",
                          (stream, digest))
+        if not rows and weights_digest is not None:
+            rows = self.rows("SELECT v.* FROM versions v JOIN events e ON e.seq = v.checkpoint_id WHERE v.stream = ? "
+                             "AND json_extract(e.payload, '$.checkpoint.weights_digest') = ? LIMIT 1",
+                             (stream, weights_digest))
         return self._version(rows[0] if rows else None)
+
+    def taken_before(self, stream: str, source: str, fingerprint: str) -> bool:
+        """Whether the daemon folded this registry folder before (merged or duplicate) with other contents."""
+        return bool(self.rows("SELECT 1 FROM queue WHERE stream = ? AND source = ? AND fingerprint != ? AND state IN "
+                              "('merged', 'duplicate') LIMIT 1", (stream, source, fingerprint)))
 
     def history(self, stream: str) -> tuple[PastCheckpoint, ...]:
         return tuple(PastCheckpoint(v.checkpoint, Path(v.source), v.metrics) for v in self.versions(stream))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -119,10 +119,16 @@ class BackgroundDigest:
         def check_stop(_: int) -> None:
             if self._stop.is_set():
                 raise _Cancelled
-        return digest_of_listing(folder_file_hashes(self.root, progress=check_stop))
+        self.file_hashes = folder_file_hashes(self.root, progress=check_stop)
+        return digest_of_listing(self.file_hashes)
 
     def done(self) -> bool:
         return self._future.done()
+
+    def weights_digest(self, weights_files: Iterable[str]) -> str:
+        """After :meth:`result`: the same recipe over the weights files alone (shards and index), which identifies
+        the weights whatever other files (configs, training logs) were added to or removed from the folder."""
+        return digest_of_listing({name: self.file_hashes[name] for name in weights_files})
 
     def result(self, tick: Callable[[], None] | None = None) -> str:
         """Wait for the digest, calling ``tick`` about once a second meanwhile (e.g. to ping a watchdog)."""

@@ -2,7 +2,9 @@
 
 Producers do not write atomically, so a checkpoint is taken only when it is complete: every shard the
 index names exists, every safetensors header parses and the file length matches it, and nothing in
-the folder changed for ``settle_seconds``. Names starting with ``.`` or ending in ``.tmp`` or
+the folder changed for ``settle_seconds``, and the policy's completion ``marker`` file, if it names one, is
+there (a file the producer writes last: a preallocated weights file looks complete before its bytes are
+written). Names starting with ``.`` or ending in ``.tmp`` or
 ``.incomplete`` are ignored. A watchdog observer wakes the daemon on changes; a rescan catches the rest.
 """
 
@@ -64,9 +66,10 @@ def _newest_change(folder: Path) -> tuple[float, str]:
 
 
 class LocalRegistry:
-    def __init__(self, path: Path, settle_seconds: float) -> None:
+    def __init__(self, path: Path, settle_seconds: float, marker: str | None = None) -> None:
         self.path = Path(path)
         self.settle_seconds = settle_seconds
+        self.marker = marker  # a file the producer writes last (COMMITTED, the Trainer's trainer_state.json)
 
     def scan(self, now: float | None = None) -> Scan:
         now = time.time() if now is None else now
@@ -79,7 +82,8 @@ class LocalRegistry:
                 found.changing.append(folder)
                 continue
             _, problems = ModelFolder.scan(folder)
-            if any(p.code in _STILL_WRITING for p in problems):
+            if any(p.code in _STILL_WRITING for p in problems) or (
+                    self.marker is not None and not (folder / self.marker).is_file()):
                 found.incomplete.append(folder)
                 continue
             found.ready.append(Candidate(folder, fingerprint, newest))

@@ -257,3 +257,24 @@ def test_an_arrival_that_failed_for_a_reason_outside_it_is_retried_at_the_next_s
     lines = run_once(policy)
     assert next(line for line in lines if line["event"] == "started")["retrying_failed"] == 1
     assert folded_sources(policy) == ["ck0"]
+
+
+def test_a_completion_marker_holds_a_checkpoint_until_written_and_a_folded_folder_is_never_refolded(tmp_path):
+    policy = setup(tmp_path)
+    policy.write_text(policy.read_text() + 'marker = "COMMITTED"\n')
+    ready = drop(tmp_path, "ck0", seed=1)
+    lines = run_once(policy)
+    assert folded_sources(policy) == [] and any(line["event"] == "incomplete" for line in lines)
+    (ready / "COMMITTED").write_text("")
+    run_once(policy)
+    assert folded_sources(policy) == ["ck0"]
+    # The producer adds its training log afterwards, then even rewrites the weights: reported, not folded again.
+    time.sleep(0.4)  # past settle_seconds of the first change
+    (ready / "trainer_state.json").write_text('{"global_step": 1}')
+    write_finetune(tmp_path / "base", tmp_path / "other", seed=9)
+    shutil.copy(tmp_path / "other" / "model.safetensors", ready / "model.safetensors")
+    time.sleep(0.4)
+    lines = run_once(policy)
+    changed = [line for line in lines if line["event"] == "changed_after_intake"]
+    assert len(changed) == 1 and changed[0]["source"] == str(ready)
+    assert folded_sources(policy) == ["ck0"]

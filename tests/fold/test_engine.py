@@ -194,6 +194,18 @@ def _config(text: str):  # type: ignore[no-untyped-def]
     return make
 
 
+def _preallocated(tmp_path, base):
+    """A producer that preallocates the weights file to its full length: valid header, bytes still zero."""
+    tensors = {n: torch.zeros_like(t) if t.is_floating_point() else t.clone() for n, t in base.items()}
+    return write_model(tmp_path / "bad", tensors, config=CONFIG)
+
+
+def _no_config(tmp_path, base):
+    tensors = {n: t.clone() for n, t in base.items()}
+    tensors["model.norm.weight"] += 0.5  # new weights, so that it is not a duplicate of anything folded
+    return write_model(tmp_path / "bad", tensors)
+
+
 @pytest.mark.parametrize("folded_before", [1, 2], ids=["no-spare", "spare"])
 @pytest.mark.parametrize(("make_bad", "needle"), [
     (_nan_checkpoint, "'model.layers.0.mlp.up_proj.weight'"),
@@ -204,6 +216,8 @@ def _config(text: str):  # type: ignore[no-untyped-def]
     (_config("{not json"), "config.json is not valid JSON"),
     (_config("[1, 2]"), "config.json is a JSON list, not an object"),
     (_config('{"architectures": {"LlamaForCausalLM": 1}}'), "'architectures' that is not a list"),
+    (_preallocated, "is all zeros where the base's is not"),
+    (_no_config, "has no config.json, which its base has"),
     (_wrong_shape, "'model.norm.weight'"),
     (_other_architecture, "GPT2LMHeadModel"),
     (_changed_integer, "'model.position_ids'"),
@@ -414,3 +428,21 @@ def test_an_output_dtype_that_overflows_is_a_rejection_naming_the_tensor(tmp_pat
     assert result.status == "rejected" and result.gate == "finite"
     assert "'model.norm.weight'" in result.reason and "float16" in result.reason
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_same_weights_with_other_files_beside_them_are_a_duplicate_not_a_new_version(stream, tmp_path):
+    policy, _, checkpoints = stream
+    assert fold_checkpoint(policy, "s", checkpoints[0]).version == 1
+    copy = tmp_path / "same-weights"
+    shutil.copytree(checkpoints[0], copy)
+    (copy / "trainer_state.json").write_text('{"global_step": 10}')
+    (copy / "generation_config.json").write_text("")
+    before = tree(policy.home, policy.streams["s"].output)
+    result = fold_checkpoint(policy, "s", copy)
+    assert result.status == "duplicate" and result.version == 1 and "the same weights" in result.reason
+    (copy / "config.json").unlink()  # even without its config: these weights are in version 1
+    assert fold_checkpoint(policy, "s", copy).status == "duplicate"
+    assert tree(policy.home, policy.streams["s"].output) == before
+    with Ledger.open_readonly(policy.home) as ledger:
+        recorded = json.loads(ledger.events()[-1]["payload"])["checkpoint"]
+    assert recorded["weights_digest"].startswith("sha256:") and recorded["weights_digest"] != recorded["digest"]
