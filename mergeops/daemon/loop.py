@@ -26,7 +26,7 @@ from mergeops.keys import load_signing_key
 from mergeops.ledger.lock import WriterLock
 from mergeops.ledger.store import Ledger, signing_key_path, utc_now
 from mergeops.policy import Policy
-from mergeops.publish.publish import publish
+from mergeops.publish.publish import AlreadyPublished, publish
 from mergeops.registry.hub import HubCommit, HubRegistry, RegistryUnavailable
 from mergeops.registry.local import LocalRegistry
 
@@ -74,8 +74,11 @@ class Daemon:
             with Ledger.open(self.policy.home, key) as ledger:
                 self.ledger = ledger
                 retried = ledger.db.execute("UPDATE queue SET state = 'pending' WHERE state = 'failed'").rowcount
+                unpublished = ledger.rows("SELECT * FROM queue WHERE state = 'publishing' ORDER BY id")
                 log("started", pid=os.getpid(), home=str(self.policy.home), streams=list(self.policy.streams),
-                    retrying_failed=retried)
+                    retrying_failed=retried, resuming_publications=len(unpublished))
+                for item in unpublished:  # a publication a crash interrupted: redo it before anything new
+                    self._publish(item, json.loads(item["result"])["version"])
                 self.notifier.ready("watching registries")
                 try:
                     self._loop()
@@ -220,22 +223,31 @@ class Daemon:
             log("failed", level="error", stream=stream, source=source, error=f"{type(exc).__name__}: {exc}")
             self.failed += 1
             return
+        # A version to publish is first recorded as such (the durable intent), so a crash mid-publication is redone.
+        publishing = result.status == "merged" and self.policy.streams[stream].publish is not None
         self.ledger.db.execute("UPDATE queue SET state = ?, result = ? WHERE id = ?",
-                               (result.status, json.dumps(result.to_json()), item["id"]))
+                               ("publishing" if publishing else result.status, json.dumps(result.to_json()),
+                                item["id"]))
         log(result.status, stream=stream, source=source, version=result.version, digest=result.digest,
             gate=result.gate, reason=result.reason, seconds=round(time.monotonic() - started, 3))
-        if result.status == "merged" and self.policy.streams[stream].publish is not None:
-            self._publish(stream, result.version)
+        if publishing:
+            self._publish(item, result.version)
 
-    def _publish(self, stream: str, version: int | None) -> None:
-        """Publish a new version as the policy says; a failure is logged and `mergeops publish` can retry."""
+    def _publish(self, item: dict[str, Any], version: int) -> None:
+        """Publish a new version as the policy says, then mark its queue row done. A failure is logged and the row
+        stays to publish, so the next start redoes it (and `mergeops publish` can retry meanwhile)."""
+        stream = item["stream"]
         try:
-            publication = publish(self.policy, stream, version)
+            if self.policy.streams[stream].publish is not None:  # the policy may have dropped it since
+                publication = publish(self.policy, stream, version)
+                log("published", stream=stream, version=version, targets=list(publication.targets),
+                    signer=publication.signer)
+        except AlreadyPublished:
+            pass  # the crash came after the record: nothing left to do
         except MergeopsError as exc:
             log("publish_failed", level="error", stream=stream, version=version, error=str(exc))
             return
-        log("published", stream=stream, version=version, targets=list(publication.targets),
-            signer=publication.signer)
+        self.ledger.db.execute("UPDATE queue SET state = 'merged' WHERE id = ?", (item["id"],))
 
     def _between_tensors(self, _bytes: int) -> None:
         if self.stopping.is_set():

@@ -224,6 +224,10 @@ class Ledger:
     def rejections(self, stream: str) -> list[dict[str, Any]]:
         return self.rows("SELECT * FROM checkpoints WHERE stream = ? AND status = 'rejected' ORDER BY id", (stream,))
 
+    def publication_targets(self, stream: str, version: int) -> set[str]:
+        return {r["target"] for r in self.rows("SELECT target FROM publications WHERE stream = ? AND version = ?",
+                                               (stream, version))}
+
     def failed_arrivals(self, stream: str) -> list[dict[str, Any]]:
         """Queue items whose fold failed (not a rejection: an error, retried at the daemon's next start)."""
         return self.rows("SELECT * FROM queue WHERE stream = ? AND state = 'failed' ORDER BY id", (stream,))

@@ -30,6 +30,10 @@ from mergeops.publish.hub import upload_to_hub
 from mergeops.publish.signing import sign_model_folder
 
 
+class AlreadyPublished(UsageError):
+    """The version is published and recorded at that target already."""
+
+
 @dataclass(frozen=True)
 class Publication:
     stream: str
@@ -62,10 +66,16 @@ def publish(policy: Policy, stream_name: str | None, version: int | None = None)
                              "retained version.")
         name = f"v{record.version:04d}"
         target = config.to / name if config.to is not None else None
-        if target is not None and target.exists():
-            raise UsageError(f"{target} exists already: {stream.name} version {record.version} was published.")
         staging_root = target.parent if target is not None else policy.home / "publishing"
         staging_root.mkdir(parents=True, exist_ok=True)
+        for stale in staging_root.glob(f".{name}{TEMP_MARKER}*"):  # a crashed attempt's staging (the lock is ours)
+            shutil.rmtree(stale, ignore_errors=True)
+        if target is not None and (target.exists() or target.is_symlink()):
+            if str(target) in ledger.publication_targets(stream.name, record.version):
+                raise AlreadyPublished(f"{target} exists already: {stream.name} version {record.version} was "
+                                       "published.")
+            # Renamed into place but never recorded: a crash between the two. Like an uncommitted fold, redo it.
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}{TEMP_MARKER}", dir=staging_root))
         targets = []
         try:

@@ -278,3 +278,41 @@ def test_a_completion_marker_holds_a_checkpoint_until_written_and_a_folded_folde
     changed = [line for line in lines if line["event"] == "changed_after_intake"]
     assert len(changed) == 1 and changed[0]["source"] == str(ready)
     assert folded_sources(policy) == ["ck0"]
+
+
+def published_versions(policy: Path) -> list[tuple[int, str, str]]:
+    with Ledger.open_readonly(load_policy(policy).home) as ledger:
+        rows = ledger.rows("SELECT * FROM publications")
+    return sorted((r["version"], r["target"], r["output_digest"]) for r in rows)
+
+
+def test_kill_9_during_auto_publish_publishes_every_version_exactly_once(tmp_path):
+    checkpoints = 4
+    policy = setup(tmp_path, shape=SLOWER)
+    with open(policy, "a") as f:
+        f.write(f'[streams.s.publish]\nto = "{tmp_path / "published"}"\nprotect = true\nsign = true\n')
+    policy.write_text(policy.read_text().replace('signing = "keys/signing.pem"\n',
+                                                 'signing = "keys/signing.pem"\nlock = "keys/lock.key"\n'))
+    for i in range(checkpoints):
+        drop(tmp_path, f"ck{i}", seed=i + 1)
+    rng = random.Random(11)
+    kills = 0
+    for _ in range(10):
+        process = daemon(policy)
+        time.sleep(rng.uniform(1.0, 3.5))  # somewhere in the folds and publications
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            kills += 1
+        process.wait(timeout=30)
+    run_once(policy)
+    assert kills >= 4
+    published = published_versions(policy)
+    assert [v for v, _, _ in published] == list(range(1, checkpoints + 1))  # each once, none lost
+    for version, target, digest in published:
+        assert target == str(tmp_path / "published" / f"v{version:04d}") and folder_digest(Path(target)) == digest
+    assert sorted(p.name for p in (tmp_path / "published").iterdir()) == [f"v{v:04d}" for v in range(1, 5)]
+    with Ledger.open_readonly(load_policy(policy).home) as ledger:
+        assert ledger.rows("SELECT count(*) AS n FROM queue WHERE state != 'merged'")[0]["n"] == 0
+    audit = subprocess.run([sys.executable, "-m", "mergeops", "audit", "--policy", str(policy)], capture_output=True,
+                           text=True, timeout=120)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
