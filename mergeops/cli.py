@@ -262,13 +262,17 @@ def lineage(target: str = typer.Argument(..., help="STREAM, STREAM@VERSION, or a
 @app.command()
 def audit(policy: Path = PolicyOption, as_json: bool = JsonOption) -> None:
     """Verify the ledger's hash chain and signatures and re-hash every retained output (exit 1 if broken)."""
+    from mergeops.ledger.audit import AuditReport, trusted_key
     from mergeops.ledger.audit import audit as run_audit
-    from mergeops.ledger.store import Ledger, public_key_for
+    from mergeops.ledger.store import Ledger
     from mergeops.policy import load_policy
 
     loaded = load_policy(policy)
+    report = AuditReport()
     with Ledger.open_readonly(loaded.home) as ledger:
-        report = run_audit(ledger, public_key_for(loaded.keys))
+        folders = {name: [s.output, *([s.publish.to] if s.publish is not None and s.publish.to else [])]
+                   for name, s in loaded.streams.items()}
+        run_audit(ledger, trusted_key(loaded.keys, report), report, folders)
     if as_json:
         _print_json(report.to_json())
     else:

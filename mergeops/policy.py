@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,7 @@ class StreamConfig:
 class KeysConfig:
     signing: Path | None = None
     lock: Path | None = None
+    signer: str | None = None  # the signing key's fingerprint, pinned: audit refuses a ledger signed by another key
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,11 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         top.take("home", str)
     keys_table = _Table(top.take("keys", dict, {}), "[keys]", path)
     signing, lock = keys_table.take("signing", str), keys_table.take("lock", str)
+    signer = keys_table.take("signer", str)
     keys_table.done()
+    if signer is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", signer):
+        raise PolicyError(f"{path}: [keys] signer must be a key fingerprint 'sha256:<64 hex digits>' (as `mergeops "
+                          f"keygen` prints it), not {signer!r}.")
     streams_data = top.take("streams", dict, required=True)
     top.done()
     if not streams_data:
@@ -157,7 +163,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     home = local(home_value)
     _check_folders_apart(streams, home, path)
     return Policy(path=path.resolve(), digest="sha256:" + hashlib.sha256(raw).hexdigest(), home=home,
-                  keys=KeysConfig(local(signing) if signing else None, local(lock) if lock else None),
+                  keys=KeysConfig(local(signing) if signing else None, local(lock) if lock else None, signer),
                   streams=streams)
 
 

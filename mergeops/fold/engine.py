@@ -9,6 +9,7 @@ record at the previous version; whatever was written past it is removed and redo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -218,6 +219,7 @@ class _Fold:
         self.kinds = self.method.state_kinds()
         self.floating = [n for n, info in base.tensors.items() if info.dtype.is_floating_point]
         self.stream_row = ledger.stream_row(stream.name)
+        self.card_hashes: dict[str, str] = {}  # README.md and provenance.json, written last
         self.zero_elements: dict[str, int] = {}  # per tensor, checkpoint elements in pieces that were all zeros
         self.base_digest = self.stream_row["base_digest"] if self.stream_row else folder_digest(base.path)
 
@@ -303,7 +305,12 @@ class _Fold:
         writer = ModelWriter(self.output_dir, specs, metadata=self._metadata(self.digest() if known else
                                                                             DIGEST_PLACEHOLDER),
                              donor=self.base.path, provisional_metadata=not known)
-        writer.finalize = lambda hashes: card_files(self._facts(), digest_of_listing(hashes))
+        def cards(hashes: dict[str, str]) -> dict[str, bytes]:
+            files = card_files(self._facts(), digest_of_listing(hashes))
+            self.card_hashes = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+            return files
+
+        writer.finalize = cards
         return writer
 
     def _settle(self, output: ModelWriter, wait: bool) -> None:
@@ -479,7 +486,8 @@ class _Fold:
             "stream": stream.name, "version": version, "method": stream.method, "params": stream.params,
             "previous": self.head.version if self.head else None,
             "checkpoint": self.described | {"metrics": self.metrics}, "output_digest": output_digest,
-            "path": str(self.output_dir), "files": output.file_hashes, "state_path": str(self.state_dir),
+            "path": str(self.output_dir), "files": output.file_hashes, "cards": self.card_hashes,
+            "state_path": str(self.state_dir),
             "state_digest": digest_of_listing(self.state_hashes), "gates": list(self.gates),
             "update_norm": self.update_norm,
             "eval": self.eval_metrics,

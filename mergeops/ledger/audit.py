@@ -1,14 +1,19 @@
 """`mergeops audit`: is the ledger intact, and is every retained output what it recorded?
 
-Four checks, each naming what is broken: the event chain (hashes, order, signatures); the signed head
-(events cut off the end); the history tables against a replay of the events (an edited value, a
-deleted or an extra row); and every retained version's files against the sha256 recorded when they
-were written (which file of which version differs, is missing, or was added).
+Checks, each naming what is broken: the signer (the key that signs the ledger is the policy's, pinned by
+fingerprint where the policy says so); the event chain (hashes, order, signatures); the signed head (events cut
+off the end); the history tables against a replay of the events (an edited value, a deleted or an extra row);
+every retained version's files, card and provenance against the sha256 recorded when they were written, and its
+``latest`` link; every local published copy, file by file; and rollback: a version or published copy on disk
+beyond the last one the ledger records (the ledger was cut back, or a fold crashed before recording).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sqlite_utils import Database
 
 from mergeops import keys
+from mergeops.errors import MergeopsError
 from mergeops.ledger.events import Event, canonical, chain_problems
-from mergeops.ledger.store import HEAD_FILE, Ledger
+from mergeops.ledger.store import HEAD_FILE, Ledger, public_key_for, signing_key_path
 from mergeops.ledger.tables import HISTORY_TABLES, apply, migrations
 from mergeops.model import folder_digest
 from mergeops.model.digest import digest_files, file_sha256
@@ -39,10 +45,39 @@ class AuditReport:
                 "files_checked": self.files_checked, "problems": self.problems}
 
 
-def audit(ledger: Ledger, public_key: ec.EllipticCurvePublicKey) -> AuditReport:
+def trusted_key(policy_keys: Any, report: AuditReport) -> ec.EllipticCurvePublicKey:
+    """The key the ledger must be signed with: derived from the private key where it is readable (a swapped
+    ``signing.pub.pem`` is a problem), else ``signing.pub.pem``; either must match ``[keys] signer`` if pinned."""
+    private = signing_key_path(policy_keys)
+    public_file = private.with_name(private.name.removesuffix(".pem") + ".pub.pem")
+    key = None
+    if private.is_file():
+        try:
+            key = keys.load_signing_key(private).public_key()
+        except MergeopsError:
+            key = None
+    if public_file.is_file():
+        published = keys.load_public_key(public_file)
+        if key is not None and keys.fingerprint(published) != keys.fingerprint(key):
+            report.add("signer", str(public_file), f"{public_file} is not the public half of {private}: it was "
+                       "replaced; the ledger is checked against the private key's.")
+        key = key or published
+    if key is None:
+        key = public_key_for(policy_keys)  # raises the usual message: no key to check against
+    if policy_keys.signer is not None and keys.fingerprint(key) != policy_keys.signer:
+        report.add("signer", "[keys] signer", f"the policy pins signer {policy_keys.signer}, but its signing key is "
+                   f"{keys.fingerprint(key)}: the keys were replaced; every signature is checked against the "
+                   "pinned key's, so nothing signed by another key passes.")
+    return key
+
+
+def audit(ledger: Ledger, public_key: ec.EllipticCurvePublicKey, report: AuditReport | None = None,
+          folders: Mapping[str, Iterable[Path]] | None = None) -> AuditReport:
     """Safe while a writer runs: the head file is read first (it only ever trails the database), and every
-    query runs in one read transaction, so the events and the tables are the same snapshot."""
-    report = AuditReport()
+    query runs in one read transaction, so the events and the tables are the same snapshot. ``folders``: per
+    stream, the folders its versions and published copies go to (from the policy), searched for rollback
+    evidence besides the ones the ledger names."""
+    report = report or AuditReport()
     head_file = ledger.home / HEAD_FILE
     head = head_file.read_text() if head_file.is_file() else None
     ledger.db.execute("BEGIN")
@@ -54,6 +89,8 @@ def audit(ledger: Ledger, public_key: ec.EllipticCurvePublicKey) -> AuditReport:
         _check_head(head_file, head, rows, public_key, report)
         _check_tables(ledger, rows, report)
         _check_outputs(ledger, report)
+        _check_publications(ledger, report)
+        _check_rollback(ledger, report, folders or {})
     finally:
         ledger.db.execute("ROLLBACK")
     return report
@@ -123,21 +160,70 @@ def _check_outputs(ledger: Ledger, report: AuditReport) -> None:
         elif folder_digest(state) != head["state_digest"]:
             report.add("state", where, f"{where}: its method state in {state} was changed after it was written; "
                        "every later version would build on it.")
-    for version in ledger.rows("SELECT stream, version, path, files FROM versions WHERE pruned = 0"):
+    for version in ledger.rows("SELECT stream, version, path, files, cards FROM versions WHERE pruned = 0"):
         where = f"{version['stream']} v{version['version']:04d}"
         folder = Path(version["path"])
-        recorded: dict[str, str] = json.loads(version["files"])
         report.versions_checked += 1
         if not folder.is_dir():
             report.add("file", where, f"{where}: its folder {folder} is missing.")
             continue
-        present = set(digest_files(folder))
-        for name in sorted(recorded):
-            if name not in present:
-                report.add("file", where, f"{where}: file {name} is missing from {folder}.")
-                continue
-            report.files_checked += 1
-            if file_sha256(folder / name) != recorded[name]:
-                report.add("file", where, f"{where}: file {name} in {folder} was changed after it was written.")
-        for name in sorted(present - recorded.keys()):
-            report.add("file", where, f"{where}: file {name} in {folder} was added after the version was written.")
+        recorded = json.loads(version["files"]) | json.loads(version["cards"] or "{}")
+        present = set(digest_files(folder)) | {n for n in json.loads(version["cards"] or "{}") if (folder / n).exists()}
+        _compare_files(folder, recorded, present, where, ("it was written", "the version was written"), report)
+    for head in ledger.rows("SELECT stream, version, path FROM versions v WHERE pruned = 0 AND version = "
+                            "(SELECT max(version) FROM versions WHERE stream = v.stream)"):
+        link = Path(head["path"]).parent / "latest"
+        target = os.readlink(link) if link.is_symlink() else None
+        if target != Path(head["path"]).name:
+            report.add("latest", str(link), f"{link} points at {target or 'nothing'}, not at the newest version "
+                       f"{Path(head['path']).name} of stream {head['stream']}.")
+
+
+def _compare_files(folder: Path, recorded: dict[str, str], present: set[str], where: str, when: tuple[str, str],
+                   report: AuditReport) -> None:
+    """``when``: after what a file was changed, and after what one was added (for the messages)."""
+    for name in sorted(recorded):
+        if name not in present:
+            report.add("file", where, f"{where}: file {name} is missing from {folder}.")
+            continue
+        report.files_checked += 1
+        if file_sha256(folder / name) != recorded[name]:
+            report.add("file", where, f"{where}: file {name} in {folder} was changed after {when[0]}.")
+    for name in sorted(present - recorded.keys()):
+        report.add("file", where, f"{where}: file {name} in {folder} was added after {when[1]}.")
+
+
+def _check_publications(ledger: Ledger, report: AuditReport) -> None:
+    """Every published copy in a local folder, file by file (card and signature included); on the Hub the
+    commit is recorded and cannot change."""
+    for p in ledger.rows("SELECT stream, version, target, output_digest, files FROM publications ORDER BY id"):
+        if p["target"].startswith("hf://"):
+            continue
+        where = f"{p['stream']} v{p['version']:04d} published"
+        folder = Path(p["target"])
+        if not folder.is_dir():
+            report.add("published", where, f"{where}: the published copy {folder} is missing.")
+            continue
+        recorded = json.loads(p["files"] or "{}")
+        if recorded:
+            present = {q.relative_to(folder).as_posix() for q in folder.rglob("*") if q.is_file()}
+            _compare_files(folder, recorded, present, where, ("it was published", "it was published"), report)
+        elif folder_digest(folder) != p["output_digest"]:
+            report.add("published", where, f"{where}: the published copy {folder} was changed after it was published.")
+
+
+def _check_rollback(ledger: Ledger, report: AuditReport, folders: Mapping[str, Iterable[Path]]) -> None:
+    """A version folder or published copy beyond each stream's last recorded version: its events are gone (the
+    ledger and its signed head were put back to an older state), or a fold crashed before recording it (the
+    stream's next fold removes such a folder)."""
+    for head in ledger.rows("SELECT stream, max(version) AS version, path FROM versions GROUP BY stream"):
+        roots = {Path(head["path"]).parent, *folders.get(head["stream"], ())}
+        roots |= {Path(r["target"]).parent for r in ledger.rows(
+            "SELECT target FROM publications WHERE stream = ? AND target NOT LIKE 'hf://%'", (head["stream"],))}
+        for root in sorted(roots):
+            for child in sorted(root.iterdir()) if root.is_dir() else []:
+                match = re.fullmatch(r"v(\d{4,})", child.name)
+                if match and int(match.group(1)) > head["version"]:
+                    report.add("rollback", str(child), f"{child} is on disk, but the ledger's last version of stream "
+                               f"{head['stream']} is v{head['version']:04d}: events were removed from the ledger (or "
+                               "a fold crashed before recording it; the stream's next fold removes such a folder).")

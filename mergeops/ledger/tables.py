@@ -54,6 +54,14 @@ def create_tables(db: Database) -> None:
     db["heartbeat"].create({"id": int, "pid": int, "time": str, "status": str}, pk="id")
 
 
+@migrations()
+def m002_cards_and_published_files(db: Database) -> None:
+    """Every file a version or publication consists of is recorded: the cards of a version (README.md and
+    provenance.json name its digest, so they are outside it), and every file of a published copy."""
+    db["versions"].add_column("cards", str)
+    db["publications"].add_column("files", str)
+
+
 def _json(value: Any) -> str:
     return canonical(value)
 
@@ -86,7 +94,7 @@ def _version_committed(db: Database, event: Event) -> None:
         "output_digest": p["output_digest"], "path": p["path"], "state_path": p["state_path"],
         "state_digest": p["state_digest"], "files": _json(p["files"]), "gates": _json(p["gates"]),
         "policy_digest": p["policy_digest"], "tool": p["tool"], "update_norm": p.get("update_norm"),
-        "eval": _json(p.get("eval", {})), "created": event.time, "pruned": 0})
+        "eval": _json(p.get("eval", {})), "created": event.time, "pruned": 0, "cards": _json(p.get("cards", {}))})
 
 
 def _version_pruned(db: Database, event: Event) -> None:
@@ -105,7 +113,7 @@ def _publication_recorded(db: Database, event: Event) -> None:
     p = event.payload
     db["publications"].insert({"id": event.seq, "stream": p["stream"], "version": p["version"],
                                "output_digest": p["output_digest"], "target": p["target"], "signer": p["signer"],
-                               "created": event.time})
+                               "created": event.time, "files": _json(p.get("files", {}))})
 
 
 APPLY: dict[str, Callable[[Database, Event], None]] = {

@@ -95,6 +95,9 @@ def publish(policy: Policy, stream_name: str | None, version: int | None = None)
             if config.sign:
                 sign_model_folder(ready, key_path)
                 signer = keys.fingerprint(key.public_key())
+            # every file of the copy, card and signature included: the audit checks all of them
+            published_files = {p.relative_to(ready).as_posix(): file_sha256(p) for p in sorted(ready.rglob("*"))
+                               if p.is_file()}
             if config.hub is not None:
                 sha = upload_to_hub(ready, config.hub, message=f"mergeops: {stream.name} {name} "
                                     f"({stream.method}, {published_digest})")
@@ -109,7 +112,8 @@ def publish(policy: Policy, stream_name: str | None, version: int | None = None)
             shutil.rmtree(tmp, ignore_errors=True)
         events = [("protection.recorded", protection | {"path": targets[-1] if targets else ""})] if protection else []
         events += [("publication.recorded", {"stream": stream.name, "version": record.version,
-                                             "output_digest": published_digest, "target": t, "signer": signer})
+                                             "output_digest": published_digest, "target": t, "signer": signer,
+                                             "files": published_files})
                    for t in targets]
         ledger.record(*events)
     return Publication(stream.name, record.version, tuple(targets), published_digest, signer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sqlite3
@@ -213,3 +214,91 @@ def test_a_changed_method_state_is_named_because_every_later_version_builds_on_i
     state.write_text(state.read_text().replace('"t": 3', '"t": 30'))
     messages = [p["message"] for p in run_audit(stream).problems if p["kind"] == "state"]
     assert len(messages) == 1 and "method state" in messages[0] and "changed after it was written" in messages[0]
+
+
+def messages(policy, kind: str | None = None) -> list[str]:
+    return [p["message"] for p in run_audit(policy).problems if kind is None or p["kind"] == kind]
+
+
+@pytest.mark.parametrize("name", ["README.md", "provenance.json"])
+def test_an_edited_card_or_provenance_of_a_version_is_named(stream, name):
+    card = stream.streams["s"].output / "v0003" / name
+    card.write_text(card.read_text().replace("mergeops", "someone else", 1))
+    assert messages(stream, "file") == [f"s v0003: file {name} in {card.parent} was changed after it was written."]
+
+
+def test_latest_pointed_back_at_an_older_version_is_named(stream):
+    latest = stream.streams["s"].output / "latest"
+    latest.unlink()
+    latest.symlink_to("v0002")
+    assert messages(stream) == [f"{latest} points at v0002, not at the newest version v0003 of stream s."]
+
+
+@pytest.mark.parametrize("attack", ["flip", "replace", "delete", "add"])
+def test_every_file_of_a_published_copy_is_checked(stream, tmp_path, attack):
+    copy = tmp_path / "published" / "v0003"
+    weights = copy / "model.safetensors"
+    if attack == "flip":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1
+        weights.write_bytes(bytes(data))
+    elif attack == "replace":
+        shutil.copyfile(stream.streams["s"].output / "v0002" / "model.safetensors", weights)
+    elif attack == "delete":
+        shutil.rmtree(copy)
+    else:
+        (copy / "README.md").write_text("a card of someone else's")
+    found = messages(stream)
+    assert found and all("s v0003 published" in m for m in found), found
+
+
+def test_a_ledger_rolled_back_with_an_older_signed_head_is_caught_by_what_is_on_disk(tmp_path):
+    """The attacker puts back an older ledger with its own (validly signed) head file, while v0003 and its
+    published copy are still on disk."""
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 3)
+    policy_path = write_policy(tmp_path, base_path, "average")
+    with open(policy_path, "a") as f:
+        f.write(f'[streams.s.publish]\nto = "{tmp_path / "published"}"\n')
+    policy = load_policy(policy_path)
+    for checkpoint in checkpoints[:2]:
+        fold_checkpoint(policy, "s", checkpoint)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for name in ("ledger.db", "ledger-head.json"):
+        shutil.copyfile(policy.home / name, saved / name)
+    fold_checkpoint(policy, "s", checkpoints[2])
+    publish(policy, "s")
+    for name in ("ledger.db-wal", "ledger.db-shm"):
+        (policy.home / name).unlink(missing_ok=True)
+    for name in ("ledger.db", "ledger-head.json"):
+        shutil.copyfile(saved / name, policy.home / name)
+    with Ledger.open_readonly(policy.home) as ledger:
+        found = audit(ledger, public_key_for(policy.keys),
+                      folders={"s": [policy.streams["s"].output, tmp_path / "published"]}).problems
+    assert {p["kind"] for p in found} >= {"rollback"}
+    rolled = [p["where"] for p in found if p["kind"] == "rollback"]
+    assert str(policy.streams["s"].output / "v0003") in rolled and str(tmp_path / "published" / "v0003") in rolled
+
+
+def test_a_chain_re_signed_with_another_key_and_a_swapped_public_key_is_refused(stream, tmp_path):
+    from mergeops.keys import generate_keys
+    from mergeops.ledger.audit import AuditReport, trusted_key
+
+    theirs = generate_keys(tmp_path / "attacker")
+    public = stream.keys.signing.with_name("signing.pub.pem")
+    shutil.copyfile(theirs.public_key, public)  # the attacker re-signed everything and swapped the public key
+    report = AuditReport()
+    key = trusted_key(stream.keys, report)
+    assert [p["kind"] for p in report.problems] == ["signer"] and "was replaced" in report.problems[0]["message"]
+    assert key.public_numbers() == load_signing_key(stream.keys.signing).public_key().public_numbers()
+    # An auditor without the private key pins the signer in the policy instead.
+    from mergeops.keys import fingerprint
+
+    owner = fingerprint(load_signing_key(stream.keys.signing).public_key())
+    pinned = dataclasses.replace(stream.keys, signing=tmp_path / "absent" / "signing.pem", signer=owner)
+    (tmp_path / "absent").mkdir()
+    shutil.copyfile(theirs.public_key, tmp_path / "absent" / "signing.pub.pem")
+    report = AuditReport()
+    trusted_key(pinned, report)
+    assert [p["kind"] for p in report.problems] == ["signer"] and owner in report.problems[0]["message"]
