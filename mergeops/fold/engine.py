@@ -306,7 +306,7 @@ class _Fold:
                                                                             DIGEST_PLACEHOLDER),
                              donor=self.base.path, provisional_metadata=not known)
         def cards(hashes: dict[str, str]) -> dict[str, bytes]:
-            files = card_files(self._facts(), digest_of_listing(hashes))
+            files = card_files(self._facts(), digest_of_listing(hashes), self.ledger.key)
             self.card_hashes = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
             return files
 

@@ -1,20 +1,28 @@
-"""What every merged version says about itself (SPEC §3.4): a model card and an in-toto provenance.
+"""What every merged version says about itself (SPEC §3.4): a model card and a signed in-toto provenance.
 
-Both name the folder digest, so both are excluded from it and written last, from the weights' hashes.
+Both name the folder digest, so both are excluded from it and written last, from the weights' hashes. The
+provenance is an in-toto Statement (predicate SLSA provenance v1) in a DSSE envelope signed with the policy's
+signing key, so any DSSE verifier can check it with ``signing.pub.pem``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergeops import __version__
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from mergeops import __version__, keys
 
 IN_TOTO_STATEMENT = "https://in-toto.io/Statement/v1"
-PREDICATE_TYPE = "https://github.com/mergeops/mergeops/provenance/v1"
+PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
+DSSE_PAYLOAD_TYPE = "application/vnd.in-toto+json"
+BUILD_TYPE = "https://github.com/mergeops/mergeops/continual-merge/v1"  # how to read externalParameters
+BUILDER_ID = "https://github.com/mergeops/mergeops"
 
 
 @dataclass(frozen=True)
@@ -71,18 +79,25 @@ def read_license(folder: Path) -> str | None:
     return found if isinstance(found, str) and found else None
 
 
-def _model_id(source: str) -> str:
-    """A Hub repo id where the source is on the Hub (hf://org/repo@sha -> org/repo), else the source."""
+def hub_repo(source: str) -> str | None:
+    """The Hub repo id of a source (hf://org/repo@sha -> org/repo); None for a local folder."""
     if source.startswith("hf://"):
         return source.removeprefix("hf://").split("@", 1)[0]
-    return source
+    return None
+
+
+def public_name(source: str) -> str:
+    """How a card names a source: ``org/repo@sha`` on the Hub, a local folder by its name only (never the
+    machine's absolute path; the provenance names it by digest)."""
+    return source.removeprefix("hf://") if source.startswith("hf://") else Path(source).name
 
 
 def model_card(facts: VersionFacts, digest: str) -> str:
     base = next(i for i in facts.inputs if i.role == "base")
-    ids = [_model_id(base.source), *(_model_id(c.source) for c in facts.checkpoints)]
-    front = ["---", "base_model:", *(f"- {json.dumps(i)}" for i in ids), "base_model_relation: merge",
-             "tags:", "- mergeops", f"- {facts.method}"]
+    ids = list(dict.fromkeys(r for r in (hub_repo(base.source), *(hub_repo(c.source) for c in facts.checkpoints))
+                             if r))
+    front = ["---", *(["base_model:", *(f"- {json.dumps(i)}" for i in ids)] if ids else []),
+             "base_model_relation: merge", "tags:", "- mergeops", f"- {facts.method}"]
     if facts.license:
         front.append(f"license: {facts.license}")
     front.append("---")
@@ -93,32 +108,63 @@ def model_card(facts: VersionFacts, digest: str) -> str:
         f"A continual merge made by mergeops {__version__}: {len(facts.checkpoints)} fine-tuned checkpoint(s) of "
         f"the base folded one at a time with `{facts.method}` ({params}).", "",
         f"- digest: `{digest}`",
-        f"- base: `{base.source}` (`{base.digest}`)",
+        f"- base: `{public_name(base.source)}` (`{base.digest}`)",
         f"- policy: `{facts.policy_digest}`",
         f"- gates passed by the newest checkpoint: {', '.join(facts.gates) or 'none'}", "",
         "| # | checkpoint | digest |", "|---|---|---|",
-        *(f"| {n} | `{c.source}` | `{c.digest}` |" for n, c in enumerate(facts.checkpoints, 1)), "",
+        *(f"| {n} | `{public_name(c.source)}` | `{c.digest}` |" for n, c in enumerate(facts.checkpoints, 1)), "",
+        "`provenance.json` is a signed in-toto attestation (DSSE, SLSA provenance v1) of how this model was made.",
         "Full lineage, with who signed each step: `mergeops lineage <this folder> --policy <policy>`.", "",
     ]
     return "\n".join(lines)
 
 
+def _dependency(role: str, item: Input) -> dict[str, Any]:
+    found: dict[str, Any] = {"name": public_name(item.source), "annotations": {"role": role},
+                             "digest": {"sha256": item.digest.removeprefix("sha256:")}}
+    if item.source.startswith("hf://"):
+        found["uri"] = item.source
+    return found
+
+
 def provenance(facts: VersionFacts, digest: str) -> dict[str, Any]:
+    """The in-toto Statement: subject the folder digest, predicate SLSA provenance v1 listing every input."""
+    earlier = facts.checkpoints[:-1]
     return {
         "_type": IN_TOTO_STATEMENT,
         "subject": [{"name": f"{facts.stream}/v{facts.version:04d}",
                      "digest": {"sha256": digest.removeprefix("sha256:")}}],
         "predicateType": PREDICATE_TYPE,
         "predicate": {
-            "stream": facts.stream, "version": facts.version, "method": facts.method, "parameters": facts.params,
-            "inputs": [{"role": i.role, "digest": i.digest, "source": i.source} for i in facts.inputs],
-            "checkpoints": [{"digest": c.digest, "source": c.source} for c in facts.checkpoints],
-            "gates": list(facts.gates), "policy_digest": facts.policy_digest,
-            "tool": {"name": "mergeops", "version": __version__}, "created": facts.created,
+            "buildDefinition": {
+                "buildType": BUILD_TYPE,
+                "externalParameters": {"stream": facts.stream, "method": facts.method, "parameters": facts.params,
+                                       "policy_digest": facts.policy_digest},
+                "internalParameters": {"version": facts.version, "gates": list(facts.gates)},
+                "resolvedDependencies": [*(_dependency(i.role, i) for i in facts.inputs),
+                                         *(_dependency("folded earlier", c) for c in earlier)],
+            },
+            "runDetails": {"builder": {"id": BUILDER_ID, "version": {"mergeops": __version__}},
+                           "metadata": {"invocationId": f"{facts.stream}/v{facts.version:04d}",
+                                        "startedOn": facts.created}},
         },
     }
 
 
-def card_files(facts: VersionFacts, digest: str) -> dict[str, bytes]:
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE's pre-authentication encoding: what a DSSE signature signs."""
+    kind = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
+
+
+def dsse_envelope(statement: dict[str, Any], key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
+    """``statement`` in a DSSE envelope signed with ``key`` (ECDSA P-256, SHA-256; keyid the key's fingerprint)."""
+    payload = json.dumps(statement, separators=(",", ":"), sort_keys=True).encode()
+    signature = keys.sign(key, pae(DSSE_PAYLOAD_TYPE, payload))
+    return {"payloadType": DSSE_PAYLOAD_TYPE, "payload": base64.b64encode(payload).decode(),
+            "signatures": [{"keyid": keys.fingerprint(key.public_key()), "sig": base64.b64encode(signature).decode()}]}
+
+
+def card_files(facts: VersionFacts, digest: str, key: ec.EllipticCurvePrivateKey) -> dict[str, bytes]:
     return {"README.md": model_card(facts, digest).encode(),
-            "provenance.json": (json.dumps(provenance(facts, digest), indent=2) + "\n").encode()}
+            "provenance.json": (json.dumps(dsse_envelope(provenance(facts, digest), key), indent=2) + "\n").encode()}

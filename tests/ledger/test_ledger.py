@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import shutil
@@ -133,19 +134,36 @@ def test_lineage_by_stream_version_and_by_folder_path_after_a_copy(stream, tmp_p
         assert published["version"] == 3 and published["publications"][0]["target"].endswith("v0003")
 
 
-def test_outputs_carry_a_model_card_and_an_in_toto_provenance(stream):
+def test_outputs_carry_a_model_card_and_a_signed_in_toto_provenance_a_standard_verifier_accepts(stream):
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.signer import SSlibKey
+
+    from mergeops.keys import fingerprint
     from mergeops.model import folder_digest
 
     folder = stream.streams["s"].output / "v0003"
-    statement = json.loads((folder / "provenance.json").read_text())
+    envelope = json.loads((folder / "provenance.json").read_text())
+    public = load_signing_key(stream.keys.signing).public_key()
+    key = SSlibKey.from_crypto(public, keyid=fingerprint(public), scheme="ecdsa-sha2-nistp256")
+    dsse = Envelope.from_dict(json.loads(json.dumps(envelope)))  # (from_dict consumes what it reads)
+    assert list(dsse.verify([key], 1)) == [fingerprint(public)]  # securesystemslib's DSSE verifier accepts it
+    statement = json.loads(dsse.payload)
     assert statement["_type"] == "https://in-toto.io/Statement/v1"
+    assert statement["predicateType"] == "https://slsa.dev/provenance/v1"
     assert "sha256:" + statement["subject"][0]["digest"]["sha256"] == folder_digest(folder)
-    roles = [i["role"] for i in statement["predicate"]["inputs"]]
-    assert roles == ["base", "previous", "checkpoint"]
-    assert statement["predicate"]["policy_digest"] == stream.digest
+    build = statement["predicate"]["buildDefinition"]
+    roles = [d["annotations"]["role"] for d in build["resolvedDependencies"]]
+    assert roles == ["base", "previous", "checkpoint", "folded earlier", "folded earlier"]
+    assert all(len(d["digest"]["sha256"]) == 64 for d in build["resolvedDependencies"])
+    assert build["externalParameters"]["policy_digest"] == stream.digest
+    assert not any(str(stream.path.parent) in json.dumps(d) for d in build["resolvedDependencies"])  # no local paths
+    forged = json.loads(json.dumps(envelope))
+    forged["payload"] = base64.b64encode(json.dumps(dict(statement, subject=[])).encode()).decode()
+    with pytest.raises(Exception, match="threshold"):
+        Envelope.from_dict(forged).verify([key], 1)
     card = (folder / "README.md").read_text()
-    assert card.startswith("---\nbase_model:\n") and "base_model_relation: merge" in card
-    assert "- mergeops\n- task_arithmetic" in card
+    assert card.startswith("---\nbase_model_relation: merge\n")  # a local base has no Hub id to name
+    assert "- mergeops\n- task_arithmetic" in card and str(stream.path.parent) not in card
 
 
 def test_published_folder_verifies_with_the_model_signing_cli_and_fails_after_one_byte(stream, tmp_path):
@@ -223,7 +241,7 @@ def messages(policy, kind: str | None = None) -> list[str]:
 @pytest.mark.parametrize("name", ["README.md", "provenance.json"])
 def test_an_edited_card_or_provenance_of_a_version_is_named(stream, name):
     card = stream.streams["s"].output / "v0003" / name
-    card.write_text(card.read_text().replace("mergeops", "someone else", 1))
+    card.write_text(card.read_text() + "\n")  # one byte more, in an otherwise valid file
     assert messages(stream, "file") == [f"s v0003: file {name} in {card.parent} was changed after it was written."]
 
 
