@@ -315,7 +315,8 @@ def protect(model_dir: Path = typer.Argument(..., help="The model folder to prot
     if loaded is not None:
         with WriterLock(loaded.home, "protect"), \
                 Ledger.open(loaded.home, load_signing_key(signing_key_path(loaded.keys))) as ledger:
-            ledger.record(("protection.recorded", report["ledger"]))
+            recorded = report["ledger"] | {"path": ledger.relative(report["ledger"]["path"])}
+            ledger.record(("protection.recorded", recorded))
     if as_json:
         _print_json(report)
         return

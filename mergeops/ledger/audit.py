@@ -154,7 +154,7 @@ def _check_outputs(ledger: Ledger, report: AuditReport) -> None:
     for head in ledger.rows("SELECT stream, version, state_path, state_digest FROM versions v WHERE version = "
                             "(SELECT max(version) FROM versions WHERE stream = v.stream)"):
         where = f"{head['stream']} v{head['version']:04d}"
-        state = Path(head["state_path"])
+        state = ledger.located(head["state_path"])
         if not state.is_dir():
             report.add("state", where, f"{where}: its method state {state} is missing; the next fold cannot run.")
         elif folder_digest(state) != head["state_digest"]:
@@ -162,7 +162,7 @@ def _check_outputs(ledger: Ledger, report: AuditReport) -> None:
                        "every later version would build on it.")
     for version in ledger.rows("SELECT stream, version, path, files, cards FROM versions WHERE pruned = 0"):
         where = f"{version['stream']} v{version['version']:04d}"
-        folder = Path(version["path"])
+        folder = ledger.located(version["path"])
         report.versions_checked += 1
         if not folder.is_dir():
             report.add("file", where, f"{where}: its folder {folder} is missing.")
@@ -172,11 +172,12 @@ def _check_outputs(ledger: Ledger, report: AuditReport) -> None:
         _compare_files(folder, recorded, present, where, ("it was written", "the version was written"), report)
     for head in ledger.rows("SELECT stream, version, path FROM versions v WHERE pruned = 0 AND version = "
                             "(SELECT max(version) FROM versions WHERE stream = v.stream)"):
-        link = Path(head["path"]).parent / "latest"
+        folder = ledger.located(head["path"])
+        link = folder.parent / "latest"
         target = os.readlink(link) if link.is_symlink() else None
-        if target != Path(head["path"]).name:
+        if target != folder.name:
             report.add("latest", str(link), f"{link} points at {target or 'nothing'}, not at the newest version "
-                       f"{Path(head['path']).name} of stream {head['stream']}.")
+                       f"{folder.name} of stream {head['stream']}.")
 
 
 def _compare_files(folder: Path, recorded: dict[str, str], present: set[str], where: str, when: tuple[str, str],
@@ -200,7 +201,7 @@ def _check_publications(ledger: Ledger, report: AuditReport) -> None:
         if p["target"].startswith("hf://"):
             continue
         where = f"{p['stream']} v{p['version']:04d} published"
-        folder = Path(p["target"])
+        folder = ledger.located(p["target"])
         if not folder.is_dir():
             report.add("published", where, f"{where}: the published copy {folder} is missing.")
             continue
@@ -217,8 +218,8 @@ def _check_rollback(ledger: Ledger, report: AuditReport, folders: Mapping[str, I
     ledger and its signed head were put back to an older state), or a fold crashed before recording it (the
     stream's next fold removes such a folder)."""
     for head in ledger.rows("SELECT stream, max(version) AS version, path FROM versions GROUP BY stream"):
-        roots = {Path(head["path"]).parent, *folders.get(head["stream"], ())}
-        roots |= {Path(r["target"]).parent for r in ledger.rows(
+        roots = {ledger.located(head["path"]).parent, *folders.get(head["stream"], ())}
+        roots |= {ledger.located(r["target"]).parent for r in ledger.rows(
             "SELECT target FROM publications WHERE stream = ? AND target NOT LIKE 'hf://%'", (head["stream"],))}
         for root in sorted(roots):
             for child in sorted(root.iterdir()) if root.is_dir() else []:

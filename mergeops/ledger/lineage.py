@@ -32,7 +32,7 @@ def resolve(ledger: Ledger, target: str) -> tuple[str, int, dict[str, Any]]:
                                (protected[0]["source_digest"],))
             if rows:
                 return rows[0]["stream"], rows[0]["version"], found | {
-                    "as": "protected copy", "protection": _protection(protected[0])}
+                    "as": "protected copy", "protection": _protection(ledger, protected[0])}
         raise UsageError(f"{path} ({digest}) is not a model this ledger made, protected or published.")
     stream, _, number = target.partition("@")
     if ledger.stream_row(stream) is None:
@@ -51,9 +51,9 @@ def resolve(ledger: Ledger, target: str) -> tuple[str, int, dict[str, Any]]:
     return stream, version, {"as": "version"}
 
 
-def _protection(row: dict[str, Any]) -> dict[str, Any]:
-    return {"output_digest": row["output_digest"], "path": row["path"], "key_fingerprint": row["key_fingerprint"],
-            "scheme": row["scheme"], "created": row["created"]}
+def _protection(ledger: Ledger, row: dict[str, Any]) -> dict[str, Any]:
+    return {"output_digest": row["output_digest"], "path": str(ledger.located(row["path"])),
+            "key_fingerprint": row["key_fingerprint"], "scheme": row["scheme"], "created": row["created"]}
 
 
 def lineage(ledger: Ledger, target: str) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def lineage(ledger: Ledger, target: str) -> dict[str, Any]:
                            (stream, version)):
         checkpoint = ledger.rows("SELECT * FROM checkpoints WHERE id = ?", (row["checkpoint_id"],))[0]
         steps.append({
-            "version": row["version"], "output_digest": row["output_digest"], "path": row["path"],
+            "version": row["version"], "output_digest": row["output_digest"], "path": str(ledger.located(row["path"])),
             "retained": not row["pruned"], "method": row["method"], "params": json.loads(row["params"]),
             "created": row["created"], "gates": json.loads(row["gates"]), "policy_digest": row["policy_digest"],
             "tool": row["tool"], "signer": signers.get(row["checkpoint_id"]),
@@ -78,8 +78,8 @@ def lineage(ledger: Ledger, target: str) -> dict[str, Any]:
         "target": target, "found": found, "stream": stream, "version": version,
         "base": {"source": stream_row.get("base"), "digest": stream_row.get("base_digest")},
         "steps": steps,
-        "publications": ledger.rows("SELECT target, signer, created FROM publications WHERE stream = ? AND "
-                                    "version = ?", (stream, version)),
-        "protections": [_protection(r) for r in ledger.rows(
+        "publications": [r | {"target": str(ledger.located(r["target"]))} for r in ledger.rows(
+            "SELECT target, signer, created FROM publications WHERE stream = ? AND version = ?", (stream, version))],
+        "protections": [_protection(ledger, r) for r in ledger.rows(
             "SELECT * FROM protections WHERE source_digest = ?", (output_digest,))],
     }

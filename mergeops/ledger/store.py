@@ -168,6 +168,19 @@ class Ledger:
         os.replace(tmp, self.home / HEAD_FILE)
         fsync_dir(self.home)
 
+    # -- paths: stored relative to the home, so a copied or moved deployment checks its own files -----------
+    def relative(self, path: str | os.PathLike[str]) -> str:
+        """How a local path is recorded: relative to the home (``../merged/s/v0001``); Hub sources as they are."""
+        text = os.fspath(path)
+        if text.startswith("hf://") or not text:
+            return text
+        return os.path.relpath(os.path.abspath(text), os.path.abspath(self.home))
+
+    def located(self, recorded: str) -> Path:
+        """Where a recorded path is now (older ledgers recorded absolute paths, which stay as they are)."""
+        return Path(os.path.normpath(self.home / recorded)) if recorded and not recorded.startswith("hf://") \
+            else Path(recorded)
+
     # -- reading -------------------------------------------------------------------------------
     def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         return list(self.db.query(sql, params))
@@ -177,8 +190,8 @@ class Ledger:
             return None
         checkpoint = self.rows("SELECT source, metrics FROM checkpoints WHERE id = ?", (row["checkpoint_id"],))[0]
         return VersionRecord(row["stream"], row["version"], row["checkpoint_digest"], checkpoint["source"],
-                             row["path"], row["output_digest"], row["state_path"], json.loads(checkpoint["metrics"]),
-                             bool(row["pruned"]))
+                             str(self.located(row["path"])), row["output_digest"], str(self.located(row["state_path"])),
+                             json.loads(checkpoint["metrics"]), bool(row["pruned"]))
 
     def head(self, stream: str) -> VersionRecord | None:
         rows = self.rows("SELECT * FROM versions WHERE stream = ? ORDER BY version DESC LIMIT 1", (stream,))
@@ -225,8 +238,8 @@ class Ledger:
         return self.rows("SELECT * FROM checkpoints WHERE stream = ? AND status = 'rejected' ORDER BY id", (stream,))
 
     def publication_targets(self, stream: str, version: int) -> set[str]:
-        return {r["target"] for r in self.rows("SELECT target FROM publications WHERE stream = ? AND version = ?",
-                                               (stream, version))}
+        return {str(self.located(r["target"])) for r in self.rows(
+            "SELECT target FROM publications WHERE stream = ? AND version = ?", (stream, version))}
 
     def failed_arrivals(self, stream: str) -> list[dict[str, Any]]:
         """Queue items whose fold failed (not a rejection: an error, retried at the daemon's next start)."""

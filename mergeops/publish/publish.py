@@ -110,9 +110,11 @@ def publish(policy: Policy, stream_name: str | None, version: int | None = None)
                 targets.append(str(target))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        events = [("protection.recorded", protection | {"path": targets[-1] if targets else ""})] if protection else []
+        events = [("protection.recorded", protection | {"path": ledger.relative(targets[-1]) if targets else ""})
+                  ] if protection else []
         events += [("publication.recorded", {"stream": stream.name, "version": record.version,
-                                             "output_digest": published_digest, "target": t, "signer": signer,
+                                             "output_digest": published_digest, "target": ledger.relative(t),
+                                             "signer": signer,
                                              "files": published_files})
                    for t in targets]
         ledger.record(*events)

@@ -283,7 +283,7 @@ def test_a_completion_marker_holds_a_checkpoint_until_written_and_a_folded_folde
 def published_versions(policy: Path) -> list[tuple[int, str, str]]:
     with Ledger.open_readonly(load_policy(policy).home) as ledger:
         rows = ledger.rows("SELECT * FROM publications")
-    return sorted((r["version"], r["target"], r["output_digest"]) for r in rows)
+        return sorted((r["version"], str(ledger.located(r["target"])), r["output_digest"]) for r in rows)
 
 
 def test_kill_9_during_auto_publish_publishes_every_version_exactly_once(tmp_path):

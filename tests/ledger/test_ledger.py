@@ -320,3 +320,22 @@ def test_a_chain_re_signed_with_another_key_and_a_swapped_public_key_is_refused(
     report = AuditReport()
     trusted_key(pinned, report)
     assert [p["kind"] for p in report.problems] == ["signer"] and owner in report.problems[0]["message"]
+
+
+def test_a_copied_deployment_audits_its_own_files_not_the_original_ones(stream, tmp_path):
+    copy = tmp_path.parent / f"{tmp_path.name}-copy"
+    shutil.copytree(tmp_path, copy, symlinks=True)
+    moved = load_policy(copy / "policy.toml")
+    assert run_audit(moved).problems == []
+    weights = copy / "out" / "v0003" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert [p["where"] for p in run_audit(moved).problems] == ["s v0003"]
+    assert str(copy / "out" / "v0003") in run_audit(moved).problems[0]["message"]
+    assert run_audit(stream).problems == []  # the original is untouched and still intact
+    with Ledger.open_readonly(moved.home) as ledger:
+        assert ledger.head("s").output == str(copy / "out" / "v0003")
+        committed = [json.loads(e["payload"]) for e in ledger.events() if e["kind"] == "version.committed"]
+    assert [c["path"] for c in committed] == ["../out/v0001", "../out/v0002", "../out/v0003"]  # relative to home
+    assert committed[-1]["state_path"] == "streams/s/state/v0003"
