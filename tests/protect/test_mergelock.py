@@ -15,7 +15,7 @@ from mergeops import keys
 from mergeops.errors import UsageError
 from mergeops.ledger.store import Ledger
 from mergeops.model import ModelFolder, folder_digest
-from mergeops.protect import is_protected, protect, unprotect
+from mergeops.protect import DEFAULT_STRENGTH, is_protected, protect, unprotect
 from mergeops.protect.architectures import resolve
 from mergeops.protect.transforms import SCHEME, layer_transform
 from tests.protect.conftest import KEY, OTHER_KEY, transformers
@@ -33,7 +33,7 @@ def test_metadata_records_scheme_salt_strength_and_check_tag_but_never_the_key(m
         meta = f.metadata()
     assert meta["mergelock.scheme"] == SCHEME == "mergelock-v2" and meta["mergelock.version"] == "2"
     assert len(bytes.fromhex(meta["mergelock.salt"])) == 16 and len(meta["mergelock.check"]) == 64
-    assert meta["mergelock.strength"] == "4"
+    assert meta["mergelock.strength"] == str(DEFAULT_STRENGTH)
     for path in (tmp_path / "a").iterdir():  # neither the key nor its hex appears anywhere
         data = path.read_bytes()
         assert KEY not in data and KEY.hex().encode() not in data
