@@ -197,6 +197,19 @@ def test_a_burst_of_50_arrivals_is_folded_exactly_once_in_order(tmp_path):
     assert torch.allclose(read_model(tmp_path / "out" / "latest")["w.weight"], torch.full((4, 4), 24.5))
 
 
+def kill_at_random_moments(policy: Path, rng: random.Random, runs: int, window: tuple[float, float]) -> int:
+    """Start the daemon ``runs`` times and kill -9 it at a random moment within ``window`` seconds; the kills."""
+    kills = 0
+    for _ in range(runs):
+        process = daemon(policy)
+        time.sleep(rng.uniform(*window))
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            kills += 1
+        process.wait(timeout=30)
+    return kills
+
+
 def test_kill_9_at_random_moments_converges_to_the_uninterrupted_result(tmp_path):
     checkpoints = 6
     reference = setup(tmp_path / "reference", shape=SLOWER, method="opcm")
@@ -206,15 +219,7 @@ def test_kill_9_at_random_moments_converges_to_the_uninterrupted_result(tmp_path
     policy = setup(tmp_path / "killed", shape=SLOWER, method="opcm")
     for i in range(checkpoints):
         drop(tmp_path / "killed", f"ck{i}", seed=i + 1)
-    rng = random.Random(7)
-    kills = 0
-    for _ in range(8):
-        process = daemon(policy)
-        time.sleep(rng.uniform(1.2, 3.0))  # after start-up (~1 s), somewhere in the folds
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            kills += 1
-        process.wait(timeout=30)
+    kills = kill_at_random_moments(policy, random.Random(7), 8, (1.2, 3.0))  # after start-up (~1 s), in the folds
     run_once(policy)
     assert kills >= 4
     with Ledger.open_readonly(load_policy(reference).home) as a, Ledger.open_readonly(load_policy(policy).home) as b:
@@ -295,15 +300,7 @@ def test_kill_9_during_auto_publish_publishes_every_version_exactly_once(tmp_pat
                                                  'signing = "keys/signing.pem"\nlock = "keys/lock.key"\n'))
     for i in range(checkpoints):
         drop(tmp_path, f"ck{i}", seed=i + 1)
-    rng = random.Random(11)
-    kills = 0
-    for _ in range(10):
-        process = daemon(policy)
-        time.sleep(rng.uniform(1.0, 3.5))  # somewhere in the folds and publications
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            kills += 1
-        process.wait(timeout=30)
+    kills = kill_at_random_moments(policy, random.Random(11), 10, (1.0, 3.5))  # in the folds and publications
     run_once(policy)
     assert kills >= 4
     published = published_versions(policy)
