@@ -277,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--into", type=Path, metavar="RESULTS_JSON",
                         help="replace the parts run here in this earlier results file (and render it to OUT)")
     args = parser.parse_args(argv)
+    args.out, args.cache = args.out.resolve(), args.cache.resolve()  # policies name their keys by absolute path
     settings = QUICK if args.quick else FULL
     if args.orders is not None:
         settings = dataclasses.replace(settings, orders=args.orders)
