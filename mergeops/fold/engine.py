@@ -504,13 +504,15 @@ class _Fold:
 def _finite_merged(name: str, merged: torch.Tensor) -> torch.Tensor:
     """A merged piece as it will be stored, refused if any value is not finite: float32 arithmetic on finite inputs
     can overflow (3e38 + 3e38), and so can the cast to the output dtype (float16 ends at 65504)."""
-    if not bool(torch.isfinite(merged).all()):
-        bad = int((~torch.isfinite(merged)).sum())
-        raise RejectedError(f"merging this checkpoint would give tensor {name!r} {bad} non-finite value(s) in "
-                            f"{str(merged.dtype).removeprefix('torch.')} (an overflow: its values or its update are "
-                            "too large for the arithmetic or the output dtype), so it is rejected and the stream is "
-                            "unchanged.", gate="finite")
-    return merged
+    # A finite sum means every value is finite (NaN and Inf propagate), at a thirtieth of isfinite's cost per piece;
+    # only a sum that overflowed on finite values needs the exact check.
+    if math.isfinite(float(merged.sum(dtype=torch.float32))) or bool(torch.isfinite(merged).all()):
+        return merged
+    bad = int((~torch.isfinite(merged)).sum())
+    raise RejectedError(f"merging this checkpoint would give tensor {name!r} {bad} non-finite value(s) in "
+                        f"{str(merged.dtype).removeprefix('torch.')} (an overflow: its values or its update are too "
+                        "large for the arithmetic or the output dtype), so it is rejected and the stream is "
+                        "unchanged.", gate="finite")
 
 
 def _read_extra(extra: dict[str, Any], start: int = 0, stop: int | None = None) -> dict[str, Any]:
