@@ -24,7 +24,7 @@ from mergeops.errors import MergeopsError, RejectedError
 from mergeops.fold.engine import fold_checkpoint, record_rejection
 from mergeops.keys import load_signing_key
 from mergeops.ledger.lock import WriterLock
-from mergeops.ledger.store import Ledger, signing_key_path, utc_now
+from mergeops.ledger.store import LEDGER_FILE, Ledger, signing_key_path, utc_now
 from mergeops.policy import Policy
 from mergeops.publish.publish import AlreadyPublished, publish
 from mergeops.registry.hub import HubCommit, HubRegistry, RegistryUnavailable
@@ -67,7 +67,12 @@ class Daemon:
 
     def run(self) -> int:
         lock = WriterLock(self.policy.home, "daemon")
-        key = load_signing_key(signing_key_path(self.policy.keys))
+        try:
+            key = load_signing_key(signing_key_path(self.policy.keys))
+        except MergeopsError as exc:  # status must say why the daemon is not running, not its last run's state
+            self._record_failed_start(exc)
+            lock.release()
+            raise
         previous = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
         observers = [o for _, registry in self.registries if (o := registry.watch(self.wake)) is not None]
         try:
@@ -263,6 +268,13 @@ class Daemon:
             return
         self.last_beat = now
         self._set_status(status)
+
+    def _record_failed_start(self, exc: Exception) -> None:
+        """Write the heartbeat's status without the signing key (the heartbeat is not a signed record)."""
+        if (self.policy.home / LEDGER_FILE).is_file():
+            with Ledger(self.policy.home, None) as ledger:
+                self.ledger = ledger
+                self._set_status(f"crashed at start: {exc}"[:500])
 
     def _set_status(self, status: str) -> None:
         self.ledger.db.execute("INSERT OR REPLACE INTO heartbeat (id, pid, time, status) VALUES (1, ?, ?, ?)",

@@ -313,3 +313,15 @@ def test_kill_9_during_auto_publish_publishes_every_version_exactly_once(tmp_pat
     audit = subprocess.run([sys.executable, "-m", "mergeops", "audit", "--policy", str(policy)], capture_output=True,
                            text=True, timeout=120)
     assert audit.returncode == 0, audit.stdout + audit.stderr
+
+
+def test_status_after_a_daemon_that_could_not_start_says_why(tmp_path):
+    policy = setup(tmp_path)
+    drop(tmp_path, "ck0", seed=1)
+    run_once(policy)
+    (tmp_path / "keys" / "signing.pem").rename(tmp_path / "keys" / "elsewhere.pem")
+    failed = subprocess.run([sys.executable, "-m", "mergeops", "daemon", "--policy", str(policy), "--once"],
+                            capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2 and "signing key" in failed.stderr
+    seen = status(policy)["daemon"]
+    assert not seen["running"] and seen["status"].startswith("crashed at start: ") and "signing key" in seen["status"]
