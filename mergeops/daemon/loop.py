@@ -78,8 +78,8 @@ class Daemon:
         try:
             with Ledger.open(self.policy.home, key) as ledger:
                 self.ledger = ledger
-                retried = ledger.db.execute("UPDATE queue SET state = 'pending' WHERE state = 'failed'").rowcount
-                unpublished = ledger.rows("SELECT * FROM queue WHERE state = 'publishing' ORDER BY id")
+                retried = ledger.retry_failed()
+                unpublished = ledger.queued("publishing")
                 log("started", pid=os.getpid(), home=str(self.policy.home), streams=list(self.policy.streams),
                     retrying_failed=retried, resuming_publications=len(unpublished))
                 for item in unpublished:  # a publication a crash interrupted: redo it before anything new
@@ -148,16 +148,13 @@ class Daemon:
         return waiting
 
     def _enqueue(self, stream: str, source: str, fingerprint: str, state: str = "pending") -> None:
-        cursor = self.ledger.db.execute(
-            "INSERT OR IGNORE INTO queue (stream, source, fingerprint, queued, state) VALUES (?, ?, ?, ?, ?)",
-            (stream, source, fingerprint, utc_now(), state))
-        if cursor.rowcount:
+        if self.ledger.enqueue(stream, source, fingerprint, state):
             log("queued" if state == "pending" else state, stream=stream, source=source)
 
     def _poll(self, stream: str, hub: HubRegistry, poll_seconds: float) -> float:
         """Queue the new commits of a Hub registry, in order; returns seconds until the next poll."""
         def known(source: str) -> bool:
-            return bool(self.ledger.rows("SELECT 1 FROM queue WHERE stream = ? AND source = ?", (stream, source)))
+            return self.ledger.is_queued(stream, source)
 
         try:
             for commit in hub.new_commits(known):
@@ -203,7 +200,7 @@ class Daemon:
         return done["path"]
 
     def _next_pending(self) -> dict[str, Any] | None:
-        rows = self.ledger.rows("SELECT * FROM queue WHERE state = 'pending' ORDER BY id LIMIT 1")
+        rows = self.ledger.queued("pending", limit=1)
         return rows[0] if rows else None
 
     def _fold(self, item: dict[str, Any]) -> None:
@@ -223,16 +220,14 @@ class Daemon:
             log("abandoned", stream=stream, source=source, note="will be folded again at the next start")
             return
         except Exception as exc:  # never let one arrival stop the daemon; failed rows are retried at the next start
-            self.ledger.db.execute("UPDATE queue SET state = 'failed', result = ? WHERE id = ?",
-                                   (f"{type(exc).__name__}: {exc}", item["id"]))
+            self.ledger.set_queued(item["id"], "failed", f"{type(exc).__name__}: {exc}")
             log("failed", level="error", stream=stream, source=source, error=f"{type(exc).__name__}: {exc}")
             self.failed += 1
             return
         # A version to publish is first recorded as such (the durable intent), so a crash mid-publication is redone.
         publishing = result.status == "merged" and self.policy.streams[stream].publish is not None
-        self.ledger.db.execute("UPDATE queue SET state = ?, result = ? WHERE id = ?",
-                               ("publishing" if publishing else result.status, json.dumps(result.to_json()),
-                                item["id"]))
+        self.ledger.set_queued(item["id"], "publishing" if publishing else result.status,
+                               json.dumps(result.to_json()))
         log(result.status, stream=stream, source=source, version=result.version, digest=result.digest,
             gate=result.gate, reason=result.reason, seconds=round(time.monotonic() - started, 3))
         if publishing:
@@ -252,7 +247,7 @@ class Daemon:
         except MergeopsError as exc:
             log("publish_failed", level="error", stream=stream, version=version, error=str(exc))
             return
-        self.ledger.db.execute("UPDATE queue SET state = 'merged' WHERE id = ?", (item["id"],))
+        self.ledger.set_queued(item["id"], "merged")
 
     def _between_tensors(self, _bytes: int) -> None:
         if self.stopping.is_set():
@@ -277,5 +272,4 @@ class Daemon:
                 self._set_status(f"crashed at start: {exc}"[:500])
 
     def _set_status(self, status: str) -> None:
-        self.ledger.db.execute("INSERT OR REPLACE INTO heartbeat (id, pid, time, status) VALUES (1, ?, ?, ?)",
-                               (os.getpid(), utc_now(), status))
+        self.ledger.set_heartbeat(os.getpid(), status)

@@ -237,6 +237,35 @@ class Ledger:
     def rejections(self, stream: str) -> list[dict[str, Any]]:
         return self.rows("SELECT * FROM checkpoints WHERE stream = ? AND status = 'rejected' ORDER BY id", (stream,))
 
+    # -- the daemon's queue and heartbeat (operational, outside the signed chain) ---------------------------
+    def enqueue(self, stream: str, source: str, fingerprint: str, state: str = "pending") -> bool:
+        """Queue an arrival once per (stream, source, fingerprint); whether it is new."""
+        return bool(self.db.execute(
+            "INSERT OR IGNORE INTO queue (stream, source, fingerprint, queued, state) VALUES (?, ?, ?, ?, ?)",
+            (stream, source, fingerprint, utc_now(), state)).rowcount)
+
+    def is_queued(self, stream: str, source: str) -> bool:
+        return bool(self.rows("SELECT 1 FROM queue WHERE stream = ? AND source = ?", (stream, source)))
+
+    def queued(self, state: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """Queue rows in ``state``, oldest first."""
+        return self.rows("SELECT * FROM queue WHERE state = ? ORDER BY id" + (f" LIMIT {int(limit)}" if limit else ""),
+                         (state,))
+
+    def set_queued(self, item_id: int, state: str, result: str | None = None) -> None:
+        if result is None:
+            self.db.execute("UPDATE queue SET state = ? WHERE id = ?", (state, item_id))
+        else:
+            self.db.execute("UPDATE queue SET state = ?, result = ? WHERE id = ?", (state, result, item_id))
+
+    def retry_failed(self) -> int:
+        """Put failed arrivals back in line; how many."""
+        return self.db.execute("UPDATE queue SET state = 'pending' WHERE state = 'failed'").rowcount
+
+    def set_heartbeat(self, pid: int, status: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO heartbeat (id, pid, time, status) VALUES (1, ?, ?, ?)",
+                        (pid, utc_now(), status))
+
     def publication_targets(self, stream: str, version: int) -> set[str]:
         return {str(self.located(r["target"])) for r in self.rows(
             "SELECT target FROM publications WHERE stream = ? AND version = ?", (stream, version))}

@@ -273,11 +273,11 @@ def _headroom(tensor: torch.Tensor) -> dict[str, int]:
     """Per storage dtype, the largest strength this tensor's values hold exactly (−1: the dtype cannot hold them
     at all): binades above its largest magnitude, and binades between its smallest nonzero magnitude and the
     dtype's smallest normal number (0 when a value is already subnormal)."""
-    magnitude = tensor.abs().to(torch.float64)
-    nonzero = magnitude[magnitude > 0]
-    if nonzero.numel() == 0:
+    magnitude = tensor.abs()  # in the stored dtype: max and min of its values are exact there
+    largest = float(magnitude.max()) if magnitude.numel() else 0.0
+    if largest == 0.0:
         return {str(d).removeprefix("torch."): MAX_STRENGTH for d in HEADROOM_DTYPES}
-    largest, smallest = float(nonzero.max()), float(nonzero.min())
+    smallest = float(magnitude.masked_fill_(magnitude == 0, largest).min())
     found = {}
     for dtype in HEADROOM_DTYPES:
         info = torch.finfo(dtype)
