@@ -134,8 +134,8 @@ def fold(checkpoint: Path = typer.Argument(..., help="The checkpoint's model fol
                                               help="Fold a MergeLock-protected checkpoint anyway (recorded)."),
          as_json: bool = JsonOption) -> None:
     """Fold one checkpoint into a stream's running merged model (exit 3 if it is rejected)."""
-    from mergeops.fold.engine import fold_checkpoint
     from mergeops.model import ModelFolder
+    from mergeops.pipeline import fold_checkpoint
     from mergeops.policy import load_policy
 
     loaded = load_policy(policy)

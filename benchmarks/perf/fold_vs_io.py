@@ -46,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergeops.allocator import tune_allocator
-from mergeops.fold.engine import fold_checkpoint
+from mergeops.pipeline import fold_checkpoint
 from mergeops.policy import load_policy
 
 PARAMS = {"average": {}, "task_arithmetic": {"lambda": 0.3}, "mwa": {"metric": "loss"}, "ota": {}}

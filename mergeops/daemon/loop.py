@@ -19,16 +19,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from mergeops.daemon.systemd import Notifier
+from mergeops.commit.commit import record_rejection
 from mergeops.errors import MergeopsError, RejectedError
-from mergeops.fold.engine import fold_checkpoint, record_rejection
 from mergeops.keys import load_signing_key
 from mergeops.ledger.lock import WriterLock
 from mergeops.ledger.store import LEDGER_FILE, Ledger, signing_key_path, utc_now
+from mergeops.pipeline import fold_checkpoint
 from mergeops.policy import Policy
 from mergeops.publish.publish import AlreadyPublished, publish
 from mergeops.registry.hub import HubCommit, HubRegistry, RegistryUnavailable
 from mergeops.registry.local import LocalRegistry
+from mergeops.systemd import Notifier
 
 RESCAN_SECONDS = 120.0
 HEARTBEAT_SECONDS = 5.0
@@ -161,7 +162,7 @@ class Daemon:
                 try:
                     hub.check(commit)
                 except RejectedError as exc:  # refused from its file listing, before any download
-                    record_rejection(self.ledger, self.policy.streams[stream], {"source": commit.source},
+                    record_rejection(self.ledger, stream, {"source": commit.source},
                                      "validation", str(exc))
                     self._enqueue(stream, commit.source, commit.sha, state="rejected")
                     continue

@@ -1,169 +1,44 @@
-"""Gates (SPEC §6): the policy's checks on a checkpoint beyond the always-on validation.
+"""Gates (SPEC §6): the checks a checkpoint must pass, as a list of small objects the policy configures.
 
-``before_fold`` runs on the checkpoint (license, signature); ``check_update`` on its task-vector
-norm measured during the fold; ``evaluate`` on the candidate merged model before it is committed.
-Each failure raises RejectedError naming the gate, so the rejection is recorded with it.
+Gates on the checkpoint (``checkpoint.py``: MergeLock, license, signature, the metrics and curvature its method
+needs) run before the fold; gates on the candidate (``update_ratio.py``, ``eval.py``) run on what the fold produced,
+before anything is committed. Each failure raises RejectedError naming the gate, so the rejection is recorded with it;
+each pass may name itself for the version's record.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import os
-import shlex
-import signal
-import statistics
-import subprocess
-import tempfile
-import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any
-
-from mergeops.daemon.systemd import child_environment
-from mergeops.errors import RejectedError
-from mergeops.ledger.card import read_license
+from mergeops.fold.methods.base import MergeMethod
+from mergeops.gate.base import Gate, Subject
+from mergeops.gate.checkpoint import CurvatureGate, LicenseGate, MergeLockGate, MetricsGate, SignatureGate
+from mergeops.gate.eval import EvalGate, evaluate
+from mergeops.gate.update_ratio import UpdateRatioGate
 from mergeops.policy import GateConfig
 
+__all__ = ["Gate", "Subject", "evaluate", "gates_for", "run"]
 
-def before_fold(config: GateConfig, checkpoint: Path) -> list[str]:
-    """License and signature gates; returns the names of the gates passed."""
-    passed = []
+ALWAYS_ON = ("complete", "parses", "matches-base", "finite")  # intake and the fold check these on every checkpoint
+
+
+def gates_for(config: GateConfig, method: MergeMethod) -> list[Gate]:
+    """The gates of a stream, in the order they run."""
+    gates: list[Gate] = [MergeLockGate(config.allow_protected)]
     if config.licenses is not None:
-        found = read_license(checkpoint)
-        if found is None:
-            raise RejectedError(f"{checkpoint} has no license in its README.md front matter; the policy accepts "
-                                f"only {', '.join(config.licenses)}.", gate="licenses")
-        if found.lower() not in {x.lower() for x in config.licenses}:
-            raise RejectedError(f"{checkpoint} is licensed {found!r}, which the policy does not accept "
-                                f"({', '.join(config.licenses)}).", gate="licenses")
-        passed.append("licenses")
+        gates.append(LicenseGate(config.licenses))
     if config.require_signature:
-        from mergeops.publish.signing import verify_model_folder
-
-        if not (checkpoint / "model.sig").is_file():
-            raise RejectedError(f"{checkpoint} carries no model.sig, and the policy requires a signature by one of "
-                                "its trusted_keys.", gate="signature")
-        signer = verify_model_folder(checkpoint, list(config.trusted_keys))
-        if signer is None:
-            raise RejectedError(f"{checkpoint}/model.sig is not a valid signature of this folder by any trusted key "
-                                "(the files changed after signing, or the signer is not trusted).", gate="signature")
-        passed.append(f"signature:{signer}")
-    return passed
-
-
-def check_update(config: GateConfig, norm: float, accepted: list[float]) -> str | None:
-    """The max_update_ratio gate: None if there is no such gate, else its name once passed."""
-    if config.max_update_ratio is None:
-        return None
-    if accepted:
-        median = statistics.median(accepted)
-        if median > 0 and norm > config.max_update_ratio * median:
-            raise RejectedError(f"the checkpoint's update norm {norm:.4g} is {norm / median:.1f}× the median of "
-                                f"accepted updates ({median:.4g}), above max_update_ratio = "
-                                f"{config.max_update_ratio}; it may be corrupted or poisoned.", gate="max_update_ratio")
-    return "max_update_ratio"
+        gates.append(SignatureGate(config.trusted_keys))
+    if method.metrics_needed():
+        gates.append(MetricsGate(method.metrics_needed(), config))
+    if method.needs_curvature:
+        gates.append(CurvatureGate())
+    if config.max_update_ratio is not None:
+        gates.append(UpdateRatioGate(config.max_update_ratio))
+    if config.eval is not None:
+        gates.append(EvalGate(config))
+    return gates
 
 
-SECRET_NAMES = ("TOKEN", "SECRET", "PASSWORD", "CREDENTIAL", "API_KEY", "PRIVATE_KEY")
-OUTPUT_LIMIT = 1 << 20  # bytes of the eval command's stdout and stderr that are read (the end of each)
-
-
-def eval_environment(config: GateConfig, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The eval command's environment: the daemon's, without systemd's notify variables and without secrets (any
-    name containing TOKEN, SECRET, PASSWORD, CREDENTIAL, API_KEY or PRIVATE_KEY, and systemd's credentials folder)
-    unless the policy passes them by name in ``eval_env``."""
-    source = os.environ if environ is None else environ
-    passed = set(config.eval_env)
-    return {k: v for k, v in child_environment(source).items()
-            if k in passed or not (k == "CREDENTIALS_DIRECTORY" or any(s in k.upper() for s in SECRET_NAMES))}
-
-
-def _run(command: list[str], config: GateConfig, tick: Callable[[], None] | None) -> tuple[int, bytes, bytes]:
-    """Run a command in its own process group to completion or ``config.eval_timeout``, calling ``tick`` every
-    second meanwhile (the daemon's watchdog ping and stop check: if it raises, the command is killed). Output goes
-    to files, so a background grandchild that keeps stdout open cannot hold the fold; once the command ends, or on
-    any error, its whole process group is killed."""
-    deadline = time.monotonic() + config.eval_timeout
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                   env=eval_environment(config), start_new_session=True)
-        try:
-            while True:
-                try:
-                    returncode = process.wait(timeout=1.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    if time.monotonic() > deadline:
-                        raise RejectedError(f"the eval command {config.eval!r} ran past eval_timeout = "
-                                            f"{config.eval_timeout:g} s and was stopped.", gate="eval") from None
-                    if tick is not None:
-                        tick()
-        finally:
-            _kill_group(process)
-        return returncode, _tail(out), _tail(err)
-
-
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=5)
-
-
-def _tail(file: Any) -> bytes:
-    size = file.seek(0, os.SEEK_END)
-    file.seek(max(0, size - OUTPUT_LIMIT))
-    return file.read()
-
-
-def evaluate(config: GateConfig, candidate: Path, *, check_minimums: bool = True,
-             tick: Callable[[], None] | None = None) -> dict[str, float]:
-    """Run the eval command on a model folder and return its metrics. On the candidate merged model every
-    ``min`` must hold; on a checkpoint that lacks training metrics (``check_minimums=False``) the command
-    only measures it, for metric-weighted methods."""
-    assert config.eval is not None
-    command = [part.replace("{model}", str(candidate)) for part in shlex.split(config.eval)]
-    try:
-        returncode, stdout, stderr = _run(command, config, tick)
-    except OSError as exc:
-        raise RejectedError(f"the eval command {config.eval!r} could not run: {exc}.", gate="eval") from exc
-    if returncode != 0:
-        tail = (stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-        raise RejectedError(f"the eval command exited {returncode} on the candidate ({tail[:200]}).", gate="eval")
-    minimums = config.min if check_minimums else {}
-    metrics = _metrics(stdout, minimums)
-    for name, minimum in minimums.items():
-        if name not in metrics:
-            raise RejectedError(f"the eval command reported no {name!r} metric, which the policy's min needs.",
-                                gate="eval")
-        if metrics[name] < minimum:
-            raise RejectedError(f"the candidate merged model scored {name} = {metrics[name]:.4g}, below the "
-                                f"policy's minimum {minimum}.", gate="eval")
-    return metrics
-
-
-def _metrics(stdout: bytes, required: Mapping[str, float]) -> dict[str, float]:
-    """The numbers of the JSON object on the last line of the eval command's output. Other values (text) are
-    ignored, but a metric the policy's ``min`` names must be a number, and no number may be NaN or infinite."""
-    try:
-        document = json.loads(stdout.decode("utf-8").strip().splitlines()[-1])
-    except UnicodeDecodeError:
-        raise RejectedError("the eval command's output is not UTF-8 text; it must print a JSON object of metrics "
-                            "on its last line.", gate="eval") from None
-    except (IndexError, ValueError) as exc:
-        raise RejectedError(f"the eval command printed no JSON object of metrics on its last line ({exc}).",
-                            gate="eval") from None
-    if not isinstance(document, dict):
-        raise RejectedError(f"the eval command's last line is a JSON {type(document).__name__}, not an object of "
-                            "metrics.", gate="eval")
-    metrics = {}
-    for name, value in document.items():
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if (number and not math.isfinite(value)) or (not number and name in required):
-            raise RejectedError(f"the eval command reported {name} = {value!r}, not a finite number; a metric that "
-                                "cannot be compared is a failed evaluation.", gate="eval")
-        if number:
-            metrics[name] = float(value)
-    return metrics
+def run(gates: list[Gate], subject: Subject, *, on_candidate: bool) -> list[str]:
+    """Check ``subject`` against the gates of one phase, in order; the names of those passed worth recording."""
+    passed = (gate.check(subject) for gate in gates if gate.on_candidate == on_candidate)
+    return [name for name in passed if name is not None]

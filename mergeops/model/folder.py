@@ -33,6 +33,7 @@ PIECE = 1 << 18
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+CURVATURE_FILE = "exp_avg_sq.safetensors"  # a checkpoint's Adam second moments, for OTA
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,13 @@ from typing import Any
 import torch
 
 from mergeops import __version__
+from mergeops.attestation import IN_TOTO_STATEMENT
 from mergeops.errors import MergeopsError, UsageError
 from mergeops.intake.validate import MERGELOCK_META, protection_marks
 from mergeops.keys import LOCK_KEY_BYTES, lock_key_fingerprint
-from mergeops.ledger.card import IN_TOTO_STATEMENT, read_front_matter
 from mergeops.model import ModelFolder, ModelWriter, TensorSpec, folder_digest
 from mergeops.model.digest import digest_of_listing
+from mergeops.model.readme import read_front_matter
 from mergeops.model.writer import WEIGHTS_SUFFIXES
 from mergeops.protect import checks
 from mergeops.protect.architectures import LayerUnit, Plan, resolve

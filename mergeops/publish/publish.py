@@ -23,11 +23,11 @@ from mergeops.durable import fsync_dir, fsync_file
 from mergeops.errors import MergeopsError, UsageError
 from mergeops.ledger.store import Ledger, signing_key_path
 from mergeops.model.digest import file_sha256
+from mergeops.model.signing import sign_model_folder
 from mergeops.model.writer import TEMP_MARKER
 from mergeops.policy import Policy
 from mergeops.protect import protect
 from mergeops.publish.hub import upload_to_hub
-from mergeops.publish.signing import sign_model_folder
 
 
 class AlreadyPublished(UsageError):

@@ -15,10 +15,11 @@ import time
 import pytest
 import torch
 
+from mergeops.commit.folders import SPARE_STATE
 from mergeops.errors import PolicyError
-from mergeops.fold.engine import SPARE_STATE, fold_checkpoint
 from mergeops.ledger import Ledger
 from mergeops.model import folder_digest
+from mergeops.pipeline import fold_checkpoint
 from mergeops.policy import GateConfig, load_policy
 from tests.conftest import write_model
 from tests.fold import reference

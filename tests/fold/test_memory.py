@@ -20,7 +20,7 @@ LAYERS = 4
 _FOLD = """
 import json, resource, sys
 from mergeops.allocator import tune_allocator
-from mergeops.fold.engine import fold_checkpoint
+from mergeops.pipeline import fold_checkpoint
 from mergeops.policy import load_policy
 
 tune_allocator()  # as the `mergeops` command runs

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mergeops.model.folder
-from mergeops.fold.engine import fold_checkpoint
+from mergeops.pipeline import fold_checkpoint
 from mergeops.policy import load_policy
 from tests.fold import reference
 from tests.fold.streams import assert_close, make_base, make_checkpoints, read_floats, read_model, write_policy

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from mergeops.fold.engine import fold_checkpoint
 from mergeops.keys import generate_keys
 from mergeops.ledger import Ledger
+from mergeops.model.signing import sign_model_folder
+from mergeops.pipeline import fold_checkpoint
 from mergeops.policy import load_policy
-from mergeops.publish.signing import sign_model_folder
 from tests.conftest import write_model
 from tests.fold.streams import CONFIG, make_base, make_checkpoints, write_policy
 

@@ -13,12 +13,12 @@ import threading
 
 import pytest
 
-from mergeops.fold.engine import fold_checkpoint
 from mergeops.keys import load_signing_key
 from mergeops.ledger import Ledger
 from mergeops.ledger.audit import audit
 from mergeops.ledger.lineage import lineage
 from mergeops.ledger.store import public_key_for
+from mergeops.pipeline import fold_checkpoint
 from mergeops.policy import load_policy
 from mergeops.publish.publish import publish
 from tests.conftest import write_model
@@ -188,7 +188,7 @@ def slow(*args):
     time.sleep(0.01)
     original(*args)
 writer.write_at = slow
-from mergeops.fold.engine import fold_checkpoint
+from mergeops.pipeline import fold_checkpoint
 from mergeops.keys import load_signing_key
 from mergeops.policy import load_policy
 policy = load_policy(sys.argv[1])

@@ -12,8 +12,8 @@ import pytest
 from mergeops import keys
 from mergeops.errors import ModelFolderError, UsageError
 from mergeops.model import folder_digest
+from mergeops.model.signing import sign_model_folder, verify_model_folder
 from mergeops.publish.hub import upload_to_hub
-from mergeops.publish.signing import sign_model_folder, verify_model_folder
 from mergeops.registry.hub import HubRegistry, RegistryUnavailable
 from tests.conftest import random_tensors, write_model
 from tests.registry.hub_server import HubServer, Request, hub_server_fixture  # noqa: F401 (fixture)

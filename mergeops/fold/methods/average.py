@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from mergeops.fold.methods.base import MergeMethod
+from mergeops.fold.methods.base import elementwise
 
 
-class Average(MergeMethod):
-    name = "average"
-    elementwise = True
+def fold(base: torch.Tensor, new: torch.Tensor, mean: torch.Tensor | None, *, t: int) -> torch.Tensor:
+    return new if mean is None else mean.add_(new.sub_(mean), alpha=1.0 / t)
 
-    def state_kinds(self) -> tuple[str, ...]:
-        return ("mean",)
 
-    def fold(self, name: str, base: torch.Tensor, new: torch.Tensor,
-             state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not state:
-            return {"mean": new}
-        mean = state["mean"]
-        return {"mean": mean.add_(new.sub_(mean), alpha=1.0 / self.t)}
+def merged(base: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    return mean
 
-    def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        return state["mean"]
+
+Average = elementwise("average", fold, merged)

@@ -1,40 +1,50 @@
 """The protocol every merge method implements, and how its parameters are declared and checked.
 
-A method sees one floating tensor at a time, in float32: ``fold`` turns (base, new checkpoint, old
-state) into new state for that tensor; ``merged`` turns (base, state) into the merged tensor, entry by
-entry (it is always handed flat pieces). Global
-quantities are gathered in ``survey`` passes before the fold, or during the fold and used by ``merged``
-in a second pass (``needs_global``). Everything a method must remember between folds is its state
-tensors plus JSON scalars; it never sees older checkpoints (except MWA's window, through ``Arrival``).
+A method keeps, per floating tensor, a few float32 *state* tensors (named by ``state_kinds``) plus JSON
+``scalars``, and never sees older checkpoints except through its state (MWA's window aside). Two calls make a
+method, both on flat pieces of whole rows of one tensor, in float32:
 
-A method whose ``fold`` can work a block of rows at a time (``elementwise``, or per tensor ``folds_in_pieces``)
-is handed flat, cache-sized pieces of each tensor (whole rows) instead of whole tensors, read from disk and written
-back piece by piece: memory for a few pieces instead of a few tensors, and one pass over it while it is in cache.
-What such a fold needs to know about the whole tensor first (OTA's mean curvature, OPCM's projection) it gathers
-in ``prepare``, which may read the tensor's inputs piece by piece too.
+- ``fold(piece, base, new, state, prepared)``: the tensor's new state (``state`` is empty for the first checkpoint);
+- ``merged(piece, base, state)``: the merged values, entry by entry.
+
+The common case is two pure functions turned into a method by :func:`elementwise`, parameters inferred from their
+signatures (``average.py``, ``task_arithmetic.py``). A method that needs more declares it with optional
+capabilities, each with a default that does nothing:
+
+- ``begin(arrival)`` / ``finish()``: per checkpoint, before and after its tensors (MWA's weight, OPCM's norms);
+- ``survey()``: a model-wide statistic gathered in passes over whole tensors before the fold (TIES's thresholds);
+- ``prepare(...)``: what one tensor's fold needs first, as an object whose ``piece(start, stop)`` is handed to
+  ``fold`` (OTA's curvature, OPCM's projection); ``prepares_ahead`` marks long preparations that may run on worker
+  threads ahead of the fold;
+- ``merged_after_finish``: ``merged`` needs scalars known only once every tensor is folded (OPCM's norms), so the
+  merged model is written in a second pass;
+- ``metrics_needed()`` / ``needs_curvature``: inputs each checkpoint must bring; gates check them before the fold.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
+import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from mergeops.errors import PolicyError
-from mergeops.ledger.store import PastCheckpoint
 from mergeops.model import ModelFolder, StoredTensor
 
 
 @dataclass(frozen=True)
 class Param:
-    """A method parameter: its default, its type, and an optional check returning an error phrase."""
+    """A method parameter: its default, its type, and an optional check returning an error phrase. In a function
+    given to :func:`elementwise` the type may be left out: it is read from the annotation."""
 
     default: Any
-    kind: type | tuple[type, ...]
+    kind: type | tuple[type, ...] | None = None
     check: Callable[[Any], str | None] | None = None
     help: str = ""
 
@@ -55,6 +65,24 @@ def between(low: float, high: float) -> Callable[[float], str | None]:
 SCALE = between(-100, 100)  # scalings of task vectors (λ): far beyond any useful merge, far below overflow
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Where a piece lies: elements [start, stop) of tensor ``name``, flattened (whole rows)."""
+
+    name: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class PastCheckpoint:
+    """A checkpoint already folded into the stream: what MWA's window needs to re-read it."""
+
+    digest: str
+    path: Path
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
 @dataclass
 class Arrival:
     """The checkpoint being folded, with what a method may need to know about it."""
@@ -70,21 +98,29 @@ class Arrival:
         return self.resolve_digest()
 
 
+class Prepared(Protocol):
+    """What ``prepare`` returns: the part of it that goes with a piece of the tensor."""
+
+    def piece(self, start: int, stop: int) -> Any: ...
+
+
+Survey = Callable[[str, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], None]  # (name, base, new, state)
+
+
 class MergeMethod:
-    """Base class of the merge methods; a subclass in ``mergeops/fold/methods/`` registers itself."""
+    """Base class of the merge methods; a subclass with a ``name`` in ``mergeops/fold/methods/`` registers itself."""
 
     name: ClassVar[str]
     params: ClassVar[dict[str, Param]] = {}
-    needs_global: ClassVar[bool] = False  # merged() needs something known only after every tensor folded
-    elementwise: bool = False  # fold() treats every entry on its own, so it may be given pieces of any tensor
+    merged_after_finish: ClassVar[bool] = False
+    needs_curvature: ClassVar[bool] = False  # each checkpoint brings exp_avg_sq.safetensors (a gate checks it)
 
-    def __init__(self, params: Mapping[str, Any], scalars: Mapping[str, Any]) -> None:
+    def __init__(self, params: Mapping[str, Any], scalars: Mapping[str, Any] | None = None) -> None:
         self.p = dict(params)
-        self.scalars: dict[str, Any] = dict(scalars)  # saved with the state after each fold
+        self.scalars: dict[str, Any] = dict(scalars or {})  # saved with the state after each fold
         self.t = int(self.scalars.get("t", 0))
         self.notes: list[str] = []  # things the user should hear about this fold
 
-    # -- declaration -----------------------------------------------------------------------------
     @classmethod
     def check_params(cls, raw: Mapping[str, Any], where: str) -> dict[str, Any]:
         """Fill defaults and check types and ranges; unknown names are errors with a suggestion."""
@@ -110,30 +146,33 @@ class MergeMethod:
             checked[key] = value
         return {key: checked.get(key, spec.default) for key, spec in cls.params.items()}
 
+    # -- what every method defines -------------------------------------------------------------
     def state_kinds(self) -> tuple[str, ...]:
         """Names of the per-tensor state tensors this method keeps (each float32, the tensor's shape)."""
         raise NotImplementedError
 
+    def fold(self, piece: Piece, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor],
+             prepared: Any = None) -> dict[str, torch.Tensor]:
+        """The new state of one piece; ``prepared`` is ``prepare(...).piece(start, stop)``, if prepare gave one."""
+        raise NotImplementedError
+
+    def merged(self, piece: Piece, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The merged values of one piece from the base and the (new) state."""
+        raise NotImplementedError
+
+    # -- optional capabilities -----------------------------------------------------------------
     def metrics_needed(self) -> tuple[str, ...]:
-        """Training metrics (``loss``, ``step``) each checkpoint must come with; an eval gate can supply them."""
+        """Training metrics (``loss``, ``step``) each checkpoint must come with, positive; gates check them."""
         return ()
 
-    # -- one fold ------------------------------------------------------------------------------
     def begin(self, arrival: Arrival) -> None:
-        """Called once before the tensors of ``arrival`` are seen; may raise RejectedError."""
+        """Called once before the tensors of ``arrival`` are seen."""
         self.t = arrival.t
 
-    def survey_needed(self) -> bool:
-        """Whether another survey pass over the checkpoint is wanted before folding."""
-        return False
-
-    def survey(self, name: str, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-        """See one tensor during a survey pass (to gather a model-wide statistic)."""
-
-    def folds_in_pieces(self, name: str, shape: tuple[int, ...]) -> bool:
-        """Whether ``fold`` may be given pieces (blocks of whole rows, flat) of tensor ``name``; by default, whether
-        ``elementwise``."""
-        return self.elementwise
+    def survey(self) -> Survey | None:
+        """The model-wide statistic still to gather in a pass over every floating tensor before folding, as a
+        function seeing one tensor (name, base, new, state); None once there is none left."""
+        return None
 
     def prepares_ahead(self, name: str, shape: tuple[int, ...]) -> bool:
         """Whether ``prepare`` of tensor ``name`` is long work that may run ahead of the fold on a worker thread,
@@ -141,26 +180,71 @@ class MergeMethod:
         return False
 
     def prepare(self, name: str, base: StoredTensor, new: StoredTensor,
-                state: Mapping[str, StoredTensor]) -> dict[str, Any]:
-        """What the fold of tensor ``name`` needs beyond base, checkpoint and state, gathered before it starts:
-        ``fold`` gets each entry as a keyword argument. An entry with a ``read(start, stop)`` method (a stored
-        tensor of this tensor's shape, like OTA's curvature, or a value computed piece by piece, like OPCM's
-        projection) is read in float32, cut into the same pieces as the rest; any other entry is passed as is.
-        ``state`` is empty for the stream's first checkpoint."""
-        return {}
-
-    def fold(self, name: str, base: torch.Tensor, new: torch.Tensor,
-             state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The new state of one tensor; ``state`` is empty for the stream's first checkpoint."""
-        raise NotImplementedError
+                state: Mapping[str, StoredTensor]) -> Prepared | None:
+        """What the fold of tensor ``name`` needs beyond base, checkpoint and state, gathered before it starts
+        (``state`` is empty for the stream's first checkpoint); inputs may be read piece by piece."""
+        return None
 
     def finish(self) -> None:
         """Called after every tensor is folded; update ``self.scalars`` here."""
         self.scalars["t"] = self.t
 
-    def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The merged value of one tensor from the base and the (new) state."""
-        raise NotImplementedError
-
     def close(self) -> None:
         """Release anything opened in ``begin`` (extra files)."""
+
+
+# -- the common case: two pure functions --------------------------------------------------------------
+CONTEXT = ("t", "piece")  # keyword arguments the engine supplies rather than the policy
+
+
+def elementwise(name: str, fold: Callable[..., Any], merged: Callable[..., torch.Tensor]) -> type[MergeMethod]:
+    """A merge method from two pure functions of tensors, entry by entry:
+
+    - ``fold(base, new, *state, **keywords)`` returns the new state (a tensor, or a tuple in state order); each
+      state argument is None for the stream's first checkpoint;
+    - ``merged(base, *state, **keywords)`` returns the merged values; its positional parameters after ``base``
+      name the state tensors.
+
+    Keyword-only parameters are the method's parameters, each defaulting to a :class:`Param` (type from the
+    annotation; a trailing underscore is dropped, so ``lambda_`` is the policy's ``lambda``), except ``t`` (the
+    checkpoint's position in the stream, 1 for the first) and ``piece`` (which :class:`Piece` is folded).
+    """
+    signatures = [(fn, inspect.signature(fn)) for fn in (fold, merged)]
+    kinds = tuple(p.name for p in signatures[1][1].parameters.values()
+                  if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)[1:]
+    params: dict[str, Param] = {}
+    keywords: list[dict[str, str]] = []  # per function: argument name -> parameter name (or context)
+    for fn, signature in signatures:
+        hints = typing.get_type_hints(fn)
+        names = {}
+        for argument in signature.parameters.values():
+            if argument.kind is not inspect.Parameter.KEYWORD_ONLY:
+                continue
+            names[argument.name] = argument.name
+            if argument.name in CONTEXT:
+                continue
+            if not isinstance(argument.default, Param):
+                raise TypeError(f"{name}: keyword argument {argument.name!r} must default to a Param")
+            key = argument.name.rstrip("_")
+            names[argument.name] = key
+            declared = argument.default
+            params[key] = declared if declared.kind is not None else replace(declared, kind=hints[argument.name])
+        keywords.append(names)
+
+    def arguments(method: MergeMethod, names: dict[str, str], piece: Piece) -> dict[str, Any]:
+        context = {"t": method.t, "piece": piece}
+        return {arg: context[key] if arg in CONTEXT else method.p[key] for arg, key in names.items()}
+
+    def fold_piece(self: MergeMethod, piece: Piece, base: torch.Tensor, new: torch.Tensor,
+                   state: dict[str, torch.Tensor], prepared: Any = None) -> dict[str, torch.Tensor]:
+        values = fold(base, new, *(state.get(k) for k in kinds), **arguments(self, keywords[0], piece))
+        return dict(zip(kinds, values if isinstance(values, tuple) else (values,), strict=True))
+
+    def merged_piece(self: MergeMethod, piece: Piece, base: torch.Tensor,
+                     state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return merged(base, *(state[k] for k in kinds), **arguments(self, keywords[1], piece))
+
+    return type(f"{name}_method", (MergeMethod,), {
+        "__doc__": inspect.getmodule(fold).__doc__ if inspect.getmodule(fold) else None,
+        "__module__": fold.__module__, "name": name, "params": params, "state_kinds": lambda self: kinds,
+        "fold": fold_piece, "merged": merged_piece})

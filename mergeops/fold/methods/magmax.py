@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from mergeops.fold.methods.base import SCALE, MergeMethod, Param
+from mergeops.fold.methods.base import SCALE, Param, elementwise
+from mergeops.fold.methods.parts import max_magnitude
 
 
-class MagMax(MergeMethod):
-    name = "magmax"
-    elementwise = True
-    params = {"lambda": Param(0.5, float, SCALE, help="scaling of the max-magnitude task vector")}
+def fold(base: torch.Tensor, new: torch.Tensor, tau_max: torch.Tensor | None) -> torch.Tensor:
+    tau = new.sub_(base)
+    return tau if tau_max is None else max_magnitude(tau_max, tau)
 
-    def state_kinds(self) -> tuple[str, ...]:
-        return ("tau_max",)
 
-    def fold(self, name: str, base: torch.Tensor, new: torch.Tensor,
-             state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tau = new.sub_(base)
-        if not state:
-            return {"tau_max": tau}
-        kept = state["tau_max"]
-        return {"tau_max": torch.where(tau.abs() > kept.abs(), tau, kept)}  # ties keep the earlier one
+def merged(base: torch.Tensor, tau_max: torch.Tensor, *,
+           lambda_: float = Param(0.5, check=SCALE, help="scaling of the max-magnitude task vector")) -> torch.Tensor:
+    return torch.add(base, tau_max, alpha=lambda_)
 
-    def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.add(base, state["tau_max"], alpha=self.p["lambda"])
+
+MagMax = elementwise("magmax", fold, merged)

@@ -8,12 +8,13 @@ checkpoints count: the expired one is re-read by digest and its contribution rem
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from mergeops.errors import ModelFolderError, RejectedError
-from mergeops.fold.methods.base import Arrival, MergeMethod, Param, PastCheckpoint, between
+from mergeops.errors import ModelFolderError
+from mergeops.fold.methods.base import Arrival, MergeMethod, Param, PastCheckpoint, Piece, between
+from mergeops.fold.methods.parts import metric_weight
 from mergeops.model import ModelFolder, folder_digest
 
 
@@ -21,32 +22,16 @@ def _metric_name(value: str) -> str | None:
     return None if value in ("loss", "step") else "must be \"loss\" or \"step\""
 
 
-def metric_weight(metrics: Mapping[str, float], metric: str, penalty: float, where: str) -> float:
-    """w = g^penalty with g = 1/loss or g = step; rejects checkpoints that lack the metric."""
-    if metric not in metrics:
-        raise RejectedError(f"{where} has no {metric!r} metric; add metrics.json ({{\"{metric}\": ...}}) or "
-                            "trainer_state.json to the checkpoint, or pass --metrics FILE.", gate="metrics")
-    value = metrics[metric]
-    if value <= 0:
-        raise RejectedError(f"{where} has {metric} = {value}; metric-weighted merging needs a positive {metric}.",
-                            gate="metrics")
-    return (1.0 / value if metric == "loss" else value) ** penalty
-
-
 class MWA(MergeMethod):
     name = "mwa"
-    expired: ModelFolder | None = None
-    rebuild: list[tuple[ModelFolder, float]] | None = None
     params = {
         "metric": Param("loss", str, _metric_name, "weight by 1/loss or by training step"),
         "penalty": Param(1.0, float, between(0, 100), "exponent of the metric; 0 is the plain average"),
         "window": Param(0, int, lambda k: None if k >= 0 else "must be at least 0",
                         "merge only the last k checkpoints (0: all)"),
     }
-
-    @property
-    def elementwise(self) -> bool:  # removing or re-adding other checkpoints reads their whole tensors
-        return self.expired is None and self.rebuild is None
+    expired: ModelFolder | None = None  # the checkpoint leaving the window, re-read to remove it
+    rebuild: list[tuple[ModelFolder, float]] | None = None  # the window's checkpoints, when the expired one is gone
 
     def state_kinds(self) -> tuple[str, ...]:
         return ("mean",)
@@ -57,7 +42,7 @@ class MWA(MergeMethod):
     def begin(self, arrival: Arrival) -> None:
         super().begin(arrival)
         self.expired, self.expired_weight, self.rebuild = None, 0.0, None
-        self.weight = metric_weight(arrival.metrics, self.p["metric"], self.p["penalty"], str(arrival.folder.path))
+        self.weight = metric_weight(arrival.metrics, self.p["metric"], self.p["penalty"])
         members: list[list] = [*self.scalars.get("window", []), [arrival.digest, self.weight]]
         self.total = float(self.scalars.get("total_weight", 0.0)) + self.weight
         k = self.p["window"]
@@ -85,21 +70,21 @@ class MWA(MergeMethod):
             kept.append([digest, weight])
         return readable, [*kept, [arrival.digest, self.weight]]
 
-    def fold(self, name: str, base: torch.Tensor, new: torch.Tensor,
-             state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def fold(self, piece: Piece, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor],
+             prepared: Any = None) -> dict[str, torch.Tensor]:
         if not state:
             return {"mean": new}
         if self.rebuild is not None:
             mean = new.mul_(self.weight)
             for folder, weight in self.rebuild:
-                mean.add_(folder.read(name).float(), alpha=weight)
+                mean.add_(_read(folder, piece), alpha=weight)
             return {"mean": mean.div_(self.total)}
         mean = state["mean"]
         with_new = self.total + self.expired_weight
         mean.add_(new.sub_(mean), alpha=self.weight / with_new)
         if self.expired is not None:
             # remove the expired checkpoint: θ̄ = (W θ̄ − w_e θ_e) / (W − w_e)
-            mean.mul_(with_new).sub_(self.expired.read(name).float(), alpha=self.expired_weight).div_(self.total)
+            mean.mul_(with_new).sub_(_read(self.expired, piece), alpha=self.expired_weight).div_(self.total)
         return {"mean": mean}
 
     def finish(self) -> None:
@@ -107,13 +92,17 @@ class MWA(MergeMethod):
         self.scalars["total_weight"] = self.total
         self.scalars["window"] = self.members if self.p["window"] else []
 
-    def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    def merged(self, piece: Piece, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         return state["mean"]
 
     def close(self) -> None:
         for folder in [self.expired, *(f for f, _ in self.rebuild or [])]:
             if folder is not None:
                 folder.close()
+
+
+def _read(folder: ModelFolder, piece: Piece) -> torch.Tensor:
+    return folder.read(piece.name, piece.start, piece.stop).float()
 
 
 def _open_verified(history: tuple[PastCheckpoint, ...], digest: str) -> ModelFolder | None:

@@ -20,11 +20,10 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from mergeops.fold.methods.base import Arrival, MergeMethod, Param
+from mergeops.fold.methods.base import Arrival, MergeMethod, Param, Piece, Prepared
 from mergeops.model import InMemory, Pieces, StoredTensor, piece_bounds
 
 # Embedding-like matrices are rows of a lookup table, not linear maps: projecting them is meaningless.
@@ -89,6 +88,9 @@ class _Product:
         rows = slice(start // columns, None if stop is None else stop // columns)
         return (self.left[rows] @ self.right).reshape(-1)
 
+    def piece(self, start: int, stop: int) -> torch.Tensor:
+        return self.read(start, stop)
+
 
 def _removed_coefficients_times(k: torch.Tensor, r: int, zero_diagonal: bool, x_t: torch.Tensor) -> torch.Tensor:
     """C Xᵀ, where C keeps of the coefficients K the top-r block and, with ``zero_diagonal``, the diagonal."""
@@ -98,7 +100,7 @@ def _removed_coefficients_times(k: torch.Tensor, r: int, zero_diagonal: bool, x_
 
 
 def update_removal(accumulated: Pieces, update: Pieces, shape: tuple[int, int], alpha: float,
-                   zero_diagonal: bool) -> Pieces | None:
+                   zero_diagonal: bool) -> _Product | None:
     """What OPCM removes from the update τ of a projected tensor of ``shape`` given its accumulated S (SPEC §4:
     D = τ − removal), to read piece by piece; None if nothing (S is zero, or r = 0 without ``zero_diagonal``)."""
     rows, columns = shape
@@ -159,7 +161,7 @@ def project_update(accumulated: torch.Tensor, tau: torch.Tensor, alpha: float, z
 
 class OPCM(MergeMethod):
     name = "opcm"
-    needs_global = True
+    merged_after_finish = True
     params = {
         "alpha": Param(0.5, float, _alpha_range, "share of S's spectrum protected from new updates"),
         "zero_diagonal": Param(False, bool, help="also remove the diagonal coefficients (FusionBench's code)"),
@@ -177,34 +179,33 @@ class OPCM(MergeMethod):
             return True
         return name.endswith(".weight") and not _NOT_LINEAR.search(name)
 
-    def folds_in_pieces(self, name: str, shape: tuple[int, ...]) -> bool:
-        return True  # given its projection (prepare), a tensor's fold is row by row
-
     def prepares_ahead(self, name: str, shape: tuple[int, ...]) -> bool:
         return self.t > 1 and self.is_projected(name, shape)  # projections are independent of each other
 
     def prepare(self, name: str, base: StoredTensor, new: StoredTensor,
-                state: Mapping[str, StoredTensor]) -> dict[str, Any]:
+                state: Mapping[str, StoredTensor]) -> Prepared | None:
+        """The part of the update to remove, piece by piece; None if nothing is removed from this tensor."""
         if not state or not self.is_projected(name, base.shape):
-            return {}
+            return None
         rows, columns = base.shape
-        removal = update_removal(state["sum"], _Difference(new, base), (rows, columns), self.p["alpha"],
-                                 self.p["zero_diagonal"])
-        return {} if removal is None else {"removal": removal}
+        return update_removal(state["sum"], _Difference(new, base), (rows, columns), self.p["alpha"],
+                              self.p["zero_diagonal"])
 
     def begin(self, arrival: Arrival) -> None:
         super().begin(arrival)
         self._tau_sq: dict[str, float] = {}  # per tensor (a tensor's pieces come in order on one thread)
         self._sum_sq: dict[str, float] = {}
 
-    def fold(self, name: str, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor], *,
-             removal: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def fold(self, piece: Piece, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor],
+             prepared: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``prepared``: this piece of what is removed from the update (the projection), if anything is."""
         tau = new.sub_(base)
+        name = piece.name
         self._tau_sq[name] = self._tau_sq.get(name, 0.0) + sum_of_squares(tau)
         if not state:
             accumulated = tau
         else:
-            accumulated = state["sum"].add_(tau if removal is None else tau.sub_(removal))
+            accumulated = state["sum"].add_(tau if prepared is None else tau.sub_(prepared))
         self._sum_sq[name] = self._sum_sq.get(name, 0.0) + sum_of_squares(accumulated)
         return {"sum": accumulated}
 
@@ -214,7 +215,7 @@ class OPCM(MergeMethod):
         self.scalars["task_norms"] = norms
         self.scalars["sum_norm"] = math.sqrt(math.fsum(self._sum_sq.values()))
 
-    def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    def merged(self, piece: Piece, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         norms, sum_norm = self.scalars["task_norms"], self.scalars["sum_norm"]
         scale = (sum(norms) / len(norms)) / sum_norm if sum_norm else 0.0
         return torch.add(base, state["sum"], alpha=scale)

@@ -6,24 +6,24 @@ is exact in streaming form. ε is relative to each tensor's mean curvature. Fast
 (``density``) keeps only the entries whose saliency v⊙τ² is among the top ``density`` share of the
 whole checkpoint (threshold from two survey passes); dropped entries leave both sums. Where every
 checkpoint dropped an entry, the base value is kept (``fallback = "base"``) or the plain mean of the
-task vectors is used (``"mean"``).
+task vectors is used (``"mean"``). With ``rank1`` a 2-D v is replaced by the outer product of its row and column
+sums over its total, computed for each piece of rows from the sums (so the fold still goes piece by piece).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from mergeops.errors import RejectedError
-from mergeops.fold.methods.base import Arrival, MergeMethod, Param, between, in_unit_interval
-from mergeops.fold.methods.mwa import metric_weight
+from mergeops.fold.methods.base import Arrival, MergeMethod, Param, Piece, Survey, between, in_unit_interval
+from mergeops.fold.methods.parts import metric_weight
 from mergeops.fold.topk import KthLargest
 from mergeops.model import ModelFolder, StoredTensor, piece_bounds
-
-CURVATURE_FILE = "exp_avg_sq.safetensors"
+from mergeops.model.folder import CURVATURE_FILE
 
 
 def _one_of(*choices: str):
@@ -44,8 +44,45 @@ def _sum(values: torch.Tensor) -> float:
     return total if math.isfinite(total) else float(values.sum(dtype=torch.float64))
 
 
+@dataclass(frozen=True)
+class _RankOne:
+    """A 2-D v's rank-1 approximation outer(row sums, column sums) / total, made a block of rows at a time."""
+
+    row_sums: torch.Tensor
+    column_sums: torch.Tensor
+    total: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        columns = self.column_sums.numel()
+        if not self.total > 0:
+            return torch.zeros((stop - start) // columns, columns)
+        return torch.outer(self.row_sums[start // columns:stop // columns], self.column_sums).div_(self.total)
+
+
+@dataclass(frozen=True)
+class CurvaturePiece:
+    """What OTA's fold of one piece needs: v (or its rank-1 approximation) there, and the tensor's ε."""
+
+    v: torch.Tensor
+    epsilon: float
+
+
+@dataclass(frozen=True)
+class _Curvature:
+    """A tensor's curvature, checked, with its ε; cut into the fold's pieces."""
+
+    v: StoredTensor
+    epsilon: float
+    rank_one: _RankOne | None
+
+    def piece(self, start: int, stop: int) -> CurvaturePiece:
+        v = self.rank_one.rows(start, stop).reshape(-1) if self.rank_one else self.v.read(start, stop).float()
+        return CurvaturePiece(v, self.epsilon)
+
+
 class OTA(MergeMethod):
     name = "ota"
+    needs_curvature = True
     v: ModelFolder | None = None  # the checkpoint's exp_avg_sq.safetensors, open during a fold
     params = {
         "power": Param(0.5, float, between(0, 10), "c = v^power"),
@@ -64,31 +101,13 @@ class OTA(MergeMethod):
         return () if self.p["metric"] == "none" else (self.p["metric"],)
 
     def begin(self, arrival: Arrival) -> None:
+        """Open the checkpoint's curvature (the curvature gate checked that it is there, with every tensor)."""
         super().begin(arrival)
-        folder = arrival.folder
-        if not (folder.path / CURVATURE_FILE).is_file():
-            raise RejectedError(
-                f"{folder.path} has no {CURVATURE_FILE}, which OTA needs (the Adam second moments); create it "
-                f"with `mergeops curvature import {folder.path}` from the Trainer's optimizer.pt.", gate="curvature")
-        self.v = ModelFolder.open(folder.path, CURVATURE_FILE)
-        for name, info in folder.tensors.items():
-            if not info.dtype.is_floating_point:
-                continue
-            found = self.v.tensors.get(name)
-            if found is None or found.shape != info.shape:
-                what = "lacks" if found is None else f"has shape {list(found.shape)} for"
-                raise RejectedError(f"{folder.path / CURVATURE_FILE} {what} tensor {name!r} "
-                                    f"(shape {list(info.shape)}); regenerate it with `mergeops curvature import`.",
-                                    gate="curvature")
+        self.v = ModelFolder.open(arrival.folder.path, CURVATURE_FILE)
         metric = self.p["metric"]
-        self.multiplier = 1.0 if metric == "none" else metric_weight(arrival.metrics, metric, self.p["penalty"],
-                                                                     str(folder.path))
+        self.multiplier = 1.0 if metric == "none" else metric_weight(arrival.metrics, metric, self.p["penalty"])
         density = self.p["density"]
         self.saliency = KthLargest(lambda d: math.ceil(density * d)) if density is not None else None
-
-    @property
-    def elementwise(self) -> bool:  # a rank-1 curvature ties each entry to its whole row and column
-        return not self.p["rank1"]
 
     def _checked(self, name: str, v: torch.Tensor) -> torch.Tensor:
         """``v`` (all or part of tensor ``name``'s curvature) in float32, refused if negative or not finite."""
@@ -102,42 +121,46 @@ class OTA(MergeMethod):
     def _v(self, name: str) -> torch.Tensor:
         return self._checked(name, self.v.read(name))
 
+    def _rank_one(self, v: torch.Tensor) -> _RankOne | None:
+        return _RankOne(v.sum(1), v.sum(0), v.sum()) if self.p["rank1"] and v.dim() == 2 else None
+
     def prepare(self, name: str, base: StoredTensor, new: StoredTensor,
-                state: Mapping[str, StoredTensor]) -> dict[str, Any]:
+                state: Mapping[str, StoredTensor]) -> _Curvature:
         """The curvature, checked, and ε for this tensor (one pass over it, piece by piece unless ``rank1``)."""
         v = self.v.stored(name)
-        power = self.p["power"]
+        power, rank_one = self.p["power"], None
         if self.p["rank1"]:
-            total = _sum(curvature(self._v(name), power, rank1=True))
+            whole = self._v(name)
+            total = _sum(curvature(whole, power, rank1=True))
+            rank_one = self._rank_one(whole)
         else:
             total = math.fsum(_sum(curvature(self._checked(name, v.read(start, stop)), power, rank1=False))
                               for start, stop in piece_bounds(v.shape))
         mean = total / v.numel if v.numel else 0.0
-        return {"v": v, "epsilon": self.p["epsilon"] * (mean or 1.0)}  # ε relative to this tensor's mean curvature
+        return _Curvature(v, self.p["epsilon"] * (mean or 1.0), rank_one)  # ε relative to the mean curvature
 
-    def survey_needed(self) -> bool:
+    def survey(self) -> Survey | None:
         if self.saliency is None or self.saliency.done:
-            return False
+            return None
         if self.saliency.count:
             self.saliency.next_pass()
-        return not self.saliency.done
+        return None if self.saliency.done else self._see
 
-    def survey(self, name: str, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-        self.saliency.feed(self._saliency(self._v(name), new.sub_(base)))
+    def _see(self, name: str, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        v = self._v(name)
+        rank_one = self._rank_one(v)
+        if rank_one is not None:
+            v = rank_one.rows(0, v.numel())
+        self.saliency.feed(v * new.sub_(base).square())
 
-    def _saliency(self, v: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        if self.p["rank1"] and v.dim() == 2:
-            v = curvature(v, 1.0, rank1=True)
-        return v * tau.square()
-
-    def fold(self, name: str, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor], *,
-             v: torch.Tensor, epsilon: float) -> dict[str, torch.Tensor]:
+    def fold(self, piece: Piece, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor],
+             prepared: CurvaturePiece | None = None) -> dict[str, torch.Tensor]:
         tau = new.sub_(base)
-        weight = curvature(v, self.p["power"], self.p["rank1"]).add_(epsilon)
+        weight = prepared.v.pow(self.p["power"]).add_(prepared.epsilon)
         if self.multiplier != 1.0:
             weight.mul_(self.multiplier)
         if self.saliency is not None:
-            weight.mul_(self._saliency(v, tau) >= self.saliency.value)
+            weight.mul_(prepared.v * tau.square() >= self.saliency.value)
         if state:
             sums = {"weighted_sum": state["weighted_sum"].addcmul_(weight, tau),
                     "weight_sum": state["weight_sum"].add_(weight)}
@@ -146,11 +169,12 @@ class OTA(MergeMethod):
         if self.p["fallback"] == "mean":
             sums["tau_sum"] = state["tau_sum"].add_(tau) if state else tau
         if not math.isfinite(float(sums["weighted_sum"].sum()) + float(sums["weight_sum"].sum())):
-            raise RejectedError(f"OTA's weighted sums of tensor {name!r} overflow float32 with this checkpoint's "
-                                "curvature and metrics; lower the stream's `power` or `penalty`.", gate="curvature")
+            raise RejectedError(f"OTA's weighted sums of tensor {piece.name!r} overflow float32 with this "
+                                "checkpoint's curvature and metrics; lower the stream's `power` or `penalty`.",
+                                gate="curvature")
         return sums
 
-    def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    def merged(self, piece: Piece, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         weights = state["weight_sum"]
         # Both sums are finite (checked in fold) and weights are never negative, so the ratio is NaN (0/0) exactly
         # where every checkpoint excluded the entry.

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from mergeops.fold.methods.base import SCALE, MergeMethod, Param
+from mergeops.fold.methods.base import SCALE, Param, elementwise
+from mergeops.fold.methods.parts import add
 
 
-class TaskArithmetic(MergeMethod):
-    name = "task_arithmetic"
-    elementwise = True
-    params = {"lambda": Param(0.3, float, SCALE, help="scaling of the summed task vectors")}
+def fold(base: torch.Tensor, new: torch.Tensor, sum: torch.Tensor | None) -> torch.Tensor:
+    tau = new.sub_(base)
+    return tau if sum is None else add(sum, tau)
 
-    def state_kinds(self) -> tuple[str, ...]:
-        return ("sum",)
 
-    def fold(self, name: str, base: torch.Tensor, new: torch.Tensor,
-             state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tau = new.sub_(base)
-        return {"sum": state["sum"].add_(tau) if state else tau}
+def merged(base: torch.Tensor, sum: torch.Tensor, *,
+           lambda_: float = Param(0.3, check=SCALE, help="scaling of the summed task vectors")) -> torch.Tensor:
+    return torch.add(base, sum, alpha=lambda_)
 
-    def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.add(base, state["sum"], alpha=self.p["lambda"])
+
+TaskArithmetic = elementwise("task_arithmetic", fold, merged)

@@ -9,25 +9,17 @@ The model-wide thresholds come from two survey passes (exact radix select), not 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from mergeops.fold.methods.base import SCALE, Arrival, MergeMethod, Param, in_unit_interval
+from mergeops.fold.methods.base import SCALE, Arrival, MergeMethod, Param, Piece, Survey, in_unit_interval
+from mergeops.fold.methods.parts import agreeing_sum, trim
 from mergeops.fold.topk import KthLargest
-
-
-def trim(values: torch.Tensor, threshold: float) -> torch.Tensor:
-    return torch.where(values.abs() >= threshold, values, 0.0)
-
-
-def agreeing_sum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Sum of the entries of ``a`` and ``b`` whose sign agrees with the sign of ``a + b``."""
-    sign = torch.sign(a + b)
-    return a * (a * sign > 0) + b * (b * sign > 0)
 
 
 class Ties(MergeMethod):
     name = "ties"
-    elementwise = True
     params = {
         "lambda": Param(0.3, float, SCALE, help="scaling of each step's merged update"),
         "density": Param(0.2, float, in_unit_interval, "share of entries kept by magnitude, model-wide"),
@@ -41,20 +33,20 @@ class Ties(MergeMethod):
         density = self.p["density"]
         self.thresholds = [KthLargest(lambda d: int(density * d) + 1) for _ in range(2)]  # for m, for τ
 
-    def survey_needed(self) -> bool:
+    def survey(self) -> Survey | None:
         if self.t == 1 or self.thresholds[0].done:
-            return False
+            return None
         if self.thresholds[0].count:  # a pass has just finished
             for selector in self.thresholds:
                 selector.next_pass()
-        return not self.thresholds[0].done
+        return None if self.thresholds[0].done else self._see
 
-    def survey(self, name: str, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+    def _see(self, name: str, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
         self.thresholds[0].feed(state["merged_tau"].abs())
         self.thresholds[1].feed(new.sub_(base).abs_())
 
-    def fold(self, name: str, base: torch.Tensor, new: torch.Tensor,
-             state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def fold(self, piece: Piece, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor],
+             prepared: Any = None) -> dict[str, torch.Tensor]:
         tau = new.sub_(base)
         if not state:
             return {"merged_tau": tau.mul_(self.p["lambda"])}
@@ -63,5 +55,5 @@ class Ties(MergeMethod):
         update = agreeing_sum(trim(m, m_threshold), trim(tau, tau_threshold))
         return {"merged_tau": m.add_(update, alpha=self.p["lambda"])}
 
-    def merged(self, name: str, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    def merged(self, piece: Piece, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         return base + state["merged_tau"]

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from mergeops import keys
 from mergeops.errors import ModelFolderError, UsageError
-from mergeops.publish.signing import SIGNATURE_FILE, sign_model_folder, verify_model_folder
+from mergeops.model.signing import SIGNATURE_FILE, sign_model_folder, verify_model_folder
 
 pytestmark = pytest.mark.timeout(120)
 

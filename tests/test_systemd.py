@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mergeops.daemon.systemd import NOTIFY_VARIABLES, Notifier, child_environment
+from mergeops.systemd import NOTIFY_VARIABLES, Notifier, child_environment
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,26 +1,23 @@
 """What every merged version says about itself (SPEC §3.4): a model card and a signed in-toto provenance.
 
-Both name the folder digest, so both are excluded from it and written last, from the weights' hashes. The
+Both name the folder digest, so both are excluded from it; the commit stage writes them last, from the weights'
+hashes. The
 provenance is an in-toto Statement (predicate SLSA provenance v1) in a DSSE envelope signed with the policy's
 signing key, so any DSSE verifier can check it with ``signing.pub.pem``.
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mergeops import __version__, keys
+from mergeops import __version__
+from mergeops.attestation import IN_TOTO_STATEMENT, PREDICATE_TYPE, dsse_envelope
 
-IN_TOTO_STATEMENT = "https://in-toto.io/Statement/v1"
-PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
-DSSE_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 BUILD_TYPE = "https://github.com/mergeops/mergeops/continual-merge/v1"  # how to read externalParameters
 BUILDER_ID = "https://github.com/mergeops/mergeops"
 
@@ -44,39 +41,6 @@ class VersionFacts:
     created: str
     license: str | None = None
     gates: tuple[str, ...] = ()
-
-
-def read_front_matter(folder: Path) -> dict[str, str | list[str]]:
-    """The simple ``key: value`` and ``key:`` + ``- item`` entries of a model card's YAML front matter."""
-    card = folder / "README.md"
-    if not card.is_file():
-        return {}
-    match = re.match(r"^---\n(.*?)\n---", card.read_text(errors="replace"), re.S)
-    if not match:
-        return {}
-    found: dict[str, str | list[str]] = {}
-    key = None
-    for line in match.group(1).splitlines():
-        item = re.match(r"^\s*-\s+(.+?)\s*$", line)
-        entry = re.match(r"^([A-Za-z_][\w-]*):\s*(.*?)\s*$", line)
-        if item and key is not None and isinstance(found.get(key), list):
-            found[key].append(_unquote(item.group(1)))  # type: ignore[union-attr]
-        elif entry:
-            key = entry.group(1)
-            found[key] = _unquote(entry.group(2)) if entry.group(2) else []
-    return found
-
-
-def _unquote(value: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return json.loads(value) if value[0] == '"' else value[1:-1]
-    return value
-
-
-def read_license(folder: Path) -> str | None:
-    """The ``license`` of a model card's YAML front matter, if any."""
-    found = read_front_matter(folder).get("license")
-    return found if isinstance(found, str) and found else None
 
 
 def hub_repo(source: str) -> str | None:
@@ -149,20 +113,6 @@ def provenance(facts: VersionFacts, digest: str) -> dict[str, Any]:
                                         "startedOn": facts.created}},
         },
     }
-
-
-def pae(payload_type: str, payload: bytes) -> bytes:
-    """DSSE's pre-authentication encoding: what a DSSE signature signs."""
-    kind = payload_type.encode()
-    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
-
-
-def dsse_envelope(statement: dict[str, Any], key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
-    """``statement`` in a DSSE envelope signed with ``key`` (ECDSA P-256, SHA-256; keyid the key's fingerprint)."""
-    payload = json.dumps(statement, separators=(",", ":"), sort_keys=True).encode()
-    signature = keys.sign(key, pae(DSSE_PAYLOAD_TYPE, payload))
-    return {"payloadType": DSSE_PAYLOAD_TYPE, "payload": base64.b64encode(payload).decode(),
-            "signatures": [{"keyid": keys.fingerprint(key.public_key()), "sig": base64.b64encode(signature).decode()}]}
 
 
 def card_files(facts: VersionFacts, digest: str, key: ec.EllipticCurvePrivateKey) -> dict[str, bytes]:

@@ -1,0 +1,108 @@
+"""The commit stage: make a folded version permanent. In order, each step durable before the next: the model card and
+the signed provenance are written into the version folder, the ledger records the version (and what it prunes) in
+one transaction, ``latest`` points at it, and old versions are pruned. A crash before the record leaves the stream at
+its previous version; whatever was written past it is removed before the next fold."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergeops import __version__
+from mergeops.commit.card import Input, VersionFacts, card_files
+from mergeops.commit.folders import StreamFolders, version_dir
+from mergeops.durable import fsync_dir, write_durably
+from mergeops.ledger.store import Ledger, VersionRecord
+from mergeops.model.digest import digest_of_listing
+from mergeops.model.readme import read_license
+from mergeops.policy import Policy, StreamConfig
+
+
+@dataclass(frozen=True)
+class NextVersion:
+    """Where the stream's next version goes, after the head the ledger knows."""
+
+    stream: StreamConfig
+    head: VersionRecord | None
+    folders: StreamFolders
+
+    @property
+    def number(self) -> int:
+        return self.head.version + 1 if self.head else 1
+
+    @property
+    def output_dir(self) -> Path:
+        return version_dir(self.folders.output, self.number)
+
+    @property
+    def state_dir(self) -> Path:
+        return version_dir(self.folders.state_root, self.number)
+
+    def discard(self) -> None:
+        """Remove whatever was written for this version (a rejection, a duplicate, a crash)."""
+        self.folders.remove_uncommitted(self.number)
+
+
+def next_version(policy: Policy, stream: StreamConfig, ledger: Ledger) -> NextVersion:
+    """The stream's next version, its folders cleared of a crash's leftovers and ``latest`` at the head (a crash after
+    recording may have left it one step behind)."""
+    head = ledger.head(stream.name)
+    plan = NextVersion(stream, head, StreamFolders.of(policy.home, stream.name, stream.output))
+    plan.discard()
+    if head is not None:
+        plan.folders.point_latest(Path(head.output))
+    return plan
+
+
+@dataclass(frozen=True)
+class Committed:
+    version: int
+    output: Path
+    output_digest: str
+
+
+def commit(policy: Policy, ledger: Ledger, plan: NextVersion, *, base_path: Path, base_digest: str,
+           checkpoint: dict[str, Any], output_files: dict[str, str], state_files: dict[str, str],
+           gates: list[str], update_norm: float | None, eval_metrics: dict[str, float]) -> Committed:
+    """Write the version's cards, record it, point ``latest`` at it and prune. ``checkpoint``: the facts recorded
+    about the folded checkpoint (its digest, source, arrival, metrics...)."""
+    stream, version = plan.stream, plan.number
+    output_digest = digest_of_listing(output_files)
+    earlier = ledger.versions(stream.name)
+    inputs = [Input("base", base_digest, str(base_path))]
+    if plan.head is not None:
+        inputs.append(Input("previous", plan.head.output_digest, plan.head.output))
+    folded = Input("checkpoint", checkpoint["digest"], checkpoint["source"])
+    facts = VersionFacts(stream.name, version, stream.method, stream.params, (*inputs, folded),
+                         (*(Input("checkpoint", v.checkpoint, v.source) for v in earlier), folded), policy.digest,
+                         checkpoint["arrived"], read_license(base_path), gates=tuple(gates))
+    cards = card_files(facts, output_digest, ledger.key)
+    for name, data in cards.items():
+        write_durably(plan.output_dir / name, data)
+    fsync_dir(plan.output_dir)
+    events: list[tuple[str, dict[str, Any]]] = []
+    if ledger.stream_row(stream.name) is None:
+        events.append(("stream.started", {"stream": stream.name, "base": str(stream.base), "base_digest": base_digest,
+                                          "method": stream.method, "params": stream.params}))
+    events.append(("version.committed", {
+        "stream": stream.name, "version": version, "method": stream.method, "params": stream.params,
+        "previous": plan.head.version if plan.head else None, "checkpoint": checkpoint,
+        "output_digest": output_digest, "path": ledger.relative(plan.output_dir), "files": output_files,
+        "cards": {name: hashlib.sha256(data).hexdigest() for name, data in cards.items()},
+        "state_path": ledger.relative(plan.state_dir), "state_digest": digest_of_listing(state_files),
+        "gates": gates, "update_norm": update_norm, "eval": eval_metrics, "policy_digest": policy.digest,
+        "tool": f"mergeops {__version__}"}))
+    events += [("version.pruned", {"stream": stream.name, "version": v.version})
+               for v in earlier if not v.pruned and v.version <= version - stream.keep]
+    ledger.record(*events)
+    plan.folders.point_latest(plan.output_dir)  # only once the ledger knows the version
+    plan.folders.prune(version, stream.keep)
+    return Committed(version, plan.output_dir, output_digest)
+
+
+def record_rejection(ledger: Ledger, stream: str, checkpoint: dict[str, Any], gate: str, reason: str) -> None:
+    """Record that a checkpoint (``checkpoint``: at least its source) was rejected, and by which gate."""
+    ledger.record(("checkpoint.rejected", {"stream": stream, "checkpoint": checkpoint, "gate": gate,
+                                           "reason": reason}))

@@ -1,0 +1,33 @@
+"""What a gate is: a small object with one method, ``check(subject)``, that passes (returning the name recorded with
+the version, or None when there is nothing worth recording) or raises RejectedError naming itself."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from mergeops.model import ModelFolder
+
+
+@dataclass
+class Subject:
+    """What the gates look at. Gates on the checkpoint run before the fold and see ``checkpoint``, ``facts`` and
+    ``metrics``; gates on the candidate run after it and see the merged ``candidate`` folder and the update norms."""
+
+    checkpoint: ModelFolder
+    facts: dict[str, Any]  # what the ledger records about the checkpoint; a gate may add what it found
+    metrics: dict[str, float]
+    tick: Callable[[], None] | None = None  # call about once a second during long checks (the daemon's watchdog)
+    candidate: Path | None = None
+    update_norm: float | None = None
+    accepted_norms: list[float] = field(default_factory=list)  # update norms of the stream's accepted checkpoints
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # what the eval gate measured on the candidate
+
+
+class Gate(Protocol):
+    name: ClassVar[str]
+    on_candidate: ClassVar[bool]  # False: checked on the checkpoint before the fold; True: on the merged candidate
+
+    def check(self, subject: Subject) -> str | None: ...

@@ -1,0 +1,230 @@
+"""One checkpoint's way into a stream: intake → gates → fold → commit.
+
+:func:`fold_checkpoint` is the whole path, each stage in its own package: ``intake`` opens, describes, hashes and
+checks the checkpoint against the base; ``gate`` checks it against the policy, before the fold (on the checkpoint)
+and after it (on the candidate); ``fold`` streams it through the merge method into new state and a merged folder;
+``commit`` writes the cards, records the version in the ledger, points ``latest`` at it and prunes. A rejection is
+recorded and returned, never raised; nothing a rejected or crashed fold wrote stays on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from mergeops import __version__, gate, keys
+from mergeops.commit.commit import Committed, NextVersion, commit, next_version, record_rejection
+from mergeops.errors import ModelFolderError, PolicyError, RejectedError, UsageError, disk_full, no_space
+from mergeops.fold.engine import Folded, FoldJob, fold, output_dtype, read_scalars
+from mergeops.fold.methods import method_class
+from mergeops.fold.methods.base import Arrival, MergeMethod, PastCheckpoint
+from mergeops.intake.checkpoint import Checkpoint, receive
+from mergeops.intake.metrics import load_metrics
+from mergeops.ledger.store import Ledger, signing_key_path, utc_now
+from mergeops.model import ModelFolder, folder_digest
+from mergeops.policy import Policy, StreamConfig
+from mergeops.threads import quick_gil_handoff
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    status: Literal["merged", "duplicate", "rejected"]
+    stream: str
+    version: int | None
+    output: Path | None
+    digest: str | None  # the checkpoint's
+    reason: str | None = None
+    gate: str | None = None
+    output_digest: str | None = None
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "stream": self.stream, "version": self.version,
+                "output": str(self.output) if self.output else None, "digest": self.digest,
+                "reason": self.reason, "gate": self.gate, "output_digest": self.output_digest,
+                "notes": list(self.notes)}
+
+
+def fold_checkpoint(policy: Policy, stream_name: str | None, checkpoint: str | os.PathLike[str], *,
+                    metrics_file: Path | None = None, source: str | None = None,
+                    progress: Callable[[int], None] | None = None, allow_protected: bool = False) -> FoldResult:
+    """Fold ``checkpoint`` into the stream. Rejections are recorded and returned, never raised; problems with the
+    policy or the stream's own files raise :class:`PolicyError`. ``allow_protected`` folds a MergeLock-protected
+    checkpoint as the policy's ``allow_protected`` does (recorded with the version). ``progress`` is called with the
+    bytes folded, and with 0 between tensors and during long waits (the daemon pings its watchdog there)."""
+    stream = policy.stream(stream_name)
+    if not Path(checkpoint).exists():
+        raise UsageError(f"{checkpoint} does not exist; give the path of a checkpoint's model folder.")
+    if allow_protected:
+        stream = dataclasses.replace(stream, gate=dataclasses.replace(stream.gate, allow_protected=True))
+    key = keys.load_signing_key(signing_key_path(policy.keys))
+    facts = {"source": source or str(Path(checkpoint).resolve()), "arrived": utc_now()}
+    try:
+        with Ledger.open(policy.home, key) as ledger:
+            try:
+                arrived = receive(Path(checkpoint), facts)
+            except RejectedError as rejection:
+                return _rejected(ledger, stream, facts, rejection)
+            with arrived, quick_gil_handoff():
+                return _Pipeline(policy, stream, ledger, arrived, progress).run(metrics_file)
+    except Exception as exc:  # a full disk anywhere: the version folders are gone, the ledger unchanged
+        if disk_full(exc):
+            where = getattr(exc, "filename", None) or policy.home
+            raise no_space(Path(where).parent if Path(where).suffix else where, _space_needed(stream)) from exc
+        raise
+
+
+class _AlreadyFolded(Exception):
+    def __init__(self, result: FoldResult) -> None:
+        self.result = result
+
+
+@dataclass
+class _Pipeline:
+    policy: Policy
+    stream: StreamConfig
+    ledger: Ledger
+    checkpoint: Checkpoint
+    progress: Callable[[int], None] | None
+
+    def run(self, metrics_file: Path | None) -> FoldResult:
+        try:
+            with _open_base(self.stream) as base, ExitStack() as stack:
+                return self._stages(base, stack, metrics_file)
+        except _AlreadyFolded as known:
+            return known.result
+        except RejectedError as rejection:
+            return self._rejected_unless_duplicate(rejection)
+
+    def _rejected_unless_duplicate(self, rejection: RejectedError) -> FoldResult:
+        """Record the rejection, unless the checkpoint was folded before: a duplicate is reported as one."""
+        try:
+            self.digest()
+        except _AlreadyFolded as known:
+            return known.result
+        except RejectedError as unreadable:
+            rejection = unreadable
+        return _rejected(self.ledger, self.stream, self.checkpoint.facts, rejection)
+
+    def _stages(self, base: ModelFolder, stack: ExitStack, metrics_file: Path | None) -> FoldResult:
+        # intake
+        self.checkpoint.check_against_base(base)
+        self.checkpoint.metrics = load_metrics(self.checkpoint.path, metrics_file)
+        plan = next_version(self.policy, self.stream, self.ledger)
+        stream_row = self.ledger.stream_row(self.stream.name)
+        base_digest = stream_row["base_digest"] if stream_row else folder_digest(base.path)
+        method = self._method(plan, stack)
+        # gates on the checkpoint
+        gates = gate.gates_for(self.stream.gate, method)
+        subject = gate.Subject(self.checkpoint.folder, self.checkpoint.facts, self.checkpoint.metrics, self._tick)
+        passed = [*gate.ALWAYS_ON, *gate.run(gates, subject, on_candidate=False)]
+        try:
+            # fold
+            folded = self._fold(base, base_digest, method, plan, stack)
+            # gates on the candidate
+            subject.candidate, subject.update_norm = plan.output_dir, folded.update_norm
+            if folded.update_norm is not None:
+                subject.accepted_norms = self.ledger.update_norms(self.stream.name)
+            passed += gate.run(gates, subject, on_candidate=True)
+            # commit
+            committed = commit(self.policy, self.ledger, plan, base_path=base.path, base_digest=base_digest,
+                               checkpoint=self.checkpoint.facts | {"metrics": self.checkpoint.metrics},
+                               output_files=folded.output_files, state_files=folded.state_files, gates=passed,
+                               update_norm=folded.update_norm, eval_metrics=subject.eval_metrics)
+        except BaseException:  # a rejection, a duplicate or a crash: no version folder it wrote may stay
+            plan.discard()
+            raise
+        return self._merged(committed, method)
+
+    def _method(self, plan: NextVersion, stack: ExitStack) -> MergeMethod:
+        """The stream's method, holding what it remembered after the head version."""
+        scalars = {}
+        if plan.head is not None:
+            document = read_scalars(Path(plan.head.state))
+            if document["method"] != self.stream.method or document["params"] != self.stream.params:
+                raise PolicyError(
+                    f"stream {self.stream.name!r} was built with method {document['method']} {document['params']}, "
+                    f"but the policy now says {self.stream.method} {self.stream.params}; a running merge cannot "
+                    "change method or parameters: revert the policy, or start a new stream with its own output "
+                    "folder.")
+            scalars = document["scalars"]
+        method = method_class(self.stream.method)(self.stream.params, scalars)
+        stack.callback(method.close)
+        return method
+
+    def _fold(self, base: ModelFolder, base_digest: str, method: MergeMethod, plan: NextVersion,
+              stack: ExitStack) -> Folded:
+        history = tuple(PastCheckpoint(p.digest, p.path, p.metrics) for p in self.ledger.history(self.stream.name))
+        method.begin(Arrival(self.checkpoint.folder, self.digest, t=plan.number, metrics=self.checkpoint.metrics,
+                             history=history))
+        old_state = stack.enter_context(ModelFolder.open(plan.head.state)) if plan.head else None
+        return fold(FoldJob(
+            stream=self.stream.name, base=base, checkpoint=self.checkpoint.folder, old_state=old_state, method=method,
+            output_dir=plan.output_dir, state_dir=plan.state_dir, dtype=self.stream.dtype,
+            metadata=lambda digest: self._metadata(plan, base_digest, digest), digest=self.digest,
+            digest_known=lambda: self.checkpoint.digest_known, spare_state=plan.folders.spare_state,
+            measure_update=self.stream.gate.max_update_ratio is not None, progress=self.progress))
+
+    def _metadata(self, plan: NextVersion, base_digest: str, checkpoint_digest: str) -> dict[str, str]:
+        parent = plan.head.output_digest if plan.head else base_digest
+        return {"mergeops.stream": self.stream.name, "mergeops.version": str(plan.number),
+                "mergeops.method": self.stream.method, "mergeops.parents": json.dumps([parent, checkpoint_digest]),
+                "mergeops.tool": f"mergeops {__version__}"}
+
+    def digest(self) -> str:
+        """The checkpoint's digest, waiting for it if need be; a checkpoint already folded ends the fold."""
+        facts = self.checkpoint.facts
+        known = "digest" in facts
+        digest = self.checkpoint.digest(self._tick)
+        if not known:
+            previous = self.ledger.version_with_checkpoint(self.stream.name, digest, facts["weights_digest"])
+            if previous is not None:
+                same = "" if previous.checkpoint == digest else " (the same weights)"
+                raise _AlreadyFolded(FoldResult("duplicate", self.stream.name, previous.version,
+                                                Path(previous.output), digest,
+                                                f"already folded into version {previous.version}{same}"))
+        return digest
+
+    def _tick(self) -> None:
+        if self.progress is not None:
+            self.progress(0)  # pings the daemon's watchdog and checks for stop
+
+    def _merged(self, committed: Committed, method: MergeMethod) -> FoldResult:
+        return FoldResult("merged", self.stream.name, committed.version, committed.output,
+                          self.checkpoint.facts["digest"], output_digest=committed.output_digest,
+                          notes=tuple(method.notes))
+
+
+def _rejected(ledger: Ledger, stream: StreamConfig, facts: dict[str, Any], rejection: RejectedError) -> FoldResult:
+    record_rejection(ledger, stream.name, facts, rejection.gate, str(rejection))
+    return FoldResult("rejected", stream.name, None, None, facts.get("digest"), str(rejection), rejection.gate)
+
+
+def _open_base(stream: StreamConfig) -> ModelFolder:
+    if isinstance(stream.base, str):
+        raise PolicyError(f"stream {stream.name!r}: base {stream.base!r} is on the Hub; Hub bases are not "
+                          "supported yet, point base at a local model folder.")
+    if not stream.base.is_dir():
+        raise PolicyError(f"stream {stream.name!r}: base folder {stream.base} does not exist; fix "
+                          f"[streams.{stream.name}].base in the policy.")
+    try:
+        return ModelFolder.open(stream.base)
+    except ModelFolderError as exc:
+        raise PolicyError(f"stream {stream.name!r}: the base model is unusable: {exc}") from exc
+
+
+def _space_needed(stream: StreamConfig) -> int | None:
+    """About what a fold writes: one version (the base's size in the output dtype) and a float32 state of up to
+    two tensors per floating tensor."""
+    try:
+        with ModelFolder.open(stream.base) as base:
+            return sum(info.numel * (output_dtype(stream.dtype, info.dtype).itemsize + 8)
+                       for info in base.tensors.values())
+    except (ModelFolderError, TypeError, OSError):
+        return None
