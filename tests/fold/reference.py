@@ -146,3 +146,37 @@ def weighted_average(base: Model, checkpoints: list[Model], weights: list[float]
     b = _f64(base)
     total = sum(weights)
     return {n: sum(w * c[n].double() for w, c in zip(weights, checkpoints, strict=True)) / total for n in b}
+
+
+def _dare_taus(base: Model, checkpoints: list[Model], density: float, seed: int) -> list[Model]:
+    """DARE(τ_t) of every checkpoint, with the package's position-keyed draw (the one part taken from it)."""
+    from mergeops.fold.methods.base import Piece
+    from mergeops.fold.methods.parts import uniform_by_position
+
+    def kept(name: str, t: int) -> torch.Tensor:
+        draw = uniform_by_position(f"dare:{seed}:{t}:{name}", Piece(name, 0, base[name].numel()))
+        return (draw < density).reshape(base[name].shape).double()
+
+    b = _f64(base)
+    return [{n: (c[n].double() - b[n]) * kept(n, t) / density for n in b} for t, c in enumerate(checkpoints, 1)]
+
+
+def dare(base: Model, checkpoints: list[Model], lam: float, density: float, seed: int) -> Model:
+    """θ0 + λ Σ DARE(τ_t)."""
+    dropped = _dare_taus(base, checkpoints, density, seed)
+    return {n: t + lam * sum(d[n] for d in dropped) for n, t in _f64(base).items()}
+
+
+def dare_ties(base: Model, checkpoints: list[Model], lam: float, density: float, seed: int) -> Model:
+    """Continual TIES without trimming, over DARE(τ_t): m_1 = λ d_1; m_t = m + λ (the entries of m and d_t agreeing
+    with the sign of m + d_t)."""
+    dropped = _dare_taus(base, checkpoints, density, seed)
+    m = {n: lam * d for n, d in dropped[0].items()}
+    for d in dropped[1:]:
+        m = {n: m[n] + lam * _agreeing(m[n], d[n]) for n in m}
+    return {n: t + m[n] for n, t in _f64(base).items()}
+
+
+def _agreeing(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    sign = torch.sign(a + b)
+    return a * (a * sign > 0) + b * (b * sign > 0)

@@ -43,6 +43,8 @@ CASES = [
      lambda b, cs, vs, ms: reference.weighted_average(b, cs, [1 / m["loss"] for m in ms])),
     ("mwa", {"metric": "step", "penalty": 2.0},
      lambda b, cs, vs, ms: reference.weighted_average(b, cs, [m["step"] ** 2 for m in ms])),
+    ("dare", {"lambda": 0.4, "density": 0.3, "seed": 7}, lambda b, cs, vs, ms: reference.dare(b, cs, 0.4, 0.3, 7)),
+    ("dare_ties", {"density": 0.5}, lambda b, cs, vs, ms: reference.dare_ties(b, cs, 0.3, 0.5, 0)),
     ("mwa", {"metric": "loss", "window": 2},
      lambda b, cs, vs, ms: reference.weighted_average(b, cs[-2:], [1 / m["loss"] for m in ms[-2:]])),
 ]
