@@ -132,14 +132,14 @@ class _Pipeline:
             if folded.update_norm is not None:
                 subject.accepted_norms = self.ledger.update_norms(self.stream.name)
             passed += gate.run(gates, subject, on_candidate=True)
-            # commit
-            committed = commit(self.policy, self.ledger, plan, base_path=base.path, base_digest=base_digest,
-                               checkpoint=self.checkpoint.facts | {"metrics": self.checkpoint.metrics},
-                               output_files=folded.output_files, state_files=folded.state_files, gates=passed,
-                               update_norm=folded.update_norm, eval_metrics=subject.eval_metrics)
         except BaseException:  # a rejection, a duplicate or a crash: no version folder it wrote may stay
             plan.discard()
             raise
+        # commit
+        committed = commit(self.policy, self.ledger, plan, base_path=base.path, base_digest=base_digest,
+                           checkpoint=self.checkpoint.facts | {"metrics": self.checkpoint.metrics},
+                           output_files=folded.output_files, state_files=folded.state_files, gates=passed,
+                           update_norm=folded.update_norm, eval_metrics=subject.eval_metrics)
         return self._merged(committed, method)
 
     def _method(self, plan: NextVersion, stack: ExitStack) -> MergeMethod:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mergeops.fold.methods.base import Arrival
+from mergeops.fold.methods.base import Arrival, Piece
 from mergeops.fold.methods.opcm import OPCM, project_update, projection_rank
 from mergeops.model import InMemory, ModelFolder
 
@@ -43,14 +43,15 @@ def merge(base: dict[str, torch.Tensor], checkpoints: list[dict[str, torch.Tenso
         state = {n: fold(method, n, base[n].to(dtype), checkpoint[n].to(dtype, copy=True), state[n]) for n in base}
         method.finish()
         scalars = method.scalars
-    return {n: method.merged(n, base[n].to(dtype), state[n]) for n in base}
+    return {n: method.merged(Piece(n, 0, base[n].numel()), base[n].to(dtype), state[n]) for n in base}
 
 
 def fold(method: OPCM, name: str, base: torch.Tensor, new: torch.Tensor,
          state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One tensor's fold as the engine runs it: prepare (the projection), then fold, here on whole tensors."""
-    extra = method.prepare(name, InMemory(base), InMemory(new), {k: InMemory(v) for k, v in state.items()})
-    return method.fold(name, base, new, state, **{k: v.read() for k, v in extra.items()})
+    prepared = method.prepare(name, InMemory(base), InMemory(new), {k: InMemory(v) for k, v in state.items()})
+    removal = None if prepared is None else prepared.read().reshape(new.shape)
+    return method.fold(Piece(name, 0, new.numel()), base, new, state, removal)
 
 
 def max_rel_tv(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> str:

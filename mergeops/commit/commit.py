@@ -67,7 +67,8 @@ def commit(policy: Policy, ledger: Ledger, plan: NextVersion, *, base_path: Path
            checkpoint: dict[str, Any], output_files: dict[str, str], state_files: dict[str, str],
            gates: list[str], update_norm: float | None, eval_metrics: dict[str, float]) -> Committed:
     """Write the version's cards, record it, point ``latest`` at it and prune. ``checkpoint``: the facts recorded
-    about the folded checkpoint (its digest, source, arrival, metrics...)."""
+    about the folded checkpoint (its digest, source, arrival, metrics...). If recording fails the ledger is unchanged
+    and the next fold removes the version's folders; once it is recorded, nothing removes them."""
     stream, version = plan.stream, plan.number
     output_digest = digest_of_listing(output_files)
     earlier = ledger.versions(stream.name)
@@ -79,9 +80,13 @@ def commit(policy: Policy, ledger: Ledger, plan: NextVersion, *, base_path: Path
                          (*(Input("checkpoint", v.checkpoint, v.source) for v in earlier), folded), policy.digest,
                          checkpoint["arrived"], read_license(base_path), gates=tuple(gates))
     cards = card_files(facts, output_digest, ledger.key)
-    for name, data in cards.items():
-        write_durably(plan.output_dir / name, data)
-    fsync_dir(plan.output_dir)
+    try:
+        for name, data in cards.items():
+            write_durably(plan.output_dir / name, data)
+        fsync_dir(plan.output_dir)
+    except BaseException:  # (a full disk) the version is not recorded: nothing of it may stay
+        plan.discard()
+        raise
     events: list[tuple[str, dict[str, Any]]] = []
     if ledger.stream_row(stream.name) is None:
         events.append(("stream.started", {"stream": stream.name, "base": str(stream.base), "base_digest": base_digest,

@@ -1,1 +1,6 @@
-"""Fold: one streaming pass that merges a new checkpoint into a stream's running state."""
+"""Fold stage: stream one checkpoint through a merge method into new state and a merged model folder.
+
+``engine.py`` reads base, checkpoint and state a piece of whole rows at a time and writes the results piece by piece;
+``methods/`` holds one file per merge method (the protocol in ``methods/base.py``, shared parts in
+``methods/parts.py``); ``topk.py`` finds model-wide magnitude thresholds without holding the model.
+"""

@@ -1,4 +1,4 @@
-"""Commit stage: the signed, tamper-evident record of every checkpoint, version, protection and publication."""
+"""The ledger: the signed, tamper-evident record of every checkpoint, version, protection and publication."""
 
 from mergeops.ledger.store import Ledger, VersionRecord
 

@@ -157,7 +157,8 @@ class ModelWriter:
     With ``headers`` (file name -> complete safetensors header, length prefix included) the weights files are
     exactly those, each tensor at the place its header gives, instead of a layout of the writer's own: a model
     rewritten this way differs from its source only in the bytes that were changed. ``carry`` decides which of
-    the donor's files are copied (by relative path).
+    the donor's files are copied (by relative path). ``derived_files`` makes files from the others' hashes (a
+    card naming the folder's digest) before the folder appears; they must be files the digest leaves out.
     """
 
     def __init__(self, out: str | os.PathLike[str], specs: Iterable[TensorSpec], *,
@@ -165,7 +166,8 @@ class ModelWriter:
                  donor: str | os.PathLike[str] | None = None, hash_files: bool = True,
                  provisional_metadata: bool = False, shard_group: Callable[[TensorSpec], str] | None = None,
                  recycle: str | os.PathLike[str] | None = None, headers: Mapping[str, bytes] | None = None,
-                 carry: Callable[[str], bool] = carried_into_merge) -> None:
+                 carry: Callable[[str], bool] = carried_into_merge,
+                 derived_files: Callable[[dict[str, str]], dict[str, bytes]] | None = None) -> None:
         self.out = Path(out)
         self.recycle = Path(recycle) if recycle is not None else None
         self.specs = {s.name: s for s in specs}
@@ -176,7 +178,7 @@ class ModelWriter:
         self.carry = carry
         self.extra_files: dict[str, bytes] = {}
         # Files derived from the others' hashes (a card or provenance naming the digest), made last.
-        self.finalize: Callable[[dict[str, str]], dict[str, bytes]] | None = None
+        self.derived_files = derived_files
         self.hash_files = hash_files
         self.file_hashes: dict[str, str] = {}  # relative path -> sha256 of every file written (if hash_files)
         # Weights written front to back are hashed as they go, on a worker thread so hashing overlaps the
@@ -381,8 +383,8 @@ class ModelWriter:
             if (self.hash_files and path.is_file() and relative not in self.file_hashes
                     and not is_digest_excluded(relative)):
                 self.file_hashes[relative] = file_sha256(path)
-        if self.finalize is not None:
-            for relative, data in self.finalize(dict(self.file_hashes)).items():
+        if self.derived_files is not None:
+            for relative, data in self.derived_files(dict(self.file_hashes)).items():
                 if not is_digest_excluded(relative):
                     raise ValueError(f"{relative} would change the folder digest it is derived from")
                 write_durably(tmp / relative, data)

@@ -116,8 +116,7 @@ def protect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
                                     attack.report(), parts=_parts(plan, strength))
 
         try:
-            writer = ModelWriter(out, _specs(src), headers=headers, donor=source, carry=_carried)
-            writer.finalize = cards
+            writer = ModelWriter(out, _specs(src), headers=headers, donor=source, carry=_carried, derived_files=cards)
             _rewrite(src, writer, plan, lambda unit: layer_transform(lock_key, salt, unit, strength), inverse=False,
                      per_unit=per_unit, gate=lambda: _invariants_gate(measured))
         finally:

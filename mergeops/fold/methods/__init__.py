@@ -1,6 +1,7 @@
 """Merge methods as plug-ins: every module here defining a MergeMethod subclass with a ``name`` is one.
 
-Adding a method means adding a file; the engine finds it by name.
+Adding a method means adding a file, usually two pure functions given to ``elementwise`` (``base.py``), composed of
+the sparsifiers and consensus rules in ``parts.py``; the engine and the policy find it by name.
 """
 
 from __future__ import annotations

@@ -244,7 +244,8 @@ def elementwise(name: str, fold: Callable[..., Any], merged: Callable[..., torch
                      state: dict[str, torch.Tensor]) -> torch.Tensor:
         return merged(base, *(state[k] for k in kinds), **arguments(self, keywords[1], piece))
 
-    return type(f"{name}_method", (MergeMethod,), {
-        "__doc__": inspect.getmodule(fold).__doc__ if inspect.getmodule(fold) else None,
-        "__module__": fold.__module__, "name": name, "params": params, "state_kinds": lambda self: kinds,
+    module = inspect.getmodule(fold)
+    return type("".join(part.title() for part in name.split("_")), (MergeMethod,), {
+        "__doc__": module.__doc__ if module else None, "__module__": fold.__module__,
+        "name": name, "params": params, "state_kinds": lambda self: kinds,
         "fold": fold_piece, "merged": merged_piece})

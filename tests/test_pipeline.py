@@ -1,0 +1,450 @@
+"""A checkpoint's whole way into a stream (intake → gates → fold → commit): versions, duplicates, rejections that
+change nothing, restarts, crash recovery."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mergeops.commit.folders import SPARE_STATE
+from mergeops.errors import PolicyError
+from mergeops.ledger import Ledger
+from mergeops.model import folder_digest
+from mergeops.pipeline import fold_checkpoint
+from mergeops.policy import GateConfig, load_policy
+from tests.conftest import write_model
+from tests.fold import reference
+from tests.fold.streams import (
+    CONFIG,
+    assert_close,
+    make_base,
+    make_checkpoints,
+    read_floats,
+    read_model,
+    write_policy,
+)
+
+
+def tree(*roots) -> dict[str, str]:
+    """Every file (and link target) under ``roots``, hashed: to prove nothing changed. The spare state is scratch
+    space, not part of any version: a fold may overwrite it before it is rejected."""
+    found = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")) if root.exists() else []:
+            if SPARE_STATE in path.parts:
+                continue
+            key = str(path)
+            if path.is_symlink():
+                found[key] = "link:" + os.readlink(path)
+            elif path.is_file() and not path.name.startswith(("ledger", ".ledger")):
+                found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+@pytest.fixture
+def stream(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 3, curvature=True, metrics=True)
+    policy = load_policy(write_policy(tmp_path, base_path, "opcm", keep=2))
+    return policy, base, checkpoints
+
+
+def test_versions_latest_link_and_pruning(stream):
+    policy, _, checkpoints = stream
+    results = [fold_checkpoint(policy, "s", c) for c in checkpoints]
+    assert [r.version for r in results] == [1, 2, 3]
+    out = policy.streams["s"].output
+    assert os.readlink(out / "latest") == "v0003"
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "v0002", "v0003"]  # keep = 2
+    state_root = policy.home / "streams" / "s" / "state"
+    assert sorted(p.name for p in state_root.iterdir()) == [SPARE_STATE, "v0003"]  # the spare: v0002's state
+    assert results[-1].output_digest == folder_digest(out / "v0003")
+    assert (out / "v0003" / "config.json").read_text() == json.dumps(CONFIG)
+
+
+def test_the_state_before_the_head_is_overwritten_by_the_next_fold_instead_of_deleted(stream):
+    policy, _, checkpoints = stream
+    state_root = policy.home / "streams" / "s" / "state"
+    fold_checkpoint(policy, "s", checkpoints[0])
+    first = {p.name: p.stat().st_ino for p in (state_root / "v0001").glob("*.safetensors")}
+    fold_checkpoint(policy, "s", checkpoints[1])
+    assert {p.name: p.stat().st_ino for p in (state_root / SPARE_STATE).glob("*.safetensors")} == first
+    fold_checkpoint(policy, "s", checkpoints[2])
+    assert {p.name: p.stat().st_ino for p in (state_root / "v0003").glob("*.safetensors")} == first
+
+
+def test_a_spare_that_cannot_be_replaced_costs_time_not_the_fold(stream):
+    policy, _, checkpoints = stream
+    state_root = policy.home / "streams" / "s" / "state"
+    fold_checkpoint(policy, "s", checkpoints[0])
+    (state_root / SPARE_STATE).write_text("not a folder")
+    assert fold_checkpoint(policy, "s", checkpoints[1]).status == "merged"
+    assert sorted(p.name for p in state_root.iterdir()) == [SPARE_STATE, "v0002"]  # v0001 removed instead
+    assert fold_checkpoint(policy, "s", checkpoints[2]).version == 3
+
+
+def test_a_state_written_over_the_spare_is_byte_identical_to_one_written_afresh(stream, tmp_path):
+    policy, _, checkpoints = stream
+    fresh = load_policy(write_policy(tmp_path / "fresh", policy.streams["s"].base, "opcm", keep=2))
+    for checkpoint in checkpoints:
+        fold_checkpoint(policy, "s", checkpoint)
+        shutil.rmtree(fresh.home / "streams" / "s" / "state" / SPARE_STATE, ignore_errors=True)
+        fold_checkpoint(fresh, "s", checkpoint)
+    recycled, written = (p.home / "streams" / "s" / "state" / "v0003" for p in (policy, fresh))
+    assert sorted(p.name for p in recycled.iterdir()) == sorted(p.name for p in written.iterdir())
+    for path in recycled.iterdir():
+        assert path.read_bytes() == (written / path.name).read_bytes(), path.name
+
+
+def test_output_carries_lineage_metadata(stream):
+    from safetensors import safe_open
+
+    policy, _, checkpoints = stream
+    first = fold_checkpoint(policy, "s", checkpoints[0])
+    second = fold_checkpoint(policy, "s", checkpoints[1])
+    with safe_open(second.output / "model.safetensors", framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["mergeops.stream"] == "s" and metadata["mergeops.version"] == "2"
+    assert metadata["mergeops.method"] == "opcm"
+    assert json.loads(metadata["mergeops.parents"]) == [first.output_digest, second.digest]
+
+
+def test_same_digest_twice_is_a_duplicate_and_changes_nothing(stream, tmp_path):
+    policy, _, checkpoints = stream
+    fold_checkpoint(policy, "s", checkpoints[0])
+    copy = shutil.copytree(checkpoints[0], tmp_path / "copy")  # same content elsewhere: same identity
+    before = tree(policy.home, policy.streams["s"].output)
+    result = fold_checkpoint(policy, "s", copy)
+    assert (result.status, result.version) == ("duplicate", 1)
+    assert tree(policy.home, policy.streams["s"].output) == before
+
+
+def _nan_checkpoint(tmp_path, base):
+    tensors = {n: t.clone() for n, t in base.items()}
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    return write_model(tmp_path / "bad", tensors, config=CONFIG)
+
+
+def _wrong_shape(tmp_path, base):
+    tensors = {n: t.clone() for n, t in base.items()} | {"model.norm.weight": torch.ones(17)}
+    return write_model(tmp_path / "bad", tensors, config=CONFIG)
+
+
+def _other_architecture(tmp_path, base):
+    return write_model(tmp_path / "bad", dict(base), config={"architectures": ["GPT2LMHeadModel"]})
+
+
+def _changed_integer(tmp_path, base):
+    return write_model(tmp_path / "bad", dict(base) | {"model.position_ids": torch.arange(1, 9)}, config=CONFIG)
+
+
+def _truncated(tmp_path, base):
+    path = write_model(tmp_path / "bad", dict(base), config=CONFIG)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    return path
+
+
+def _pickle_only(tmp_path, base):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "pytorch_model.bin").write_bytes(b"\x80\x04N.")
+    return tmp_path / "bad"
+
+
+def _overflows_float32_arithmetic(tmp_path, base):
+    tensors = {n: t.clone() for n, t in base.items()}
+    tensors["model.layers.0.mlp.up_proj.weight"][:4] = 3e38  # finite in float32; its square and its norm are not
+    return write_model(tmp_path / "bad", tensors, config=CONFIG)
+
+
+def _beyond_float32(tmp_path, base):
+    tensors = {n: t.double() if t.is_floating_point() else t.clone() for n, t in base.items()}
+    tensors["model.norm.weight"][3] = 1e300  # finite in float64, Inf once converted for the arithmetic
+    return write_model(tmp_path / "bad", tensors, config=CONFIG)
+
+
+def _non_utf8_tensor_name(tmp_path, base):
+    path = write_model(tmp_path / "bad", dict(base), config=CONFIG)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes().replace(b"model.norm.weight", b"model.norm.w\xffight", 1))
+    return path
+
+
+def _symlink_loop(tmp_path, base):
+    path = write_model(tmp_path / "bad", dict(base), config=CONFIG)
+    os.symlink(".", path / "a")
+    os.symlink(".", path / "b")
+    return path
+
+
+def _config(text: str):  # type: ignore[no-untyped-def]
+    def make(tmp_path, base):  # type: ignore[no-untyped-def]
+        path = write_model(tmp_path / "bad", dict(base), config=CONFIG)
+        (path / "config.json").write_text(text)
+        return path
+
+    return make
+
+
+def _preallocated(tmp_path, base):
+    """A producer that preallocates the weights file to its full length: valid header, bytes still zero."""
+    tensors = {n: torch.zeros_like(t) if t.is_floating_point() else t.clone() for n, t in base.items()}
+    return write_model(tmp_path / "bad", tensors, config=CONFIG)
+
+
+def _no_config(tmp_path, base):
+    tensors = {n: t.clone() for n, t in base.items()}
+    tensors["model.norm.weight"] += 0.5  # new weights, so that it is not a duplicate of anything folded
+    return write_model(tmp_path / "bad", tensors)
+
+
+@pytest.mark.parametrize("folded_before", [1, 2], ids=["no-spare", "spare"])
+@pytest.mark.parametrize(("make_bad", "needle"), [
+    (_nan_checkpoint, "'model.layers.0.mlp.up_proj.weight'"),
+    (_overflows_float32_arithmetic, "non-finite value(s) in float32 (an overflow"),
+    (_beyond_float32, "beyond float32's range"),
+    (_non_utf8_tensor_name, "not valid UTF-8"),
+    (_symlink_loop, "symlink loop"),
+    (_config("{not json"), "config.json is not valid JSON"),
+    (_config("[1, 2]"), "config.json is a JSON list, not an object"),
+    (_config('{"architectures": {"LlamaForCausalLM": 1}}'), "'architectures' that is not a list"),
+    (_preallocated, "is all zeros where the base's is not"),
+    (_no_config, "has no config.json, which its base has"),
+    (_wrong_shape, "'model.norm.weight'"),
+    (_other_architecture, "GPT2LMHeadModel"),
+    (_changed_integer, "'model.position_ids'"),
+    (_truncated, "truncated"),
+    (_pickle_only, "pickle"),
+])
+def test_a_rejected_checkpoint_leaves_the_stream_byte_for_byte_unchanged(stream, tmp_path, make_bad, needle,
+                                                                          folded_before):
+    policy, base, checkpoints = stream
+    for checkpoint in checkpoints[:folded_before]:  # a second fold makes a spare state, which a rejection may use up
+        fold_checkpoint(policy, "s", checkpoint)
+    before = tree(policy.home, policy.streams["s"].output)
+    result = fold_checkpoint(policy, "s", make_bad(tmp_path, base))
+    assert result.status == "rejected" and needle in result.reason
+    assert tree(policy.home, policy.streams["s"].output) == before
+    with Ledger.open_readonly(policy.home) as ledger:
+        assert ledger.rejections("s")[-1]["reason"] == result.reason
+    assert fold_checkpoint(policy, "s", checkpoints[folded_before]).version == folded_before + 1  # it goes on
+
+
+def test_ota_rejects_a_checkpoint_without_curvature_and_says_how_to_make_it(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoint = make_checkpoints(tmp_path, base, 1)[0]
+    policy = load_policy(write_policy(tmp_path, base_path, "ota"))
+    result = fold_checkpoint(policy, "s", checkpoint)
+    assert result.status == "rejected" and result.gate == "curvature"
+    assert "mergeops curvature import" in result.reason
+    assert not policy.streams["s"].output.exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e-6], ids=["nan", "inf", "negative"])
+def test_ota_rejects_negative_or_non_finite_curvature_naming_file_and_tensor(tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    base_path, base = make_base(tmp_path)
+    first, second = make_checkpoints(tmp_path, base, 2, curvature=True)
+    policy = load_policy(write_policy(tmp_path, base_path, "ota"))
+    fold_checkpoint(policy, "s", first)
+    curvature = load_file(second / "exp_avg_sq.safetensors")
+    curvature["model.layers.0.mlp.up_proj.weight"][3, 5] = bad
+    save_file(curvature, second / "exp_avg_sq.safetensors")
+    before = tree(policy.home, policy.streams["s"].output)
+    result = fold_checkpoint(policy, "s", second)
+    assert result.status == "rejected" and result.gate == "curvature"
+    assert "exp_avg_sq.safetensors" in result.reason and "model.layers.0.mlp.up_proj.weight" in result.reason
+    assert tree(policy.home, policy.streams["s"].output) == before
+
+
+def test_ota_rejects_weights_that_overflow_float32_instead_of_merging_garbage(tmp_path):
+    base_path, base = make_base(tmp_path)
+    [first] = make_checkpoints(tmp_path, base, 1, curvature=True, metrics=True)
+    policy = load_policy(write_policy(tmp_path, base_path, "ota", {"metric": "step", "penalty": 20.0}))
+    result = fold_checkpoint(policy, "s", first)  # step 100: a multiplier of 1e40, past float32's 3.4e38
+    assert result.status == "rejected" and result.gate == "curvature"
+    assert "overflow float32" in result.reason and "penalty" in result.reason
+    assert list(policy.streams["s"].output.iterdir()) == []  # no version, and nothing half written
+
+
+def test_mwa_rejects_a_checkpoint_without_its_metric(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoint = make_checkpoints(tmp_path, base, 1)[0]
+    policy = load_policy(write_policy(tmp_path, base_path, "mwa", {"metric": "loss"}))
+    result = fold_checkpoint(policy, "s", checkpoint)
+    assert result.status == "rejected" and "'loss'" in result.reason and "--metrics" in result.reason
+
+
+def test_metrics_file_and_trainer_state_feed_mwa(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 2)
+    (checkpoints[0] / "trainer_state.json").write_text(json.dumps(
+        {"global_step": 50, "log_history": [{"loss": 3.0, "step": 10}, {"loss": 2.0, "step": 50}, {"eval_loss": 9}]}))
+    (tmp_path / "m.json").write_text(json.dumps({"loss": 0.5}))
+    policy = load_policy(write_policy(tmp_path, base_path, "mwa", {"metric": "loss"}))
+    fold_checkpoint(policy, "s", checkpoints[0])
+    result = fold_checkpoint(policy, "s", checkpoints[1], metrics_file=tmp_path / "m.json")
+    models = [read_model(c) for c in checkpoints]
+    assert_close(read_floats(result.output), reference.weighted_average(base, models, [1 / 2.0, 1 / 0.5]))
+
+
+def test_mwa_window_rebuilds_when_the_expired_checkpoint_is_gone(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 4, metrics=True)
+    policy = load_policy(write_policy(tmp_path, base_path, "mwa", {"metric": "loss", "window": 2}))
+    models = [read_model(c) for c in checkpoints]
+    losses = [json.loads((c / "metrics.json").read_text())["loss"] for c in checkpoints]
+    for checkpoint in checkpoints[:3]:
+        fold_checkpoint(policy, "s", checkpoint)
+    shutil.rmtree(checkpoints[1])  # it expires with the next fold
+    result = fold_checkpoint(policy, "s", checkpoints[3])
+    assert result.status == "merged" and "rebuilt" in " ".join(result.notes)
+    expected = reference.weighted_average(base, models[2:], [1 / x for x in losses[2:]])
+    assert_close(read_floats(result.output), expected)
+
+
+def test_changing_method_or_parameters_of_a_running_stream_is_refused(stream, tmp_path):
+    policy, _, checkpoints = stream
+    fold_checkpoint(policy, "s", checkpoints[0])
+    changed = load_policy(write_policy(tmp_path, policy.streams["s"].base, "opcm", {"alpha": 0.9}))
+    with pytest.raises(PolicyError, match="cannot change method or parameters"):
+        fold_checkpoint(changed, "s", checkpoints[1])
+
+
+def _cli_fold(policy_path, checkpoint):
+    return subprocess.run([sys.executable, "-m", "mergeops", "fold", str(checkpoint), "--policy", str(policy_path),
+                           "--json"], capture_output=True, text=True, timeout=120)
+
+
+def test_restart_in_a_new_process_gives_identical_results(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 4)
+    uninterrupted = load_policy(write_policy(tmp_path / "a", base_path, "opcm", {"zero_diagonal": True}))
+    for checkpoint in checkpoints:
+        last = fold_checkpoint(uninterrupted, "s", checkpoint)
+    split = write_policy(tmp_path / "b", base_path, "opcm", {"zero_diagonal": True})
+    for checkpoint in checkpoints:  # every fold in its own process
+        result = json.loads(_cli_fold(split, checkpoint).stdout)
+    assert result["version"] == 4
+    assert result["output_digest"] == last.output_digest  # byte-identical weights, config and all
+
+
+_SLOW_FOLD = """
+import sys, time
+import mergeops.model.writer as writer
+original = writer.write_at
+def slow_write_at(*args):  # widen the window in which a kill lands mid-fold
+    time.sleep(0.004)
+    original(*args)
+writer.write_at = slow_write_at
+from mergeops.cli import main
+sys.argv = ["mergeops", "fold", sys.argv[1], "--policy", sys.argv[2]]
+print("ready", flush=True)
+main()
+"""
+
+
+@pytest.mark.parametrize("kill_after", [0.02, 0.08, 0.15, 0.25])
+def test_kill_9_mid_fold_then_redo_converges_to_the_uninterrupted_result(tmp_path, kill_after):
+    base_path, base = make_base(tmp_path)
+    checkpoints = make_checkpoints(tmp_path, base, 3)
+    reference_policy = load_policy(write_policy(tmp_path / "a", base_path, "opcm"))
+    for checkpoint in checkpoints:
+        expected = fold_checkpoint(reference_policy, "s", checkpoint)
+    policy_path = write_policy(tmp_path / "b", base_path, "opcm")
+    policy = load_policy(policy_path)
+    fold_checkpoint(policy, "s", checkpoints[0])
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_FOLD, str(checkpoints[1]), str(policy_path)],
+                            stdout=subprocess.PIPE)
+    assert proc.stdout.readline() == b"ready\n"
+    time.sleep(kill_after)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for checkpoint in checkpoints[1:]:  # redo: a finished fold is a duplicate, an unfinished one runs again
+        result = fold_checkpoint(policy, "s", checkpoint)
+        assert result.status in ("merged", "duplicate")
+    with Ledger.open_readonly(policy.home) as ledger:
+        assert ledger.head("s").output_digest == expected.output_digest
+    leftovers = [p for p in (tmp_path / "b").rglob("*") if ".tmp-" in p.name]
+    assert leftovers == []
+
+
+def test_a_diverged_training_loss_is_a_clear_rejection(tmp_path):
+    base_path, base = make_base(tmp_path)
+    checkpoint = make_checkpoints(tmp_path, base, 1)[0]
+    (checkpoint / "trainer_state.json").write_text('{"global_step": 10, "log_history": [{"loss": NaN}]}')
+    policy = load_policy(write_policy(tmp_path, base_path, "mwa", {"metric": "loss"}))
+    result = fold_checkpoint(policy, "s", checkpoint)
+    assert result.status == "rejected" and "'loss' is nan" in result.reason
+
+
+def test_latest_is_repaired_to_the_recorded_head_before_the_next_fold(stream, tmp_path):
+    policy, base, checkpoints = stream
+    fold_checkpoint(policy, "s", checkpoints[0])
+    fold_checkpoint(policy, "s", checkpoints[1])
+    out = policy.streams["s"].output
+    (out / "latest").unlink()
+    (out / "latest").symlink_to("v0001")  # as if a crash came between recording v0002 and moving the link
+    result = fold_checkpoint(policy, "s", _nan_checkpoint(tmp_path, base))
+    assert result.status == "rejected" and os.readlink(out / "latest") == "v0002"
+
+
+def test_a_checkpoint_folded_before_is_a_duplicate_even_when_a_gate_would_now_reject_it(stream, tmp_path):
+    policy, _, checkpoints = stream
+    fold_checkpoint(policy, "s", checkpoints[0])
+    stricter = GateConfig(licenses=("nothing-has-this-license",))
+    policy.streams["s"] = dataclasses.replace(policy.streams["s"], gate=stricter)
+    before = tree(policy.home, policy.streams["s"].output)
+    assert fold_checkpoint(policy, "s", checkpoints[1]).status == "rejected"  # the gate is on
+    result = fold_checkpoint(policy, "s", checkpoints[0])
+    assert (result.status, result.version) == ("duplicate", 1)
+    assert tree(policy.home, policy.streams["s"].output) == before
+
+
+def test_float64_checkpoints_fold_in_float32_with_every_method(tmp_path):
+    base_path, base = make_base(tmp_path, dtype=torch.float64)
+    checkpoints = make_checkpoints(tmp_path, base, 2)
+    for method in ("opcm", "average", "ties", "magmax", "task_arithmetic"):
+        policy = load_policy(write_policy(tmp_path / method, base_path, method))
+        assert [fold_checkpoint(policy, "s", c).status for c in checkpoints] == ["merged", "merged"], method
+
+
+def test_an_output_dtype_that_overflows_is_a_rejection_naming_the_tensor(tmp_path):
+    base_path, base = make_base(tmp_path)
+    tensors = {n: t.clone() for n, t in base.items()}
+    tensors["model.norm.weight"][0] = 1e6  # fine in float32, Inf in float16
+    checkpoint = write_model(tmp_path / "big", tensors, config=CONFIG)
+    policy = load_policy(write_policy(tmp_path, base_path, "average", dtype="float16"))
+    result = fold_checkpoint(policy, "s", checkpoint)
+    assert result.status == "rejected" and result.gate == "finite"
+    assert "'model.norm.weight'" in result.reason and "float16" in result.reason
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_the_same_weights_with_other_files_beside_them_are_a_duplicate_not_a_new_version(stream, tmp_path):
+    policy, _, checkpoints = stream
+    assert fold_checkpoint(policy, "s", checkpoints[0]).version == 1
+    copy = tmp_path / "same-weights"
+    shutil.copytree(checkpoints[0], copy)
+    (copy / "trainer_state.json").write_text('{"global_step": 10}')
+    (copy / "generation_config.json").write_text("")
+    before = tree(policy.home, policy.streams["s"].output)
+    result = fold_checkpoint(policy, "s", copy)
+    assert result.status == "duplicate" and result.version == 1 and "the same weights" in result.reason
+    (copy / "config.json").unlink()  # even without its config: these weights are in version 1
+    assert fold_checkpoint(policy, "s", copy).status == "duplicate"
+    assert tree(policy.home, policy.streams["s"].output) == before
+    with Ledger.open_readonly(policy.home) as ledger:
+        recorded = json.loads(ledger.events()[-1]["payload"])["checkpoint"]
+    assert recorded["weights_digest"].startswith("sha256:") and recorded["weights_digest"] != recorded["digest"]
