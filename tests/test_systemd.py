@@ -18,7 +18,7 @@ from mergeops.systemd import NOTIFY_VARIABLES, Notifier, child_environment
 
 pytestmark = pytest.mark.timeout(60)
 
-UNIT = Path(__file__).resolve().parents[2] / "systemd" / "mergeops.service"
+UNIT = Path(__file__).resolve().parents[1] / "systemd" / "mergeops.service"
 EXEC_PATH = "/usr/local/bin/mergeops"
 APT_INSTALL = "apt-get update && apt-get install -y systemd"
 
