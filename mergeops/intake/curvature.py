@@ -38,10 +38,10 @@ from torch import nn
 
 from mergeops.errors import ModelFolderError, RejectedError, UsageError
 from mergeops.model import ModelFolder, TensorSpec
+from mergeops.model.folder import CURVATURE_FILE
 from mergeops.model.writer import write_tensor_file
 
 OPTIMIZER_FILE = "optimizer.pt"
-CURVATURE_FILE = "exp_avg_sq.safetensors"
 
 log = logging.getLogger(__name__)
 

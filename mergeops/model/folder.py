@@ -33,6 +33,8 @@ PIECE = 1 << 18
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+# Adam second moments beside a checkpoint's weights: written by intake (curvature import), read by OTA.
+CURVATURE_FILE = "exp_avg_sq.safetensors"
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,7 @@ from mergeops.fold.methods.base import Arrival, MergeMethod, Param, between, in_
 from mergeops.fold.methods.mwa import metric_weight
 from mergeops.fold.topk import KthLargest
 from mergeops.model import ModelFolder, StoredTensor, piece_bounds
-
-CURVATURE_FILE = "exp_avg_sq.safetensors"
+from mergeops.model.folder import CURVATURE_FILE
 
 
 def _one_of(*choices: str):
