@@ -18,6 +18,18 @@ from torch import nn
 from mergeops.fold.methods.opcm import OPCM
 from mergeops.intake.curvature import _decay_parameter_names, _layout_from_names, _layouts_from_config
 from mergeops.intake.validate import tensor_value_problem
+from mergeops.model import ModelFolder
+from mergeops.model.architectures import (
+    LAYER_ROLES,
+    TRAINER_NO_DECAY,
+    Role,
+    family_for,
+    is_embedding,
+    is_norm_or_bias,
+    is_parameter,
+    tensor_roles,
+)
+from mergeops.protect.architectures import resolve
 from tests.protect.conftest import ARCHITECTURES, build_model, save
 
 # -- the rules as each consumer wrote them before the table -----------------------------------------------------
@@ -115,3 +127,45 @@ def test_trainer_rules_split_the_same_parameters(models, arch, tmp_path):
     assert {p.name for p in current.decay} == reference_decay_names(model, OLD_TRAINER_NO_DECAY) & unique.keys()
     assert {p.name for p in legacy.decay} == {n for n in reference_decay_names(model, ()) if "bias" not in n} \
         & unique.keys()
+
+
+# -- the table's own functions agree with the old rules and with MergeLock ----------------------------------------
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_name_rules_are_the_old_rules(models, arch):
+    for name in shapes(models[arch]):
+        assert is_embedding(name) == bool(OLD_OPCM_NOT_LINEAR.search(name)), name
+        assert is_norm_or_bias(name) == bool(OLD_CURVATURE_NAME_NO_DECAY.search(name)), name
+        assert is_parameter(name) == name.endswith(OLD_VALIDATE_PARAMETER_SUFFIXES), name
+        roles = tensor_roles(name)
+        assert (Role.EMBEDDING in roles) == is_embedding(name), name
+        assert bool({Role.NORM, Role.BIAS} & roles) == is_norm_or_bias(name), name
+    assert [p.pattern for p in TRAINER_NO_DECAY] == [p.pattern for p in OLD_TRAINER_NO_DECAY]
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_layer_roles_are_the_tensors_mergelock_protects(models, arch, tmp_path):
+    folder = ModelFolder.open(save(models[arch], tmp_path / arch))
+    family = family_for(folder.config)
+    plan = resolve(folder)
+    protected: dict[str, set[Role]] = {}
+    for unit in plan.units:
+        for key, name in unit.names.items():
+            protected.setdefault(name, set()).add(Role(key.removesuffix("_bias")))
+    for name in folder.tensors:
+        layer = tensor_roles(name, family) & set(LAYER_ROLES)
+        assert layer == tensor_roles(name) & set(LAYER_ROLES), name  # the family is the only one naming it so
+        if name.endswith(".weight") or name in protected:
+            assert layer == protected.get(name, set()), name
+
+
+def test_roles_of_known_tensors():
+    assert tensor_roles("transformer.h.0.attn.c_attn.weight") == {Role.Q, Role.K, Role.V}
+    assert tensor_roles("h.3.mlp.c_proj.bias") == {Role.DOWN, Role.BIAS}
+    assert tensor_roles("encoder.layer.0.attention.output.dense.weight") == {Role.O}
+    assert tensor_roles("bert.encoder.layer.0.output.dense.weight") == {Role.DOWN}
+    assert tensor_roles("model.layers.1.mlp.gate_proj.weight") == {Role.GATE}
+    assert tensor_roles("vision_model.encoder.layers.0.self_attn.out_proj.weight") == {Role.O}
+    assert tensor_roles("encoder.layers.0.mlp.fc1.weight") == {Role.UP}  # a CLIP tower saved alone
+    assert tensor_roles("bert.embeddings.LayerNorm.weight") == {Role.EMBEDDING, Role.NORM}
+    assert tensor_roles("model.norm.weight") == {Role.NORM}
+    assert tensor_roles("classifier.weight") == frozenset()
