@@ -2,7 +2,7 @@
 
 Here live the token lookup, the endpoint, the retry timings, :class:`RegistryUnavailable`, and
 :func:`translating`, the one place that knows which huggingface_hub / HTTP errors mean what: the caller gets a
-:class:`HubTrouble` (what went wrong, the HTTP status, the server's ``Retry-After``) and words the message for
+:class:`HubFailure` (what went wrong, the HTTP status, the server's ``Retry-After``) and words the message for
 what it was doing. A low-layer module: it imports nothing from the mergeops stages.
 """
 
@@ -35,9 +35,9 @@ try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
 except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
     import httpx as _http  # type: ignore[no-redef]
 
-__all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "CREDENTIAL_NAME", "REQUEST_TIMEOUT", "HubTrouble", "Problem",
-           "RegistryUnavailable", "backoff", "check_repo_id", "hub_endpoint", "hub_token", "retry_after_header",
-           "translating"]
+__all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "CREDENTIAL_NAME", "REQUEST_TIMEOUT", "TOKEN_HINT", "HubFailure",
+           "HubTrouble", "RegistryUnavailable", "backoff", "check_repo_id", "hub_endpoint", "hub_token",
+           "retry_after_header", "translating"]
 
 CREDENTIAL_NAME = "hf_token"  # LoadCredential=hf_token:/path/to/token in the systemd unit
 TOKEN_HINT = f"HF_TOKEN or the {CREDENTIAL_NAME} credential"
@@ -124,7 +124,7 @@ class HubTrouble(enum.Enum):
 
 
 @dataclass(frozen=True)
-class Problem:
+class HubFailure:
     """One failed Hub request: what it means, its HTTP status (0 without one) and the server's words."""
 
     trouble: HubTrouble
@@ -134,28 +134,28 @@ class Problem:
 
 
 @contextlib.contextmanager
-def translating(explain: Callable[[Problem], MergeopsError]) -> Iterator[None]:
+def translating(explain: Callable[[HubFailure], MergeopsError]) -> Iterator[None]:
     """Raise ``explain(problem)`` instead of any huggingface_hub or transport error from the block."""
     try:
         yield
     except OfflineModeIsEnabled:
-        raise explain(Problem(HubTrouble.OFFLINE)) from None
+        raise explain(HubFailure(HubTrouble.OFFLINE)) from None
     except GatedRepoError:  # before RepositoryNotFoundError, its base class
-        raise explain(Problem(HubTrouble.GATED)) from None
+        raise explain(HubFailure(HubTrouble.GATED)) from None
     except RepositoryNotFoundError:
-        raise explain(Problem(HubTrouble.NO_REPO)) from None
+        raise explain(HubFailure(HubTrouble.NO_REPO)) from None
     except RevisionNotFoundError:
-        raise explain(Problem(HubTrouble.NO_REVISION)) from None
+        raise explain(HubFailure(HubTrouble.NO_REVISION)) from None
     except DisabledRepoError:
-        raise explain(Problem(HubTrouble.DISABLED)) from None
+        raise explain(HubFailure(HubTrouble.DISABLED)) from None
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else 0
         if status >= 500 or status in _RETRYABLE_STATUS:
             trouble = HubTrouble.BUSY
         else:
             trouble = HubTrouble.DENIED if status in (401, 403) else HubTrouble.HTTP
-        raise explain(Problem(trouble, status, retry_after_header(error.response),
+        raise explain(HubFailure(trouble, status, retry_after_header(error.response),
                               getattr(error, "server_message", None) or "")) from None
     except (_http.TransportError, LocalEntryNotFoundError) as error:
         # LocalEntryNotFoundError: snapshot_download could not reach the Hub and had nothing cached.
-        raise explain(Problem(HubTrouble.UNREACHABLE, detail=f"{type(error).__name__}: {error}")) from None
+        raise explain(HubFailure(HubTrouble.UNREACHABLE, detail=f"{type(error).__name__}: {error}")) from None

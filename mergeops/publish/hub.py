@@ -35,8 +35,8 @@ from mergeops.hub import (
     BACKOFF_FIRST,
     REQUEST_TIMEOUT,
     TOKEN_HINT,
+    HubFailure,
     HubTrouble,
-    Problem,
     RegistryUnavailable,
     backoff,
     check_repo_id,
@@ -121,7 +121,7 @@ def _folder_files(folder: Path) -> dict[str, Path]:
 def _translating(repo: str, revision: str, endpoint: str, folder: Path) -> Iterator[None]:
     """huggingface_hub's errors as ours: UsageError for what the user must fix, RegistryUnavailable to retry."""
     try:
-        with translating(lambda problem: _explain(problem, repo, revision, endpoint, folder)):
+        with translating(lambda failure: _explain(failure, repo, revision, endpoint, folder)):
             yield
     except json.JSONDecodeError:
         where = f"{repo}@{revision} on {endpoint}"
@@ -134,10 +134,10 @@ def _translating(repo: str, revision: str, endpoint: str, folder: Path) -> Itera
                          "block. Nothing was uploaded.") from None
 
 
-def _explain(problem: Problem, repo: str, revision: str, endpoint: str,
+def _explain(failure: HubFailure, repo: str, revision: str, endpoint: str,
              folder: Path) -> UsageError | RegistryUnavailable:
     where = f"{repo}@{revision} on {endpoint}"
-    match problem.trouble:
+    match failure.trouble:
         case HubTrouble.OFFLINE:
             return UsageError(f"HF_HUB_OFFLINE is set, so {folder} cannot be uploaded to Hub repository {repo}; "
                               "unset it to publish to the Hub.")
@@ -154,20 +154,20 @@ def _explain(problem: Problem, repo: str, revision: str, endpoint: str,
         case HubTrouble.DISABLED:
             return UsageError(f"Hub repository {repo} is disabled on {endpoint}; publish to another repository.")
         case HubTrouble.BUSY:
-            return _unavailable(f"the Hub answered HTTP {problem.status} while uploading {folder} to {where}",
-                                backoff(BACKOFF_FIRST, problem.retry_after))
-        case HubTrouble.HTTP if problem.status in _CONFLICT_STATUS:
+            return _unavailable(f"the Hub answered HTTP {failure.status} while uploading {folder} to {where}",
+                                backoff(BACKOFF_FIRST, failure.retry_after))
+        case HubTrouble.HTTP if failure.status in _CONFLICT_STATUS:
             return _unavailable(f"another commit landed on {where} while {folder} was being uploaded, so the Hub "
                                 "refused ours", BACKOFF_FIRST)
         case HubTrouble.DENIED:
-            return UsageError(f"The Hub refused the upload to {where} (HTTP {problem.status}); give a token with "
+            return UsageError(f"The Hub refused the upload to {where} (HTTP {failure.status}); give a token with "
                               f"write access to {repo} ({TOKEN_HINT}).")
         case HubTrouble.HTTP:
-            detail = f": {problem.detail}" if problem.detail else ""
-            return UsageError(f"The Hub refused the upload of {folder} to {where} (HTTP {problem.status}{detail}); "
+            detail = f": {failure.detail}" if failure.detail else ""
+            return UsageError(f"The Hub refused the upload of {folder} to {where} (HTTP {failure.status}{detail}); "
                               "nothing was committed.")
         case HubTrouble.UNREACHABLE:
-            return _unavailable(f"cannot reach {endpoint} to upload {folder} to {repo} ({problem.detail})",
+            return _unavailable(f"cannot reach {endpoint} to upload {folder} to {repo} ({failure.detail})",
                                 BACKOFF_FIRST)
 
 

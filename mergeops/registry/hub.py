@@ -36,8 +36,8 @@ from mergeops.hub import (
     BACKOFF_MAX,
     REQUEST_TIMEOUT,
     TOKEN_HINT,
+    HubFailure,
     HubTrouble,
-    Problem,
     RegistryUnavailable,
     backoff,
     check_repo_id,
@@ -200,13 +200,13 @@ class HubRegistry:
     @contextlib.contextmanager
     def _talking(self, revision: str) -> Iterator[None]:
         """Translate huggingface_hub's errors into ours and keep the backoff state."""
-        with translating(lambda problem: self._explain(problem, revision)):
+        with translating(lambda failure: self._explain(failure, revision)):
             yield
         self._failures = 0
 
-    def _explain(self, problem: Problem, revision: str) -> UsageError | RegistryUnavailable:
+    def _explain(self, failure: HubFailure, revision: str) -> UsageError | RegistryUnavailable:
         where = f"{self.repo}@{revision} on {self.endpoint}"
-        match problem.trouble:
+        match failure.trouble:
             case HubTrouble.OFFLINE:
                 return UsageError(f"HF_HUB_OFFLINE is set, so Hub repository {self.repo} cannot be polled; "
                                   "unset it for the daemon or watch a local folder.")
@@ -226,15 +226,15 @@ class HubRegistry:
                 return UsageError(f"Hub repository {self.repo} is disabled on {self.endpoint}; "
                                   "watch another repository.")
             case HubTrouble.BUSY:
-                return self._unavailable(f"the Hub answered HTTP {problem.status} for {where}", problem.retry_after)
+                return self._unavailable(f"the Hub answered HTTP {failure.status} for {where}", failure.retry_after)
             case HubTrouble.DENIED:
-                return UsageError(f"The Hub refused access to {where} (HTTP {problem.status}); give the daemon a "
+                return UsageError(f"The Hub refused access to {where} (HTTP {failure.status}); give the daemon a "
                                   f"token that can read it ({TOKEN_HINT}).")
             case HubTrouble.HTTP:
-                return UsageError(f"The Hub answered HTTP {problem.status} for {where}; check 'hub' and 'revision' "
+                return UsageError(f"The Hub answered HTTP {failure.status} for {where}; check 'hub' and 'revision' "
                                   "in the policy.")
             case HubTrouble.UNREACHABLE:
-                return self._unavailable(f"cannot reach {where} ({problem.detail})")
+                return self._unavailable(f"cannot reach {where} ({failure.detail})")
 
     def _unavailable(self, reason: str, hinted: float | None = None) -> RegistryUnavailable:
         wait = backoff(self.retry_after, hinted)
