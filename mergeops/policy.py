@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeops.errors import PolicyError
+from mergeops.hub_uri import is_hub
 
 OUTPUT_DTYPES = ("base", "float32", "bfloat16", "float16")
 
@@ -204,7 +205,7 @@ def _stream(name: str, data: Any, path: Path, local: Any) -> StreamConfig:
         raise PolicyError(f"{path}: {where}.dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}.")
     params = method_class(method, f"{path}: {where}.method").check_params(params, f"{path}: [streams.{name}.params]")
     return StreamConfig(
-        name=name, base=base if base.startswith("hf://") else local(base), method=method, output=local(output),
+        name=name, base=base if is_hub(base) else local(base), method=method, output=local(output),
         keep=keep, dtype=dtype, params=params,
         watch=tuple(_watch(w, f"[[streams.{name}.watch]]", path, local) for w in watch),
         gate=_gate(gate, f"[streams.{name}.gate]", path, local),

@@ -18,6 +18,7 @@ RANKS: list[tuple[str, ...]] = [
     ("errors", "threads", "allocator", "systemd"),
     ("durable",),
     ("keys",),
+    ("hub_uri",),
     ("attestation", "hub"),
     ("model",),
     ("synthetic",),

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from mergeops import __version__
 from mergeops.attestation import IN_TOTO_STATEMENT, PREDICATE_TYPE, dsse_envelope
+from mergeops.hub_uri import HubUri, is_hub
 
 BUILD_TYPE = "https://github.com/mergeops/mergeops/continual-merge/v1"  # how to read externalParameters
 BUILDER_ID = "https://github.com/mergeops/mergeops"
@@ -45,15 +46,15 @@ class VersionFacts:
 
 def hub_repo(source: str) -> str | None:
     """The Hub repo id of a source (hf://org/repo@sha -> org/repo); None for a local folder."""
-    if source.startswith("hf://"):
-        return source.removeprefix("hf://").split("@", 1)[0]
-    return None
+    uri = HubUri.parse(source)
+    return uri.repo if uri is not None else None
 
 
 def public_name(source: str) -> str:
     """How a card names a source: ``org/repo@sha`` on the Hub, a local folder by its name only (never the
     machine's absolute path; the provenance names it by digest)."""
-    return source.removeprefix("hf://") if source.startswith("hf://") else Path(source).name
+    uri = HubUri.parse(source)
+    return uri.public_name if uri is not None else Path(source).name
 
 
 def model_card(facts: VersionFacts, digest: str) -> str:
@@ -86,7 +87,7 @@ def model_card(facts: VersionFacts, digest: str) -> str:
 def _dependency(role: str, item: Input) -> dict[str, Any]:
     found: dict[str, Any] = {"name": public_name(item.source), "annotations": {"role": role},
                              "digest": {"sha256": item.digest.removeprefix("sha256:")}}
-    if item.source.startswith("hf://"):
+    if is_hub(item.source):
         found["uri"] = item.source
     return found
 

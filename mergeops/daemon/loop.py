@@ -21,6 +21,7 @@ from typing import Any
 
 from mergeops.commit.commit import record_rejection
 from mergeops.errors import MergeopsError, RejectedError
+from mergeops.hub_uri import HubUri
 from mergeops.keys import load_signing_key
 from mergeops.ledger.lock import WriterLock
 from mergeops.ledger.store import LEDGER_FILE, Ledger, signing_key_path, utc_now
@@ -175,9 +176,10 @@ class Daemon:
 
     def _local_folder(self, stream: str, source: str) -> Path:
         """Where a queued arrival is on disk: a registry folder, or a Hub commit downloaded now."""
-        if not source.startswith("hf://"):
+        uri = HubUri.parse(source)
+        if uri is None:
             return Path(source)
-        repo, _, sha = source.removeprefix("hf://").rpartition("@")
+        repo, sha = uri.repo, uri.revision or ""
         hub = next((h for s, h, _ in self.hubs if s == stream and h.repo == repo), None)
         if hub is None:
             raise MergeopsError(f"{source} was queued from a Hub watch the policy no longer has; add the watch back "

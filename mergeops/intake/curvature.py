@@ -38,18 +38,13 @@ from torch import nn
 
 from mergeops.errors import ModelFolderError, RejectedError, UsageError
 from mergeops.model import ModelFolder, TensorSpec
+from mergeops.model.architectures import TRAINER_NO_DECAY, is_norm_or_bias
+from mergeops.model.folder import CURVATURE_FILE
 from mergeops.model.writer import write_tensor_file
 
 OPTIMIZER_FILE = "optimizer.pt"
-CURVATURE_FILE = "exp_avg_sq.safetensors"
 
 log = logging.getLogger(__name__)
-
-# transformers >= 4.49, Trainer.get_decay_parameter_names: matched against the lower-cased full name.
-_TRAINER_NO_DECAY_PATTERNS = tuple(re.compile(p) for p in (
-    r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"))
-# The name-only rule for ``param_names`` (no modules to look at): biases, norms, GPT-2 style ``ln_*``.
-_NAME_NO_DECAY = re.compile(r"bias|norm|(?:^|\.)ln_", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -182,7 +177,7 @@ def _layouts_from_config(root: Path, stored: Mapping[str, tuple[int, ...]]) -> l
                                     f"{root / 'config.json'} builds it as {shape}; config.json and the weights "
                                     "disagree.")
         trainable.append((name, _Param(name, shape, stored_as)))
-    current = set(_decay_parameter_names(model, _TRAINER_NO_DECAY_PATTERNS))
+    current = set(_decay_parameter_names(model, TRAINER_NO_DECAY))
     legacy = {n for n in _decay_parameter_names(model, ()) if "bias" not in n}
     origin = f"the {type(model).__name__} built from {root / 'config.json'}"
     return [_split("transformers >= 4.49 Trainer", origin, trainable, current),
@@ -250,7 +245,7 @@ def _layout_from_names(root: Path, param_names: list[str], stored: Mapping[str, 
             raise RejectedError(f"param_names lists {name!r}, which is not a tensor in {root}'s weights; use the "
                                 "checkpoint's tensor names.")
     params = [(n, _Param(n, stored[n], (n,))) for n in param_names]
-    return _split("name-based", "param_names", params, {n for n in param_names if not _NAME_NO_DECAY.search(n)})
+    return _split("name-based", "param_names", params, {n for n in param_names if not is_norm_or_bias(n)})
 
 
 def _choose(path: Path, layouts: list[_Layout], groups: list[list[int]], state: Mapping[int, Mapping[str, Any]]

@@ -5,13 +5,9 @@ from __future__ import annotations
 import torch
 
 from mergeops.model import ModelFolder, Problem
+from mergeops.model.architectures import is_parameter
 
 MERGELOCK_META = "mergelock."  # the safetensors metadata keys of a MergeLock-protected model start with this
-
-# Tensors named like trainable parameters must be floating point; buffers such as BERT's
-# ``position_ids`` are legitimately integer.
-_PARAMETER_SUFFIXES = (".weight", ".bias")
-
 
 _FINITE_CHUNK = 1 << 20  # elements: isfinite allocates temporaries of the input's size
 
@@ -25,10 +21,11 @@ def tensor_value_problem(name: str, tensor: torch.Tensor, file: str | None = Non
                          expect_floating: bool | None = None) -> Problem | None:
     """A problem with one tensor's values: non-finite entries, or an integer where a float belongs.
 
-    ``expect_floating`` comes from the base when there is one; otherwise from the tensor's name.
+    ``expect_floating`` comes from the base when there is one; otherwise from the tensor's name (trainable
+    parameters are floating point; buffers such as BERT's ``position_ids`` are legitimately integer).
     """
     if expect_floating is None:
-        expect_floating = name.endswith(_PARAMETER_SUFFIXES)
+        expect_floating = is_parameter(name)
     if not tensor.dtype.is_floating_point:
         if expect_floating:
             return Problem("not_floating", f"tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')} "

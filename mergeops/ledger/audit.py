@@ -23,6 +23,7 @@ from sqlite_utils import Database
 
 from mergeops import keys
 from mergeops.errors import MergeopsError
+from mergeops.hub_uri import SCHEME, is_hub
 from mergeops.ledger.events import Event, canonical, chain_problems
 from mergeops.ledger.store import HEAD_FILE, Ledger, public_key_for, signing_key_path
 from mergeops.ledger.tables import HISTORY_TABLES, apply, migrations
@@ -198,7 +199,7 @@ def _check_publications(ledger: Ledger, report: AuditReport) -> None:
     """Every published copy in a local folder, file by file (card and signature included); on the Hub the
     commit is recorded and cannot change."""
     for p in ledger.rows("SELECT stream, version, target, output_digest, files FROM publications ORDER BY id"):
-        if p["target"].startswith("hf://"):
+        if is_hub(p["target"]):
             continue
         where = f"{p['stream']} v{p['version']:04d} published"
         folder = ledger.located(p["target"])
@@ -220,7 +221,7 @@ def _check_rollback(ledger: Ledger, report: AuditReport, folders: Mapping[str, I
     for head in ledger.rows("SELECT stream, max(version) AS version, path FROM versions GROUP BY stream"):
         roots = {ledger.located(head["path"]).parent, *folders.get(head["stream"], ())}
         roots |= {ledger.located(r["target"]).parent for r in ledger.rows(
-            "SELECT target FROM publications WHERE stream = ? AND target NOT LIKE 'hf://%'", (head["stream"],))}
+            "SELECT target FROM publications WHERE stream = ? AND target NOT LIKE ?", (head["stream"], f"{SCHEME}%"))}
         for root in sorted(roots):
             for child in sorted(root.iterdir()) if root.is_dir() else []:
                 match = re.fullmatch(r"v(\d{4,})", child.name)

@@ -24,6 +24,7 @@ from sqlite_utils import Database
 from mergeops import keys
 from mergeops.durable import fsync_dir, write_durably
 from mergeops.errors import PolicyError, disk_full, no_space
+from mergeops.hub_uri import is_hub
 from mergeops.ledger.events import GENESIS, Event, canonical
 from mergeops.ledger.tables import apply, migrations
 
@@ -172,13 +173,13 @@ class Ledger:
     def relative(self, path: str | os.PathLike[str]) -> str:
         """How a local path is recorded: relative to the home (``../merged/s/v0001``); Hub sources as they are."""
         text = os.fspath(path)
-        if text.startswith("hf://") or not text:
+        if is_hub(text) or not text:
             return text
         return os.path.relpath(os.path.abspath(text), os.path.abspath(self.home))
 
     def located(self, recorded: str) -> Path:
         """Where a recorded path is now (older ledgers recorded absolute paths, which stay as they are)."""
-        return Path(os.path.normpath(self.home / recorded)) if recorded and not recorded.startswith("hf://") \
+        return Path(os.path.normpath(self.home / recorded)) if recorded and not is_hub(recorded) \
             else Path(recorded)
 
     # -- reading -------------------------------------------------------------------------------

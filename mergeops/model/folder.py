@@ -33,7 +33,8 @@ PIECE = 1 << 18
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-CURVATURE_FILE = "exp_avg_sq.safetensors"  # a checkpoint's Adam second moments, for OTA
+# Adam second moments beside a checkpoint's weights: written by intake (curvature import), read by OTA.
+CURVATURE_FILE = "exp_avg_sq.safetensors"
 
 
 @dataclass(frozen=True)

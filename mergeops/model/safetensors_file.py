@@ -1,9 +1,11 @@
 """The safetensors format, read and written with positioned I/O.
 
-We parse headers ourselves so that a damaged file yields a precise sentence (which tensor, which
-offset) instead of a library error, and we read each tensor with one positioned read into memory the
-tensor owns. Memory-mapping would keep every touched page of the file resident in our RSS until the
-file is closed; a positioned read keeps only the tensor being worked on.
+Every header we read is validated by the reference parser, ``safetensors.safe_open`` (it reads the header only,
+touching no data page): a header it refuses is never used. We also parse the header ourselves, because the
+reference names only the first thing wrong and we want each problem as a precise sentence (which tensor, which
+offset, truncated or corrupted), and because we need each tensor's byte offsets: we read each tensor with one
+positioned read into memory the tensor owns. Memory-mapping would keep every touched page of the file resident in
+our RSS until the file is closed; a positioned read keeps only the tensor being worked on.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from mergeops.model.problems import Problem
 
@@ -81,8 +84,9 @@ class SafetensorsHeader:
 def parse_header(path: Path, label: str) -> tuple[SafetensorsHeader | None, list[Problem]]:
     """Parse and check the header of ``path``. ``label`` is the name used in messages.
 
-    Returns the header when the file can be read safely, and every problem found: a truncated file,
-    offsets past the end or overlapping, sizes that disagree with shape and dtype, unknown dtypes.
+    Returns the header when the reference parser accepts it and the file can be read safely, and every problem
+    found: a truncated file, offsets past the end or overlapping, sizes that disagree with shape and dtype,
+    unknown dtypes, or whatever else the reference refuses.
     """
 
     def problem(code: str, message: str, tensor: str | None = None) -> Problem:
@@ -157,7 +161,35 @@ def parse_header(path: Path, label: str) -> tuple[SafetensorsHeader | None, list
     safe = not any(p.code in ("truncated_file", "overlapping_tensors") for p in problems)
     if not safe:
         return None, problems
+    reference = _reference_header(path)
+    changed = problem("truncated_file", f"{label} changed while it was being read; if it is still being written, "
+                      "wait until it is complete, else copy the file again from its source.")
+    if isinstance(reference, str):
+        if path.stat().st_size != size:
+            return None, [changed]
+        # Our own checks above name the tensor when they see what is wrong; otherwise say what the reference saw.
+        return None, problems or [problem("bad_header", f"{label} is not a valid safetensors file (the "
+                                          f"safetensors library says: {reference}); it is corrupted, copy the file "
+                                          "again from its source.")]
+    accepted, metadata = reference
+    refused = {p.tensor for p in problems}
+    if {name: seen for name, seen in accepted.items() if name not in refused} != {e.name: (e.dtype, e.shape)
+                                                                                 for e in entries}:
+        return None, [changed]  # the reference read another header than we did
     return SafetensorsHeader(path, data_start, tuple(entries), metadata), problems
+
+
+def _reference_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]] | str:
+    """``{name: (dtype, shape)}`` and the metadata of ``path`` as ``safetensors.safe_open`` reads them, or why it
+    refuses the header. It checks the header length, UTF-8, JSON, dtypes, shapes and that the offsets tile the data
+    exactly; it reads no tensor data."""
+    try:
+        with safe_open(path, framework="pt") as reference:
+            slices = {name: reference.get_slice(name) for name in reference.keys()}  # noqa: SIM118 - not a dict
+            return ({name: (s.get_dtype(), tuple(s.get_shape())) for name, s in slices.items()},
+                    reference.metadata() or {})
+    except SafetensorError as exc:
+        return str(exc).removeprefix("Error while deserializing header: ")
 
 
 def _parse_entry(name: str, info: object, data_start: int) -> TensorEntry | str:

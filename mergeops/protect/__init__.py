@@ -4,7 +4,7 @@
 >>> ledger.record(("protection.recorded", report["ledger"]))
 """
 
-from mergeops.protect.architectures import FAMILIES, supported
+from mergeops.model.architectures import FAMILIES, supported
 from mergeops.protect.mergelock import DEFAULT_STRENGTH, is_protected, protect, protection_marks, unprotect
 
 __all__ = ["DEFAULT_STRENGTH", "FAMILIES", "is_protected", "protect", "protection_marks", "supported", "unprotect"]

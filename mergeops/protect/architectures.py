@@ -1,111 +1,30 @@
-"""Where attention and MLPs live in each architecture MergeLock protects, as data (SPEC §8).
+"""MergeLock's view of the architecture table (SPEC §8): a model folder as the layers it protects.
 
-One :class:`Family` per architecture family says how to find its layers (name templates, with or without a
-task-head prefix such as ``bert.`` or ``model.``), how q/k/v/o and the MLP are stored (separate ``nn.Linear``
-weights in ``[out, in]`` layout, or GPT-2's fused, transposed ``Conv1D`` ``c_attn`` ``[in, 3·E]``, ``c_proj``
-``[E, out]``, ``c_fc`` ``[in, F]``), whether the MLP is gated (SwiGLU), which config keys hold the head counts,
-whether keys and queries are rotated (and how rotary dimensions are paired), and what makes the query/key
-symmetry unsafe. :func:`resolve` turns a model folder into a list of :class:`LayerUnit` (one per layer and
-tower) from that table alone; nothing else in the package knows architecture names. Anything not in the
-table is refused before a file is written.
+:func:`resolve` turns a model folder into a list of :class:`LayerUnit` (one per layer and tower) from the table in
+:mod:`mergeops.model.architectures` alone, with each layer's head geometry checked against config.json. Anything
+not in the table is refused before a file is written.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mergeops.errors import UsageError
 from mergeops.model import ModelFolder
-
-SEPARATE = "separate"  # q, k, v, o are separate nn.Linear weights, [out, in]
-FUSED_CONV1D = "fused_conv1d"  # GPT-2: c_attn Conv1D [in, 3·E] holding [Q | K | V] columns; c_proj Conv1D [E, out]
-
-ROTARY_HALF = "half"  # Hugging Face rotate_half: dimension i pairs with i + r/2 (Llama, Mistral, Qwen2)
-ROTARY_ADJACENT = "adjacent"  # GPT-J / Meta-original layout: 2i pairs with 2i + 1 (no family below uses it)
-
-
-@dataclass(frozen=True)
-class Tower:
-    """One stack of attention layers (a model has one; CLIP has a text and a vision tower)."""
-
-    name: str  # "" when the family has a single tower
-    layer: str  # name template of a layer, "{i}" standing for its index, e.g. "encoder.layer.{i}."
-    config: str | None = None  # sub-config holding this tower's head counts ("text_config"); root if absent
-    inputs: str = "text"  # what a verification forward pass feeds this tower: "text" or "image"
-    prefix: str = ""  # the tower's own prefix inside a multi-tower model ("text_model.")
-    alone: str | None = None  # model_type of a model that is this tower alone, saved without its prefix
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    label: str  # how users know it
-    model_types: tuple[str, ...]  # config.json "model_type" values
-    towers: tuple[Tower, ...]
-    prefixes: tuple[str, ...]  # task-head prefixes a checkpoint may put before every layer name
-    q: str  # module names relative to the layer; under FUSED_CONV1D q, k and v name the same fused module
-    k: str
-    v: str
-    o: str
-    up: str  # the MLP's input projection (its hidden neurons are its rows, or Conv1D columns)
-    down: str  # the MLP's output projection (hidden neurons are its columns, or Conv1D rows)
-    gate: str | None = None  # gated MLPs (SwiGLU): act(gate·x) ⊙ (up·x)
-    layout: str = SEPARATE
-    heads_keys: tuple[str, ...] = ("num_attention_heads",)
-    kv_heads_keys: tuple[str, ...] = ("num_key_value_heads",)
-    head_dim_keys: tuple[str, ...] = ("head_dim",)
-    rotary: str | None = None  # ROTARY_HALF / ROTARY_ADJACENT, None when queries and keys are not rotated
-    rotary_fraction_keys: tuple[str, ...] = ("partial_rotary_factor", "rope_parameters.partial_rotary_factor")
-    # Layer-relative tensors whose presence means per-head q/k normalisation: then only V/O is protected.
-    qk_norm: tuple[str, ...] = ()
-    # Config values under which attention logits are not a function of q·k alone: then only V/O is protected.
-    qk_config_blockers: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
-
-
-def _rotary_decoder(name: str, label: str, model_types: tuple[str, ...], **extra: Any) -> Family:
-    """The Llama layout shared by Mistral, Qwen2 and Qwen3: separate projections, rotate_half RoPE, GQA."""
-    return Family(name=name, label=label, model_types=model_types, towers=(Tower("", "layers.{i}."),),
-                  prefixes=("", "model."), q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
-                  o="self_attn.o_proj", up="mlp.up_proj", gate="mlp.gate_proj", down="mlp.down_proj",
-                  rotary=ROTARY_HALF, **extra)
-
-
-FAMILIES: tuple[Family, ...] = (
-    Family(name="bert", label="BERT", model_types=("bert",), towers=(Tower("", "encoder.layer.{i}."),),
-           prefixes=("", "bert."), q="attention.self.query", k="attention.self.key", v="attention.self.value",
-           o="attention.output.dense", up="intermediate.dense", down="output.dense",
-           qk_config_blockers={"position_embedding_type": ("relative_key", "relative_key_query")}),
-    Family(name="roberta", label="RoBERTa", model_types=("roberta",), towers=(Tower("", "encoder.layer.{i}."),),
-           prefixes=("", "roberta."), q="attention.self.query", k="attention.self.key", v="attention.self.value",
-           o="attention.output.dense", up="intermediate.dense", down="output.dense",
-           qk_config_blockers={"position_embedding_type": ("relative_key", "relative_key_query")}),
-    Family(name="vit", label="ViT", model_types=("vit",),
-           towers=(Tower("", "encoder.layer.{i}.", inputs="image"),), prefixes=("", "vit."),
-           q="attention.attention.query", k="attention.attention.key", v="attention.attention.value",
-           o="attention.output.dense", up="intermediate.dense", down="output.dense"),
-    Family(name="clip", label="CLIP", model_types=("clip", "clip_text_model", "clip_vision_model"),
-           towers=(Tower("text", "encoder.layers.{i}.", config="text_config", inputs="text", prefix="text_model.",
-                         alone="clip_text_model"),
-                   Tower("vision", "encoder.layers.{i}.", config="vision_config", inputs="image",
-                         prefix="vision_model.", alone="clip_vision_model")),
-           prefixes=("",), q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.out_proj",
-           up="mlp.fc1", down="mlp.fc2"),
-    Family(name="gpt2", label="GPT-2", model_types=("gpt2",), towers=(Tower("", "h.{i}."),),
-           prefixes=("", "transformer."), q="attn.c_attn", k="attn.c_attn", v="attn.c_attn", o="attn.c_proj",
-           up="mlp.c_fc", down="mlp.c_proj", layout=FUSED_CONV1D, heads_keys=("n_head", "num_attention_heads")),
-    _rotary_decoder("llama", "Llama", ("llama",)),
-    _rotary_decoder("mistral", "Mistral", ("mistral",)),
-    _rotary_decoder("qwen2", "Qwen2", ("qwen2",)),
-    _rotary_decoder("qwen3", "Qwen3", ("qwen3",), qk_norm=("self_attn.q_norm.weight", "self_attn.k_norm.weight")),
+from mergeops.model.architectures import (
+    FUSED_CONV1D,
+    Family,
+    Tower,
+    config_value,
+    family_for,
+    layer_pattern,
+    layer_roles,
+    supported,
+    tower_config,
+    towers_of,
 )
-
-
-def supported() -> str:
-    """The supported architectures, for messages."""
-    return ", ".join(f.label for f in FAMILIES)
 
 
 @dataclass(frozen=True)
@@ -151,32 +70,6 @@ class Plan:
         return any(u.qk for u in self.units)
 
 
-def _lookup(config: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
-    for key in keys:
-        node: Any = config
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, Mapping) else None
-        if node is not None:
-            return node
-    return None
-
-
-def family_for(config: Mapping[str, Any] | None) -> Family | None:
-    model_type = (config or {}).get("model_type")
-    return next((f for f in FAMILIES if model_type in f.model_types), None)
-
-
-def towers_of(family: Family, config: Mapping[str, Any]) -> tuple[Tower, ...]:
-    """The towers a model of this config has: one tower saved alone (without its prefix), or all of them."""
-    alone = [t for t in family.towers if t.alone and t.alone == config.get("model_type")]
-    return tuple(Tower(t.name, t.layer, t.config, t.inputs, "", t.alone) for t in alone) if alone else family.towers
-
-
-def tower_config(config: Mapping[str, Any], tower: Tower) -> Mapping[str, Any]:
-    sub = config.get(tower.config) if tower.config else None
-    return sub if isinstance(sub, Mapping) else config
-
-
 def resolve(folder: ModelFolder) -> Plan:
     """Every attention layer of ``folder`` with its geometry, or UsageError naming what is not supported."""
     config = folder.config
@@ -209,9 +102,7 @@ def resolve(folder: ModelFolder) -> Plan:
 
 def _tower_units(folder: ModelFolder, family: Family, tower: Tower, config: Mapping[str, Any],
                  blocked: list[str]) -> list[LayerUnit]:
-    prefixes = "|".join(re.escape(p + tower.prefix) for p in family.prefixes)
-    layer = re.escape(tower.layer).replace(re.escape("{i}"), r"(?P<i>\d+)")
-    pattern = re.compile(rf"^(?P<p>{prefixes}){layer}{re.escape(family.q)}\.weight$")
+    pattern = layer_pattern(family, tower, family.q, "weight")
     units = []
     for name in folder.tensors:
         match = pattern.match(name)
@@ -224,7 +115,7 @@ def _tower_units(folder: ModelFolder, family: Family, tower: Tower, config: Mapp
 def _unit(folder: ModelFolder, family: Family, tower: Tower, config: Mapping[str, Any], base: str, index: int,
           blocked: list[str]) -> LayerUnit:
     where = f"{folder.path}: layer {base.rstrip('.')}"
-    roles = ("q", "k", "v", "o", "up", "down", *(("gate",) if family.gate else ()))
+    roles = tuple(r.value for r in layer_roles(family))
     names = {role: f"{base}{getattr(family, role)}.weight" for role in roles}
     for role in ("q", "k", "v", "up", "gate"):
         if role in names and f"{base}{getattr(family, role)}.bias" in folder.tensors:
@@ -236,7 +127,7 @@ def _unit(folder: ModelFolder, family: Family, tower: Tower, config: Mapping[str
         if not folder.tensors[name].dtype.is_floating_point:
             raise UsageError(f"{where}: {name} is stored as {folder.tensors[name].dtype}; MergeLock needs floating "
                              "point attention weights (dequantize first). Nothing was written.")
-    heads = _lookup(config, family.heads_keys)
+    heads = config_value(config, family.heads_keys)
     if not isinstance(heads, int) or heads <= 0:
         raise UsageError(f"{folder.path}/config.json has no head count ({' or '.join(family.heads_keys)}); "
                          "it is needed to find each attention head. Nothing was written.")
@@ -259,9 +150,9 @@ def _unit(folder: ModelFolder, family: Family, tower: Tower, config: Mapping[str
             "gate" in mlp_shapes and mlp_shapes["gate"] != mlp_shapes["up"]):
         raise UsageError(f"{where}: MLP shapes ({', '.join(f'{r} {list(s)}' for r, s in mlp_shapes.items())}) do "
                          "not fit together. Nothing was written.")
-    head_dim = _lookup(config, family.head_dim_keys) or (q_rows // heads)
+    head_dim = config_value(config, family.head_dim_keys) or (q_rows // heads)
     kv_heads = kv_rows // head_dim if head_dim else 0
-    declared_kv = _lookup(config, family.kv_heads_keys)
+    declared_kv = config_value(config, family.kv_heads_keys)
     if (q_rows != heads * head_dim or kv_rows != kv_heads * head_dim or kv_heads == 0 or heads % kv_heads
             or o_in != q_rows or (declared_kv is not None and declared_kv != kv_heads)):
         raise UsageError(f"{where}: attention shapes (q {shape['q']}, k {shape['k']}, o {shape['o']}) do not match "
@@ -270,7 +161,7 @@ def _unit(folder: ModelFolder, family: Family, tower: Tower, config: Mapping[str
                          + " from config.json. Nothing was written.")
     rotary_dim = 0
     if family.rotary:
-        fraction = _lookup(config, family.rotary_fraction_keys)
+        fraction = config_value(config, family.rotary_fraction_keys)
         rotary_dim = int(head_dim * (1.0 if fraction is None else float(fraction)))
         rotary_dim -= rotary_dim % 2
     qk = not blocked and not any(f"{base}{n}" in folder.tensors for n in family.qk_norm)

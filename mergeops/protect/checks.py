@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from mergeops.protect.architectures import LayerUnit, Plan, tower_config
+from mergeops.model.architectures import tower_config
+from mergeops.protect.architectures import LayerUnit, Plan
 from mergeops.protect.layer import F64, LayerWeights
 from mergeops.protect.transforms import rotary_pairs
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mergeops.protect.architectures import FUSED_CONV1D, LayerUnit
+from mergeops.model.architectures import FUSED_CONV1D
+from mergeops.protect.architectures import LayerUnit
 from mergeops.protect.transforms import LayerTransform, Monomial
 
 F64 = torch.float64

@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from mergeops.protect.architectures import ROTARY_ADJACENT, ROTARY_HALF, LayerUnit
+from mergeops.model.architectures import ROTARY_ADJACENT, ROTARY_HALF
+from mergeops.protect.architectures import LayerUnit
 
 SCHEME = "mergelock-v2"
 SALT_BYTES = 16

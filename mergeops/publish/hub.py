@@ -14,7 +14,7 @@ returned), so publishing again after a lost answer is safe.
 
 The repository is never created here: publishing to a repository that does not exist, or to a branch that does
 not exist, is a :class:`~mergeops.errors.UsageError`, as are refused credentials. A Hub that cannot be reached or
-answers 5xx (or 429, or a concurrent commit) is :class:`~mergeops.registry.hub.RegistryUnavailable`. The token
+answers 5xx (or 429, or a concurrent commit) is :class:`~mergeops.hub.RegistryUnavailable`. The token
 is never logged nor put in a message.
 """
 
@@ -24,43 +24,32 @@ import contextlib
 import json
 import logging
 import os
-import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
-from huggingface_hub.errors import (
-    DisabledRepoError,
-    GatedRepoError,
-    HfHubHTTPError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import HFValidationError, OfflineModeIsEnabled, validate_repo_id
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
 from mergeops.errors import ModelFolderError, UsageError
-from mergeops.registry.hub import (
+from mergeops.hub import (
     BACKOFF_FIRST,
-    BACKOFF_MAX,
-    CREDENTIAL_NAME,
     REQUEST_TIMEOUT,
+    TOKEN_HINT,
+    HubFailure,
+    HubTrouble,
     RegistryUnavailable,
+    backoff,
+    check_repo_id,
+    hub_endpoint,
     hub_token,
-    retry_after_header,
+    translating,
 )
-
-try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
-    import httpx2 as _http
-except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
-    import httpx as _http  # type: ignore[no-redef]
+from mergeops.hub_uri import is_commit_sha
 
 __all__ = ["upload_to_hub"]
 
 log = logging.getLogger(__name__)
 
-_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
-_RETRYABLE_STATUS = frozenset({408, 425, 429})
 _CONFLICT_STATUS = frozenset({409, 412})  # the branch moved since we looked (parent_commit no longer its head)
 _LOCAL_ONLY_DIRS = (".git", ".cache")  # never uploaded: git internals, huggingface_hub download metadata
 
@@ -69,21 +58,18 @@ def upload_to_hub(folder: Path, repo: str, *, revision: str = "main", message: s
                   token: str | None = None) -> str:
     """Upload every file of ``folder`` to branch ``revision`` of Hub model repo ``repo`` as one commit.
 
-    Returns the sha of the commit that holds the folder. ``token`` defaults to :func:`~mergeops.registry.hub.
-    hub_token` (``HF_TOKEN`` or the ``hf_token`` systemd credential), else huggingface_hub's own login.
+    Returns the sha of the commit that holds the folder. ``token`` defaults to :func:`~mergeops.hub.hub_token`
+    (``HF_TOKEN`` or the ``hf_token`` systemd credential), else huggingface_hub's own login.
     """
     folder = Path(folder)
-    try:
-        validate_repo_id(repo)
-    except HFValidationError:
-        raise UsageError(f"Hub repository {repo!r} is not a valid repo id; write it as 'org/name'.") from None
-    if not revision or _COMMIT_SHA.fullmatch(revision):
+    check_repo_id(repo)
+    if not revision or is_commit_sha(revision):
         raise UsageError(f"Cannot upload to revision {revision!r} of Hub repository {repo}; give a branch such "
                          "as 'main'.")
     if not message.strip():
         raise UsageError(f"Uploading {folder} to Hub repository {repo} needs a commit message.")
     files = _folder_files(folder)
-    endpoint = (os.environ.get("HF_ENDPOINT", "").rstrip("/") or constants.ENDPOINT).rstrip("/")
+    endpoint = hub_endpoint()
     api = HfApi(endpoint=endpoint, token=token if token is not None else hub_token(), library_name="mergeops")
     with _translating(repo, revision, endpoint, folder):
         # model_info makes one request without retries: an unreachable Hub, a missing repo or branch, or a
@@ -95,7 +81,7 @@ def upload_to_hub(folder: Path, repo: str, *, revision: str = "main", message: s
             CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in sorted(files.items())]
         operations += [CommitOperationDelete(path_in_repo=name) for name in stale]
         commit = api.create_commit(repo, operations, commit_message=message, revision=revision,
-                                   parent_commit=head.sha if head.sha and _COMMIT_SHA.fullmatch(head.sha) else None)
+                                   parent_commit=head.sha if head.sha and is_commit_sha(head.sha) else None)
     sha = str(commit.oid)
     if sha == head.sha:
         log.info("hub %s@%s: %s is already there as commit %s; nothing committed", repo, revision, folder, sha)
@@ -134,43 +120,11 @@ def _folder_files(folder: Path) -> dict[str, Path]:
 @contextlib.contextmanager
 def _translating(repo: str, revision: str, endpoint: str, folder: Path) -> Iterator[None]:
     """huggingface_hub's errors as ours: UsageError for what the user must fix, RegistryUnavailable to retry."""
-    where = f"{repo}@{revision} on {endpoint}"
-    token_hint = f"HF_TOKEN or the {CREDENTIAL_NAME} credential"
     try:
-        yield
-    except OfflineModeIsEnabled:
-        raise UsageError(f"HF_HUB_OFFLINE is set, so {folder} cannot be uploaded to Hub repository {repo}; "
-                         "unset it to publish to the Hub.") from None
-    except GatedRepoError:
-        raise UsageError(f"Hub repository {repo} is gated and the token has no access to it; use a token with write "
-                         f"access to {repo} ({token_hint}).") from None
-    except RepositoryNotFoundError:
-        raise UsageError(f"Hub repository {repo} was not found on {endpoint}, or the token cannot see it; mergeops "
-                         f"does not create repositories: create it (`hf repos create {repo}`) and give a token with "
-                         f"write access to it ({token_hint}).") from None
-    except RevisionNotFoundError:
-        raise UsageError(f"Branch {revision!r} of Hub repository {repo} does not exist on {endpoint}; create it "
-                         f"(`hf repos branch create {repo} {revision}`) or publish to 'main'.") from None
-    except DisabledRepoError:
-        raise UsageError(f"Hub repository {repo} is disabled on {endpoint}; publish to another repository.") from None
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else 0
-        if status >= 500 or status in _RETRYABLE_STATUS:
-            wait = max(BACKOFF_FIRST, min(retry_after_header(error.response) or 0.0, BACKOFF_MAX))
-            raise _unavailable(f"the Hub answered HTTP {status} while uploading {folder} to {where}", wait) from None
-        if status in _CONFLICT_STATUS:
-            raise _unavailable(f"another commit landed on {where} while {folder} was being uploaded, so the Hub "
-                               "refused ours", BACKOFF_FIRST) from None
-        if status in (401, 403):
-            raise UsageError(f"The Hub refused the upload to {where} (HTTP {status}); give a token with write access "
-                             f"to {repo} ({token_hint}).") from None
-        detail = f": {error.server_message}" if getattr(error, "server_message", None) else ""
-        raise UsageError(f"The Hub refused the upload of {folder} to {where} (HTTP {status}{detail}); nothing was "
-                         "committed.") from None
-    except _http.TransportError as error:
-        raise _unavailable(f"cannot reach {endpoint} to upload {folder} to {repo} ({type(error).__name__}: {error})",
-                           BACKOFF_FIRST) from None
+        with translating(lambda failure: _explain(failure, repo, revision, endpoint, folder)):
+            yield
     except json.JSONDecodeError:
+        where = f"{repo}@{revision} on {endpoint}"
         raise _unavailable(f"the Hub gave an answer that is not JSON while uploading {folder} to {where}",
                            BACKOFF_FIRST) from None
     except ValueError as error:
@@ -178,6 +132,43 @@ def _translating(repo: str, revision: str, endpoint: str, folder: Path) -> Itera
             raise
         raise UsageError(f"The Hub refused the model card {folder / 'README.md'}: {error}; fix its metadata "
                          "block. Nothing was uploaded.") from None
+
+
+def _explain(failure: HubFailure, repo: str, revision: str, endpoint: str,
+             folder: Path) -> UsageError | RegistryUnavailable:
+    where = f"{repo}@{revision} on {endpoint}"
+    match failure.trouble:
+        case HubTrouble.OFFLINE:
+            return UsageError(f"HF_HUB_OFFLINE is set, so {folder} cannot be uploaded to Hub repository {repo}; "
+                              "unset it to publish to the Hub.")
+        case HubTrouble.GATED:
+            return UsageError(f"Hub repository {repo} is gated and the token has no access to it; use a token with "
+                              f"write access to {repo} ({TOKEN_HINT}).")
+        case HubTrouble.NO_REPO:
+            return UsageError(f"Hub repository {repo} was not found on {endpoint}, or the token cannot see it; "
+                              f"mergeops does not create repositories: create it (`hf repos create {repo}`) and give "
+                              f"a token with write access to it ({TOKEN_HINT}).")
+        case HubTrouble.NO_REVISION:
+            return UsageError(f"Branch {revision!r} of Hub repository {repo} does not exist on {endpoint}; create it "
+                              f"(`hf repos branch create {repo} {revision}`) or publish to 'main'.")
+        case HubTrouble.DISABLED:
+            return UsageError(f"Hub repository {repo} is disabled on {endpoint}; publish to another repository.")
+        case HubTrouble.BUSY:
+            return _unavailable(f"the Hub answered HTTP {failure.status} while uploading {folder} to {where}",
+                                backoff(BACKOFF_FIRST, failure.retry_after))
+        case HubTrouble.HTTP if failure.status in _CONFLICT_STATUS:
+            return _unavailable(f"another commit landed on {where} while {folder} was being uploaded, so the Hub "
+                                "refused ours", BACKOFF_FIRST)
+        case HubTrouble.DENIED:
+            return UsageError(f"The Hub refused the upload to {where} (HTTP {failure.status}); give a token with "
+                              f"write access to {repo} ({TOKEN_HINT}).")
+        case HubTrouble.HTTP:
+            detail = f": {failure.detail}" if failure.detail else ""
+            return UsageError(f"The Hub refused the upload of {folder} to {where} (HTTP {failure.status}{detail}); "
+                              "nothing was committed.")
+        case HubTrouble.UNREACHABLE:
+            return _unavailable(f"cannot reach {endpoint} to upload {folder} to {repo} ({failure.detail})",
+                                BACKOFF_FIRST)
 
 
 def _unavailable(reason: str, wait: float) -> RegistryUnavailable:

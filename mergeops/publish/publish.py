@@ -21,6 +21,7 @@ from typing import Any
 from mergeops import keys
 from mergeops.durable import fsync_dir, fsync_file
 from mergeops.errors import MergeopsError, UsageError
+from mergeops.hub_uri import HubUri
 from mergeops.ledger.store import Ledger, signing_key_path
 from mergeops.model.digest import file_sha256
 from mergeops.model.signing import sign_model_folder
@@ -101,7 +102,7 @@ def publish(policy: Policy, stream_name: str | None, version: int | None = None)
             if config.hub is not None:
                 sha = upload_to_hub(ready, config.hub, message=f"mergeops: {stream.name} {name} "
                                     f"({stream.method}, {published_digest})")
-                targets.append(f"hf://{config.hub}@{sha}")
+                targets.append(str(HubUri(config.hub, sha)))
             if target is not None:
                 ready.chmod(0o755)
                 fsync_dir(ready)

@@ -18,85 +18,41 @@ changed environment (a test, a mirror configured late) is honoured.
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import json
 import logging
 import os
-import re
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, get_session, hf_hub_url, snapshot_download
-from huggingface_hub.errors import (
-    DisabledRepoError,
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import (
-    HFValidationError,
-    OfflineModeIsEnabled,
-    build_hf_headers,
-    hf_raise_for_status,
-    tqdm,
-    validate_repo_id,
-)
+from huggingface_hub import HfApi, get_session, hf_hub_url, snapshot_download
+from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, tqdm
 
 from mergeops.durable import fsync_dir, fsync_file
-from mergeops.errors import MergeopsError, RejectedError, UsageError
-
-try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
-    import httpx2 as _http
-except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
-    import httpx as _http  # type: ignore[no-redef]
+from mergeops.errors import RejectedError, UsageError
+from mergeops.hub import (
+    BACKOFF_FIRST,
+    BACKOFF_MAX,
+    REQUEST_TIMEOUT,
+    TOKEN_HINT,
+    HubFailure,
+    HubTrouble,
+    RegistryUnavailable,
+    backoff,
+    check_repo_id,
+    hub_endpoint,
+    hub_token,
+    translating,
+)
+from mergeops.hub_uri import HubUri, is_commit_sha
+from mergeops.model.folder import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE
 
 __all__ = ["HubCommit", "HubRegistry", "RegistryUnavailable", "hub_token"]
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-CREDENTIAL_NAME = "hf_token"  # LoadCredential=hf_token:/path/to/token in the systemd unit
-
-BACKOFF_FIRST = 5.0
-BACKOFF_MAX = 300.0
-REQUEST_TIMEOUT = 30.0
 MAX_INDEX_BYTES = 64 << 20
-_COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
-_RETRYABLE_STATUS = frozenset({408, 425, 429})
-
-
-class RegistryUnavailable(MergeopsError):
-    """The registry cannot be reached right now; try again after ``retry_after`` seconds."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-def hub_token() -> str | None:
-    """The Hub token: ``HF_TOKEN``, else the systemd credential ``hf_token``, else None. Never logged."""
-    token = os.environ.get("HF_TOKEN", "").strip()
-    if token:
-        return token
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not credentials:
-        return None
-    path = Path(credentials) / CREDENTIAL_NAME
-    try:
-        token = path.read_text().strip()
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise UsageError(f"Cannot read the Hub token credential {path} ({error.strerror}); "
-                         f"check LoadCredential={CREDENTIAL_NAME}:... in the service unit.") from None
-    return token or None
 
 
 @dataclass(frozen=True)
@@ -111,7 +67,7 @@ class HubCommit:
     @property
     def source(self) -> str:
         """How the ledger names this checkpoint: always the commit sha, never a branch name."""
-        return f"hf://{self.repo}@{self.sha}"
+        return str(HubUri(self.repo, self.sha))
 
 
 class HubRegistry:
@@ -123,17 +79,14 @@ class HubRegistry:
 
     def __init__(self, repo: str, revision: str, download_dir: Path, token: str | None = None, *,
                  allow_pickle: bool = False) -> None:
-        try:
-            validate_repo_id(repo)
-        except HFValidationError:
-            raise UsageError(f"Hub repository {repo!r} is not a valid repo id; write it as 'org/name'.") from None
+        check_repo_id(repo)
         if not revision:
             raise UsageError(f"The watch of Hub repository {repo} has an empty revision; give a branch such as 'main'.")
         self.repo = repo
         self.revision = revision
         self.download_dir = Path(download_dir)
         self.allow_pickle = allow_pickle
-        self.endpoint = (os.environ.get("HF_ENDPOINT", "").rstrip("/") or constants.ENDPOINT).rstrip("/")
+        self.endpoint = hub_endpoint()
         self._token = token if token is not None else hub_token()
         self._api = HfApi(endpoint=self.endpoint, token=self._token, library_name="mergeops")
         self._failures = 0
@@ -220,7 +173,7 @@ class HubRegistry:
     def _own(self, commit: HubCommit) -> None:
         if commit.repo != self.repo:
             raise UsageError(f"{commit.source} does not belong to the registry of {self.repo}.")
-        if not _COMMIT_SHA.fullmatch(commit.sha):
+        if not is_commit_sha(commit.sha):
             raise UsageError(f"{commit.source} does not name a full commit sha; take commits from new_commits().")
 
     def _check_index(self, commit: HubCommit, files: set[str]) -> None:
@@ -247,45 +200,44 @@ class HubRegistry:
     @contextlib.contextmanager
     def _talking(self, revision: str) -> Iterator[None]:
         """Translate huggingface_hub's errors into ours and keep the backoff state."""
-        where = f"{self.repo}@{revision} on {self.endpoint}"
-        try:
+        with translating(lambda failure: self._explain(failure, revision)):
             yield
-        except OfflineModeIsEnabled:
-            raise UsageError(f"HF_HUB_OFFLINE is set, so Hub repository {self.repo} cannot be polled; "
-                             "unset it for the daemon or watch a local folder.") from None
-        except GatedRepoError:
-            raise UsageError(f"Hub repository {self.repo} is gated; accept its terms on the Hub with the account "
-                             f"whose token the daemon uses (HF_TOKEN or the {CREDENTIAL_NAME} credential).") from None
-        except RepositoryNotFoundError:
-            raise UsageError(f"Hub repository {self.repo} was not found on {self.endpoint} (or it is private and "
-                             f"the token cannot read it); check 'hub' in the policy, or set HF_TOKEN or the "
-                             f"{CREDENTIAL_NAME} credential.") from None
-        except RevisionNotFoundError:
-            if _COMMIT_SHA.fullmatch(revision):
-                raise UsageError(f"Commit {self.repo}@{revision} was not found on {self.endpoint} (was the history "
-                                 "rewritten?); it cannot be fetched, poll for new commits instead.") from None
-            raise UsageError(f"Revision {revision!r} of Hub repository {self.repo} was not found on "
-                             f"{self.endpoint}; check 'revision' in the policy.") from None
-        except DisabledRepoError:
-            raise UsageError(f"Hub repository {self.repo} is disabled on {self.endpoint}; "
-                             "watch another repository.") from None
-        except HfHubHTTPError as error:
-            status = error.response.status_code if error.response is not None else 0
-            if status >= 500 or status in _RETRYABLE_STATUS:
-                raise self._unavailable(f"the Hub answered HTTP {status} for {where}",
-                                        retry_after_header(error.response)) from None
-            if status in (401, 403):
-                raise UsageError(f"The Hub refused access to {where} (HTTP {status}); give the daemon a token "
-                                 f"that can read it (HF_TOKEN or the {CREDENTIAL_NAME} credential).") from None
-            raise UsageError(f"The Hub answered HTTP {status} for {where}; check 'hub' and 'revision' "
-                             "in the policy.") from None
-        except (_http.TransportError, LocalEntryNotFoundError) as error:
-            # LocalEntryNotFoundError: snapshot_download could not reach the Hub and had nothing cached.
-            raise self._unavailable(f"cannot reach {where} ({type(error).__name__}: {error})") from None
         self._failures = 0
 
+    def _explain(self, failure: HubFailure, revision: str) -> UsageError | RegistryUnavailable:
+        where = f"{self.repo}@{revision} on {self.endpoint}"
+        match failure.trouble:
+            case HubTrouble.OFFLINE:
+                return UsageError(f"HF_HUB_OFFLINE is set, so Hub repository {self.repo} cannot be polled; "
+                                  "unset it for the daemon or watch a local folder.")
+            case HubTrouble.GATED:
+                return UsageError(f"Hub repository {self.repo} is gated; accept its terms on the Hub with the account "
+                                  f"whose token the daemon uses ({TOKEN_HINT}).")
+            case HubTrouble.NO_REPO:
+                return UsageError(f"Hub repository {self.repo} was not found on {self.endpoint} (or it is private "
+                                  f"and the token cannot read it); check 'hub' in the policy, or set {TOKEN_HINT}.")
+            case HubTrouble.NO_REVISION if is_commit_sha(revision):
+                return UsageError(f"Commit {self.repo}@{revision} was not found on {self.endpoint} (was the history "
+                                  "rewritten?); it cannot be fetched, poll for new commits instead.")
+            case HubTrouble.NO_REVISION:
+                return UsageError(f"Revision {revision!r} of Hub repository {self.repo} was not found on "
+                                  f"{self.endpoint}; check 'revision' in the policy.")
+            case HubTrouble.DISABLED:
+                return UsageError(f"Hub repository {self.repo} is disabled on {self.endpoint}; "
+                                  "watch another repository.")
+            case HubTrouble.BUSY:
+                return self._unavailable(f"the Hub answered HTTP {failure.status} for {where}", failure.retry_after)
+            case HubTrouble.DENIED:
+                return UsageError(f"The Hub refused access to {where} (HTTP {failure.status}); give the daemon a "
+                                  f"token that can read it ({TOKEN_HINT}).")
+            case HubTrouble.HTTP:
+                return UsageError(f"The Hub answered HTTP {failure.status} for {where}; check 'hub' and 'revision' "
+                                  "in the policy.")
+            case HubTrouble.UNREACHABLE:
+                return self._unavailable(f"cannot reach {where} ({failure.detail})")
+
     def _unavailable(self, reason: str, hinted: float | None = None) -> RegistryUnavailable:
-        wait = max(self.retry_after, min(hinted or 0.0, BACKOFF_MAX))
+        wait = backoff(self.retry_after, hinted)
         self._failures += 1
         log.warning("hub %s: %s; retrying in %.0f s", self.repo, reason, wait)
         return RegistryUnavailable(f"Hub registry {self.repo} is unavailable: {reason}; "
@@ -298,22 +250,6 @@ class _Quiet(tqdm):
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs["disable"] = True
         super().__init__(*args, **kwargs)
-
-
-def retry_after_header(response: object) -> float | None:
-    """Seconds an HTTP ``Retry-After`` header asks to wait (a number or a date), if the response has one."""
-    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _fsync_tree(root: Path) -> None:

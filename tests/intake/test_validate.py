@@ -6,11 +6,12 @@ import json
 import pickle
 import struct
 
+import pytest
 import torch
 
 from mergeops.intake.inspect import inspect_folder
 from mergeops.intake.validate import problems_against_base
-from mergeops.model import ModelFolder
+from mergeops.model import ModelFolder, safetensors_file
 from tests.conftest import random_tensors, write_model
 
 
@@ -71,6 +72,74 @@ def test_overlapping_offsets(tmp_path):
                           {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
                            "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, b"\0" * 24)
     assert "overlapping_tensors" in codes(tmp_path / "m")
+
+
+# Headers the reference parser (safetensors.safe_open) refuses: the problem names the tensor when our own reading
+# sees what is wrong, and the header is never used (no tensor of it is listed).
+REFUSED = {
+    "unknown_dtype": ({"w": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}}, 16,
+                      ["tensor 'w' has unsupported dtype 'Q4'", "has 16 bytes after the last tensor"]),
+    "length_mismatch": ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, 16,
+                        ["tensor 'w' occupies 16 bytes but shape [3] of F32 needs 12"]),
+    "gap": ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+             "b": {"dtype": "F32", "shape": [4], "data_offsets": [24, 40]}}, 40,
+            ["8 unaccounted bytes before tensor 'b'"]),
+    "trailing_bytes": ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 24,
+                       ["has 8 bytes after the last tensor"]),
+    "metadata_not_strings": ({"__metadata__": {"format": 1}, "w": {"dtype": "F32", "shape": [4],
+                                                                     "data_offsets": [0, 16]}}, 16,
+                             ["__metadata__ that is not a map of strings"]),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_headers_the_reference_parser_refuses_are_named_and_not_used(tmp_path, case):
+    header, data_bytes, expected = REFUSED[case]
+    (tmp_path / "m").mkdir()
+    write_raw_safetensors(tmp_path / "m" / "model.safetensors", header, b"\0" * data_bytes)
+    folder, problems = ModelFolder.scan(tmp_path / "m")
+    assert [p.code for p in problems] == ["bad_header"] * len(expected)
+    for problem, words in zip(problems, expected, strict=True):
+        assert problem.file == "model.safetensors" and words in problem.message
+    assert folder is not None and folder.tensors == {} and folder.headers == {}
+
+
+def test_what_only_the_reference_parser_refuses_is_a_problem_in_its_words(tmp_path):
+    (tmp_path / "m").mkdir()
+    path = tmp_path / "m" / "model.safetensors"
+    raw = b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16], "note": NaN}}'  # NaN: not JSON
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 16)
+    folder, problems = ModelFolder.scan(tmp_path / "m")
+    assert [p.code for p in problems] == ["bad_header"]
+    assert problems[0].message.startswith("model.safetensors is not a valid safetensors file (the safetensors "
+                                          "library says: invalid JSON in header")
+    assert "copy the file again" in problems[0].message
+    assert folder is not None and folder.tensors == {}
+
+
+def test_a_file_that_changes_while_it_is_read_is_still_being_written(tmp_path, tensors, monkeypatch):
+    model = write_model(tmp_path / "m", tensors)
+    weights = model / "model.safetensors"
+    real = safetensors_file.safe_open
+
+    def producer_still_writing(path, framework):
+        weights.write_bytes(weights.read_bytes()[:-100])  # between our read of the header and the reference's
+        return real(path, framework=framework)
+
+    monkeypatch.setattr(safetensors_file, "safe_open", producer_still_writing)
+    problem = only_problem(model)
+    assert problem.code == "truncated_file" and "still being written" in problem.message
+
+
+def test_a_dtype_torch_cannot_hold_is_named_and_the_other_tensors_are_kept(tmp_path):
+    (tmp_path / "m").mkdir()
+    write_raw_safetensors(tmp_path / "m" / "model.safetensors",
+                          {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                           "scale": {"dtype": "F8_E8M0", "shape": [8], "data_offsets": [16, 24]}}, b"\0" * 24)
+    folder, problems = ModelFolder.scan(tmp_path / "m")
+    assert [(p.code, p.tensor) for p in problems] == [("bad_header", "scale"), ("bad_header", None)]
+    assert "unsupported dtype 'F8_E8M0'" in problems[0].message and "8 bytes after" in problems[1].message
+    assert folder is not None and list(folder.tensors) == ["w"]
 
 
 def test_index_names_a_missing_shard(tmp_path, tensors):

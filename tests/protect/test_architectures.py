@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from mergeops.errors import UsageError
 from mergeops.model import folder_digest
+from mergeops.model.architectures import FAMILIES
 from mergeops.protect import protect, unprotect
-from mergeops.protect.architectures import FAMILIES
 from tests.protect.conftest import (
     ARCHITECTURES,
     KEY,

@@ -25,9 +25,8 @@ import torch
 
 from mergeops.fold.methods.base import Arrival, MergeMethod, Param, Piece, Prepared
 from mergeops.model import InMemory, Pieces, StoredTensor, piece_bounds
+from mergeops.model.architectures import is_embedding
 
-# Embedding-like matrices are rows of a lookup table, not linear maps: projecting them is meaningless.
-_NOT_LINEAR = re.compile(r"embed|wte|wpe|position|token_type|shared")
 # σ_i² / σ_1² at or below which S's i-th singular direction is below float32's resolution of S: its left singular
 # vector is arbitrary (in any SVD of S), so it is neither protected nor has its diagonal coefficient removed.
 _GRAM_FLOOR = 1e-14
@@ -177,7 +176,8 @@ class OPCM(MergeMethod):
             return False
         if any(re.search(p, name) for p in self.p["project"]):
             return True
-        return name.endswith(".weight") and not _NOT_LINEAR.search(name)
+        # Embedding-like matrices are rows of a lookup table, not linear maps: projecting them is meaningless.
+        return name.endswith(".weight") and not is_embedding(name)
 
     def prepares_ahead(self, name: str, shape: tuple[int, ...]) -> bool:
         return self.t > 1 and self.is_projected(name, shape)  # projections are independent of each other
