@@ -23,14 +23,15 @@ from typing import Any, Literal
 
 import torch
 
-from mergeops import __version__, gate, keys
+from mergeops import __version__, gate
 from mergeops.errors import ModelFolderError, PolicyError, RejectedError, UsageError, disk_full, no_space
 from mergeops.fold.methods import method_class
 from mergeops.fold.methods.base import Arrival, MergeMethod
 from mergeops.fold.metrics import load_metrics
 from mergeops.intake.validate import problems_against_base, protection_marks, tensor_value_problem
 from mergeops.ledger.card import Input, VersionFacts, card_files, read_license
-from mergeops.ledger.store import Ledger, VersionRecord, signing_key_path, utc_now
+from mergeops.ledger.kinds import CheckpointFacts, LedgerEvent, StreamStarted, VersionCommitted, VersionPruned
+from mergeops.ledger.store import Ledger, VersionRecord, utc_now, writing
 from mergeops.model import ModelFolder, ModelWriter, Pieces, TensorSpec, folder_digest, piece_bounds
 from mergeops.model.digest import BackgroundDigest, digest_of_listing
 from mergeops.model.folder import INDEX_FILE
@@ -77,19 +78,21 @@ def version_dir(root: Path, version: int) -> Path:
 
 def fold_checkpoint(policy: Policy, stream_name: str | None, checkpoint: str | os.PathLike[str], *,
                     metrics_file: Path | None = None, source: str | None = None,
-                    progress: Callable[[int], None] | None = None, allow_protected: bool = False) -> FoldResult:
+                    progress: Callable[[int], None] | None = None, allow_protected: bool = False,
+                    ledger: Ledger | None = None) -> FoldResult:
     """Fold ``checkpoint`` into the stream. Rejections are recorded and returned, never raised;
     problems with the policy or the stream's own files raise :class:`PolicyError`. ``allow_protected`` folds a
-    MergeLock-protected checkpoint as the policy's ``allow_protected`` does (recorded with the version)."""
+    MergeLock-protected checkpoint as the policy's ``allow_protected`` does (recorded with the version).
+    ``ledger``: the policy's ledger, open for writing (without one, it is opened, and its writer lock taken, for
+    this call)."""
     stream = policy.stream(stream_name)
     if not Path(checkpoint).exists():
         raise UsageError(f"{checkpoint} does not exist; give the path of a checkpoint's model folder.")
     if allow_protected:
         stream = dataclasses.replace(stream, gate=dataclasses.replace(stream.gate, allow_protected=True))
-    key = keys.load_signing_key(signing_key_path(policy.keys))
     try:
-        with Ledger.open(policy.home, key) as ledger:
-            return _fold_into(policy, stream, ledger, Path(checkpoint), metrics_file, source, progress)
+        with writing(policy, ledger, role="fold") as writer:
+            return _fold_into(policy, stream, writer, Path(checkpoint), metrics_file, source, progress)
     except Exception as exc:  # a full disk anywhere: the version folders are gone, the ledger unchanged
         if disk_full(exc):
             where = getattr(exc, "filename", None) or policy.home
@@ -181,8 +184,7 @@ def _dtype_counts(folder: ModelFolder) -> dict[str, int]:
 def record_rejection(ledger: Ledger, stream: StreamConfig, described: dict[str, Any], gate: str,
                      reason: str) -> FoldResult:
     """Record that a checkpoint (``described``: at least its source) was rejected, and say so."""
-    ledger.record(("checkpoint.rejected", {"stream": stream.name, "checkpoint": described, "gate": gate,
-                                           "reason": reason}))
+    ledger.record_rejection(stream.name, CheckpointFacts.from_payload(described), gate, reason)
     return FoldResult("rejected", stream.name, None, None, described.get("digest"), reason, gate)
 
 
@@ -477,22 +479,16 @@ class _Fold:
         """Point ``latest`` at the new version, record it (and what it prunes) in one transaction, prune."""
         stream, version = self.stream, self.version
         output_digest = digest_of_listing(output.file_hashes)
-        events: list[tuple[str, dict[str, Any]]] = []
+        events: list[LedgerEvent] = []
         if self.stream_row is None:
-            events.append(("stream.started", {"stream": stream.name, "base": str(stream.base),
-                                              "base_digest": self.base_digest, "method": stream.method,
-                                              "params": stream.params}))
-        events.append(("version.committed", {
-            "stream": stream.name, "version": version, "method": stream.method, "params": stream.params,
-            "previous": self.head.version if self.head else None,
-            "checkpoint": self.described | {"metrics": self.metrics}, "output_digest": output_digest,
-            "path": self.ledger.relative(self.output_dir), "files": output.file_hashes, "cards": self.card_hashes,
-            "state_path": self.ledger.relative(self.state_dir),
-            "state_digest": digest_of_listing(self.state_hashes), "gates": list(self.gates),
-            "update_norm": self.update_norm,
-            "eval": self.eval_metrics,
-            "policy_digest": self.policy.digest, "tool": f"mergeops {__version__}"}))
-        events += [("version.pruned", {"stream": stream.name, "version": v.version})
+            events.append(StreamStarted(stream.name, str(stream.base), self.base_digest, stream.method, stream.params))
+        events.append(VersionCommitted(
+            stream.name, version, stream.method, stream.params, self.head.version if self.head else None,
+            CheckpointFacts.from_payload(self.described | {"metrics": self.metrics}), output_digest,
+            self.ledger.relative(self.output_dir), output.file_hashes, self.ledger.relative(self.state_dir),
+            digest_of_listing(self.state_hashes), tuple(self.gates), self.policy.digest, f"mergeops {__version__}",
+            update_norm=self.update_norm, cards=self.card_hashes, eval=self.eval_metrics))
+        events += [VersionPruned(stream.name, v.version)
                    for v in self.ledger.versions(stream.name) if not v.pruned and v.version <= version - stream.keep]
         self.ledger.record(*events)
         _point_latest(stream.output, self.output_dir)  # only once the ledger knows the version

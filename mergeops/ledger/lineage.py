@@ -22,13 +22,13 @@ def resolve(ledger: Ledger, target: str) -> tuple[str, int, dict[str, Any]]:
     if path.is_dir():
         digest = folder_digest(path)
         found = {"path": str(path.resolve()), "digest": digest}
-        rows = ledger.rows("SELECT stream, version FROM versions WHERE output_digest = ? ORDER BY version LIMIT 1",
+        rows = ledger._rows("SELECT stream, version FROM versions WHERE output_digest = ? ORDER BY version LIMIT 1",
                            (digest,))
         if rows:
             return rows[0]["stream"], rows[0]["version"], found | {"as": "version"}
-        protected = ledger.rows("SELECT * FROM protections WHERE output_digest = ? LIMIT 1", (digest,))
+        protected = ledger._rows("SELECT * FROM protections WHERE output_digest = ? LIMIT 1", (digest,))
         if protected:
-            rows = ledger.rows("SELECT stream, version FROM versions WHERE output_digest = ? LIMIT 1",
+            rows = ledger._rows("SELECT stream, version FROM versions WHERE output_digest = ? LIMIT 1",
                                (protected[0]["source_digest"],))
             if rows:
                 return rows[0]["stream"], rows[0]["version"], found | {
@@ -59,11 +59,11 @@ def _protection(ledger: Ledger, row: dict[str, Any]) -> dict[str, Any]:
 def lineage(ledger: Ledger, target: str) -> dict[str, Any]:
     stream, version, found = resolve(ledger, target)
     stream_row = ledger.stream_row(stream) or {}
-    signers = {r["seq"]: r["signer"] for r in ledger.rows("SELECT seq, signer FROM events")}
+    signers = {r["seq"]: r["signer"] for r in ledger._rows("SELECT seq, signer FROM events")}
     steps = []
-    for row in ledger.rows("SELECT * FROM versions WHERE stream = ? AND version <= ? ORDER BY version DESC",
+    for row in ledger._rows("SELECT * FROM versions WHERE stream = ? AND version <= ? ORDER BY version DESC",
                            (stream, version)):
-        checkpoint = ledger.rows("SELECT * FROM checkpoints WHERE id = ?", (row["checkpoint_id"],))[0]
+        checkpoint = ledger._rows("SELECT * FROM checkpoints WHERE id = ?", (row["checkpoint_id"],))[0]
         steps.append({
             "version": row["version"], "output_digest": row["output_digest"], "path": str(ledger.located(row["path"])),
             "retained": not row["pruned"], "method": row["method"], "params": json.loads(row["params"]),
@@ -78,8 +78,8 @@ def lineage(ledger: Ledger, target: str) -> dict[str, Any]:
         "target": target, "found": found, "stream": stream, "version": version,
         "base": {"source": stream_row.get("base"), "digest": stream_row.get("base_digest")},
         "steps": steps,
-        "publications": [r | {"target": str(ledger.located(r["target"]))} for r in ledger.rows(
+        "publications": [r | {"target": str(ledger.located(r["target"]))} for r in ledger._rows(
             "SELECT target, signer, created FROM publications WHERE stream = ? AND version = ?", (stream, version))],
-        "protections": [_protection(ledger, r) for r in ledger.rows(
+        "protections": [_protection(ledger, r) for r in ledger._rows(
             "SELECT * FROM protections WHERE source_digest = ?", (output_digest,))],
     }

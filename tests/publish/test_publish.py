@@ -5,10 +5,10 @@ from __future__ import annotations
 import subprocess
 
 from mergeops.fold.engine import fold_checkpoint
+from mergeops.keys import public_key_for
 from mergeops.ledger import Ledger
 from mergeops.ledger.audit import audit
 from mergeops.ledger.lineage import lineage
-from mergeops.ledger.store import public_key_for
 from mergeops.model import folder_digest
 from mergeops.policy import load_policy
 from mergeops.protect import is_protected
