@@ -13,7 +13,7 @@ import os
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,14 +54,46 @@ class VersionRecord:
 
     stream: str
     version: int
-    checkpoint: str  # digest of the checkpoint folded into it
-    source: str
-    output: str
+    output: str  # where the version's folder is now
     output_digest: str
+    files: dict[str, str]  # sha256 of every file but the cards, as written
     state: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    pruned: bool = False
-    files: dict[str, str] = field(default_factory=dict)  # sha256 of every file but the cards, as written
+    method: str
+    params: dict[str, Any]
+    gates: tuple[str, ...]
+    policy_digest: str
+    tool: str
+    created: str
+    signer: str | None  # fingerprint of the key that signed its event (None if that event was deleted)
+    pruned: bool
+    # the checkpoint folded into it
+    checkpoint: str  # its digest
+    source: str
+    arrived: str
+    size: int | None
+    parameters: int | None
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class PublicationRecord:
+    stream: str
+    version: int
+    target: str  # where the published copy is now, or hf://org/repo@sha
+    output_digest: str
+    signer: str | None  # of the model signature; None if unsigned
+    created: str
+    files: dict[str, str]  # sha256 of every file of the copy (empty in older ledgers)
+
+
+@dataclass(frozen=True)
+class ProtectionRecord:
+    source_digest: str
+    output_digest: str
+    path: str  # where the protected copy is now
+    key_fingerprint: str
+    scheme: str
+    created: str
 
 
 @dataclass(frozen=True)
@@ -248,39 +280,45 @@ class Ledger:
     def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         return list(self.db.query(sql, params))
 
-    def _version(self, row: dict[str, Any] | None) -> VersionRecord | None:
-        if row is None:
-            return None
-        checkpoint = self._rows("SELECT source, metrics FROM checkpoints WHERE id = ?", (row["checkpoint_id"],))[0]
-        return VersionRecord(row["stream"], row["version"], row["checkpoint_digest"], checkpoint["source"],
-                             str(self.located(row["path"])), row["output_digest"], str(self.located(row["state_path"])),
-                             json.loads(checkpoint["metrics"]), bool(row["pruned"]), json.loads(row["files"]))
+    _VERSIONS = ("SELECT v.*, c.source, c.arrived, c.size, c.parameters, c.metrics, e.signer FROM versions v "
+                 "JOIN checkpoints c ON c.id = v.checkpoint_id LEFT JOIN events e ON e.seq = v.checkpoint_id ")
 
-    def _first_version(self, sql: str, params: tuple[Any, ...]) -> VersionRecord | None:
-        rows = self._rows(sql + " LIMIT 1", params)
-        return self._version(rows[0] if rows else None)
+    def _versions(self, where: str, params: tuple[Any, ...], order: str = "v.version") -> list[VersionRecord]:
+        return [VersionRecord(
+            stream=r["stream"], version=r["version"], output=str(self.located(r["path"])),
+            output_digest=r["output_digest"], files=json.loads(r["files"]), state=str(self.located(r["state_path"])),
+            method=r["method"], params=json.loads(r["params"]), gates=tuple(json.loads(r["gates"])),
+            policy_digest=r["policy_digest"], tool=r["tool"], created=r["created"], signer=r["signer"],
+            pruned=bool(r["pruned"]), checkpoint=r["checkpoint_digest"], source=r["source"], arrived=r["arrived"],
+            size=r["size"], parameters=r["parameters"], metrics=json.loads(r["metrics"]),
+        ) for r in self._rows(f"{self._VERSIONS} WHERE {where} ORDER BY {order}", params)]
+
+    def _first_version(self, where: str, params: tuple[Any, ...], order: str = "v.version") -> VersionRecord | None:
+        found = self._versions(where, params, order + " LIMIT 1")
+        return found[0] if found else None
 
     def head(self, stream: str) -> VersionRecord | None:
-        return self._first_version("SELECT * FROM versions WHERE stream = ? ORDER BY version DESC", (stream,))
+        return self._first_version("v.stream = ?", (stream,), "v.version DESC")
 
     def versions(self, stream: str) -> list[VersionRecord]:
-        rows = self._rows("SELECT * FROM versions WHERE stream = ? ORDER BY version", (stream,))
-        return [v for v in map(self._version, rows) if v is not None]
+        return self._versions("v.stream = ?", (stream,))
 
     def version(self, stream: str, number: int) -> VersionRecord | None:
-        return self._first_version("SELECT * FROM versions WHERE stream = ? AND version = ?", (stream, number))
+        return self._first_version("v.stream = ? AND v.version = ?", (stream, number))
 
     def version_with_checkpoint(self, stream: str, digest: str, weights_digest: str | None = None
                                 ) -> VersionRecord | None:
         """The version that folded this checkpoint: the same folder digest, or the same weights (a folder that
         only gained or lost a file beside its weights, such as trainer_state.json, is the same checkpoint)."""
-        found = self._first_version("SELECT * FROM versions WHERE stream = ? AND checkpoint_digest = ?",
-                                    (stream, digest))
+        found = self._first_version("v.stream = ? AND v.checkpoint_digest = ?", (stream, digest))
         if found is None and weights_digest is not None:
-            found = self._first_version(
-                "SELECT v.* FROM versions v JOIN events e ON e.seq = v.checkpoint_id WHERE v.stream = ? "
-                "AND json_extract(e.payload, '$.checkpoint.weights_digest') = ?", (stream, weights_digest))
+            found = self._first_version("v.stream = ? AND json_extract(e.payload, '$.checkpoint.weights_digest') = ?",
+                                        (stream, weights_digest))
         return found
+
+    def version_with_output(self, digest: str) -> VersionRecord | None:
+        """The (first) version whose folder has this digest, in any stream."""
+        return self._first_version("v.output_digest = ?", (digest,))
 
     def taken_before(self, stream: str, source: str, fingerprint: str) -> bool:
         """Whether the daemon folded this registry folder before (merged or duplicate) with other contents."""
@@ -316,9 +354,26 @@ class Ledger:
                             pending=count("queue", " AND state = 'pending'"),
                             failed=count("queue", " AND state = 'failed'"), last_event=last)
 
-    def publication_targets(self, stream: str, version: int) -> set[str]:
-        return {str(self.located(r["target"])) for r in self._rows(
-            "SELECT target FROM publications WHERE stream = ? AND version = ?", (stream, version))}
+    def publications(self, stream: str, version: int) -> list[PublicationRecord]:
+        """Where this version was published, oldest first."""
+        return [PublicationRecord(r["stream"], r["version"], str(self.located(r["target"])), r["output_digest"],
+                                  r["signer"], r["created"], json.loads(r["files"] or "{}"))
+                for r in self._rows("SELECT * FROM publications WHERE stream = ? AND version = ? ORDER BY id",
+                                    (stream, version))]
+
+    def _protections(self, column: str, digest: str) -> list[ProtectionRecord]:
+        return [ProtectionRecord(r["source_digest"], r["output_digest"], str(self.located(r["path"])),
+                                 r["key_fingerprint"], r["scheme"], r["created"])
+                for r in self._rows(f"SELECT * FROM protections WHERE {column} = ? ORDER BY id", (digest,))]
+
+    def protections_of(self, source_digest: str) -> list[ProtectionRecord]:
+        """The protected copies made of the model with this digest, oldest first."""
+        return self._protections("source_digest", source_digest)
+
+    def protection_with_output(self, digest: str) -> ProtectionRecord | None:
+        """The protected copy with this digest, if one was recorded."""
+        found = self._protections("output_digest", digest)
+        return found[0] if found else None
 
     def events(self) -> list[dict[str, Any]]:
         """Every event as stored, oldest first (raw rows: audit checks them byte for byte)."""

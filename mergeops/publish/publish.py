@@ -76,7 +76,7 @@ def _publish(policy: Policy, stream: StreamConfig, config: PublishConfig, versio
     for stale in staging_root.glob(f".{name}{TEMP_MARKER}*"):  # a crashed attempt's staging (the lock is ours)
         shutil.rmtree(stale, ignore_errors=True)
     if target is not None and (target.exists() or target.is_symlink()):
-        if str(target) in ledger.publication_targets(stream.name, record.version):
+        if str(target) in {p.target for p in ledger.publications(stream.name, record.version)}:
             raise AlreadyPublished(f"{target} exists already: {stream.name} version {record.version} was "
                                    "published.")
         # Renamed into place but never recorded: a crash between the two. Like an uncommitted fold, redo it.

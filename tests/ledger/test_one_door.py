@@ -68,4 +68,4 @@ def test_a_second_writer_is_refused_and_told_who_writes(tmp_path):
         assert publish(policy, "s", ledger=ledger).version == 2
     with Ledger.open_readonly(policy.home) as ledger:
         assert [v.version for v in ledger.versions("s")] == [1, 2]
-        assert ledger.publication_targets("s", 2) == {str(tmp_path / "published" / "v0002")}
+        assert [p.target for p in ledger.publications("s", 2)] == [str(tmp_path / "published" / "v0002")]
