@@ -87,7 +87,7 @@ class Daemon:
                 log("started", pid=os.getpid(), home=str(self.policy.home), streams=list(self.policy.streams),
                     retrying_failed=retried, resuming_publications=len(unpublished))
                 for item in unpublished:  # a publication a crash interrupted: redo it before anything new
-                    self._publish(item, json.loads(item.result or "{}")["version"])
+                    self._publish(item, json.loads(item.result)["version"])
                 self.notifier.ready("watching registries")
                 try:
                     self._loop()

@@ -167,6 +167,7 @@ class Ledger:
         caller took already) until :meth:`close`, so a second writer fails at once and says who writes."""
         home.mkdir(parents=True, exist_ok=True)
         lock = lock or WriterLock(home, role)
+        ledger = None
         try:
             ledger = cls(home, signing_key, lock=lock)
             ledger.db.execute("PRAGMA journal_mode = WAL")
@@ -174,7 +175,10 @@ class Ledger:
             if migrations.pending(ledger.db):
                 migrations.apply(ledger.db)
         except BaseException:
-            lock.release()
+            if ledger is not None:
+                ledger.close()  # and the lock with it
+            else:
+                lock.release()
             raise
         return ledger
 
