@@ -15,7 +15,6 @@ from rich.table import Table
 from mergeops import __version__
 from mergeops.allocator import tune_allocator
 from mergeops.errors import MergeopsError, UsageError
-from mergeops.ledger.lock import WriterLock
 
 app = typer.Typer(
     help="Continual model merging with governance: fold each new fine-tuned checkpoint into a running "
@@ -142,13 +141,13 @@ def fold(checkpoint: Path = typer.Argument(..., help="The checkpoint's model fol
     folder, _ = ModelFolder.scan(checkpoint)
     # the digest reads the checkpoint once, the fold a second time
     progress = _progress(folder.total_bytes if folder else 0, f"folding {checkpoint.name}", not as_json)
-    with WriterLock(loaded.home, "fold"):
-        if progress:
-            with progress:
-                result = fold_checkpoint(loaded, stream, checkpoint, metrics_file=metrics,
-                                         progress=lambda n: progress.advance(0, n), allow_protected=allow_protected)
-        else:
-            result = fold_checkpoint(loaded, stream, checkpoint, metrics_file=metrics, allow_protected=allow_protected)
+    # the library opens the ledger (taking the home's writer lock) once the arguments are checked
+    if progress:
+        with progress:
+            result = fold_checkpoint(loaded, stream, checkpoint, metrics_file=metrics,
+                                     progress=lambda n: progress.advance(0, n), allow_protected=allow_protected)
+    else:
+        result = fold_checkpoint(loaded, stream, checkpoint, metrics_file=metrics, allow_protected=allow_protected)
     if as_json:
         _print_json(result.to_json())
     elif result.status == "merged":
@@ -300,10 +299,9 @@ def protect(model_dir: Path = typer.Argument(..., help="The model folder to prot
                                           "'random'."),
             as_json: bool = JsonOption) -> None:
     """Protect a model with MergeLock: same function, weights far from every other fine-tune of its base."""
-    from mergeops.keys import load_lock_key, load_signing_key
-    from mergeops.ledger.store import Ledger, signing_key_path
+    from mergeops.keys import load_lock_key
     from mergeops.policy import load_policy
-    from mergeops.protect import DEFAULT_STRENGTH
+    from mergeops.protect import DEFAULT_STRENGTH, record_protection
     from mergeops.protect import protect as run_protect
 
     if salt not in ("derived", "random"):
@@ -313,10 +311,7 @@ def protect(model_dir: Path = typer.Argument(..., help="The model folder to prot
                          strength=DEFAULT_STRENGTH if strength is None else strength, random_salt=salt == "random",
                          verify=verify, anchor=anchor)
     if loaded is not None:
-        with WriterLock(loaded.home, "protect"), \
-                Ledger.open(loaded.home, load_signing_key(signing_key_path(loaded.keys))) as ledger:
-            recorded = report["ledger"] | {"path": ledger.relative(report["ledger"]["path"])}
-            ledger.record(("protection.recorded", recorded))
+        record_protection(loaded, report)
     if as_json:
         _print_json(report)
         return
@@ -360,8 +355,7 @@ def publish(policy: Path = PolicyOption, stream: str | None = typer.Option(None)
     from mergeops.publish.publish import publish as run_publish
 
     loaded = load_policy(policy)
-    with WriterLock(loaded.home, "publish"):
-        publication = run_publish(loaded, stream, version)
+    publication = run_publish(loaded, stream, version)
     if as_json:
         _print_json(publication.to_json())
     else:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from mergeops.daemon.status import status
 from mergeops.errors import MergeopsError, PolicyError
-from mergeops.keys import generate_keys
+from mergeops.keys import generate_keys, public_key_for, signing_key_path
 from mergeops.ledger.audit import audit
 from mergeops.ledger.lineage import lineage
-from mergeops.ledger.store import Ledger, public_key_for, signing_key_path
+from mergeops.ledger.store import Ledger
 from mergeops.policy import Policy, load_policy
 from mergeops.synthetic import LlamaShape, write_base, write_finetune
 

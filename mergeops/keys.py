@@ -21,13 +21,14 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mergeops.durable import fsync_dir
-from mergeops.errors import UsageError
+from mergeops.errors import PolicyError, UsageError
 
 SIGNING_KEY_FILE = "signing.pem"
 PUBLIC_KEY_FILE = "signing.pub.pem"
@@ -191,6 +192,35 @@ def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
         raise UsageError(f"public key {path} uses curve {key.curve.name}; mergeops verifies EC P-256, P-384 "
                          "and P-521 keys only.")
     return key
+
+
+class SigningKeyConfig(Protocol):
+    """What the key helpers need of a policy's ``[keys]`` table (``mergeops.policy.KeysConfig``)."""
+
+    @property
+    def signing(self) -> Path | None: ...
+
+
+def signing_key_path(policy_keys: SigningKeyConfig) -> Path:
+    """The policy's signing key file, which signs every ledger event (and published models)."""
+    if policy_keys.signing is None:
+        raise PolicyError("the policy has no [keys] signing key, which signs every ledger event; create one with "
+                          "`mergeops keygen --out keys` and add `[keys]` `signing = \"keys/signing.pem\"`.")
+    return policy_keys.signing
+
+
+def public_key_file(private: Path) -> Path:
+    """Where ``keygen`` puts a private key's public half: ``signing.pub.pem`` beside ``signing.pem``."""
+    return private.with_name(private.name.removesuffix(".pem") + ".pub.pem")
+
+
+def public_key_for(policy_keys: SigningKeyConfig) -> ec.EllipticCurvePublicKey:
+    """The policy's public key: ``signing.pub.pem`` beside the private key, else derived from it."""
+    private = signing_key_path(policy_keys)
+    public = public_key_file(private)
+    if public.is_file():
+        return load_public_key(public)
+    return load_signing_key(private).public_key()
 
 
 def _key_kind(key: object) -> str:

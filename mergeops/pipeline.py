@@ -18,15 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mergeops import __version__, gate, keys
-from mergeops.commit.commit import Committed, NextVersion, commit, next_version, record_rejection
+from mergeops import __version__, gate
+from mergeops.commit.commit import Committed, NextVersion, commit, next_version
 from mergeops.errors import ModelFolderError, PolicyError, RejectedError, UsageError, disk_full, no_space
 from mergeops.fold.engine import Folded, FoldJob, fold, output_dtype, read_scalars
 from mergeops.fold.methods import method_class
 from mergeops.fold.methods.base import Arrival, MergeMethod, PastCheckpoint
 from mergeops.intake.checkpoint import Checkpoint, receive
 from mergeops.intake.metrics import load_metrics
-from mergeops.ledger.store import Ledger, signing_key_path, utc_now
+from mergeops.ledger.kinds import CheckpointFacts
+from mergeops.ledger.store import Ledger, utc_now, writing
 from mergeops.model import ModelFolder, folder_digest
 from mergeops.policy import Policy, StreamConfig
 from mergeops.threads import quick_gil_handoff
@@ -53,26 +54,28 @@ class FoldResult:
 
 def fold_checkpoint(policy: Policy, stream_name: str | None, checkpoint: str | os.PathLike[str], *,
                     metrics_file: Path | None = None, source: str | None = None,
-                    progress: Callable[[int], None] | None = None, allow_protected: bool = False) -> FoldResult:
+                    progress: Callable[[int], None] | None = None, allow_protected: bool = False,
+                    ledger: Ledger | None = None) -> FoldResult:
     """Fold ``checkpoint`` into the stream. Rejections are recorded and returned, never raised; problems with the
     policy or the stream's own files raise :class:`PolicyError`. ``allow_protected`` folds a MergeLock-protected
     checkpoint as the policy's ``allow_protected`` does (recorded with the version). ``progress`` is called with the
-    bytes folded, and with 0 between tensors and during long waits (the daemon pings its watchdog there)."""
+    bytes folded, and with 0 between tensors and during long waits (the daemon pings its watchdog there).
+    ``ledger``: the process's open ledger; without one, the policy's is opened (taking the writer lock) for the
+    call."""
     stream = policy.stream(stream_name)
     if not Path(checkpoint).exists():
         raise UsageError(f"{checkpoint} does not exist; give the path of a checkpoint's model folder.")
     if allow_protected:
         stream = dataclasses.replace(stream, gate=dataclasses.replace(stream.gate, allow_protected=True))
-    key = keys.load_signing_key(signing_key_path(policy.keys))
-    facts = {"source": source or str(Path(checkpoint).resolve()), "arrived": utc_now()}
+    facts = CheckpointFacts(source or str(Path(checkpoint).resolve()), utc_now())
     try:
-        with Ledger.open(policy.home, key) as ledger:
+        with writing(policy, ledger, role="fold") as writer:
             try:
                 arrived = receive(Path(checkpoint), facts)
             except RejectedError as rejection:
-                return _rejected(ledger, stream, facts, rejection)
+                return _rejected(writer, stream, facts, rejection)
             with arrived, quick_gil_handoff():
-                return _Pipeline(policy, stream, ledger, arrived, progress).run(metrics_file)
+                return _Pipeline(policy, stream, writer, arrived, progress).run(metrics_file)
     except Exception as exc:  # a full disk anywhere: the version folders are gone, the ledger unchanged
         if disk_full(exc):
             where = getattr(exc, "filename", None) or policy.home
@@ -110,20 +113,21 @@ class _Pipeline:
             return known.result
         except RejectedError as unreadable:
             rejection = unreadable
-        return _rejected(self.ledger, self.stream, self.checkpoint.facts, rejection)
+        return _rejected(self.ledger, self.stream, self.checkpoint.facts(), rejection)
 
     def _stages(self, base: ModelFolder, stack: ExitStack, metrics_file: Path | None) -> FoldResult:
         # intake
         self.checkpoint.check_against_base(base)
         self.checkpoint.metrics = load_metrics(self.checkpoint.path, metrics_file)
         plan = next_version(self.policy, self.stream, self.ledger)
-        stream_row = self.ledger.stream_row(self.stream.name)
-        base_digest = stream_row["base_digest"] if stream_row else folder_digest(base.path)
+        started = self.ledger.started(self.stream.name)
+        base_digest = started.base_digest if started else folder_digest(base.path)
         method = self._method(plan, stack)
         # gates on the checkpoint
         gates = gate.gates_for(self.stream.gate, method)
-        subject = gate.Subject(self.checkpoint.folder, self.checkpoint.facts, self.checkpoint.metrics, self._tick)
+        subject = gate.Subject(self.checkpoint.folder, self.checkpoint.metrics, self._tick)
         passed = [*gate.ALWAYS_ON, *gate.run(gates, subject, on_candidate=False)]
+        self.checkpoint.mergelock = subject.mergelock
         try:
             # fold
             folded = self._fold(base, base_digest, method, plan, stack)
@@ -137,7 +141,7 @@ class _Pipeline:
             raise
         # commit
         committed = commit(self.policy, self.ledger, plan, base_path=base.path, base_digest=base_digest,
-                           checkpoint=self.checkpoint.facts | {"metrics": self.checkpoint.metrics},
+                           checkpoint=self.checkpoint.facts(with_metrics=True),
                            output_files=folded.output_files, state_files=folded.state_files, gates=passed,
                            update_norm=folded.update_norm, eval_metrics=subject.eval_metrics)
         return self._merged(committed, method)
@@ -179,11 +183,11 @@ class _Pipeline:
 
     def digest(self) -> str:
         """The checkpoint's digest, waiting for it if need be; a checkpoint already folded ends the fold."""
-        facts = self.checkpoint.facts
-        known = "digest" in facts
+        known = self.checkpoint.digests is not None
         digest = self.checkpoint.digest(self._tick)
         if not known:
-            previous = self.ledger.version_with_checkpoint(self.stream.name, digest, facts["weights_digest"])
+            weights_digest = self.checkpoint.digests[1]
+            previous = self.ledger.version_with_checkpoint(self.stream.name, digest, weights_digest)
             if previous is not None:
                 same = "" if previous.checkpoint == digest else " (the same weights)"
                 raise _AlreadyFolded(FoldResult("duplicate", self.stream.name, previous.version,
@@ -197,13 +201,13 @@ class _Pipeline:
 
     def _merged(self, committed: Committed, method: MergeMethod) -> FoldResult:
         return FoldResult("merged", self.stream.name, committed.version, committed.output,
-                          self.checkpoint.facts["digest"], output_digest=committed.output_digest,
+                          self.checkpoint.digest(), output_digest=committed.output_digest,
                           notes=tuple(method.notes))
 
 
-def _rejected(ledger: Ledger, stream: StreamConfig, facts: dict[str, Any], rejection: RejectedError) -> FoldResult:
-    record_rejection(ledger, stream.name, facts, rejection.gate, str(rejection))
-    return FoldResult("rejected", stream.name, None, None, facts.get("digest"), str(rejection), rejection.gate)
+def _rejected(ledger: Ledger, stream: StreamConfig, facts: CheckpointFacts, rejection: RejectedError) -> FoldResult:
+    ledger.record_rejection(stream.name, facts, rejection.gate, str(rejection))
+    return FoldResult("rejected", stream.name, None, None, facts.digest, str(rejection), rejection.gate)
 
 
 def _open_base(stream: StreamConfig) -> ModelFolder:

@@ -236,7 +236,7 @@ def test_a_rejected_checkpoint_leaves_the_stream_byte_for_byte_unchanged(stream,
     assert result.status == "rejected" and needle in result.reason
     assert tree(policy.home, policy.streams["s"].output) == before
     with Ledger.open_readonly(policy.home) as ledger:
-        assert ledger.rejections("s")[-1]["reason"] == result.reason
+        assert ledger.rejections("s")[-1].reason == result.reason
     assert fold_checkpoint(policy, "s", checkpoints[folded_before]).version == folded_before + 1  # it goes on
 
 

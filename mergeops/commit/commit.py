@@ -8,12 +8,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mergeops import __version__
 from mergeops.commit.card import Input, VersionFacts, card_files
 from mergeops.commit.folders import StreamFolders, version_dir
 from mergeops.durable import fsync_dir, write_durably
+from mergeops.ledger.kinds import CheckpointFacts, LedgerEvent, StreamStarted, VersionCommitted, VersionPruned
 from mergeops.ledger.store import Ledger, VersionRecord
 from mergeops.model.digest import digest_of_listing
 from mergeops.model.readme import read_license
@@ -64,7 +64,7 @@ class Committed:
 
 
 def commit(policy: Policy, ledger: Ledger, plan: NextVersion, *, base_path: Path, base_digest: str,
-           checkpoint: dict[str, Any], output_files: dict[str, str], state_files: dict[str, str],
+           checkpoint: CheckpointFacts, output_files: dict[str, str], state_files: dict[str, str],
            gates: list[str], update_norm: float | None, eval_metrics: dict[str, float]) -> Committed:
     """Write the version's cards, record it, point ``latest`` at it and prune. ``checkpoint``: the facts recorded
     about the folded checkpoint (its digest, source, arrival, metrics...). If recording fails the ledger is unchanged
@@ -75,10 +75,11 @@ def commit(policy: Policy, ledger: Ledger, plan: NextVersion, *, base_path: Path
     inputs = [Input("base", base_digest, str(base_path))]
     if plan.head is not None:
         inputs.append(Input("previous", plan.head.output_digest, plan.head.output))
-    folded = Input("checkpoint", checkpoint["digest"], checkpoint["source"])
+    assert checkpoint.digest is not None and checkpoint.arrived is not None
+    folded = Input("checkpoint", checkpoint.digest, checkpoint.source)
     facts = VersionFacts(stream.name, version, stream.method, stream.params, (*inputs, folded),
                          (*(Input("checkpoint", v.checkpoint, v.source) for v in earlier), folded), policy.digest,
-                         checkpoint["arrived"], read_license(base_path), gates=tuple(gates))
+                         checkpoint.arrived, read_license(base_path), gates=tuple(gates))
     cards = card_files(facts, output_digest, ledger.key)
     try:
         for name, data in cards.items():
@@ -87,27 +88,19 @@ def commit(policy: Policy, ledger: Ledger, plan: NextVersion, *, base_path: Path
     except BaseException:  # (a full disk) the version is not recorded: nothing of it may stay
         plan.discard()
         raise
-    events: list[tuple[str, dict[str, Any]]] = []
-    if ledger.stream_row(stream.name) is None:
-        events.append(("stream.started", {"stream": stream.name, "base": str(stream.base), "base_digest": base_digest,
-                                          "method": stream.method, "params": stream.params}))
-    events.append(("version.committed", {
-        "stream": stream.name, "version": version, "method": stream.method, "params": stream.params,
-        "previous": plan.head.version if plan.head else None, "checkpoint": checkpoint,
-        "output_digest": output_digest, "path": ledger.relative(plan.output_dir), "files": output_files,
-        "cards": {name: hashlib.sha256(data).hexdigest() for name, data in cards.items()},
-        "state_path": ledger.relative(plan.state_dir), "state_digest": digest_of_listing(state_files),
-        "gates": gates, "update_norm": update_norm, "eval": eval_metrics, "policy_digest": policy.digest,
-        "tool": f"mergeops {__version__}"}))
-    events += [("version.pruned", {"stream": stream.name, "version": v.version})
+    events: list[LedgerEvent] = []
+    if ledger.started(stream.name) is None:
+        events.append(StreamStarted(stream.name, str(stream.base), base_digest, stream.method, stream.params))
+    events.append(VersionCommitted(
+        stream.name, version, stream.method, stream.params, plan.head.version if plan.head else None, checkpoint,
+        output_digest, ledger.relative(plan.output_dir), output_files, ledger.relative(plan.state_dir),
+        digest_of_listing(state_files), tuple(gates), policy.digest, f"mergeops {__version__}",
+        update_norm=update_norm, cards={name: hashlib.sha256(data).hexdigest() for name, data in cards.items()},
+        eval=eval_metrics))
+    events += [VersionPruned(stream.name, v.version)
                for v in earlier if not v.pruned and v.version <= version - stream.keep]
     ledger.record(*events)
     plan.folders.point_latest(plan.output_dir)  # only once the ledger knows the version
     plan.folders.prune(version, stream.keep)
     return Committed(version, plan.output_dir, output_digest)
 
-
-def record_rejection(ledger: Ledger, stream: str, checkpoint: dict[str, Any], gate: str, reason: str) -> None:
-    """Record that a checkpoint (``checkpoint``: at least its source) was rejected, and by which gate."""
-    ledger.record(("checkpoint.rejected", {"stream": stream, "checkpoint": checkpoint, "gate": gate,
-                                           "reason": reason}))

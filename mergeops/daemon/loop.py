@@ -19,12 +19,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from mergeops.commit.commit import record_rejection
 from mergeops.errors import MergeopsError, RejectedError
 from mergeops.hub_uri import HubUri
-from mergeops.keys import load_signing_key
+from mergeops.keys import load_signing_key, signing_key_path
+from mergeops.ledger.kinds import CheckpointFacts
 from mergeops.ledger.lock import WriterLock
-from mergeops.ledger.store import LEDGER_FILE, Ledger, signing_key_path, utc_now
+from mergeops.ledger.store import LEDGER_FILE, Ledger, QueueItem, utc_now
 from mergeops.pipeline import fold_checkpoint
 from mergeops.policy import Policy
 from mergeops.publish.publish import AlreadyPublished, publish
@@ -68,6 +68,8 @@ class Daemon:
         self.wake.set()
 
     def run(self) -> int:
+        # The lock comes before the key, so a start that fails on the key can say why in the status (and the
+        # heartbeat of a daemon that is running is never overwritten).
         lock = WriterLock(self.policy.home, "daemon")
         try:
             key = load_signing_key(signing_key_path(self.policy.keys))
@@ -78,14 +80,15 @@ class Daemon:
         previous = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
         observers = [o for _, registry in self.registries if (o := registry.watch(self.wake)) is not None]
         try:
-            with Ledger.open(self.policy.home, key) as ledger:
+            # the daemon's one ledger, for its whole life: folds and publications write through it too
+            with Ledger.open(self.policy.home, key, lock=lock) as ledger:
                 self.ledger = ledger
                 retried = ledger.retry_failed()
                 unpublished = ledger.queued("publishing")
                 log("started", pid=os.getpid(), home=str(self.policy.home), streams=list(self.policy.streams),
                     retrying_failed=retried, resuming_publications=len(unpublished))
                 for item in unpublished:  # a publication a crash interrupted: redo it before anything new
-                    self._publish(item, json.loads(item["result"])["version"])
+                    self._publish(item, json.loads(item.result)["version"])
                 self.notifier.ready("watching registries")
                 try:
                     self._loop()
@@ -99,7 +102,6 @@ class Daemon:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             self.notifier.stopping()
-            lock.release()
         log("stopped", pid=os.getpid(), failed=self.failed)
         # --once is a batch job: an arrival that failed (a broken policy, a missing base) must fail it too.
         return 1 if self.once and self.failed else 0
@@ -163,8 +165,7 @@ class Daemon:
                 try:
                     hub.check(commit)
                 except RejectedError as exc:  # refused from its file listing, before any download
-                    record_rejection(self.ledger, stream, {"source": commit.source},
-                                     "validation", str(exc))
+                    self.ledger.record_rejection(stream, CheckpointFacts(commit.source), "validation", str(exc))
                     self._enqueue(stream, commit.source, commit.sha, state="rejected")
                     continue
                 self._enqueue(stream, commit.source, commit.sha)
@@ -202,18 +203,19 @@ class Daemon:
             raise done["error"]
         return done["path"]
 
-    def _next_pending(self) -> dict[str, Any] | None:
-        rows = self.ledger.queued("pending", limit=1)
-        return rows[0] if rows else None
+    def _next_pending(self) -> QueueItem | None:
+        items = self.ledger.queued("pending", limit=1)
+        return items[0] if items else None
 
-    def _fold(self, item: dict[str, Any]) -> None:
-        stream, source = item["stream"], item["source"]
+    def _fold(self, item: QueueItem) -> None:
+        stream, source = item.stream, item.source
         log("folding", stream=stream, source=source)
         self.notifier.status(f"folding {source} into {stream}")
         started = time.monotonic()
         try:
             folder = self._local_folder(stream, source)
-            result = fold_checkpoint(self.policy, stream, folder, source=source, progress=self._between_tensors)
+            result = fold_checkpoint(self.policy, stream, folder, source=source, progress=self._between_tensors,
+                                     ledger=self.ledger)
         except RegistryUnavailable as exc:  # stays pending; wait (interruptibly) before trying again
             log("hub_unavailable", level="warning", stream=stream, source=source, error=str(exc),
                 retry_after=exc.retry_after)
@@ -223,26 +225,26 @@ class Daemon:
             log("abandoned", stream=stream, source=source, note="will be folded again at the next start")
             return
         except Exception as exc:  # never let one arrival stop the daemon; failed rows are retried at the next start
-            self.ledger.set_queued(item["id"], "failed", f"{type(exc).__name__}: {exc}")
+            self.ledger.set_queued(item.id, "failed", f"{type(exc).__name__}: {exc}")
             log("failed", level="error", stream=stream, source=source, error=f"{type(exc).__name__}: {exc}")
             self.failed += 1
             return
         # A version to publish is first recorded as such (the durable intent), so a crash mid-publication is redone.
         publishing = result.status == "merged" and self.policy.streams[stream].publish is not None
-        self.ledger.set_queued(item["id"], "publishing" if publishing else result.status,
+        self.ledger.set_queued(item.id, "publishing" if publishing else result.status,
                                json.dumps(result.to_json()))
         log(result.status, stream=stream, source=source, version=result.version, digest=result.digest,
             gate=result.gate, reason=result.reason, seconds=round(time.monotonic() - started, 3))
         if publishing:
             self._publish(item, result.version)
 
-    def _publish(self, item: dict[str, Any], version: int) -> None:
+    def _publish(self, item: QueueItem, version: int) -> None:
         """Publish a new version as the policy says, then mark its queue row done. A failure is logged and the row
         stays to publish, so the next start redoes it (and `mergeops publish` can retry meanwhile)."""
-        stream = item["stream"]
+        stream = item.stream
         try:
             if self.policy.streams[stream].publish is not None:  # the policy may have dropped it since
-                publication = publish(self.policy, stream, version)
+                publication = publish(self.policy, stream, version, ledger=self.ledger)
                 log("published", stream=stream, version=version, targets=list(publication.targets),
                     signer=publication.signer)
         except AlreadyPublished:
@@ -250,7 +252,7 @@ class Daemon:
         except MergeopsError as exc:
             log("publish_failed", level="error", stream=stream, version=version, error=str(exc))
             return
-        self.ledger.set_queued(item["id"], "merged")
+        self.ledger.set_queued(item.id, "merged")
 
     def _between_tensors(self, _bytes: int) -> None:
         if self.stopping.is_set():

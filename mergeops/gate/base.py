@@ -13,16 +13,17 @@ from mergeops.model import ModelFolder
 
 @dataclass
 class Subject:
-    """What the gates look at. Gates on the checkpoint run before the fold and see ``checkpoint``, ``facts`` and
-    ``metrics``; gates on the candidate run after it and see the merged ``candidate`` folder and the update norms."""
+    """What the gates look at, and what they found. Gates on the checkpoint run before the fold and see ``checkpoint``
+    and ``metrics``; gates on the candidate run after it and see the merged ``candidate`` folder and the update
+    norms."""
 
     checkpoint: ModelFolder
-    facts: dict[str, Any]  # what the ledger records about the checkpoint; a gate may add what it found
     metrics: dict[str, float]
     tick: Callable[[], None] | None = None  # call about once a second during long checks (the daemon's watchdog)
     candidate: Path | None = None
     update_norm: float | None = None
     accepted_norms: list[float] = field(default_factory=list)  # update norms of the stream's accepted checkpoints
+    mergelock: dict[str, Any] | None = None  # the marks of a protected checkpoint the policy allows, recorded with it
     eval_metrics: dict[str, float] = field(default_factory=dict)  # what the eval gate measured on the candidate
 
 

@@ -32,7 +32,7 @@ class MergeLockGate:
             raise RejectedError(f"{subject.checkpoint.path} is protected by MergeLock ({marks['scheme']} version "
                                 f"{marks.get('version', '?')}), so merging it would break the merged model; ask its "
                                 "owner for the unprotected weights.", gate=self.name)
-        subject.facts["mergelock"] = {"scheme": marks["scheme"], "version": marks.get("version"),
+        subject.mergelock = {"scheme": marks["scheme"], "version": marks.get("version"),
                                       "strength": marks.get("strength"), "allowed": True}
         return "mergelock-allowed"
 

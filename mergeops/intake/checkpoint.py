@@ -1,12 +1,13 @@
 """Taking in one checkpoint: open it, describe it, hash it in the background, check it against the base.
 
 A :class:`Checkpoint` is what the pipeline hands from intake to the gates, the fold and the commit: the open model
-folder, the facts the ledger records about it (``facts``: source, arrival time, size, dtypes, and its digests once
-known), and its training metrics.
+folder, what the ledger records about it (:meth:`Checkpoint.facts`: source, arrival time, size, dtypes, its digests
+once known) and its training metrics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from mergeops.errors import ModelFolderError, RejectedError
 from mergeops.intake.validate import problems_against_base
+from mergeops.ledger.kinds import CheckpointFacts
 from mergeops.model import ModelFolder
 from mergeops.model.digest import BackgroundDigest
 from mergeops.model.folder import INDEX_FILE
@@ -24,9 +26,11 @@ class Checkpoint:
     """A checkpoint being taken in. Use as a context manager: leaving it stops the hashing and closes the folder."""
 
     folder: ModelFolder
-    facts: dict[str, Any]  # what the ledger records about the checkpoint
+    arrived: CheckpointFacts  # what was known on arrival: source, time, size, parameters, dtypes
     pending: BackgroundDigest
     metrics: dict[str, float] = field(default_factory=dict)
+    mergelock: dict[str, Any] | None = None  # the marks of a MergeLock-protected checkpoint the policy allowed
+    digests: tuple[str, str] | None = None  # the folder's and its weights' digests, once known
 
     @property
     def path(self) -> Path:
@@ -34,19 +38,25 @@ class Checkpoint:
 
     @property
     def digest_known(self) -> bool:
-        return "digest" in self.facts or self.pending.done()
+        return self.digests is not None or self.pending.done()
 
     def digest(self, tick: Callable[[], None] | None = None) -> str:
-        """The checkpoint's digest, waiting for it (calling ``tick`` about once a second); its weights digest is then
-        in ``facts`` too."""
-        if "digest" not in self.facts:
+        """The checkpoint's digest, waiting for it (calling ``tick`` about once a second)."""
+        if self.digests is None:
             try:
-                self.facts["digest"] = self.pending.result(tick=tick)
+                digest = self.pending.result(tick=tick)
             except ModelFolderError as exc:
                 raise RejectedError(str(exc), gate="validation") from exc
             weights = [*self.folder.headers, *([INDEX_FILE] if self.folder.index is not None else [])]
-            self.facts["weights_digest"] = self.pending.weights_digest(weights)
-        return self.facts["digest"]
+            self.digests = (digest, self.pending.weights_digest(weights))
+        return self.digests[0]
+
+    def facts(self, *, with_metrics: bool = False) -> CheckpointFacts:
+        """What the ledger records about the checkpoint: as it arrived, its digests if known, what gates found,
+        and (in a version's record) its metrics."""
+        digest, weights_digest = self.digests or (None, None)
+        return dataclasses.replace(self.arrived, digest=digest, weights_digest=weights_digest, mergelock=self.mergelock,
+                                   metrics=self.metrics if with_metrics else None)
 
     def check_against_base(self, base: ModelFolder) -> None:
         """Rejects a checkpoint whose tensors do not match the base's (names, shapes, dtypes, config)."""
@@ -62,9 +72,9 @@ class Checkpoint:
         self.folder.close()
 
 
-def receive(path: Path, facts: dict[str, Any]) -> Checkpoint:
-    """Open the checkpoint at ``path`` and start hashing it; ``facts`` holds at least its source and arrival time.
-    Raises RejectedError (gate ``validation``) if it is not a readable model folder."""
+def receive(path: Path, arrived: CheckpointFacts) -> Checkpoint:
+    """Open the checkpoint at ``path`` and start hashing it; ``arrived`` names its source and arrival time. Raises
+    RejectedError (gate ``validation``) if it is not a readable model folder."""
     try:
         folder = ModelFolder.open(path)
     except ModelFolderError as exc:
@@ -72,6 +82,6 @@ def receive(path: Path, facts: dict[str, Any]) -> Checkpoint:
     dtypes: dict[str, int] = {}
     for info in folder.tensors.values():
         dtypes[info.entry.dtype] = dtypes.get(info.entry.dtype, 0) + 1
-    facts |= {"size": sum(t.nbytes for t in folder.tensors.values()),
-              "parameters": sum(t.numel for t in folder.tensors.values()), "dtypes": dtypes}
-    return Checkpoint(folder, facts, BackgroundDigest(path))
+    arrived = dataclasses.replace(arrived, size=sum(t.nbytes for t in folder.tensors.values()),
+                                  parameters=sum(t.numel for t in folder.tensors.values()), dtypes=dtypes)
+    return Checkpoint(folder, arrived, BackgroundDigest(path))

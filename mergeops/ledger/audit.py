@@ -25,7 +25,7 @@ from mergeops import keys
 from mergeops.errors import MergeopsError
 from mergeops.hub_uri import SCHEME, is_hub
 from mergeops.ledger.events import Event, canonical, chain_problems
-from mergeops.ledger.store import HEAD_FILE, Ledger, public_key_for, signing_key_path
+from mergeops.ledger.store import HEAD_FILE, Ledger
 from mergeops.ledger.tables import HISTORY_TABLES, apply, migrations
 from mergeops.model import folder_digest
 from mergeops.model.digest import digest_files, file_sha256
@@ -46,11 +46,11 @@ class AuditReport:
                 "files_checked": self.files_checked, "problems": self.problems}
 
 
-def trusted_key(policy_keys: Any, report: AuditReport) -> ec.EllipticCurvePublicKey:
+def trusted_key(policy_keys: keys.SigningKeyConfig, report: AuditReport) -> ec.EllipticCurvePublicKey:
     """The key the ledger must be signed with: derived from the private key where it is readable (a swapped
     ``signing.pub.pem`` is a problem), else ``signing.pub.pem``; either must match ``[keys] signer`` if pinned."""
-    private = signing_key_path(policy_keys)
-    public_file = private.with_name(private.name.removesuffix(".pem") + ".pub.pem")
+    private = keys.signing_key_path(policy_keys)
+    public_file = keys.public_key_file(private)
     key = None
     if private.is_file():
         try:
@@ -64,7 +64,7 @@ def trusted_key(policy_keys: Any, report: AuditReport) -> ec.EllipticCurvePublic
                        "replaced; the ledger is checked against the private key's.")
         key = key or published
     if key is None:
-        key = public_key_for(policy_keys)  # raises the usual message: no key to check against
+        key = keys.public_key_for(policy_keys)  # raises the usual message: no key to check against
     if policy_keys.signer is not None and keys.fingerprint(key) != policy_keys.signer:
         report.add("signer", "[keys] signer", f"the policy pins signer {policy_keys.signer}, but its signing key is "
                    f"{keys.fingerprint(key)}: the keys were replaced; every signature is checked against the "
@@ -152,7 +152,7 @@ def _key(pk: tuple[str, ...], key: tuple[Any, ...]) -> str:
 def _check_outputs(ledger: Ledger, report: AuditReport) -> None:
     """Re-hash every retained (not pruned) version against the per-file sha256 recorded at write time, and
     each stream's current method state against its recorded digest (every later version builds on it)."""
-    for head in ledger.rows("SELECT stream, version, state_path, state_digest FROM versions v WHERE version = "
+    for head in ledger._rows("SELECT stream, version, state_path, state_digest FROM versions v WHERE version = "
                             "(SELECT max(version) FROM versions WHERE stream = v.stream)"):
         where = f"{head['stream']} v{head['version']:04d}"
         state = ledger.located(head["state_path"])
@@ -161,7 +161,7 @@ def _check_outputs(ledger: Ledger, report: AuditReport) -> None:
         elif folder_digest(state) != head["state_digest"]:
             report.add("state", where, f"{where}: its method state in {state} was changed after it was written; "
                        "every later version would build on it.")
-    for version in ledger.rows("SELECT stream, version, path, files, cards FROM versions WHERE pruned = 0"):
+    for version in ledger._rows("SELECT stream, version, path, files, cards FROM versions WHERE pruned = 0"):
         where = f"{version['stream']} v{version['version']:04d}"
         folder = ledger.located(version["path"])
         report.versions_checked += 1
@@ -171,7 +171,7 @@ def _check_outputs(ledger: Ledger, report: AuditReport) -> None:
         recorded = json.loads(version["files"]) | json.loads(version["cards"] or "{}")
         present = set(digest_files(folder)) | {n for n in json.loads(version["cards"] or "{}") if (folder / n).exists()}
         _compare_files(folder, recorded, present, where, ("it was written", "the version was written"), report)
-    for head in ledger.rows("SELECT stream, version, path FROM versions v WHERE pruned = 0 AND version = "
+    for head in ledger._rows("SELECT stream, version, path FROM versions v WHERE pruned = 0 AND version = "
                             "(SELECT max(version) FROM versions WHERE stream = v.stream)"):
         folder = ledger.located(head["path"])
         link = folder.parent / "latest"
@@ -198,7 +198,7 @@ def _compare_files(folder: Path, recorded: dict[str, str], present: set[str], wh
 def _check_publications(ledger: Ledger, report: AuditReport) -> None:
     """Every published copy in a local folder, file by file (card and signature included); on the Hub the
     commit is recorded and cannot change."""
-    for p in ledger.rows("SELECT stream, version, target, output_digest, files FROM publications ORDER BY id"):
+    for p in ledger._rows("SELECT stream, version, target, output_digest, files FROM publications ORDER BY id"):
         if is_hub(p["target"]):
             continue
         where = f"{p['stream']} v{p['version']:04d} published"
@@ -218,9 +218,9 @@ def _check_rollback(ledger: Ledger, report: AuditReport, folders: Mapping[str, I
     """A version folder or published copy beyond each stream's last recorded version: its events are gone (the
     ledger and its signed head were put back to an older state), or a fold crashed before recording it (the
     stream's next fold removes such a folder)."""
-    for head in ledger.rows("SELECT stream, max(version) AS version, path FROM versions GROUP BY stream"):
+    for head in ledger._rows("SELECT stream, max(version) AS version, path FROM versions GROUP BY stream"):
         roots = {ledger.located(head["path"]).parent, *folders.get(head["stream"], ())}
-        roots |= {ledger.located(r["target"]).parent for r in ledger.rows(
+        roots |= {ledger.located(r["target"]).parent for r in ledger._rows(
             "SELECT target FROM publications WHERE stream = ? AND target NOT LIKE ?", (head["stream"], f"{SCHEME}%"))}
         for root in sorted(roots):
             for child in sorted(root.iterdir()) if root.is_dir() else []:

@@ -15,6 +15,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mergeops import keys
+from mergeops.ledger.kinds import LedgerEvent, parse
 
 GENESIS = "sha256:" + "0" * 64  # the "previous hash" of the first event
 
@@ -45,6 +46,9 @@ class Event:
         data = cls.signed_bytes(seq, time, kind, payload, prev_hash)
         return cls(seq, time, kind, payload, prev_hash, "sha256:" + hashlib.sha256(data).hexdigest(),
                    keys.fingerprint(key.public_key()), keys.sign(key, data).hex())
+
+    def typed(self) -> LedgerEvent:
+        return parse(self.kind, self.payload)
 
     def row(self) -> dict[str, Any]:
         return {"seq": self.seq, "time": self.time, "kind": self.kind, "payload": canonical(self.payload),

@@ -7,12 +7,11 @@ protection record). The answer walks back from that version to the base, one fol
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from mergeops.errors import UsageError
-from mergeops.ledger.store import Ledger
+from mergeops.ledger.store import Ledger, ProtectionRecord
 from mergeops.model import folder_digest
 
 
@@ -22,64 +21,53 @@ def resolve(ledger: Ledger, target: str) -> tuple[str, int, dict[str, Any]]:
     if path.is_dir():
         digest = folder_digest(path)
         found = {"path": str(path.resolve()), "digest": digest}
-        rows = ledger.rows("SELECT stream, version FROM versions WHERE output_digest = ? ORDER BY version LIMIT 1",
-                           (digest,))
-        if rows:
-            return rows[0]["stream"], rows[0]["version"], found | {"as": "version"}
-        protected = ledger.rows("SELECT * FROM protections WHERE output_digest = ? LIMIT 1", (digest,))
-        if protected:
-            rows = ledger.rows("SELECT stream, version FROM versions WHERE output_digest = ? LIMIT 1",
-                               (protected[0]["source_digest"],))
-            if rows:
-                return rows[0]["stream"], rows[0]["version"], found | {
-                    "as": "protected copy", "protection": _protection(ledger, protected[0])}
+        version = ledger.version_with_output(digest)
+        if version is not None:
+            return version.stream, version.version, found | {"as": "version"}
+        protection = ledger.protection_with_output(digest)
+        if protection is not None:
+            version = ledger.version_with_output(protection.source_digest)
+            if version is not None:
+                return version.stream, version.version, found | {
+                    "as": "protected copy", "protection": _protection(protection)}
         raise UsageError(f"{path} ({digest}) is not a model this ledger made, protected or published.")
     stream, _, number = target.partition("@")
-    if ledger.stream_row(stream) is None:
+    if ledger.started(stream) is None:
         raise UsageError(f"{target!r} is neither a model folder nor a stream of this policy.")
     if number:
         if not number.isdigit():
             raise UsageError(f"{target!r}: the version after @ must be a number, e.g. {stream}@3.")
-        version = int(number)
+        version_number = int(number)
     else:
         head = ledger.head(stream)
         if head is None:
             raise UsageError(f"stream {stream!r} has no versions yet.")
-        version = head.version
-    if ledger.version(stream, version) is None:
-        raise UsageError(f"stream {stream!r} has no version {version}.")
-    return stream, version, {"as": "version"}
+        version_number = head.version
+    if ledger.version(stream, version_number) is None:
+        raise UsageError(f"stream {stream!r} has no version {version_number}.")
+    return stream, version_number, {"as": "version"}
 
 
-def _protection(ledger: Ledger, row: dict[str, Any]) -> dict[str, Any]:
-    return {"output_digest": row["output_digest"], "path": str(ledger.located(row["path"])),
-            "key_fingerprint": row["key_fingerprint"], "scheme": row["scheme"], "created": row["created"]}
+def _protection(p: ProtectionRecord) -> dict[str, Any]:
+    return {"output_digest": p.output_digest, "path": p.path, "key_fingerprint": p.key_fingerprint,
+            "scheme": p.scheme, "created": p.created}
 
 
 def lineage(ledger: Ledger, target: str) -> dict[str, Any]:
     stream, version, found = resolve(ledger, target)
-    stream_row = ledger.stream_row(stream) or {}
-    signers = {r["seq"]: r["signer"] for r in ledger.rows("SELECT seq, signer FROM events")}
-    steps = []
-    for row in ledger.rows("SELECT * FROM versions WHERE stream = ? AND version <= ? ORDER BY version DESC",
-                           (stream, version)):
-        checkpoint = ledger.rows("SELECT * FROM checkpoints WHERE id = ?", (row["checkpoint_id"],))[0]
-        steps.append({
-            "version": row["version"], "output_digest": row["output_digest"], "path": str(ledger.located(row["path"])),
-            "retained": not row["pruned"], "method": row["method"], "params": json.loads(row["params"]),
-            "created": row["created"], "gates": json.loads(row["gates"]), "policy_digest": row["policy_digest"],
-            "tool": row["tool"], "signer": signers.get(row["checkpoint_id"]),
-            "checkpoint": {"digest": checkpoint["digest"], "source": checkpoint["source"],
-                           "arrived": checkpoint["arrived"], "size": checkpoint["size"],
-                           "parameters": checkpoint["parameters"], "metrics": json.loads(checkpoint["metrics"])},
-        })
-    output_digest = steps[0]["output_digest"]
+    started = ledger.started(stream)
+    steps = [{
+        "version": v.version, "output_digest": v.output_digest, "path": v.output, "retained": not v.pruned,
+        "method": v.method, "params": v.params, "created": v.created, "gates": list(v.gates),
+        "policy_digest": v.policy_digest, "tool": v.tool, "signer": v.signer,
+        "checkpoint": {"digest": v.checkpoint, "source": v.source, "arrived": v.arrived, "size": v.size,
+                       "parameters": v.parameters, "metrics": v.metrics},
+    } for v in reversed(ledger.versions(stream)) if v.version <= version]
     return {
         "target": target, "found": found, "stream": stream, "version": version,
-        "base": {"source": stream_row.get("base"), "digest": stream_row.get("base_digest")},
+        "base": {"source": started.base if started else None, "digest": started.base_digest if started else None},
         "steps": steps,
-        "publications": [r | {"target": str(ledger.located(r["target"]))} for r in ledger.rows(
-            "SELECT target, signer, created FROM publications WHERE stream = ? AND version = ?", (stream, version))],
-        "protections": [_protection(ledger, r) for r in ledger.rows(
-            "SELECT * FROM protections WHERE source_digest = ?", (output_digest,))],
+        "publications": [{"target": p.target, "signer": p.signer, "created": p.created}
+                         for p in ledger.publications(stream, version)],
+        "protections": [_protection(p) for p in ledger.protections_of(steps[0]["output_digest"])],
     }

@@ -1,4 +1,8 @@
-"""One writer per home: the daemon, or a `mergeops fold` / `publish` run by hand, never two at once."""
+"""One writer per home: the daemon, or a `mergeops fold` / `publish` run by hand, never two at once.
+
+A writable :class:`~mergeops.ledger.store.Ledger` holds the lock from ``Ledger.open`` to ``close``, so every
+caller that writes, the command line or a library call, is covered.
+"""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import json
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,10 @@ from mergeops.durable import fsync_dir, write_durably
 from mergeops.errors import PolicyError, disk_full, no_space
 from mergeops.hub_uri import is_hub
 from mergeops.ledger.events import GENESIS, Event, canonical
+from mergeops.ledger.kinds import CheckpointFacts, CheckpointRejected, LedgerEvent, StreamStarted
+from mergeops.ledger.lock import WriterLock
 from mergeops.ledger.tables import apply, migrations
+from mergeops.policy import Policy
 
 LEDGER_FILE = "ledger.db"
 HEAD_FILE = "ledger-head.json"
@@ -52,39 +55,104 @@ class VersionRecord:
 
     stream: str
     version: int
-    checkpoint: str  # digest of the checkpoint folded into it
-    source: str
-    output: str
+    output: str  # where the version's folder is now
     output_digest: str
+    files: dict[str, str]  # sha256 of every file but the cards, as written
     state: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    pruned: bool = False
+    method: str
+    params: dict[str, Any]
+    gates: tuple[str, ...]
+    policy_digest: str
+    tool: str
+    created: str
+    signer: str | None  # fingerprint of the key that signed its event (None if that event was deleted)
+    pruned: bool
+    # the checkpoint folded into it
+    checkpoint: str  # its digest
+    source: str
+    arrived: str
+    size: int | None
+    parameters: int | None
+    metrics: dict[str, float]
 
 
-def signing_key_path(policy_keys: Any) -> Path:
-    if policy_keys.signing is None:
-        raise PolicyError("the policy has no [keys] signing key, which signs every ledger event; create one with "
-                          "`mergeops keygen --out keys` and add `[keys]` `signing = \"keys/signing.pem\"`.")
-    return policy_keys.signing
+@dataclass(frozen=True)
+class PublicationRecord:
+    stream: str
+    version: int
+    target: str  # where the published copy is now, or hf://org/repo@sha
+    output_digest: str
+    signer: str | None  # of the model signature; None if unsigned
+    created: str
+    files: dict[str, str]  # sha256 of every file of the copy (empty in older ledgers)
 
 
-def public_key_for(policy_keys: Any) -> ec.EllipticCurvePublicKey:
-    """The policy's public key: ``signing.pub.pem`` beside the private key, else derived from it."""
-    private = signing_key_path(policy_keys)
-    public = private.with_name(private.name.removesuffix(".pem") + ".pub.pem")
-    if public.is_file():
-        return keys.load_public_key(public)
-    return keys.load_signing_key(private).public_key()
+@dataclass(frozen=True)
+class ProtectionRecord:
+    source_digest: str
+    output_digest: str
+    path: str  # where the protected copy is now
+    key_fingerprint: str
+    scheme: str
+    created: str
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A checkpoint a gate refused."""
+
+    arrived: str
+    stream: str
+    source: str
+    digest: str | None  # None if it was refused before it was read
+    gate: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    """An arrival the daemon queued, and how far it got (``pending``, ``merged``, ``failed``, ...)."""
+
+    id: int
+    stream: str
+    source: str
+    fingerprint: str
+    queued: str
+    state: str
+    result: str | None  # the fold's result as JSON, or why it failed
+
+
+@dataclass(frozen=True)
+class StreamCounts:
+    folded: int
+    rejected: int
+    pending: int
+    failed: int
+    last_event: str | None  # time of the stream's newest event
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The daemon's last sign of life (not a signed record)."""
+
+    pid: int
+    time: str
+    status: str
+
+
+class NoLedger(PolicyError):
+    """Nothing has been recorded in this home yet."""
 
 
 class Ledger:
-    """Open with :meth:`open` (a writer, needs the signing key) or :meth:`open_readonly`."""
+    """Open with :meth:`open` (the home's one writer, with the signing key) or :meth:`open_readonly`."""
 
     def __init__(self, home: Path, signing_key: ec.EllipticCurvePrivateKey | None, *, read_only: bool = False,
-                 immutable: bool = False) -> None:
+                 immutable: bool = False, lock: WriterLock | None = None) -> None:
         self.home = Path(home)
         self.path = self.home / LEDGER_FILE
         self.key = signing_key
+        self._lock = lock
         target: str | Path = self.path
         if read_only:
             target = f"{self.path.resolve().as_uri()}?mode=ro" + ("&immutable=1" if immutable else "")
@@ -94,14 +162,31 @@ class Ledger:
         self.db.execute("PRAGMA foreign_keys = ON")
 
     @classmethod
-    def open(cls, home: Path, signing_key: ec.EllipticCurvePrivateKey) -> Ledger:
+    def open(cls, home: Path, signing_key: ec.EllipticCurvePrivateKey, *, role: str = "fold",
+             lock: WriterLock | None = None) -> Ledger:
+        """The home's writable ledger. It takes the home's writer lock as ``role`` (or owns ``lock``, one the
+        caller took already) until :meth:`close`, so a second writer fails at once and says who writes."""
         home.mkdir(parents=True, exist_ok=True)
-        ledger = cls(home, signing_key)
-        ledger.db.execute("PRAGMA journal_mode = WAL")
-        ledger.db.execute("PRAGMA synchronous = FULL")
-        if migrations.pending(ledger.db):
-            migrations.apply(ledger.db)
+        lock = lock or WriterLock(home, role)
+        ledger = None
+        try:
+            ledger = cls(home, signing_key, lock=lock)
+            ledger.db.execute("PRAGMA journal_mode = WAL")
+            ledger.db.execute("PRAGMA synchronous = FULL")
+            if migrations.pending(ledger.db):
+                migrations.apply(ledger.db)
+        except BaseException:
+            if ledger is not None:
+                ledger.close()  # and the lock with it
+            else:
+                lock.release()
+            raise
         return ledger
+
+    @classmethod
+    def for_policy(cls, policy: Policy, *, role: str) -> Ledger:
+        """The policy's writable ledger (in ``policy.home``, signed with its ``[keys] signing`` key)."""
+        return cls.open(policy.home, keys.load_signing_key(keys.signing_key_path(policy.keys)), role=role)
 
     @classmethod
     def open_readonly(cls, home: Path) -> Ledger:
@@ -109,7 +194,7 @@ class Ledger:
         disk. Where SQLite cannot set up its shared-memory file (a full disk), and the write-ahead log is empty (so
         the database file is the whole truth), the file is read as immutable."""
         if not (home / LEDGER_FILE).is_file():
-            raise PolicyError(f"there is no ledger in {home} yet; nothing has been folded with this policy.")
+            raise NoLedger(f"there is no ledger in {home} yet; nothing has been folded with this policy.")
         ledger = cls(home, None, read_only=True)
         try:
             ledger.db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
@@ -119,10 +204,16 @@ class Ledger:
             if wal.is_file() and wal.stat().st_size:
                 raise no_space(home) if disk_full(exc) else exc from None
             ledger = cls(home, None, read_only=True, immutable=True)
+        if not ledger.db["events"].exists():  # its first writer is creating it this moment
+            ledger.close()
+            raise NoLedger(f"the ledger in {home} is being created; nothing has been recorded in it yet.")
         return ledger
 
     def close(self) -> None:
         self.db.conn.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> Ledger:
         return self
@@ -141,23 +232,31 @@ class Ledger:
             raise
         self.db.execute("COMMIT")
 
-    def record(self, *items: tuple[str, dict[str, Any]]) -> list[Event]:
-        """Append events ``(kind, payload)`` and apply them, all in one transaction."""
+    def record(self, *events: LedgerEvent) -> list[Event]:
+        """Append ``events`` and apply them to the tables, all in one transaction."""
         if self.key is None:
             raise RuntimeError("this ledger was opened read-only")
         created = []
         with self._transaction():
             last = self.db.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
             seq, prev = (last[0], last[1]) if last else (0, GENESIS)
-            for kind, payload in items:
+            for typed in events:
                 seq += 1
-                event = Event.create(seq, utc_now(), kind, json.loads(canonical(payload)), prev, self.key)
+                payload = json.loads(canonical(typed.payload()))  # as it reads back: tuples are lists
+                event = Event.create(seq, utc_now(), typed.kind, payload, prev, self.key)
                 self.db["events"].insert(event.row())
                 apply(self.db, event)
                 created.append(event)
                 prev = event.hash
         self._write_head(created[-1])
         return created
+
+    def record_rejection(self, stream: str, checkpoint: CheckpointFacts, gate: str, reason: str
+                         ) -> CheckpointRejected:
+        """Record that ``gate`` refused a checkpoint of ``stream`` (known at least by its source), and why."""
+        rejection = CheckpointRejected(stream, checkpoint, gate, reason)
+        self.record(rejection)
+        return rejection
 
     def _write_head(self, event: Event) -> None:
         assert self.key is not None
@@ -183,60 +282,111 @@ class Ledger:
             else Path(recorded)
 
     # -- reading -------------------------------------------------------------------------------
-    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         return list(self.db.query(sql, params))
 
-    def _version(self, row: dict[str, Any] | None) -> VersionRecord | None:
-        if row is None:
-            return None
-        checkpoint = self.rows("SELECT source, metrics FROM checkpoints WHERE id = ?", (row["checkpoint_id"],))[0]
-        return VersionRecord(row["stream"], row["version"], row["checkpoint_digest"], checkpoint["source"],
-                             str(self.located(row["path"])), row["output_digest"], str(self.located(row["state_path"])),
-                             json.loads(checkpoint["metrics"]), bool(row["pruned"]))
+    _VERSIONS = ("SELECT v.*, c.source, c.arrived, c.size, c.parameters, c.metrics, e.signer FROM versions v "
+                 "JOIN checkpoints c ON c.id = v.checkpoint_id LEFT JOIN events e ON e.seq = v.checkpoint_id ")
+
+    def _versions(self, where: str, params: tuple[Any, ...], order: str = "v.version") -> list[VersionRecord]:
+        return [VersionRecord(
+            stream=r["stream"], version=r["version"], output=str(self.located(r["path"])),
+            output_digest=r["output_digest"], files=json.loads(r["files"]), state=str(self.located(r["state_path"])),
+            method=r["method"], params=json.loads(r["params"]), gates=tuple(json.loads(r["gates"])),
+            policy_digest=r["policy_digest"], tool=r["tool"], created=r["created"], signer=r["signer"],
+            pruned=bool(r["pruned"]), checkpoint=r["checkpoint_digest"], source=r["source"], arrived=r["arrived"],
+            size=r["size"], parameters=r["parameters"], metrics=json.loads(r["metrics"]),
+        ) for r in self._rows(f"{self._VERSIONS} WHERE {where} ORDER BY {order}", params)]
+
+    def _first_version(self, where: str, params: tuple[Any, ...], order: str = "v.version") -> VersionRecord | None:
+        found = self._versions(where, params, order + " LIMIT 1")
+        return found[0] if found else None
 
     def head(self, stream: str) -> VersionRecord | None:
-        rows = self.rows("SELECT * FROM versions WHERE stream = ? ORDER BY version DESC LIMIT 1", (stream,))
-        return self._version(rows[0] if rows else None)
+        return self._first_version("v.stream = ?", (stream,), "v.version DESC")
 
     def versions(self, stream: str) -> list[VersionRecord]:
-        rows = self.rows("SELECT * FROM versions WHERE stream = ? ORDER BY version", (stream,))
-        return [v for v in map(self._version, rows) if v is not None]
+        return self._versions("v.stream = ?", (stream,))
 
     def version(self, stream: str, number: int) -> VersionRecord | None:
-        rows = self.rows("SELECT * FROM versions WHERE stream = ? AND version = ?", (stream, number))
-        return self._version(rows[0] if rows else None)
+        return self._first_version("v.stream = ? AND v.version = ?", (stream, number))
 
     def version_with_checkpoint(self, stream: str, digest: str, weights_digest: str | None = None
                                 ) -> VersionRecord | None:
         """The version that folded this checkpoint: the same folder digest, or the same weights (a folder that
         only gained or lost a file beside its weights, such as trainer_state.json, is the same checkpoint)."""
-        rows = self.rows("SELECT * FROM versions WHERE stream = ? AND checkpoint_digest = ? LIMIT 1",
-                         (stream, digest))
-        if not rows and weights_digest is not None:
-            rows = self.rows("SELECT v.* FROM versions v JOIN events e ON e.seq = v.checkpoint_id WHERE v.stream = ? "
-                             "AND json_extract(e.payload, '$.checkpoint.weights_digest') = ? LIMIT 1",
-                             (stream, weights_digest))
-        return self._version(rows[0] if rows else None)
+        found = self._first_version("v.stream = ? AND v.checkpoint_digest = ?", (stream, digest))
+        if found is None and weights_digest is not None:
+            found = self._first_version("v.stream = ? AND json_extract(e.payload, '$.checkpoint.weights_digest') = ?",
+                                        (stream, weights_digest))
+        return found
+
+    def version_with_output(self, digest: str) -> VersionRecord | None:
+        """The (first) version whose folder has this digest, in any stream."""
+        return self._first_version("v.output_digest = ?", (digest,))
 
     def taken_before(self, stream: str, source: str, fingerprint: str) -> bool:
         """Whether the daemon folded this registry folder before (merged or duplicate) with other contents."""
-        return bool(self.rows("SELECT 1 FROM queue WHERE stream = ? AND source = ? AND fingerprint != ? AND state IN "
-                              "('merged', 'duplicate') LIMIT 1", (stream, source, fingerprint)))
+        return bool(self._rows("SELECT 1 FROM queue WHERE stream = ? AND source = ? AND fingerprint != ? AND state "
+                               "IN ('merged', 'duplicate') LIMIT 1", (stream, source, fingerprint)))
 
     def history(self, stream: str) -> tuple[PastCheckpoint, ...]:
         return tuple(PastCheckpoint(v.checkpoint, Path(v.source), v.metrics) for v in self.versions(stream))
 
     def update_norms(self, stream: str) -> list[float]:
         """Task-vector norms of the accepted checkpoints that were measured (for max_update_ratio)."""
-        return [r["update_norm"] for r in self.rows("SELECT update_norm FROM versions WHERE stream = ? AND "
-                                                   "update_norm IS NOT NULL ORDER BY version", (stream,))]
+        return [r["update_norm"] for r in self._rows("SELECT update_norm FROM versions WHERE stream = ? AND "
+                                                    "update_norm IS NOT NULL ORDER BY version", (stream,))]
 
-    def stream_row(self, stream: str) -> dict[str, Any] | None:
-        rows = self.rows("SELECT * FROM streams WHERE name = ?", (stream,))
-        return rows[0] if rows else None
+    def started(self, stream: str) -> StreamStarted | None:
+        """How the stream started (its base, the base's digest, its method), if it has."""
+        rows = self._rows("SELECT * FROM streams WHERE name = ?", (stream,))
+        if not rows:
+            return None
+        row = rows[0]
+        return StreamStarted(row["name"], row["base"], row["base_digest"], row["method"], json.loads(row["params"]))
 
-    def rejections(self, stream: str) -> list[dict[str, Any]]:
-        return self.rows("SELECT * FROM checkpoints WHERE stream = ? AND status = 'rejected' ORDER BY id", (stream,))
+    def rejections(self, stream: str) -> list[Rejection]:
+        """The stream's rejected checkpoints, oldest first."""
+        return [Rejection(r["arrived"], r["stream"], r["source"], r["digest"], r["gate"], r["reason"])
+                for r in self._rows("SELECT * FROM checkpoints WHERE stream = ? AND status = 'rejected' ORDER BY id",
+                                    (stream,))]
+
+    def counts(self, stream: str) -> StreamCounts:
+        """How many versions, rejections, waiting and failed arrivals the stream has, and when it last changed."""
+        def count(table: str, where: str) -> int:
+            return self._rows(f"SELECT count(*) AS n FROM {table} WHERE stream = ?{where}", (stream,))[0]["n"]
+
+        last = self._rows("SELECT max(time) AS t FROM events WHERE json_extract(payload, '$.stream') = ?",
+                          (stream,))[0]["t"]
+        return StreamCounts(folded=count("versions", ""), rejected=count("checkpoints", " AND status = 'rejected'"),
+                            pending=count("queue", " AND state = 'pending'"),
+                            failed=count("queue", " AND state = 'failed'"), last_event=last)
+
+    def publications(self, stream: str, version: int) -> list[PublicationRecord]:
+        """Where this version was published, oldest first."""
+        return [PublicationRecord(r["stream"], r["version"], str(self.located(r["target"])), r["output_digest"],
+                                  r["signer"], r["created"], json.loads(r["files"] or "{}"))
+                for r in self._rows("SELECT * FROM publications WHERE stream = ? AND version = ? ORDER BY id",
+                                    (stream, version))]
+
+    def _protections(self, column: str, digest: str) -> list[ProtectionRecord]:
+        return [ProtectionRecord(r["source_digest"], r["output_digest"], str(self.located(r["path"])),
+                                 r["key_fingerprint"], r["scheme"], r["created"])
+                for r in self._rows(f"SELECT * FROM protections WHERE {column} = ? ORDER BY id", (digest,))]
+
+    def protections_of(self, source_digest: str) -> list[ProtectionRecord]:
+        """The protected copies made of the model with this digest, oldest first."""
+        return self._protections("source_digest", source_digest)
+
+    def protection_with_output(self, digest: str) -> ProtectionRecord | None:
+        """The protected copy with this digest, if one was recorded."""
+        found = self._protections("output_digest", digest)
+        return found[0] if found else None
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every event as stored, oldest first (raw rows: audit checks them byte for byte)."""
+        return self._rows("SELECT * FROM events ORDER BY seq")
 
     # -- the daemon's queue and heartbeat (operational, outside the signed chain) ---------------------------
     def enqueue(self, stream: str, source: str, fingerprint: str, state: str = "pending") -> bool:
@@ -246,12 +396,13 @@ class Ledger:
             (stream, source, fingerprint, utc_now(), state)).rowcount)
 
     def is_queued(self, stream: str, source: str) -> bool:
-        return bool(self.rows("SELECT 1 FROM queue WHERE stream = ? AND source = ?", (stream, source)))
+        return bool(self._rows("SELECT 1 FROM queue WHERE stream = ? AND source = ?", (stream, source)))
 
-    def queued(self, state: str, limit: int | None = None) -> list[dict[str, Any]]:
-        """Queue rows in ``state``, oldest first."""
-        return self.rows("SELECT * FROM queue WHERE state = ? ORDER BY id" + (f" LIMIT {int(limit)}" if limit else ""),
-                         (state,))
+    def queued(self, state: str, limit: int | None = None, *, stream: str | None = None) -> list[QueueItem]:
+        """Queued arrivals in ``state`` (of one stream, or all), oldest first."""
+        where, params = ("state = ? AND stream = ?", (state, stream)) if stream is not None else ("state = ?", (state,))
+        return [QueueItem(**r) for r in self._rows(
+            f"SELECT * FROM queue WHERE {where} ORDER BY id" + (f" LIMIT {int(limit)}" if limit else ""), params)]
 
     def set_queued(self, item_id: int, state: str, result: str | None = None) -> None:
         if result is None:
@@ -267,14 +418,12 @@ class Ledger:
         self.db.execute("INSERT OR REPLACE INTO heartbeat (id, pid, time, status) VALUES (1, ?, ?, ?)",
                         (pid, utc_now(), status))
 
-    def publication_targets(self, stream: str, version: int) -> set[str]:
-        return {str(self.located(r["target"])) for r in self.rows(
-            "SELECT target FROM publications WHERE stream = ? AND version = ?", (stream, version))}
+    def heartbeat(self) -> Heartbeat | None:
+        rows = self._rows("SELECT pid, time, status FROM heartbeat WHERE id = 1")
+        return Heartbeat(**rows[0]) if rows else None
 
-    def failed_arrivals(self, stream: str) -> list[dict[str, Any]]:
-        """Queue items whose fold failed (not a rejection: an error, retried at the daemon's next start)."""
-        return self.rows("SELECT * FROM queue WHERE stream = ? AND state = 'failed' ORDER BY id", (stream,))
 
-    def events(self) -> list[dict[str, Any]]:
-        return self.rows("SELECT * FROM events ORDER BY seq")
-
+def writing(policy: Policy, ledger: Ledger | None, *, role: str) -> AbstractContextManager[Ledger]:
+    """For library calls that write: the caller's open ``ledger`` (left open), or else the policy's, opened (and
+    its writer lock taken as ``role``) for the ``with`` block."""
+    return nullcontext(ledger) if ledger is not None else Ledger.for_policy(policy, role=role)

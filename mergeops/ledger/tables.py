@@ -7,12 +7,19 @@ compare. Operational tables (``queue``, ``heartbeat``) are not history and stay 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from sqlite_utils import Database, Migrations
 
 from mergeops.ledger.events import Event, canonical
+from mergeops.ledger.kinds import (
+    CheckpointFacts,
+    CheckpointRejected,
+    ProtectionRecorded,
+    StreamStarted,
+    VersionCommitted,
+    VersionPruned,
+)
 
 migrations = Migrations("mergeops.ledger")
 
@@ -66,65 +73,38 @@ def _json(value: Any) -> str:
     return canonical(value)
 
 
-def _checkpoint_row(event: Event, status: str) -> dict[str, Any]:
-    p = event.payload
-    c = p["checkpoint"]
-    return {"id": event.seq, "stream": p["stream"], "digest": c.get("digest"), "source": c["source"],
-            "arrived": c.get("arrived", event.time), "size": c.get("size"), "parameters": c.get("parameters"),
-            "dtypes": _json(c.get("dtypes", {})), "metrics": _json(c.get("metrics", {})), "status": status,
-            "gate": p.get("gate"), "reason": p.get("reason")}
-
-
-def _stream_started(db: Database, event: Event) -> None:
-    p = event.payload
-    db["streams"].insert({"name": p["stream"], "base": p["base"], "base_digest": p["base_digest"],
-                          "method": p["method"], "params": _json(p["params"]), "started": event.time})
-
-
-def _checkpoint_rejected(db: Database, event: Event) -> None:
-    db["checkpoints"].insert(_checkpoint_row(event, "rejected"))
-
-
-def _version_committed(db: Database, event: Event) -> None:
-    p = event.payload
-    db["checkpoints"].insert(_checkpoint_row(event, "accepted"))
-    db["versions"].insert({
-        "stream": p["stream"], "version": p["version"], "method": p["method"], "params": _json(p["params"]),
-        "previous": p["previous"], "checkpoint_id": event.seq, "checkpoint_digest": p["checkpoint"]["digest"],
-        "output_digest": p["output_digest"], "path": p["path"], "state_path": p["state_path"],
-        "state_digest": p["state_digest"], "files": _json(p["files"]), "gates": _json(p["gates"]),
-        "policy_digest": p["policy_digest"], "tool": p["tool"], "update_norm": p.get("update_norm"),
-        "eval": _json(p.get("eval", {})), "created": event.time, "pruned": 0, "cards": _json(p.get("cards", {}))})
-
-
-def _version_pruned(db: Database, event: Event) -> None:
-    p = event.payload
-    db["versions"].update((p["stream"], p["version"]), {"pruned": 1})
-
-
-def _protection_recorded(db: Database, event: Event) -> None:
-    p = event.payload
-    db["protections"].insert({"id": event.seq, "source_digest": p["source_digest"],
-                              "output_digest": p["output_digest"], "path": p["path"],
-                              "key_fingerprint": p["key_fingerprint"], "scheme": p["scheme"], "created": event.time})
-
-
-def _publication_recorded(db: Database, event: Event) -> None:
-    p = event.payload
-    db["publications"].insert({"id": event.seq, "stream": p["stream"], "version": p["version"],
-                               "output_digest": p["output_digest"], "target": p["target"], "signer": p["signer"],
-                               "created": event.time, "files": _json(p.get("files", {}))})
-
-
-APPLY: dict[str, Callable[[Database, Event], None]] = {
-    "stream.started": _stream_started,
-    "checkpoint.rejected": _checkpoint_rejected,
-    "version.committed": _version_committed,
-    "version.pruned": _version_pruned,
-    "protection.recorded": _protection_recorded,
-    "publication.recorded": _publication_recorded,
-}
+def _checkpoint_row(event: Event, stream: str, c: CheckpointFacts, status: str, gate: str | None = None,
+                    reason: str | None = None) -> dict[str, Any]:
+    return {"id": event.seq, "stream": stream, "digest": c.digest, "source": c.source,
+            "arrived": c.arrived or event.time, "size": c.size, "parameters": c.parameters,
+            "dtypes": _json(c.dtypes or {}), "metrics": _json(c.metrics or {}), "status": status, "gate": gate,
+            "reason": reason}
 
 
 def apply(db: Database, event: Event) -> None:
-    APPLY[event.kind](db, event)
+    """Change the history tables as ``event`` says (in the caller's transaction)."""
+    e = event.typed()
+    if isinstance(e, StreamStarted):
+        db["streams"].insert({"name": e.stream, "base": e.base, "base_digest": e.base_digest, "method": e.method,
+                              "params": _json(e.params), "started": event.time})
+    elif isinstance(e, CheckpointRejected):
+        db["checkpoints"].insert(_checkpoint_row(event, e.stream, e.checkpoint, "rejected", e.gate, e.reason))
+    elif isinstance(e, VersionCommitted):
+        db["checkpoints"].insert(_checkpoint_row(event, e.stream, e.checkpoint, "accepted"))
+        db["versions"].insert({
+            "stream": e.stream, "version": e.version, "method": e.method, "params": _json(e.params),
+            "previous": e.previous, "checkpoint_id": event.seq, "checkpoint_digest": e.checkpoint.digest,
+            "output_digest": e.output_digest, "path": e.path, "state_path": e.state_path,
+            "state_digest": e.state_digest, "files": _json(e.files), "gates": _json(list(e.gates)),
+            "policy_digest": e.policy_digest, "tool": e.tool, "update_norm": e.update_norm, "eval": _json(e.eval),
+            "created": event.time, "pruned": 0, "cards": _json(e.cards)})
+    elif isinstance(e, VersionPruned):
+        db["versions"].update((e.stream, e.version), {"pruned": 1})
+    elif isinstance(e, ProtectionRecorded):
+        db["protections"].insert({"id": event.seq, "source_digest": e.source_digest, "output_digest": e.output_digest,
+                                  "path": e.path, "key_fingerprint": e.key_fingerprint, "scheme": e.scheme,
+                                  "created": event.time})
+    else:
+        db["publications"].insert({"id": event.seq, "stream": e.stream, "version": e.version,
+                                   "output_digest": e.output_digest, "target": e.target, "signer": e.signer,
+                                   "created": event.time, "files": _json(e.files)})

@@ -7,12 +7,13 @@ through unchanged. The weights files keep their source's layout byte for byte, w
 kept in the metadata, so ``unprotect`` with the same key writes back every original file byte for byte.
 
 The report each returns is what ``mergeops protect --json`` prints; its ``"ledger"`` entry is the payload
-of the ``protection.recorded`` ledger event.
+of the ``protection.recorded`` ledger event, which ``record_protection`` records.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hmac
 import json
 import math
@@ -30,10 +31,13 @@ from mergeops.attestation import IN_TOTO_STATEMENT
 from mergeops.errors import MergeopsError, UsageError
 from mergeops.intake.validate import MERGELOCK_META, protection_marks
 from mergeops.keys import LOCK_KEY_BYTES, lock_key_fingerprint
+from mergeops.ledger.kinds import ProtectionRecorded
+from mergeops.ledger.store import Ledger, writing
 from mergeops.model import ModelFolder, ModelWriter, TensorSpec, folder_digest
 from mergeops.model.digest import digest_of_listing
 from mergeops.model.readme import read_front_matter
 from mergeops.model.writer import WEIGHTS_SUFFIXES
+from mergeops.policy import Policy
 from mergeops.protect import checks
 from mergeops.protect.architectures import LayerUnit, Plan, resolve
 from mergeops.protect.attack import PROXY_ANCHOR_NOISE, AttackMeasurement, attack_sample, proxy_anchor
@@ -149,6 +153,16 @@ def protect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
                         "key_fingerprint": report["key_fingerprint"], "scheme": SCHEME, "strength": strength,
                         "transformed": report["transformed"]}
     return report
+
+
+def record_protection(policy: Policy, report: dict[str, Any], *, ledger: Ledger | None = None) -> ProtectionRecorded:
+    """Record the protected copy ``protect`` reported in the policy's ledger (``ledger``: already open for
+    writing; without one it is opened, and its writer lock taken, for this call)."""
+    recorded = ProtectionRecorded.from_payload(report["ledger"])
+    with writing(policy, ledger, role="protect") as writer:
+        recorded = dataclasses.replace(recorded, path=writer.relative(recorded.path))
+        writer.record(recorded)
+    return recorded
 
 
 def unprotect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], lock_key: bytes) -> dict[str, Any]:

@@ -10,7 +10,7 @@ is the protected model.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -22,11 +22,12 @@ from mergeops import keys
 from mergeops.durable import fsync_dir, fsync_file
 from mergeops.errors import MergeopsError, UsageError
 from mergeops.hub_uri import HubUri
-from mergeops.ledger.store import Ledger, signing_key_path
+from mergeops.ledger.kinds import LedgerEvent, ProtectionRecorded, PublicationRecorded
+from mergeops.ledger.store import Ledger, writing
 from mergeops.model.digest import file_sha256
 from mergeops.model.signing import sign_model_folder
 from mergeops.model.writer import TEMP_MARKER
-from mergeops.policy import Policy
+from mergeops.policy import Policy, PublishConfig, StreamConfig
 from mergeops.protect import protect
 from mergeops.publish.hub import upload_to_hub
 
@@ -48,77 +49,78 @@ class Publication:
                 "digest": self.output_digest, "signed_by": self.signer}
 
 
-def publish(policy: Policy, stream_name: str | None, version: int | None = None) -> Publication:
-    """Publish a version (default: the latest) to the stream's local folder and/or Hub repository."""
+def publish(policy: Policy, stream_name: str | None, version: int | None = None, *,
+            ledger: Ledger | None = None) -> Publication:
+    """Publish a version (default: the latest) to the stream's local folder and/or Hub repository. ``ledger``: the
+    policy's ledger, open for writing (without one, it is opened, and its writer lock taken, for this call)."""
     stream = policy.stream(stream_name)
-    config = stream.publish
-    if config is None:
+    if stream.publish is None:
         raise UsageError(f"stream {stream.name!r} has no [streams.{stream.name}.publish] table; add one with "
                          "`to = \"published/NAME\"` or `hub = \"org/repo\"`.")
-    key_path = signing_key_path(policy.keys)
-    key = keys.load_signing_key(key_path)
-    with Ledger.open(policy.home, key) as ledger:
-        record = ledger.version(stream.name, version) if version is not None else ledger.head(stream.name)
-        if record is None:
-            which = f"version {version}" if version is not None else "any version"
-            raise UsageError(f"stream {stream.name!r} has no {which} to publish.")
-        if record.pruned:
-            raise UsageError(f"{stream.name} version {record.version} was pruned (keep = {stream.keep}); publish a "
-                             "retained version.")
-        name = f"v{record.version:04d}"
-        target = config.to / name if config.to is not None else None
-        staging_root = target.parent if target is not None else policy.home / "publishing"
-        staging_root.mkdir(parents=True, exist_ok=True)
-        for stale in staging_root.glob(f".{name}{TEMP_MARKER}*"):  # a crashed attempt's staging (the lock is ours)
-            shutil.rmtree(stale, ignore_errors=True)
-        if target is not None and (target.exists() or target.is_symlink()):
-            if str(target) in ledger.publication_targets(stream.name, record.version):
-                raise AlreadyPublished(f"{target} exists already: {stream.name} version {record.version} was "
-                                       "published.")
-            # Renamed into place but never recorded: a crash between the two. Like an uncommitted fold, redo it.
-            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}{TEMP_MARKER}", dir=staging_root))
-        targets = []
-        try:
-            files = json.loads(ledger.rows("SELECT files FROM versions WHERE stream = ? AND version = ?",
-                                           (stream.name, record.version))[0]["files"])
-            _stage(Path(record.output), tmp / "copy", files, f"{stream.name} {name}")
-            ready = tmp / "copy"
-            protection = None
-            if config.protect:  # MergeLock before signing: the signature covers what is published
-                if policy.keys.lock is None:
-                    raise UsageError(f"stream {stream.name!r} publishes protected models but the policy has no "
-                                     "[keys] lock; add `lock = \"keys/lock.key\"` (from `mergeops keygen`).")
-                protection = protect(ready, tmp / "protected", keys.load_lock_key(policy.keys.lock))["ledger"]
-                ready = tmp / "protected"
-            published_digest = protection["output_digest"] if protection else record.output_digest
-            signer = None
-            if config.sign:
-                sign_model_folder(ready, key_path)
-                signer = keys.fingerprint(key.public_key())
-            # every file of the copy, card and signature included: the audit checks all of them
-            published_files = {p.relative_to(ready).as_posix(): file_sha256(p) for p in sorted(ready.rglob("*"))
-                               if p.is_file()}
-            if config.hub is not None:
-                sha = upload_to_hub(ready, config.hub, message=f"mergeops: {stream.name} {name} "
-                                    f"({stream.method}, {published_digest})")
-                targets.append(str(HubUri(config.hub, sha)))
-            if target is not None:
-                ready.chmod(0o755)
-                fsync_dir(ready)
-                os.rename(ready, target)
-                fsync_dir(target.parent)
-                targets.append(str(target))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        events = [("protection.recorded", protection | {"path": ledger.relative(targets[-1]) if targets else ""})
-                  ] if protection else []
-        events += [("publication.recorded", {"stream": stream.name, "version": record.version,
-                                             "output_digest": published_digest, "target": ledger.relative(t),
-                                             "signer": signer,
-                                             "files": published_files})
-                   for t in targets]
-        ledger.record(*events)
+    with writing(policy, ledger, role="publish") as writer:
+        return _publish(policy, stream, stream.publish, version, writer)
+
+
+def _publish(policy: Policy, stream: StreamConfig, config: PublishConfig, version: int | None,
+             ledger: Ledger) -> Publication:
+    record = ledger.version(stream.name, version) if version is not None else ledger.head(stream.name)
+    if record is None:
+        which = f"version {version}" if version is not None else "any version"
+        raise UsageError(f"stream {stream.name!r} has no {which} to publish.")
+    if record.pruned:
+        raise UsageError(f"{stream.name} version {record.version} was pruned (keep = {stream.keep}); publish a "
+                         "retained version.")
+    name = f"v{record.version:04d}"
+    target = config.to / name if config.to is not None else None
+    staging_root = target.parent if target is not None else policy.home / "publishing"
+    staging_root.mkdir(parents=True, exist_ok=True)
+    for stale in staging_root.glob(f".{name}{TEMP_MARKER}*"):  # a crashed attempt's staging (the lock is ours)
+        shutil.rmtree(stale, ignore_errors=True)
+    if target is not None and (target.exists() or target.is_symlink()):
+        if str(target) in {p.target for p in ledger.publications(stream.name, record.version)}:
+            raise AlreadyPublished(f"{target} exists already: {stream.name} version {record.version} was "
+                                   "published.")
+        # Renamed into place but never recorded: a crash between the two. Like an uncommitted fold, redo it.
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}{TEMP_MARKER}", dir=staging_root))
+    targets = []
+    try:
+        _stage(Path(record.output), tmp / "copy", record.files, f"{stream.name} {name}")
+        ready = tmp / "copy"
+        protection = None
+        if config.protect:  # MergeLock before signing: the signature covers what is published
+            if policy.keys.lock is None:
+                raise UsageError(f"stream {stream.name!r} publishes protected models but the policy has no "
+                                 "[keys] lock; add `lock = \"keys/lock.key\"` (from `mergeops keygen`).")
+            report = protect(ready, tmp / "protected", keys.load_lock_key(policy.keys.lock))
+            protection = ProtectionRecorded.from_payload(report["ledger"])
+            ready = tmp / "protected"
+        published_digest = protection.output_digest if protection else record.output_digest
+        signer = None
+        if config.sign:
+            assert ledger.key is not None  # a writable ledger has the key
+            sign_model_folder(ready, keys.signing_key_path(policy.keys))
+            signer = keys.fingerprint(ledger.key.public_key())
+        # every file of the copy, card and signature included: the audit checks all of them
+        published_files = {p.relative_to(ready).as_posix(): file_sha256(p) for p in sorted(ready.rglob("*"))
+                           if p.is_file()}
+        if config.hub is not None:
+            sha = upload_to_hub(ready, config.hub, message=f"mergeops: {stream.name} {name} "
+                                f"({stream.method}, {published_digest})")
+            targets.append(str(HubUri(config.hub, sha)))
+        if target is not None:
+            ready.chmod(0o755)
+            fsync_dir(ready)
+            os.rename(ready, target)
+            fsync_dir(target.parent)
+            targets.append(str(target))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    events: list[LedgerEvent] = [dataclasses.replace(
+        protection, path=ledger.relative(targets[-1]) if targets else "")] if protection else []
+    events += [PublicationRecorded(stream.name, record.version, published_digest, ledger.relative(t), signer,
+                                   published_files) for t in targets]
+    ledger.record(*events)
     return Publication(stream.name, record.version, tuple(targets), published_digest, signer)
 
 

@@ -287,7 +287,7 @@ def test_a_completion_marker_holds_a_checkpoint_until_written_and_a_folded_folde
 
 def published_versions(policy: Path) -> list[tuple[int, str, str]]:
     with Ledger.open_readonly(load_policy(policy).home) as ledger:
-        rows = ledger.rows("SELECT * FROM publications")
+        rows = list(ledger.db.query("SELECT * FROM publications"))
         return sorted((r["version"], str(ledger.located(r["target"])), r["output_digest"]) for r in rows)
 
 
@@ -309,7 +309,7 @@ def test_kill_9_during_auto_publish_publishes_every_version_exactly_once(tmp_pat
         assert target == str(tmp_path / "published" / f"v{version:04d}") and folder_digest(Path(target)) == digest
     assert sorted(p.name for p in (tmp_path / "published").iterdir()) == [f"v{v:04d}" for v in range(1, 5)]
     with Ledger.open_readonly(load_policy(policy).home) as ledger:
-        assert ledger.rows("SELECT count(*) AS n FROM queue WHERE state != 'merged'")[0]["n"] == 0
+        assert ledger.db.execute("SELECT count(*) FROM queue WHERE state != 'merged'").fetchone()[0] == 0
     audit = subprocess.run([sys.executable, "-m", "mergeops", "audit", "--policy", str(policy)], capture_output=True,
                            text=True, timeout=120)
     assert audit.returncode == 0, audit.stdout + audit.stderr

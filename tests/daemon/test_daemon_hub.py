@@ -39,7 +39,7 @@ def test_every_new_commit_is_folded_in_order_and_recorded_as_repo_at_sha(tmp_pat
         versions = ledger.versions("s")
         assert [v.checkpoint for v in versions] == [folder_digest(first), folder_digest(second)]
         rejected = ledger.rejections("s")
-    assert len(rejected) == 1 and sha_pickle in rejected[0]["source"] and "pickle" in rejected[0]["reason"]
+    assert len(rejected) == 1 and sha_pickle in rejected[0].source and "pickle" in rejected[0].reason
     resolves = [r for r in hub_server.requests if "/resolve/" in r.path]
     assert resolves and not any(sha_pickle in r.path for r in resolves)  # refused before downloading
 

@@ -65,7 +65,7 @@ def test_require_signature(tmp_path):
         assert (rejected.status, rejected.gate) == ("rejected", "signature") and needle in rejected.reason
     assert_nothing_committed(policy)
     with Ledger.open_readonly(policy.home) as ledger:
-        gates = json.loads(ledger.rows("SELECT gates FROM versions")[0]["gates"])
+        gates = json.loads(ledger.db.execute("SELECT gates FROM versions").fetchone()[0])
     assert f"signature:{producer.fingerprint}" in gates
 
 
@@ -105,7 +105,7 @@ def test_eval_gate_runs_on_the_candidate_and_commits_only_above_the_minimum(tmp_
     assert result.status == status
     if status == "merged":
         with Ledger.open_readonly(policy.home) as ledger:
-            assert json.loads(ledger.rows("SELECT eval FROM versions")[0]["eval"]) == {"accuracy": 0.9}
+            assert json.loads(ledger.db.execute("SELECT eval FROM versions").fetchone()[0]) == {"accuracy": 0.9}
     else:
         assert result.gate == "eval" and "accuracy = 0.1" in result.reason
         assert not (policy.streams["s"].output / "v0001").exists()

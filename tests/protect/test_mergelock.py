@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from mergeops import keys
 from mergeops.errors import UsageError
+from mergeops.ledger.kinds import ProtectionRecorded
 from mergeops.ledger.store import Ledger
 from mergeops.model import ModelFolder, folder_digest
 from mergeops.protect import DEFAULT_STRENGTH, is_protected, protect, unprotect
@@ -175,8 +176,8 @@ def test_report_payload_records_in_the_ledger(model_dir, tmp_path):
     assert report["ledger"]["key_fingerprint"] == keys.lock_key_fingerprint(KEY)
     generated = keys.generate_keys(tmp_path / "keys")
     with Ledger.open(tmp_path / "home", keys.load_signing_key(generated.signing_key)) as ledger:
-        ledger.record(("protection.recorded", report["ledger"]))
-        row = ledger.rows("SELECT * FROM protections WHERE output_digest = ?", (report["output_digest"],))[0]
+        ledger.record(ProtectionRecorded.from_payload(report["ledger"]))
+        row = next(ledger.db.query("SELECT * FROM protections WHERE output_digest = ?", (report["output_digest"],)))
     assert row["source_digest"] == report["source_digest"] and row["scheme"] == SCHEME
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import subprocess
 
+from mergeops.keys import public_key_for
 from mergeops.ledger import Ledger
 from mergeops.ledger.audit import audit
 from mergeops.ledger.lineage import lineage
-from mergeops.ledger.store import public_key_for
 from mergeops.model import folder_digest
 from mergeops.pipeline import fold_checkpoint
 from mergeops.policy import load_policy
