@@ -1,1 +1,2 @@
-"""The mergeops daemon: watch registries, fold arrivals one at a time, talk to systemd (SPEC §7)."""
+"""The mergeops daemon (SPEC §7): ``loop.py`` watches the registries, queues arrivals in the ledger and folds them one
+at a time through the pipeline, publishing each new version, and reports to systemd; ``status.py`` reads its state."""

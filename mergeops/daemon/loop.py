@@ -2,7 +2,8 @@
 
 Exactly once: an arrival is queued once per (stream, folder, content fingerprint) in the ledger's
 ``queue`` table, and the fold itself is idempotent by digest, so a crash anywhere (even between a
-committed fold and marking its queue row done) converges on restart: the redo is a ``duplicate``.
+committed fold and marking its queue row done) converges on restart: the redo is a ``duplicate`` (which publishes
+its version if the crash came before that version's publication was queued).
 SIGTERM/SIGINT stop taking work; a fold in progress is abandoned between two tensors (nothing it
 wrote survives) and the process exits 0. One writer per home (this daemon, or a `fold`), by a lock file.
 """
@@ -25,7 +26,7 @@ from mergeops.keys import load_signing_key, signing_key_path
 from mergeops.ledger.kinds import CheckpointFacts
 from mergeops.ledger.lock import WriterLock
 from mergeops.ledger.store import LEDGER_FILE, Ledger, QueueItem, utc_now
-from mergeops.pipeline import fold_checkpoint
+from mergeops.pipeline import FoldResult, fold_checkpoint
 from mergeops.policy import Policy
 from mergeops.publish.publish import AlreadyPublished, publish
 from mergeops.registry.hub import HubCommit, HubRegistry, RegistryUnavailable
@@ -230,13 +231,20 @@ class Daemon:
             self.failed += 1
             return
         # A version to publish is first recorded as such (the durable intent), so a crash mid-publication is redone.
-        publishing = result.status == "merged" and self.policy.streams[stream].publish is not None
+        publishing = self.policy.streams[stream].publish is not None and (
+            result.status == "merged" or (result.status == "duplicate" and self._unpublished_head(stream, result)))
         self.ledger.set_queued(item.id, "publishing" if publishing else result.status,
                                json.dumps(result.to_json()))
         log(result.status, stream=stream, source=source, version=result.version, digest=result.digest,
             gate=result.gate, reason=result.reason, seconds=round(time.monotonic() - started, 3))
         if publishing:
             self._publish(item, result.version)
+
+    def _unpublished_head(self, stream: str, redo: FoldResult) -> bool:
+        """Whether a fold that found its checkpoint already folded is the redo of one a crash cut off between recording
+        its version and queueing the publication: that version is the stream's head, never published."""
+        head = self.ledger.head(stream)
+        return head is not None and head.version == redo.version and not self.ledger.publications(stream, redo.version)
 
     def _publish(self, item: QueueItem, version: int) -> None:
         """Publish a new version as the policy says, then mark its queue row done. A failure is logged and the row

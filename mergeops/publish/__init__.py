@@ -1,1 +1,2 @@
-"""Publishing a model version: protect (optional), model card, OpenSSF signature (``model.sig``), push."""
+"""Publishing a committed version (``publish.py``): copy it, protect it with MergeLock if the policy says so, sign it
+(OpenSSF model signing, ``model.sig``), push it to a local folder or a Hub repo (``hub.py``), and record it."""

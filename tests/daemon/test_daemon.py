@@ -17,6 +17,7 @@ import torch
 from mergeops.keys import generate_keys
 from mergeops.ledger import Ledger
 from mergeops.model import ModelWriter, TensorSpec, folder_digest
+from mergeops.pipeline import fold_checkpoint
 from mergeops.policy import load_policy
 from mergeops.synthetic import LlamaShape, write_base, write_finetune
 
@@ -289,6 +290,19 @@ def published_versions(policy: Path) -> list[tuple[int, str, str]]:
     with Ledger.open_readonly(load_policy(policy).home) as ledger:
         rows = list(ledger.db.query("SELECT * FROM publications"))
         return sorted((r["version"], str(ledger.located(r["target"])), r["output_digest"]) for r in rows)
+
+
+def test_a_crash_between_recording_a_version_and_queueing_its_publication_still_publishes_it(tmp_path):
+    """The window a kill -9 can hit: the fold recorded version 1, the queue never heard. The redo is a duplicate of
+    the head version, which was never published: it is published now, once."""
+    policy = setup(tmp_path)
+    with open(policy, "a") as f:
+        f.write(f'[streams.s.publish]\nto = "{tmp_path / "published"}"\n')
+    ready = drop(tmp_path, "ck0", seed=1)
+    assert fold_checkpoint(load_policy(policy), "s", ready).status == "merged"  # recorded, not queued
+    run_once(policy)
+    run_once(policy)
+    assert [v for v, _, _ in published_versions(policy)] == [1]
 
 
 def test_kill_9_during_auto_publish_publishes_every_version_exactly_once(tmp_path):
