@@ -164,7 +164,8 @@ class _Pipeline:
 
     def _fold(self, base: ModelFolder, base_digest: str, method: MergeMethod, plan: NextVersion,
               stack: ExitStack) -> Folded:
-        history = tuple(PastCheckpoint(p.digest, p.path, p.metrics) for p in self.ledger.history(self.stream.name))
+        history = tuple(PastCheckpoint(v.checkpoint, Path(v.source), v.metrics)
+                        for v in self.ledger.versions(self.stream.name))
         method.begin(Arrival(self.checkpoint.folder, self.digest, t=plan.number, metrics=self.checkpoint.metrics,
                              history=history))
         old_state = stack.enter_context(ModelFolder.open(plan.head.state)) if plan.head else None

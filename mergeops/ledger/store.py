@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,15 +38,6 @@ BUSY_TIMEOUT_MS = 30_000
 
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-@dataclass(frozen=True)
-class PastCheckpoint:
-    """A checkpoint already folded into the stream, as the record knows it."""
-
-    digest: str
-    path: Path
-    metrics: Mapping[str, float]
 
 
 @dataclass(frozen=True)
@@ -329,9 +320,6 @@ class Ledger:
         """Whether the daemon folded this registry folder before (merged or duplicate) with other contents."""
         return bool(self._rows("SELECT 1 FROM queue WHERE stream = ? AND source = ? AND fingerprint != ? AND state "
                                "IN ('merged', 'duplicate') LIMIT 1", (stream, source, fingerprint)))
-
-    def history(self, stream: str) -> tuple[PastCheckpoint, ...]:
-        return tuple(PastCheckpoint(v.checkpoint, Path(v.source), v.metrics) for v in self.versions(stream))
 
     def update_norms(self, stream: str) -> list[float]:
         """Task-vector norms of the accepted checkpoints that were measured (for max_update_ratio)."""
