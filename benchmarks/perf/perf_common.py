@@ -219,7 +219,7 @@ _CHILD = """
 import sys, time
 start = time.perf_counter()
 from mergeops.cli import main
-import mergeops.fold.engine  # what a fold imports (torch): the CLI itself imports it only when a command needs it
+import mergeops.pipeline  # what a fold imports (torch): the CLI itself imports it only when a command needs it
 imported = time.perf_counter()
 try:
     main()

@@ -10,7 +10,6 @@ from mergeops.intake.validate import protection_marks
 from mergeops.model import ModelFolder
 from mergeops.model.folder import CURVATURE_FILE
 from mergeops.model.readme import read_license
-from mergeops.model.signing import verify_model_folder
 from mergeops.policy import GateConfig
 
 
@@ -68,6 +67,8 @@ class SignatureGate:
         self.trusted_keys = list(trusted_keys)
 
     def check(self, subject: Subject) -> str:
+        from mergeops.model.signing import verify_model_folder  # model_signing takes 0.4 s to import: only when needed
+
         checkpoint = subject.checkpoint.path
         if not (checkpoint / "model.sig").is_file():
             raise RejectedError(f"{checkpoint} carries no model.sig, and the policy requires a signature by one of "
