@@ -116,18 +116,21 @@ class _Pipeline:
         return _rejected(self.ledger, self.stream, self.checkpoint.facts(), rejection)
 
     def _stages(self, base: ModelFolder, stack: ExitStack, metrics_file: Path | None) -> FoldResult:
+        plan = next_version(self.policy, self.stream, self.ledger)
+        method = self._method(plan, stack)
         # intake
         self.checkpoint.check_against_base(base)
-        self.checkpoint.metrics = load_metrics(self.checkpoint.path, metrics_file)
-        plan = next_version(self.policy, self.stream, self.ledger)
+        # gates on what the checkpoint is, then on what it brings for the method
+        gates = gate.gates_for(self.stream.gate, method)
+        subject = gate.Subject(self.checkpoint.folder, {}, self._tick)
+        try:
+            passed = [*gate.ALWAYS_ON, *gate.run(gates, subject, "checkpoint")]
+        finally:  # the marks of an allowed protected checkpoint are recorded, whatever a later gate decides
+            self.checkpoint.mergelock = subject.mergelock
+        subject.metrics = self.checkpoint.metrics = load_metrics(self.checkpoint.path, metrics_file)
+        passed += gate.run(gates, subject, "inputs")
         started = self.ledger.started(self.stream.name)
         base_digest = started.base_digest if started else folder_digest(base.path)
-        method = self._method(plan, stack)
-        # gates on the checkpoint
-        gates = gate.gates_for(self.stream.gate, method)
-        subject = gate.Subject(self.checkpoint.folder, self.checkpoint.metrics, self._tick)
-        passed = [*gate.ALWAYS_ON, *gate.run(gates, subject, on_candidate=False)]
-        self.checkpoint.mergelock = subject.mergelock
         try:
             # fold
             folded = self._fold(base, base_digest, method, plan, stack)
@@ -135,13 +138,13 @@ class _Pipeline:
             subject.candidate, subject.update_norm = plan.output_dir, folded.update_norm
             if folded.update_norm is not None:
                 subject.accepted_norms = self.ledger.update_norms(self.stream.name)
-            passed += gate.run(gates, subject, on_candidate=True)
+            passed += gate.run(gates, subject, "candidate")
         except BaseException:  # a rejection, a duplicate or a crash: no version folder it wrote may stay
             plan.discard()
             raise
         # commit
-        committed = commit(self.policy, self.ledger, plan, base_path=base.path, base_digest=base_digest,
-                           checkpoint=self.checkpoint.facts(with_metrics=True),
+        committed = commit(self.policy, self.ledger, plan, base_path=base.path, started=started,
+                           base_digest=base_digest, checkpoint=self.checkpoint.facts(with_metrics=True),
                            output_files=folded.output_files, state_files=folded.state_files, gates=passed,
                            update_norm=folded.update_norm, eval_metrics=subject.eval_metrics)
         return self._merged(committed, method)

@@ -448,3 +448,48 @@ def test_the_same_weights_with_other_files_beside_them_are_a_duplicate_not_a_new
     with Ledger.open_readonly(policy.home) as ledger:
         recorded = json.loads(ledger.events()[-1]["payload"])["checkpoint"]
     assert recorded["weights_digest"].startswith("sha256:") and recorded["weights_digest"] != recorded["digest"]
+
+
+def test_a_failed_record_leaves_no_version_and_a_record_that_went_through_keeps_it(stream, tmp_path, monkeypatch):
+    """Until the ledger holds the version a failure removes its folders; once it holds it (the failure came after the
+    transaction, writing the signed head), the folders are the version's and stay."""
+    import errno
+
+    policy, _, checkpoints = stream
+
+    def full(self, *events):
+        raise OSError(errno.ENOSPC, "No space left on device", str(policy.home / "ledger.db"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Ledger, "record", full)
+        with pytest.raises(Exception, match="space"):
+            fold_checkpoint(policy, None, checkpoints[0])
+    assert not (tmp_path / "out" / "v0001").exists()
+    assert not (policy.home / "streams" / "s" / "state" / "v0001").exists()
+
+    def head_lost(self, event):
+        raise OSError(errno.EIO, "I/O error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Ledger, "_write_head", head_lost)
+        with pytest.raises(OSError, match="I/O error"):
+            fold_checkpoint(policy, None, checkpoints[0])
+    assert (tmp_path / "out" / "v0001").is_dir()
+    with Ledger.open_readonly(policy.home) as ledger:
+        assert ledger.head("s").version == 1
+
+
+def test_the_marks_of_an_allowed_protected_checkpoint_are_recorded_when_a_later_gate_rejects_it(tmp_path):
+    base_path, base = make_base(tmp_path)
+    marks = {"mergelock.scheme": "mergelock-v2", "mergelock.version": "2", "mergelock.strength": "6"}
+    protected = write_model(tmp_path / "locked", {n: t.clone() for n, t in base.items()}, config=CONFIG, metadata=marks)
+    path = write_policy(tmp_path, base_path, "average")
+    path.write_text(path.read_text().replace("[streams.s.params]", '[streams.s.gate]\nallow_protected = true\n'
+                                             'licenses = ["mit"]\n[streams.s.params]'))
+    policy = load_policy(path)
+    result = fold_checkpoint(policy, None, protected)
+    assert (result.status, result.gate) == ("rejected", "licenses")
+    with Ledger.open_readonly(policy.home) as ledger:
+        [rejected] = [json.loads(e["payload"]) for e in ledger.events() if e["kind"] == "checkpoint.rejected"]
+    assert rejected["checkpoint"]["mergelock"] == {"scheme": "mergelock-v2", "version": "2", "strength": "6",
+                                                  "allowed": True}

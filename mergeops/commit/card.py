@@ -1,9 +1,8 @@
 """What every merged version says about itself (SPEC §3.4): a model card and a signed in-toto provenance.
 
 Both name the folder digest, so both are excluded from it; the commit stage writes them last, from the weights'
-hashes. The
-provenance is an in-toto Statement (predicate SLSA provenance v1) in a DSSE envelope signed with the policy's
-signing key, so any DSSE verifier can check it with ``signing.pub.pem``.
+hashes. The provenance is an in-toto Statement (predicate SLSA provenance v1) in a DSSE envelope signed with the
+policy's signing key, so any DSSE verifier can check it with ``signing.pub.pem``.
 """
 
 from __future__ import annotations

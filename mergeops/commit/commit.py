@@ -63,12 +63,31 @@ class Committed:
     output_digest: str
 
 
-def commit(policy: Policy, ledger: Ledger, plan: NextVersion, *, base_path: Path, base_digest: str,
-           checkpoint: CheckpointFacts, output_files: dict[str, str], state_files: dict[str, str],
+def commit(policy: Policy, ledger: Ledger, plan: NextVersion, *, base_path: Path, started: StreamStarted | None,
+           base_digest: str, checkpoint: CheckpointFacts, output_files: dict[str, str], state_files: dict[str, str],
            gates: list[str], update_norm: float | None, eval_metrics: dict[str, float]) -> Committed:
     """Write the version's cards, record it, point ``latest`` at it and prune. ``checkpoint``: the facts recorded
-    about the folded checkpoint (its digest, source, arrival, metrics...). If recording fails the ledger is unchanged
-    and the next fold removes the version's folders; once it is recorded, nothing removes them."""
+    about the folded checkpoint (its digest, source, arrival, metrics...); ``started``: the stream's start, if it has
+    started. Until the version is recorded a failure removes its folders; once it is, nothing does."""
+    version = plan.number
+    try:
+        output_digest, events = _cards_and_events(policy, ledger, plan, base_path, started, base_digest, checkpoint,
+                                                  output_files, state_files, gates, update_norm, eval_metrics)
+        ledger.record(*events)
+    except BaseException:  # (a full disk, a signing key gone) unless the record went through after all
+        if not _recorded(ledger, plan):
+            plan.discard()
+        raise
+    plan.folders.point_latest(plan.output_dir)  # only once the ledger knows the version
+    plan.folders.prune(version, plan.stream.keep)
+    return Committed(version, plan.output_dir, output_digest)
+
+
+def _cards_and_events(policy: Policy, ledger: Ledger, plan: NextVersion, base_path: Path,
+                      started: StreamStarted | None, base_digest: str, checkpoint: CheckpointFacts,
+                      output_files: dict[str, str], state_files: dict[str, str], gates: list[str],
+                      update_norm: float | None, eval_metrics: dict[str, float]) -> tuple[str, list[LedgerEvent]]:
+    """Write the version's model card and signed provenance into its folder; the events that record it."""
     stream, version = plan.stream, plan.number
     output_digest = digest_of_listing(output_files)
     earlier = ledger.versions(stream.name)
@@ -81,15 +100,11 @@ def commit(policy: Policy, ledger: Ledger, plan: NextVersion, *, base_path: Path
                          (*(Input("checkpoint", v.checkpoint, v.source) for v in earlier), folded), policy.digest,
                          checkpoint.arrived, read_license(base_path), gates=tuple(gates))
     cards = card_files(facts, output_digest, ledger.key)
-    try:
-        for name, data in cards.items():
-            write_durably(plan.output_dir / name, data)
-        fsync_dir(plan.output_dir)
-    except BaseException:  # (a full disk) the version is not recorded: nothing of it may stay
-        plan.discard()
-        raise
+    for name, data in cards.items():
+        write_durably(plan.output_dir / name, data)
+    fsync_dir(plan.output_dir)
     events: list[LedgerEvent] = []
-    if ledger.started(stream.name) is None:
+    if started is None:
         events.append(StreamStarted(stream.name, str(stream.base), base_digest, stream.method, stream.params))
     events.append(VersionCommitted(
         stream.name, version, stream.method, stream.params, plan.head.version if plan.head else None, checkpoint,
@@ -99,8 +114,14 @@ def commit(policy: Policy, ledger: Ledger, plan: NextVersion, *, base_path: Path
         eval=eval_metrics))
     events += [VersionPruned(stream.name, v.version)
                for v in earlier if not v.pruned and v.version <= version - stream.keep]
-    ledger.record(*events)
-    plan.folders.point_latest(plan.output_dir)  # only once the ledger knows the version
-    plan.folders.prune(version, stream.keep)
-    return Committed(version, plan.output_dir, output_digest)
+    return output_digest, events
 
+
+def _recorded(ledger: Ledger, plan: NextVersion) -> bool:
+    """Whether the ledger holds the version (its transaction committed before the failure); if the ledger cannot
+    say, the version is taken as recorded: its folders stay (the next fold removes them if they are not)."""
+    try:
+        head = ledger.head(plan.stream.name)
+    except Exception:
+        return True
+    return head is not None and head.version == plan.number

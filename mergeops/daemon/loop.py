@@ -244,7 +244,11 @@ class Daemon:
         """Whether a fold that found its checkpoint already folded is the redo of one a crash cut off between recording
         its version and queueing the publication: that version is the stream's head, never published."""
         head = self.ledger.head(stream)
-        return head is not None and head.version == redo.version and not self.ledger.publications(stream, redo.version)
+        if head is None or head.version != redo.version or self.ledger.publications(stream, redo.version):
+            return False
+        # a publication of it that failed is still queued, and is redone at the next start: not a second one
+        return not any(json.loads(queued.result)["version"] == redo.version
+                       for queued in self.ledger.queued("publishing", stream=stream))
 
     def _publish(self, item: QueueItem, version: int) -> None:
         """Publish a new version as the policy says, then mark its queue row done. A failure is logged and the row

@@ -1,21 +1,22 @@
 """Gates (SPEC §6): the checks a checkpoint must pass, as a list of small objects the policy configures.
 
-Gates on the checkpoint (``checkpoint.py``: MergeLock, license, signature, the metrics and curvature its method
-needs) run before the fold; gates on the candidate (``update_ratio.py``, ``eval.py``) run on what the fold produced,
-before anything is committed. Each failure raises RejectedError naming the gate, so the rejection is recorded with it;
-each pass may name itself for the version's record.
+Three phases (``base.py``): gates on what the checkpoint is (``checkpoint.py``: MergeLock, license, signature) and on
+what it brings for its method (the curvature and the metrics it needs) run before the fold; gates on the candidate
+(``update_ratio.py``, ``eval.py``) run on what the fold produced, before anything is committed. Each failure raises
+RejectedError naming the gate, so the rejection is recorded with it; each pass may name itself for the version's
+record.
 """
 
 from __future__ import annotations
 
 from mergeops.fold.methods.base import MergeMethod
-from mergeops.gate.base import Gate, Subject
+from mergeops.gate.base import PHASES, Gate, Phase, Subject
 from mergeops.gate.checkpoint import CurvatureGate, LicenseGate, MergeLockGate, MetricsGate, SignatureGate
 from mergeops.gate.eval import EvalGate, evaluate
 from mergeops.gate.update_ratio import UpdateRatioGate
 from mergeops.policy import GateConfig
 
-__all__ = ["Gate", "Subject", "evaluate", "gates_for", "run"]
+__all__ = ["PHASES", "Gate", "Phase", "Subject", "evaluate", "gates_for", "run"]
 
 ALWAYS_ON = ("complete", "parses", "matches-base", "finite")  # intake and the fold check these on every checkpoint
 
@@ -27,10 +28,10 @@ def gates_for(config: GateConfig, method: MergeMethod) -> list[Gate]:
         gates.append(LicenseGate(config.licenses))
     if config.require_signature:
         gates.append(SignatureGate(config.trusted_keys))
-    if method.metrics_needed():
-        gates.append(MetricsGate(method.metrics_needed(), config))
     if method.needs_curvature:
         gates.append(CurvatureGate())
+    if method.metrics_needed():
+        gates.append(MetricsGate(method.metrics_needed(), config))
     if config.max_update_ratio is not None:
         gates.append(UpdateRatioGate(config.max_update_ratio))
     if config.eval is not None:
@@ -38,7 +39,7 @@ def gates_for(config: GateConfig, method: MergeMethod) -> list[Gate]:
     return gates
 
 
-def run(gates: list[Gate], subject: Subject, *, on_candidate: bool) -> list[str]:
+def run(gates: list[Gate], subject: Subject, phase: Phase) -> list[str]:
     """Check ``subject`` against the gates of one phase, in order; the names of those passed worth recording."""
-    passed = (gate.check(subject) for gate in gates if gate.on_candidate == on_candidate)
+    passed = (gate.check(subject) for gate in gates if gate.phase == phase)
     return [name for name in passed if name is not None]

@@ -6,16 +6,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from mergeops.model import ModelFolder
 
 
 @dataclass
 class Subject:
-    """What the gates look at, and what they found. Gates on the checkpoint run before the fold and see ``checkpoint``
-    and ``metrics``; gates on the candidate run after it and see the merged ``candidate`` folder and the update
-    norms."""
+    """What the gates look at, and what they found. Gates of the checkpoint and inputs phases run before the fold and
+    see ``checkpoint`` and (inputs) ``metrics``; gates of the candidate phase run after it and see the merged
+    ``candidate`` folder and the update norms."""
 
     checkpoint: ModelFolder
     metrics: dict[str, float]
@@ -27,8 +27,14 @@ class Subject:
     eval_metrics: dict[str, float] = field(default_factory=dict)  # what the eval gate measured on the candidate
 
 
+Phase = Literal["checkpoint", "inputs", "candidate"]
+#: In order: what the checkpoint is (protected? licensed? signed?), then what it brings for its method (curvature,
+#: metrics), then the merged candidate the fold made from it.
+PHASES: tuple[Phase, ...] = ("checkpoint", "inputs", "candidate")
+
+
 class Gate(Protocol):
     name: ClassVar[str]
-    on_candidate: ClassVar[bool]  # False: checked on the checkpoint before the fold; True: on the merged candidate
+    phase: ClassVar[Phase]
 
     def check(self, subject: Subject) -> str | None: ...

@@ -4,6 +4,7 @@ merge method needs (training metrics, curvature)."""
 from __future__ import annotations
 
 from mergeops.errors import ModelFolderError, RejectedError
+from mergeops.fold.methods.ota import curvature_problem
 from mergeops.gate.base import Subject
 from mergeops.gate.eval import evaluate
 from mergeops.intake.validate import protection_marks
@@ -18,7 +19,7 @@ class MergeLockGate:
     recorded with the checkpoint)."""
 
     name = "mergelock"
-    on_candidate = False
+    phase = "checkpoint"
 
     def __init__(self, allowed: bool) -> None:
         self.allowed = allowed
@@ -40,7 +41,7 @@ class LicenseGate:
     """The checkpoint's card names a license the policy accepts."""
 
     name = "licenses"
-    on_candidate = False
+    phase = "checkpoint"
 
     def __init__(self, licenses: tuple[str, ...]) -> None:
         self.licenses = licenses
@@ -61,7 +62,7 @@ class SignatureGate:
     """The checkpoint carries a valid OpenSSF model signature by one of the policy's trusted keys."""
 
     name = "signature"
-    on_candidate = False
+    phase = "checkpoint"
 
     def __init__(self, trusted_keys: tuple) -> None:
         self.trusted_keys = list(trusted_keys)
@@ -85,7 +86,7 @@ class MetricsGate:
     What training did not record, the policy's eval command measures, if it has one."""
 
     name = "metrics"
-    on_candidate = False
+    phase = "inputs"
 
     def __init__(self, needed: tuple[str, ...], config: GateConfig) -> None:
         self.needed, self.config = needed, config
@@ -108,7 +109,7 @@ class CurvatureGate:
     """The checkpoint brings its Adam second moments (OTA), one tensor for each floating tensor, of its shape."""
 
     name = "curvature"
-    on_candidate = False
+    phase = "inputs"
 
     def check(self, subject: Subject) -> None:
         folder = subject.checkpoint
@@ -119,15 +120,9 @@ class CurvatureGate:
                 f"with `mergeops curvature import {folder.path}` from the Trainer's optimizer.pt.", gate=self.name)
         try:
             with ModelFolder.open(folder.path, CURVATURE_FILE) as curvature:
-                stored = {name: info.shape for name, info in curvature.tensors.items()}
+                problem = curvature_problem(folder, curvature)
         except ModelFolderError as exc:
             raise RejectedError(f"{path} is unreadable ({exc}); regenerate it with `mergeops curvature import`.",
                                 gate=self.name) from exc
-        for name, info in folder.tensors.items():
-            if not info.dtype.is_floating_point:
-                continue
-            found = stored.get(name)
-            if found != info.shape:
-                what = "lacks" if found is None else f"has shape {list(found)} for"
-                raise RejectedError(f"{path} {what} tensor {name!r} (shape {list(info.shape)}); regenerate it with "
-                                    "`mergeops curvature import`.", gate=self.name)
+        if problem:
+            raise RejectedError(problem, gate=self.name)

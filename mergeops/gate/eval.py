@@ -131,7 +131,7 @@ class EvalGate:
     """The candidate merged model passes the eval command's minimums; its metrics are recorded with the version."""
 
     name = "eval"
-    on_candidate = True
+    phase = "candidate"
 
     def __init__(self, config: GateConfig) -> None:
         self.config = config

@@ -13,7 +13,7 @@ class UpdateRatioGate:
     """‖τ‖ at most ``ratio`` times the median of the stream's accepted checkpoints' (measured during the fold)."""
 
     name = "max_update_ratio"
-    on_candidate = True
+    phase = "candidate"
 
     def __init__(self, ratio: float) -> None:
         self.ratio = ratio

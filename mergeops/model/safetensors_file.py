@@ -161,11 +161,15 @@ def parse_header(path: Path, label: str) -> tuple[SafetensorsHeader | None, list
     safe = not any(p.code in ("truncated_file", "overlapping_tensors") for p in problems)
     if not safe:
         return None, problems
-    reference = _reference_header(path)
     changed = problem("truncated_file", f"{label} changed while it was being read; if it is still being written, "
                       "wait until it is complete, else copy the file again from its source.")
+    try:
+        reference = _reference_header(path)
+        resized = path.stat().st_size != size
+    except OSError:  # replaced or removed since we read it
+        return None, [changed]
     if isinstance(reference, str):
-        if path.stat().st_size != size:
+        if resized:
             return None, [changed]
         # Our own checks above name the tensor when they see what is wrong; otherwise say what the reference saw.
         return None, problems or [problem("bad_header", f"{label} is not a valid safetensors file (the "

@@ -35,7 +35,10 @@ def test_the_policy_configures_which_gates_run_and_in_which_order():
     names = [g.name for g in gate.gates_for(config, method("mwa"))]
     assert names == ["mergelock", "licenses", "metrics", "max_update_ratio", "eval"]
     assert [g.name for g in gate.gates_for(GateConfig(), method("ota"))] == ["mergelock", "curvature"]
-    assert [g.on_candidate for g in gate.gates_for(config, method("average"))] == [False, False, True, True]
+    assert [g.phase for g in gate.gates_for(config, method("average"))] == ["checkpoint", "checkpoint", "candidate",
+                                                                             "candidate"]
+    assert [g.name for g in gate.gates_for(GateConfig(), method("ota", metric="loss"))] == ["mergelock", "curvature",
+                                                                                           "metrics"]
 
 
 def test_an_unprotected_checkpoint_passes_the_mergelock_gate_unrecorded(subject):

@@ -53,10 +53,6 @@ def in_unit_interval(value: float) -> str | None:
     return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
-def non_negative(value: float) -> str | None:
-    return None if value >= 0 else "must be at least 0"
-
-
 def between(low: float, high: float) -> Callable[[float], str | None]:
     """A range check; the bounds keep float32 arithmetic meaningful (a λ of 1e39 overflows every merged value)."""
     return lambda value: None if low <= value <= high else f"must be between {low:g} and {high:g}"
@@ -210,8 +206,11 @@ def elementwise(name: str, fold: Callable[..., Any], merged: Callable[..., torch
     checkpoint's position in the stream, 1 for the first) and ``piece`` (which :class:`Piece` is folded).
     """
     signatures = [(fn, inspect.signature(fn)) for fn in (fold, merged)]
-    kinds = tuple(p.name for p in signatures[1][1].parameters.values()
-                  if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)[1:]
+    positional = [tuple(p.name for p in signature.parameters.values()
+                        if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD) for _, signature in signatures]
+    kinds = positional[1][1:]
+    if positional[0][2:] != kinds:  # the engine passes state by position: both functions must name it alike
+        raise TypeError(f"{name}: fold's state arguments {positional[0][2:]} differ from merged's {kinds}")
     params: dict[str, Param] = {}
     keywords: list[dict[str, str]] = []  # per function: argument name -> parameter name (or context)
     for fn, signature in signatures:
@@ -228,7 +227,12 @@ def elementwise(name: str, fold: Callable[..., Any], merged: Callable[..., torch
             key = argument.name.rstrip("_")
             names[argument.name] = key
             declared = argument.default
-            params[key] = declared if declared.kind is not None else replace(declared, kind=hints[argument.name])
+            if declared.kind is None:
+                declared = replace(declared, kind=hints[argument.name])
+            if not isinstance(declared.kind, type) or params.get(key, declared) != declared:
+                raise TypeError(f"{name}: parameter {key!r} needs one plain type (declare kind= for a union) and one "
+                                "declaration in fold and merged")
+            params[key] = declared
         keywords.append(names)
 
     def arguments(method: MergeMethod, names: dict[str, str], piece: Piece) -> dict[str, Any]:

@@ -4,7 +4,7 @@ State: the unnormalised sum S of projected updates, and the norms of every task 
 projected tensor, the part of the new task vector lying in both the top-r left and top-r right
 singular subspaces of S is removed, so later tasks do not overwrite what earlier ones established.
 The merged model is θ0 + n̄_t · S/‖S‖ with n̄_t the mean task-vector norm (a model-wide quantity,
-hence ``needs_global``).
+hence ``merged_after_finish``).
 
 How a projection streams. Let A be S if S has at least as many rows as columns, else Sᵀ. The eigendecomposition
 of AᵀA (float64, summed over blocks of A's rows) gives S's singular values and its small singular factor; the

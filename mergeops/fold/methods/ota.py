@@ -26,6 +26,17 @@ from mergeops.model import ModelFolder, StoredTensor, piece_bounds
 from mergeops.model.folder import CURVATURE_FILE
 
 
+def curvature_problem(checkpoint: ModelFolder, curvature: ModelFolder) -> str | None:
+    """What is wrong with a checkpoint's curvature file: a floating tensor it lacks or holds in another shape."""
+    for name, info in checkpoint.tensors.items():
+        found = curvature.tensors.get(name)
+        if info.dtype.is_floating_point and (found is None or found.shape != info.shape):
+            what = "lacks" if found is None else f"has shape {list(found.shape)} for"
+            return (f"{curvature.path / CURVATURE_FILE} {what} tensor {name!r} (shape {list(info.shape)}); regenerate "
+                    "it with `mergeops curvature import`.")
+    return None
+
+
 def _one_of(*choices: str):
     return lambda value: None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
 
@@ -101,9 +112,13 @@ class OTA(MergeMethod):
         return () if self.p["metric"] == "none" else (self.p["metric"],)
 
     def begin(self, arrival: Arrival) -> None:
-        """Open the checkpoint's curvature (the curvature gate checked that it is there, with every tensor)."""
+        """Open the checkpoint's curvature (the curvature gate checked it; checked again here, on the file that is read,
+        in case it was replaced since)."""
         super().begin(arrival)
         self.v = ModelFolder.open(arrival.folder.path, CURVATURE_FILE)
+        problem = curvature_problem(arrival.folder, self.v)
+        if problem:
+            raise RejectedError(problem, gate="curvature")
         metric = self.p["metric"]
         self.multiplier = 1.0 if metric == "none" else metric_weight(arrival.metrics, metric, self.p["penalty"])
         density = self.p["density"]

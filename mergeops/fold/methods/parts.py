@@ -79,4 +79,6 @@ def metric_weight(metrics: Mapping[str, float], metric: str, penalty: float) -> 
     """w = g^penalty with g = 1/loss or g = step (MWA's weight, OTA's multiplier); the metric is there and positive
     (the metrics gate checked it)."""
     value = metrics[metric]
+    if not value > 0:
+        raise ValueError(f"metric {metric} = {value} must be positive")
     return (1.0 / value if metric == "loss" else value) ** penalty

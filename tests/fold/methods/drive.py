@@ -9,15 +9,16 @@ import torch
 
 from mergeops.fold.methods import METHODS
 from mergeops.fold.methods.base import Arrival, PastCheckpoint, Piece
-from mergeops.model import InMemory, piece_bounds
+from mergeops.model import InMemory, ModelFolder, piece_bounds
 
 Model = dict[str, torch.Tensor]
 
 
 def fold_in_memory(method: str, params: dict, base: Model, checkpoints: list[Model], *,
                    metrics: list[dict[str, float]] | None = None, folders: list[Path] | None = None) -> Model:
-    """Fold ``checkpoints`` one at a time with ``method`` and return the merged model (float32). ``folders``: where
-    each checkpoint's extra files are (OTA's curvature); ``metrics``: each checkpoint's training metrics."""
+    """Fold ``checkpoints`` one at a time with ``method`` and return the merged model (float32). ``folders``: each
+    checkpoint written as a model folder, with its extra files (OTA's curvature); ``metrics``: each checkpoint's
+    training metrics."""
     cls = METHODS[method]
     checked = cls.check_params(params, "test")
     state: dict[str, dict[str, torch.Tensor]] = {}
@@ -29,8 +30,8 @@ def fold_in_memory(method: str, params: dict, base: Model, checkpoints: list[Mod
         found = metrics[t - 1] if metrics else {}
         instance = cls(checked, scalars)
         digest = f"sha256:{t:064d}"
-        instance.begin(Arrival(SimpleNamespace(path=where), lambda d=digest: d, t=t, metrics=found,  # type: ignore[arg-type]
-                               history=tuple(history)))
+        folder = ModelFolder.open(where) if folders else SimpleNamespace(path=where)
+        instance.begin(Arrival(folder, lambda d=digest: d, t=t, metrics=found, history=tuple(history)))  # type: ignore[arg-type]
         while (see := instance.survey()) is not None:
             for name in base:
                 old = {k: v.clone() for k, v in state.get(name, {}).items()}
@@ -55,5 +56,7 @@ def fold_in_memory(method: str, params: dict, base: Model, checkpoints: list[Mod
                                    for a, b in piece_bounds(tuple(tensor.shape))]).reshape(tensor.shape)
                   for name, tensor in base.items()}
         instance.close()
+        if folders:
+            folder.close()
         history.append(PastCheckpoint(digest, where, found))
     return merged

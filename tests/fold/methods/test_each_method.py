@@ -13,7 +13,7 @@ from mergeops.fold.methods import METHODS
 from mergeops.fold.methods.base import Piece
 from mergeops.fold.methods.parts import agreeing_sum, drop_and_rescale, max_magnitude, trim, uniform_by_position
 from mergeops.model.folder import CURVATURE_FILE
-from tests.conftest import random_tensors
+from tests.conftest import random_tensors, write_model
 from tests.fold import reference
 from tests.fold.methods.drive import fold_in_memory
 from tests.fold.streams import assert_close
@@ -71,8 +71,7 @@ def test_ota_alone_equals_its_batch_formula(tmp_path, base, params):
     for i in range(COUNT):
         g = torch.Generator().manual_seed(7 + i)
         v = {n: (torch.rand(t.shape, generator=g) ** 3) * 1e-6 for n, t in base.items()}
-        folder = tmp_path / f"ck{i}"
-        folder.mkdir()
+        folder = write_model(tmp_path / f"ck{i}", checkpoints[i])
         save_file(v, folder / CURVATURE_FILE)
         curvatures.append(v)
         folders.append(folder)
@@ -130,3 +129,43 @@ def test_consensus_parts():
     assert torch.equal(agreeing_sum(a, b), torch.tensor([1.0, -3.0, -4.0, 1.0]))  # entries agreeing with sign(a + b)
     assert torch.equal(max_magnitude(a.clone(), b), torch.tensor([1.0, -2.0, -4.0, 0.5]))  # ties keep the earlier
     assert torch.equal(trim(a, 1.0), torch.tensor([1.0, -2.0, 3.0, 0.0]))  # ties at the threshold kept
+
+
+def _splitmix_reference(key: str, position: int) -> float:
+    """splitmix64 of the position, in Python's exact integers, as DARE's draw is meant to be."""
+    import hashlib
+
+    mask = (1 << 64) - 1
+    x = (position * 0x9E3779B97F4A7C15 + int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return ((x ^ (x >> 31)) >> 11) / 2 ** 53
+
+
+@pytest.mark.parametrize("start", [0, 1 << 40])
+def test_dare_draws_are_splitmix64_exactly(start):
+    """torch's wrapping int64 arithmetic gives the bits of the unsigned algorithm: the draw is portable."""
+    drawn = uniform_by_position("dare:3:2:w", Piece("w", start, start + 500))
+    assert drawn.tolist() == [_splitmix_reference("dare:3:2:w", start + i) for i in range(500)]
+
+
+def test_elementwise_refuses_functions_that_disagree_on_their_state_or_parameters():
+    from mergeops.fold.methods.base import Param, elementwise
+
+    def merged(base, total):
+        return base + total
+
+    def fold_named_otherwise(base, new, sum):
+        return new
+
+    with pytest.raises(TypeError, match="state arguments"):
+        elementwise("broken", fold_named_otherwise, merged)
+
+    def fold(base, new, total, *, scale: float = Param(1.0)):
+        return new
+
+    def merged_declaring_again(base, total, *, scale: float = Param(2.0)):
+        return base + total
+
+    with pytest.raises(TypeError, match="one declaration"):
+        elementwise("broken", fold, merged_declaring_again)
