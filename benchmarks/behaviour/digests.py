@@ -47,7 +47,8 @@ def main(out: Path) -> None:
     lines = [f'home = "{out}/home"', "[keys]", f'signing = "{out}/keys/signing.pem"']
     for name, (method, params) in STREAMS.items():
         lines += [f"[streams.{name}]", f'base = "{out}/base"', f'method = "{method}"',
-                  f'output = "{out}/merged/{name}"', "keep = 10", f"[streams.{name}.params]", *(f"{k} = {json.dumps(v)}" for k, v in params.items())]
+                  f'output = "{out}/merged/{name}"', "keep = 10", f"[streams.{name}.params]",
+                  *(f"{k} = {json.dumps(v)}" for k, v in params.items())]
     (out / "policy.toml").write_text("\n".join(lines) + "\n")
     digests = {}
     for name in STREAMS:
