@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from mergeops.fold.methods.base import elementwise
+from mergeops.fold.methods.parts import running_mean
 
 
 def fold(base: torch.Tensor, new: torch.Tensor, mean: torch.Tensor | None, *, t: int) -> torch.Tensor:
-    return new if mean is None else mean.add_(new.sub_(mean), alpha=1.0 / t)
+    return new if mean is None else running_mean(mean, new, t)
 
 
 def merged(base: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,9 @@
 Sparsifiers keep part of a task vector: :func:`trim` (TIES: the largest magnitudes, against a model-wide
 threshold from :class:`~mergeops.fold.topk.KthLargest`) and :func:`drop_and_rescale` (DARE: a random share, rescaled
 so the expectation is unchanged). Consensus rules combine the running merge with a new (sparsified) task vector:
-:func:`add`, :func:`max_magnitude` (MagMax) and :func:`agreeing_sum` (TIES's sign election). A method is a choice
-of parts: DARE is task arithmetic with ``drop_and_rescale``; DARE-TIES is continual TIES with ``drop_and_rescale``
-in place of trimming.
+:func:`add`, :func:`running_mean`, :func:`max_magnitude` (MagMax) and :func:`agreeing_sum` (TIES's sign
+election). A method is a choice of parts: DARE is task arithmetic with ``drop_and_rescale``; DARE-TIES is continual
+TIES with ``drop_and_rescale`` in place of trimming.
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ def drop_and_rescale(tau: torch.Tensor, density: float, seed: int, t: int, piece
 
 def add(merged: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
     return merged.add_(tau)
+
+
+def running_mean(mean: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
+    """The mean of t values from the mean of the first t − 1 and the t-th: mean + (x − mean)/t, in place."""
+    return mean.add_(x.sub_(mean), alpha=1.0 / t)
 
 
 def max_magnitude(kept: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
