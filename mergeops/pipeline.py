@@ -177,7 +177,8 @@ class _Pipeline:
             output_dir=plan.output_dir, state_dir=plan.state_dir, dtype=self.stream.dtype,
             metadata=lambda digest: self._metadata(plan, base_digest, digest), digest=self.digest,
             digest_known=lambda: self.checkpoint.digest_known, spare_state=plan.folders.spare_state,
-            measure_update=self.stream.gate.max_update_ratio is not None, progress=self.progress))
+            carried=frozenset(self.checkpoint.carried), measure_update=self.stream.gate.max_update_ratio is not None,
+            progress=self.progress))
 
     def _metadata(self, plan: NextVersion, base_digest: str, checkpoint_digest: str) -> dict[str, str]:
         parent = plan.head.output_digest if plan.head else base_digest

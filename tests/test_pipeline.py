@@ -493,3 +493,29 @@ def test_the_marks_of_an_allowed_protected_checkpoint_are_recorded_when_a_later_
         [rejected] = [json.loads(e["payload"]) for e in ledger.events() if e["kind"] == "checkpoint.rejected"]
     assert rejected["checkpoint"]["mergelock"] == {"scheme": "mergelock-v2", "version": "2", "strength": "6",
                                                   "allowed": True}
+
+
+def test_a_pretrained_bert_fine_tuned_and_saved_by_todays_transformers_folds_with_the_bases_buffers(tmp_path):
+    """all-MiniLM-L6-v2 as packaged holds ``embeddings.position_ids``; the installed transformers saves a fine-tune of
+    it without that buffer. The fine-tune folds; the merged model holds the base's buffer; the ledger says so."""
+    transformers = pytest.importorskip("transformers")
+    from tests.protect.conftest import minilm_dir
+
+    base_path = minilm_dir()
+    model = transformers.AutoModel.from_pretrained(base_path)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 1e-3)
+    model.save_pretrained(tmp_path / "fine-tune")
+    assert "embeddings.position_ids" not in read_model(tmp_path / "fine-tune")  # what today's transformers saves
+    policy = load_policy(write_policy(tmp_path, base_path, "average"))
+    result = fold_checkpoint(policy, None, tmp_path / "fine-tune")
+    assert result.status == "merged", result.reason
+    merged, base = read_model(result.output), read_model(base_path)
+    assert torch.equal(merged["embeddings.position_ids"], base["embeddings.position_ids"])
+    assert torch.allclose(merged["encoder.layer.0.attention.self.query.weight"],
+                          read_model(tmp_path / "fine-tune")["encoder.layer.0.attention.self.query.weight"])
+    with Ledger.open_readonly(policy.home) as ledger:
+        [committed] = [json.loads(e["payload"]) for e in ledger.events() if e["kind"] == "version.committed"]
+    assert committed["checkpoint"]["carried_from_base"] == ["embeddings.position_ids"]

@@ -58,6 +58,7 @@ class FoldJob:
     digest: Callable[[], str]  # the checkpoint's digest, waiting for it (a duplicate raises, ending the fold)
     digest_known: Callable[[], bool]
     spare_state: Path | None = None  # an old state folder whose files the new state may overwrite
+    carried: frozenset[str] = frozenset()  # buffers the checkpoint leaves out: it is read as holding the base's
     measure_update: bool = False  # sum ‖τ‖² (for the max_update_ratio gate)
     progress: Callable[[int], None] | None = None  # bytes folded; 0 between tensors (the daemon's stop check)
 
@@ -93,12 +94,16 @@ class _Fold:
         while (see := method.survey()) is not None:
             for name in self.floating:
                 self._tick(0)
-                see(name, job.base.read(name).float(), job.checkpoint.read(name).float(), self._state(name))
+                see(name, job.base.read(name).float(), self._new(name).read(name).float(), self._state(name))
         output_files, state_files = self._fold_pass()
         if output_files is None:  # the merged tensors needed what only finishing told: a second pass
             output_files = self._merge_pass()
         norm = math.sqrt(math.fsum(self.update_sq.values())) if job.measure_update else None
         return Folded(output_files, state_files, norm)
+
+    def _new(self, name: str) -> ModelFolder:
+        """Where the checkpoint's tensor ``name`` is read from: the checkpoint, or the base for a buffer it left out."""
+        return self.job.base if name in self.job.carried else self.job.checkpoint
 
     def _tick(self, nbytes: int) -> None:
         if self.job.progress:
@@ -138,10 +143,10 @@ class _Fold:
                 output or nullcontext(), \
                 closing(self._prepared([n for n in order if n in self.floating])) as prepared:
             for name in order:
-                self._tick(job.checkpoint.tensors[name].nbytes)
+                self._tick(self._new(name).tensors[name].nbytes)
                 if name not in self.floating:
                     base = job.base.read(name)
-                    self._check_integer(name, job.checkpoint.read(name), base)
+                    self._check_integer(name, self._new(name).read(name), base)
                     if output:
                         output.write(name, base)
                     continue
@@ -176,7 +181,7 @@ class _Fold:
     def _prepare(self, name: str) -> Prepared | None:
         job = self.job
         state = {k: job.old_state.stored(state_name(k, name)) for k in self.kinds} if job.old_state else {}
-        return job.method.prepare(name, job.base.stored(name), job.checkpoint.stored(name), state)
+        return job.method.prepare(name, job.base.stored(name), self._new(name).stored(name), state)
 
     def _fold_tensor(self, name: str, prepared: Prepared | None, state: ModelWriter,
                      output: ModelWriter | None) -> None:
@@ -185,7 +190,7 @@ class _Fold:
         with one_torch_thread():  # pieces are too small to share out; the other core hashes what is written
             for start, stop in piece_bounds(job.base.tensors[name].shape):
                 piece = Piece(name, start, stop)
-                new = self._checked_float(name, job.checkpoint.read(name, start, stop))
+                new = self._checked_float(name, self._new(name).read(name, start, stop))
                 base = job.base.read(name, start, stop).float()
                 if job.measure_update:  # a tensor's pieces come in order on one thread
                     self.update_sq[name] = self.update_sq.get(name, 0.0) + float(
@@ -216,7 +221,7 @@ class _Fold:
     def _checked_float(self, name: str, values: torch.Tensor) -> torch.Tensor:
         """``values`` (part or all of the checkpoint's tensor ``name``) in float32, refused if not finite there: a
         finite float64 value beyond float32's range is as unmergeable as a NaN."""
-        checkpoint = self.job.checkpoint
+        checkpoint = self._new(name)
         converted = values.float()
         total = float(converted.sum())
         if total == 0.0 and not bool(converted.any()):
@@ -246,7 +251,7 @@ class _Fold:
                                     "wait for it).")
 
     def _check_integer(self, name: str, new: torch.Tensor, base: torch.Tensor) -> None:
-        problem = tensor_value_problem(name, new, self.job.checkpoint.tensors[name].file, expect_floating=False)
+        problem = tensor_value_problem(name, new, self._new(name).tensors[name].file, expect_floating=False)
         if problem:
             raise RejectedError(problem.message)
         if not torch.equal(new, base):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeops.errors import ModelFolderError, RejectedError
-from mergeops.intake.validate import problems_against_base
+from mergeops.intake.validate import carried_from_base, problems_against_base
 from mergeops.ledger.kinds import CheckpointFacts
 from mergeops.model import ModelFolder
 from mergeops.model.digest import BackgroundDigest
@@ -31,6 +31,7 @@ class Checkpoint:
     metrics: dict[str, float] = field(default_factory=dict)
     mergelock: dict[str, Any] | None = None  # the marks of a MergeLock-protected checkpoint the policy allowed
     digests: tuple[str, str] | None = None  # the folder's and its weights' digests, once known
+    carried: tuple[str, ...] = ()  # the base's buffers it leaves out (newer transformers do not save them)
 
     @property
     def path(self) -> Path:
@@ -56,13 +57,15 @@ class Checkpoint:
         and (in a version's record) its metrics."""
         digest, weights_digest = self.digests or (None, None)
         return dataclasses.replace(self.arrived, digest=digest, weights_digest=weights_digest, mergelock=self.mergelock,
-                                   metrics=self.metrics if with_metrics else None)
+                                   carried=self.carried or None, metrics=self.metrics if with_metrics else None)
 
     def check_against_base(self, base: ModelFolder) -> None:
-        """Rejects a checkpoint whose tensors do not match the base's (names, shapes, dtypes, config)."""
+        """Rejects a checkpoint whose tensors do not match the base's (names, shapes, dtypes, config); notes the
+        base's buffers it leaves out, which it is read as holding."""
         problems = problems_against_base(self.folder, base)
         if problems:
             raise RejectedError(problems[0].message)
+        self.carried = carried_from_base(self.folder, base)
 
     def __enter__(self) -> Checkpoint:
         return self

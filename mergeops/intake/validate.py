@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mergeops.model import ModelFolder, Problem
-from mergeops.model.architectures import is_parameter
+from mergeops.model.architectures import is_buffer, is_parameter
 
 MERGELOCK_META = "mergelock."  # the safetensors metadata keys of a MergeLock-protected model start with this
 
@@ -50,6 +50,11 @@ def protection_marks(folder: ModelFolder) -> dict[str, str] | None:
     return found if found.get("scheme") else None
 
 
+def carried_from_base(checkpoint: ModelFolder, base: ModelFolder) -> tuple[str, ...]:
+    """The base's buffers the checkpoint leaves out (as newer transformers save models): folded as the base's."""
+    return tuple(n for n in base.tensors if n not in checkpoint.tensors and is_buffer(n))
+
+
 def problems_against_base(checkpoint: ModelFolder, base: ModelFolder) -> list[Problem]:
     """Header-level fit to the base: same tensor names and shapes, floats where the base has floats,
     same architecture. Values are checked while folding, so each tensor is read once."""
@@ -63,7 +68,7 @@ def problems_against_base(checkpoint: ModelFolder, base: ModelFolder) -> list[Pr
         problems.append(Problem("architecture_mismatch", f"{checkpoint.path} is a {arch} but the base is a "
                                 f"{base_arch}; only fine-tunes of the stream's base can be merged.",
                                 "config.json"))
-    missing = [n for n in base.tensors if n not in checkpoint.tensors]
+    missing = [n for n in base.tensors if n not in checkpoint.tensors and not is_buffer(n)]  # buffers: the base's
     extra = [n for n in checkpoint.tensors if n not in base.tensors]
     if missing:
         problems.append(Problem("missing_tensor", f"{checkpoint.path} lacks {len(missing)} tensor(s) of the "

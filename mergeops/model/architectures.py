@@ -57,6 +57,17 @@ TRAINER_NO_DECAY = tuple(re.compile(p) for p in (
     r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"))
 
 
+# Buffers: state a model computes, not trained, which ``save_pretrained`` of newer transformers leaves out (BERT's
+# position and token-type ids, rotary inverse frequencies, GPT-2's causal mask) while older checkpoints hold them.
+_BUFFER_NAME = re.compile(r"(?:^|\.)(?:position_ids|token_type_ids|inv_freq|original_inv_freq|masked_bias)$"
+                          r"|(?:^|\.)attn\.bias$")
+
+
+def is_buffer(name: str) -> bool:
+    """Whether ``name`` is a buffer a checkpoint may leave out: the base's value is the model's either way."""
+    return _BUFFER_NAME.search(name) is not None
+
+
 def is_embedding(name: str) -> bool:
     """Whether ``name`` is an embedding-like table (token, position, token type, shared), by name alone."""
     return _EMBEDDING_NAME.search(name) is not None

@@ -169,3 +169,13 @@ def test_roles_of_known_tensors():
     assert tensor_roles("bert.embeddings.LayerNorm.weight") == {Role.EMBEDDING, Role.NORM}
     assert tensor_roles("model.norm.weight") == {Role.NORM}
     assert tensor_roles("classifier.weight") == frozenset()
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_buffer_of_a_real_model_is_a_buffer_and_no_parameter_is(models, arch):
+    """What a checkpoint may leave out and have taken from the base: the model's buffers, never its parameters."""
+    from mergeops.model.architectures import is_buffer
+
+    model = models[arch]
+    assert all(is_buffer(name) for name, _ in model.named_buffers())
+    assert not any(is_buffer(name) for name, _ in model.named_parameters())

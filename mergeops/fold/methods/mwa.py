@@ -77,14 +77,14 @@ class MWA(MergeMethod):
         if self.rebuild is not None:
             mean = new.mul_(self.weight)
             for folder, weight in self.rebuild:
-                mean.add_(_read(folder, piece), alpha=weight)
+                mean.add_(_read(folder, piece, base), alpha=weight)
             return {"mean": mean.div_(self.total)}
         mean = state["mean"]
         with_new = self.total + self.expired_weight
         mean.add_(new.sub_(mean), alpha=self.weight / with_new)
         if self.expired is not None:
             # remove the expired checkpoint: θ̄ = (W θ̄ − w_e θ_e) / (W − w_e)
-            mean.mul_(with_new).sub_(_read(self.expired, piece), alpha=self.expired_weight).div_(self.total)
+            mean.mul_(with_new).sub_(_read(self.expired, piece, base), alpha=self.expired_weight).div_(self.total)
         return {"mean": mean}
 
     def finish(self) -> None:
@@ -101,7 +101,10 @@ class MWA(MergeMethod):
                 folder.close()
 
 
-def _read(folder: ModelFolder, piece: Piece) -> torch.Tensor:
+def _read(folder: ModelFolder, piece: Piece, base: torch.Tensor) -> torch.Tensor:
+    """A piece of an earlier checkpoint; the base's, for a buffer it left out (it was folded as the base's)."""
+    if piece.name not in folder.tensors:
+        return base
     return folder.read(piece.name, piece.start, piece.stop).float()
 
 
