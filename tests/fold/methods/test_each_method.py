@@ -169,3 +169,12 @@ def test_elementwise_refuses_functions_that_disagree_on_their_state_or_parameter
 
     with pytest.raises(TypeError, match="one declaration"):
         elementwise("broken", fold, merged_declaring_again)
+
+
+def test_a_metric_weight_needs_a_positive_metric():
+    """The metrics gate rejects such checkpoints first; a method used on its own still refuses them."""
+    from mergeops.fold.methods.parts import metric_weight
+
+    assert metric_weight({"loss": 0.5}, "loss", 2.0) == 4.0 and metric_weight({"step": 3.0}, "step", 1.0) == 3.0
+    with pytest.raises(ValueError, match="must be positive"):
+        metric_weight({"loss": -0.5}, "loss", 0.5)
