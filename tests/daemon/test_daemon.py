@@ -305,6 +305,26 @@ def test_a_crash_between_recording_a_version_and_queueing_its_publication_still_
     assert [v for v, _, _ in published_versions(policy)] == [1]
 
 
+def test_a_duplicate_of_a_version_whose_publication_failed_does_not_queue_a_second_one(tmp_path):
+    """The version's own failed publication stays queued and is redone at the next start; the same weights arriving
+    again under another name do not add a second publication of it."""
+    policy = setup(tmp_path)
+    with open(policy, "a") as f:
+        f.write(f'[streams.s.publish]\nto = "{tmp_path / "published"}"\nprotect = true\n')  # no lock key yet
+    ready = drop(tmp_path, "ck0", seed=1)
+    lines = run_once(policy)
+    assert any(line["event"] == "publish_failed" for line in lines)
+    shutil.copytree(ready, tmp_path / "registry" / "ck0-again")
+    lines = run_once(policy)
+    assert any(line["event"] == "duplicate" for line in lines)
+    with Ledger.open_readonly(load_policy(policy).home) as ledger:
+        assert len(ledger.queued("publishing")) == 1
+    policy.write_text(policy.read_text().replace('signing = "keys/signing.pem"\n',
+                                                 'signing = "keys/signing.pem"\nlock = "keys/lock.key"\n'))
+    run_once(policy)
+    assert [v for v, _, _ in published_versions(policy)] == [1]
+
+
 def test_kill_9_during_auto_publish_publishes_every_version_exactly_once(tmp_path):
     checkpoints = 4
     policy = setup(tmp_path, shape=SLOWER)
