@@ -30,19 +30,21 @@ class CheckpointFacts:
     mergelock: dict[str, Any] | None = None  # a MergeLock-protected checkpoint the policy allowed: its marks
     carried: tuple[str, ...] | None = None  # buffers it left out, folded as the base's (none: not in the payload)
     metrics: dict[str, float] | None = None  # only in version.committed
+    adapter: dict[str, Any] | None = None  # a LoRA adapter: its settings (size and parameters are the adapter's)
 
     def payload(self) -> dict[str, Any]:
         return {"source": self.source} | _present(
             arrived=self.arrived, digest=self.digest, weights_digest=self.weights_digest, size=self.size,
             parameters=self.parameters, dtypes=self.dtypes, mergelock=self.mergelock,
-            carried_from_base=list(self.carried) if self.carried else None, metrics=self.metrics)
+            carried_from_base=list(self.carried) if self.carried else None, metrics=self.metrics,
+            adapter=self.adapter)
 
     @classmethod
     def from_payload(cls, p: dict[str, Any]) -> CheckpointFacts:
         carried = p.get("carried_from_base")
         return cls(p["source"], p.get("arrived"), p.get("digest"), p.get("weights_digest"), p.get("size"),
                    p.get("parameters"), p.get("dtypes"), p.get("mergelock"), tuple(carried) if carried else None,
-                   p.get("metrics"))
+                   p.get("metrics"), p.get("adapter"))
 
 
 @dataclass(frozen=True)
