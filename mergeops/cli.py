@@ -59,9 +59,9 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 def inspect(path: Path = typer.Argument(..., help="A model folder."), as_json: bool = JsonOption) -> None:
     """Validate a model folder and show its digest, size, dtypes, files and problems (exit 1 if any)."""
     from mergeops.intake.inspect import inspect_folder
-    from mergeops.model import ModelFolder
+    from mergeops.model.finetune import scan_checkpoint
 
-    folder, _ = ModelFolder.scan(path)
+    folder, _ = scan_checkpoint(path)
     progress = _progress(folder.total_bytes if folder else 0, f"inspecting {path}", not as_json)
     if progress:
         with progress:
@@ -77,6 +77,14 @@ def inspect(path: Path = typer.Argument(..., help="A model folder."), as_json: b
         table = Table(title=str(path), show_header=False)
         table.add_row("digest", report.digest or "-")
         table.add_row("architecture", report.architecture or "-")
+        if report.adapter is not None:
+            adapter = report.adapter
+            ranks = "/".join(map(str, adapter["ranks"]))
+            table.add_row("adapter", f"LoRA of {adapter['base_model_name_or_path'] or '?'}, rank {ranks}, alpha "
+                          f"{adapter['lora_alpha']:g}{', rsLoRA' if adapter['use_rslora'] else ''}")
+            table.add_row("targets", f"{len(adapter['targets'])}: {', '.join(adapter['targets'][:4])}"
+                          f"{', ...' if len(adapter['targets']) > 4 else ''}")
+            table.add_row("updates", f"{adapter['updates_parameters']:,} full-size parameters")
         table.add_row("parameters", f"{report.parameters:,}")
         table.add_row("tensors", str(report.tensors))
         table.add_row("dtypes", ", ".join(f"{k}: {v}" for k, v in report.dtypes.items()) or "-")

@@ -1,9 +1,9 @@
 """The README's first command: the daemon at work on generated models.
 
-It makes keys, a Llama-shaped base and a few fine-tunes of it, starts `mergeops daemon` on the demo
-policy (OPCM over a local folder registry), drops the checkpoints into the registry one by one as a
-producer would (write elsewhere, then rename), waits for each version, and shows status, lineage and
-the audit. Everything it writes lives where the demo policy points (``demo-run/``).
+It makes keys, a Llama-shaped base and a few fine-tunes of it (the last a LoRA adapter), starts
+`mergeops daemon` on the demo policy (OPCM over a local folder registry), drops the checkpoints into
+the registry one by one as a producer would (write elsewhere, then rename), waits for each version,
+and shows status, lineage and the audit. Everything it writes lives where the demo policy points (``demo-run/``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mergeops.ledger.audit import audit
 from mergeops.ledger.lineage import lineage
 from mergeops.ledger.store import Ledger
 from mergeops.policy import Policy, load_policy
-from mergeops.synthetic import LlamaShape, write_base, write_finetune
+from mergeops.synthetic import LlamaShape, write_adapter, write_base, write_finetune
 
 WAIT_SECONDS = 120
 
@@ -50,9 +50,11 @@ def run_demo(policy_path: Path, checkpoints: int = 3) -> Iterator[str]:
     yield f"daemon: started (pid {daemon.pid}), watching {registry}"
     try:
         for i in range(1, checkpoints + 1):
-            staging = write_finetune(stream.base, registry / f".finetune-{i:03d}.partial", seed=i)
-            staging.rename(registry / f"finetune-{i:03d}")
-            yield f"dropped finetune-{i:03d} into the registry"
+            adapter = i == checkpoints and i > 1  # the last is a LoRA adapter, as most fine-tunes in registries are
+            name = f"{'adapter' if adapter else 'finetune'}-{i:03d}"
+            write = write_adapter if adapter else write_finetune
+            write(stream.base, registry / f".{name}.partial", seed=i).rename(registry / name)
+            yield f"dropped {name}{' (a LoRA adapter)' if adapter else ''} into the registry"
             _wait_for_version(policy, stream.name, i, daemon)
             yield f"  -> {stream.name} version {i} ({stream.method})"
     finally:
@@ -67,7 +69,9 @@ def run_demo(policy_path: Path, checkpoints: int = 3) -> Iterator[str]:
         problems = audit(ledger, public_key_for(policy.keys)).problems
     yield f"lineage of {stream.output / 'latest'} ({document['found']['digest']}):"
     for step in document["steps"]:
-        yield (f"  v{step['version']:04d} <- {step['checkpoint']['source']} ({step['checkpoint']['digest'][:19]}...),"
+        checkpoint = step["checkpoint"]
+        kind = f", LoRA adapter r={checkpoint['adapter']['r']}" if "adapter" in checkpoint else ""
+        yield (f"  v{step['version']:04d} <- {checkpoint['source']} ({checkpoint['digest'][:19]}...{kind}),"
                f" signed by {step['signer'][:19]}...")
     yield f"  base {document['base']['source']} ({document['base']['digest'][:19]}...)"
     yield "audit: intact" if not problems else f"audit: {len(problems)} problem(s), e.g. {problems[0]['message']}"

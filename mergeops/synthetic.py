@@ -1,8 +1,9 @@
 """Small generated models for the demo, the tests and the benchmarks.
 
 A Llama-shaped base with random weights, and "fine-tunes" of it: the base plus a low-rank update on
-every linear layer and small noise elsewhere, the way real fine-tunes differ from their base. Written
-one tensor at a time, so a 1B-parameter model needs no more memory than its largest tensor.
+every linear layer and small noise elsewhere, the way real fine-tunes differ from their base; or LoRA
+adapters of it, in PEFT's format. Written one tensor at a time, so a 1B-parameter model needs no more
+memory than its largest tensor.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from mergeops.model import ModelFolder, ModelWriter, TensorSpec
+from mergeops.model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from mergeops.model.writer import write_tensor_file
 
 
@@ -110,6 +112,37 @@ def write_finetune(base: Path, out: Path, *, seed: int, scale: float = 0.02, ran
                 writer.extra_files.update({k: v.encode() for k, v in extra_files.items()})
             for name, tensor in model.iter_tensors():
                 writer.write(name, _perturb(tensor, generator, scale, rank))
+    return out
+
+
+ATTENTION_AND_MLP = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_adapter(base: Path, out: Path, *, seed: int, rank: int = 8, alpha: float = 16,
+                  targets: tuple[str, ...] = ATTENTION_AND_MLP, scale: float = 0.02) -> Path:
+    """A PEFT LoRA adapter of ``base`` (``adapter_config.json`` and ``adapter_model.safetensors``, as
+    ``save_pretrained`` writes them) on the 2-D weights of modules named ``targets``: its update ΔW = alpha/r · B·A is
+    about ``scale`` of each weight's typical magnitude."""
+    generator = torch.Generator().manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    factors: dict[str, torch.Tensor] = {}
+    with ModelFolder.open(base) as model:
+        for name, info in model.tensors.items():
+            module = name.removesuffix(".weight")
+            if len(info.shape) != 2 or module.rsplit(".", 1)[-1] not in targets:
+                continue
+            rows, columns = info.shape
+            magnitude = float(model.read(name).float().abs().mean()) or 1.0
+            factors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = torch.randn(rank, columns, generator=generator)
+            factors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = torch.randn(rows, rank, generator=generator) * (
+                scale * magnitude * rank / alpha / rank ** 0.5)
+    specs = [TensorSpec(n, torch.float32, tuple(t.shape)) for n, t in factors.items()]
+    write_tensor_file(out / ADAPTER_WEIGHTS, specs, lambda spec: factors[spec.name])
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(base).resolve()),
+              "r": rank, "lora_alpha": alpha, "target_modules": sorted(targets), "lora_dropout": 0.0,
+              "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+              "modules_to_save": None, "inference_mode": True}
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 

@@ -39,6 +39,28 @@ def test_inspect_json_is_one_document_with_the_spec_keys(tmp_path, tensors):
     assert document["digest"].startswith("sha256:") and document["problems"] == []
 
 
+def test_inspect_reports_an_adapter_as_one(tmp_path):
+    """Rank, scale, targets, its own parameters and the full-size parameters it updates (from peft's own numbers)."""
+    from tests.adapters import load, make_adapter, tiny_base
+
+    peft = pytest.importorskip("peft")
+    base = tiny_base(tmp_path, "llama")
+    adapter = make_adapter(base, tmp_path / "adapter", seed=1, rank=4, alpha=8, targets=["q_proj", "down_proj"])
+    model = peft.PeftModel.from_pretrained(load(base), adapter)
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    adapted = {n.removesuffix(".lora_A.default.weight") for n in lora if n.endswith("lora_A.default.weight")}
+    updated = sum(m.base_layer.weight.numel() for n, m in model.named_modules() if n in adapted)
+    document = json.loads(mergeops("inspect", str(adapter), "--json").stdout)
+    assert document["problems"] == [] and document["digest"].startswith("sha256:")
+    facts = document["adapter"]
+    assert (facts["r"], facts["lora_alpha"], facts["ranks"]) == (4, 8, [4])
+    assert facts["parameters"] == document["parameters"] == sum(p.numel() for p in lora.values())
+    assert facts["updates_parameters"] == updated
+    assert facts["targets"] == sorted(n.removeprefix("base_model.model.") for n in adapted)
+    table = mergeops("inspect", str(adapter))
+    assert table.returncode == 0 and "LoRA of" in table.stdout and "rank 4" in table.stdout
+
+
 def test_inspect_exits_1_and_names_the_problem(tmp_path, tensors):
     tensors["model.norm.weight"][0] = float("nan")
     model = write_model(tmp_path / "m", tensors)

@@ -18,6 +18,9 @@ def test_demo_folds_every_checkpoint_into_a_model_transformers_can_run(tmp_path)
     lines = list(run_demo(Path(policy), checkpoints=3))
     assert [line for line in lines if line.startswith("  -> ")] == [f"  -> demo version {i} (opcm)" for i in (1, 2, 3)]
     assert "daemon: stopped with SIGTERM (exit 0)" in lines and lines[-1] == "audit: intact"
+    assert "dropped adapter-003 (a LoRA adapter) into the registry" in lines
+    assert any(line.startswith("  v0003 <- ") and "adapter-003" in line and "LoRA adapter r=8" in line
+               for line in lines)
     latest = tmp_path / "demo-run" / "merged" / "demo" / "latest"
     assert latest.resolve().name == "v0003"
 

@@ -27,6 +27,13 @@ class Input:
     role: str  # "base", "previous" (the version this one extends) or "checkpoint"
     digest: str
     source: str
+    adapter: dict[str, Any] | None = None  # a checkpoint that was a LoRA adapter: its settings
+
+    @property
+    def described(self) -> str:
+        """How a card names it: a checkpoint that was an adapter says so, with its rank."""
+        name = f"`{public_name(self.source)}`"
+        return f"{name} (LoRA adapter, r={self.adapter['r']})" if self.adapter else name
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,7 @@ def model_card(facts: VersionFacts, digest: str) -> str:
         f"- policy: `{facts.policy_digest}`",
         f"- gates passed by the newest checkpoint: {', '.join(facts.gates) or 'none'}", "",
         "| # | checkpoint | digest |", "|---|---|---|",
-        *(f"| {n} | `{public_name(c.source)}` | `{c.digest}` |" for n, c in enumerate(facts.checkpoints, 1)), "",
+        *(f"| {n} | {c.described} | `{c.digest}` |" for n, c in enumerate(facts.checkpoints, 1)), "",
         "`provenance.json` is a signed in-toto attestation (DSSE, SLSA provenance v1) of how this model was made.",
         "Full lineage, with who signed each step: `mergeops lineage <this folder> --policy <policy>`.", "",
     ]
@@ -84,7 +91,8 @@ def model_card(facts: VersionFacts, digest: str) -> str:
 
 
 def _dependency(role: str, item: Input) -> dict[str, Any]:
-    found: dict[str, Any] = {"name": public_name(item.source), "annotations": {"role": role},
+    annotations = {"role": role, **({"lora_adapter": item.adapter} if item.adapter else {})}
+    found: dict[str, Any] = {"name": public_name(item.source), "annotations": annotations,
                              "digest": {"sha256": item.digest.removeprefix("sha256:")}}
     if is_hub(item.source):
         found["uri"] = item.source

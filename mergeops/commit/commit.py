@@ -95,9 +95,10 @@ def _cards_and_events(policy: Policy, ledger: Ledger, plan: NextVersion, base_pa
     if plan.head is not None:
         inputs.append(Input("previous", plan.head.output_digest, plan.head.output))
     assert checkpoint.digest is not None and checkpoint.arrived is not None
-    folded = Input("checkpoint", checkpoint.digest, checkpoint.source)
+    folded = Input("checkpoint", checkpoint.digest, checkpoint.source, checkpoint.adapter)
     facts = VersionFacts(stream.name, version, stream.method, stream.params, (*inputs, folded),
-                         (*(Input("checkpoint", v.checkpoint, v.source) for v in earlier), folded), policy.digest,
+                         (*(Input("checkpoint", v.checkpoint, v.source, v.adapter) for v in earlier), folded),
+                         policy.digest,
                          checkpoint.arrived, read_license(base_path), gates=tuple(gates))
     cards = card_files(facts, output_digest, ledger.key)
     for name, data in cards.items():

@@ -12,7 +12,9 @@ from typing import Any
 from mergeops.errors import ModelFolderError
 from mergeops.intake.validate import tensor_value_problem
 from mergeops.model import ModelFolder, Problem
+from mergeops.model.adapter import Adapter
 from mergeops.model.digest import digest_of_listing, folder_file_hashes
+from mergeops.model.finetune import scan_checkpoint
 
 
 @dataclass
@@ -25,20 +27,27 @@ class InspectReport:
     architecture: str | None = None
     files: list[dict[str, Any]] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    adapter: dict[str, Any] | None = None  # a LoRA adapter: Adapter.describe()
 
     def to_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "digest": self.digest, "parameters": self.parameters,
                 "tensors": self.tensors, "dtypes": self.dtypes, "architecture": self.architecture,
-                "files": self.files, "problems": [p.to_json() for p in self.problems]}
+                "files": self.files, "problems": [p.to_json() for p in self.problems], "adapter": self.adapter}
 
 
 def inspect_folder(path: str | Path, progress: Callable[[int], None] | None = None) -> InspectReport:
-    """Validate ``path`` and describe it. Every weight file is read once: each tensor is checked while
-    the same bytes feed the file's sha256. ``progress`` is called with byte counts as they are read."""
+    """Validate ``path`` (a model folder or a LoRA adapter) and describe it. Every weight file is read once: each
+    tensor is checked while the same bytes feed the file's sha256. ``progress`` is called with byte counts as they
+    are read."""
     report = InspectReport(Path(path))
-    folder, report.problems = ModelFolder.scan(path)
-    if folder is None or any(p.code == "path_escape" for p in report.problems):
+    weights, report.problems = scan_checkpoint(path)
+    if weights is None or any(p.code == "path_escape" for p in report.problems):
         return report  # never hash (or read) files that lie outside the folder
+    if isinstance(weights, Adapter):
+        report.adapter = weights.describe()
+        folder: ModelFolder = weights.folder
+    else:
+        folder = weights
     with folder:
         if not any(p.code == "bad_config" for p in report.problems):  # scan reported a bad config already
             report.architecture = folder.architecture

@@ -61,7 +61,8 @@ def lineage(ledger: Ledger, target: str) -> dict[str, Any]:
         "method": v.method, "params": v.params, "created": v.created, "gates": list(v.gates),
         "policy_digest": v.policy_digest, "tool": v.tool, "signer": v.signer,
         "checkpoint": {"digest": v.checkpoint, "source": v.source, "arrived": v.arrived, "size": v.size,
-                       "parameters": v.parameters, "metrics": v.metrics},
+                       "parameters": v.parameters, "metrics": v.metrics,
+                       **({"adapter": v.adapter} if v.adapter else {})},
     } for v in reversed(ledger.versions(stream)) if v.version <= version]
     return {
         "target": target, "found": found, "stream": stream, "version": version,

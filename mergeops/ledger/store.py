@@ -65,6 +65,7 @@ class VersionRecord:
     size: int | None
     parameters: int | None
     metrics: dict[str, float]
+    adapter: dict[str, Any] | None = None  # a LoRA adapter's settings
 
 
 @dataclass(frozen=True)
@@ -276,8 +277,9 @@ class Ledger:
     def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         return list(self.db.query(sql, params))
 
-    _VERSIONS = ("SELECT v.*, c.source, c.arrived, c.size, c.parameters, c.metrics, e.signer FROM versions v "
-                 "JOIN checkpoints c ON c.id = v.checkpoint_id LEFT JOIN events e ON e.seq = v.checkpoint_id ")
+    _VERSIONS = ("SELECT v.*, c.source, c.arrived, c.size, c.parameters, c.metrics, c.adapter, e.signer "
+                 "FROM versions v JOIN checkpoints c ON c.id = v.checkpoint_id "
+                 "LEFT JOIN events e ON e.seq = v.checkpoint_id ")
 
     def _versions(self, where: str, params: tuple[Any, ...], order: str = "v.version") -> list[VersionRecord]:
         return [VersionRecord(
@@ -287,6 +289,7 @@ class Ledger:
             policy_digest=r["policy_digest"], tool=r["tool"], created=r["created"], signer=r["signer"],
             pruned=bool(r["pruned"]), checkpoint=r["checkpoint_digest"], source=r["source"], arrived=r["arrived"],
             size=r["size"], parameters=r["parameters"], metrics=json.loads(r["metrics"]),
+            adapter=json.loads(r["adapter"]) if r["adapter"] else None,
         ) for r in self._rows(f"{self._VERSIONS} WHERE {where} ORDER BY {order}", params)]
 
     def _first_version(self, where: str, params: tuple[Any, ...], order: str = "v.version") -> VersionRecord | None:

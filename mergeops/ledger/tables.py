@@ -69,6 +69,13 @@ def m002_cards_and_published_files(db: Database) -> None:
     db["publications"].add_column("files", str)
 
 
+@migrations()
+def m003_adapters(db: Database) -> None:
+    """A checkpoint that was a LoRA adapter has its settings (rows of older checkpoints, all full models, stay
+    empty, as replaying their events leaves them)."""
+    db["checkpoints"].add_column("adapter", str)
+
+
 def _json(value: Any) -> str:
     return canonical(value)
 
@@ -78,7 +85,7 @@ def _checkpoint_row(event: Event, stream: str, c: CheckpointFacts, status: str, 
     return {"id": event.seq, "stream": stream, "digest": c.digest, "source": c.source,
             "arrived": c.arrived or event.time, "size": c.size, "parameters": c.parameters,
             "dtypes": _json(c.dtypes or {}), "metrics": _json(c.metrics or {}), "status": status, "gate": gate,
-            "reason": reason}
+            "reason": reason, "adapter": _json(c.adapter) if c.adapter else None}
 
 
 def apply(db: Database, event: Event) -> None:

@@ -100,6 +100,9 @@ def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
     def problem(what: str, code: str = "bad_adapter_config") -> tuple[None, Problem]:
         return None, Problem(code, f"{file} {what}.", ADAPTER_CONFIG)
 
+    if not file.resolve().is_relative_to(path.resolve()):
+        return problem(f"is a symlink to {file.resolve()}, outside the adapter's folder; replace it with a copy",
+                       "path_escape")
     try:
         with open(file, "rb") as handle:
             data = handle.read(MAX_CONFIG_BYTES + 1)
@@ -228,6 +231,17 @@ class Adapter:
     @property
     def parameters(self) -> int:
         return sum(info.numel for info in self.folder.tensors.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return self.folder.total_bytes
+
+    def describe(self) -> dict[str, Any]:
+        """What ``inspect`` shows: its settings, ranks, targets, and how many full-size parameters it updates."""
+        ranks = sorted({self.rank(t) for t in self.targets})
+        return {**self.settings.summary(), "ranks": ranks, "targets": sorted(t.module for t in self.targets.values()),
+                "parameters": self.parameters,
+                "updates_parameters": sum(math.prod(self.update_shape(t)) for t in self.targets)}
 
     def rank(self, tensor: str) -> int:
         return self.folder.tensors[self.targets[tensor].a].shape[0]

@@ -8,6 +8,7 @@ base, whole or as a piece of whole rows, and never sees the difference; a method
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from mergeops.model.adapter import Adapter, is_adapter_folder
 from mergeops.model.architectures import is_buffer
 from mergeops.model.folder import ModelFolder
+from mergeops.model.problems import Problem
 
 
 @dataclass(frozen=True)
@@ -105,17 +107,24 @@ class FullFineTune(FineTune):
 class AdapterFineTune(FineTune):
     """A LoRA adapter: θ = θ0 + left @ right for the tensors it targets, θ0 for every other."""
 
+    _CACHED = 4  # tensors whose factors are kept: the one being folded and those prepared ahead on worker threads
+
     def __init__(self, adapter: Adapter, base: ModelFolder) -> None:
         self.adapter, self.base, self.path = adapter, base, adapter.path
-        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the last tensor's, read once for its pieces
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # read once for all pieces of a tensor
+        self._lock = threading.Lock()
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         if name not in self.adapter.targets:
             return None
-        cached = self._factors.get(name)
+        with self._lock:
+            cached = self._factors.get(name)
         if cached is None:
             cached = self.adapter.factors(name)
-            self._factors = {name: cached}  # pieces of a tensor come in order; its factors are small
+            with self._lock:
+                self._factors[name] = cached
+                while len(self._factors) > self._CACHED:
+                    del self._factors[next(iter(self._factors))]
         return cached
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -139,6 +148,14 @@ class AdapterFineTune(FineTune):
 
     def close(self) -> None:
         self.adapter.close()
+
+
+def scan_checkpoint(path: str | Path) -> tuple[ModelFolder | Adapter | None, list[Problem]]:
+    """The structure of a checkpoint folder (headers, configs; no values): a LoRA adapter if it has an adapter
+    config, else a model folder; with its problems."""
+    if is_adapter_folder(path):
+        return Adapter.scan(path)
+    return ModelFolder.scan(path)
 
 
 def open_finetune(path: str | Path, base: ModelFolder) -> FineTune:

@@ -46,6 +46,7 @@ from mergeops.hub import (
     translating,
 )
 from mergeops.hub_uri import HubUri, is_commit_sha
+from mergeops.model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mergeops.model.folder import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE
 
 __all__ = ["HubCommit", "HubRegistry", "RegistryUnavailable", "hub_token"]
@@ -121,6 +122,12 @@ class HubRegistry:
             info = self._api.model_info(self.repo, revision=commit.sha, timeout=REQUEST_TIMEOUT)
         files = {s.rfilename for s in info.siblings or []}
         pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+        if ADAPTER_CONFIG in files:  # a LoRA adapter: its factors must be safetensors, whatever allow_pickle says
+            if ADAPTER_WEIGHTS not in files:
+                raise RejectedError(f"{commit.source} has {ADAPTER_CONFIG} but no {ADAPTER_WEIGHTS} (files: "
+                                    f"{', '.join(sorted(files)[:5])}); push the adapter saved with safetensors "
+                                    "(save_pretrained(safe_serialization=True)) in one commit.")
+            return
         if SINGLE_FILE in files:
             return
         if INDEX_FILE in files:

@@ -19,12 +19,13 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from mergeops.model import ModelFolder
+from mergeops.model.finetune import scan_checkpoint
 
 IGNORED_SUFFIXES = (".tmp", ".incomplete")
 # Problems that mean "still being written"; any other problem is a finished but bad checkpoint, which is
 # taken so that its rejection is recorded.
-_STILL_WRITING = frozenset({"truncated_file", "missing_shard", "empty_folder", "no_weights", "bad_index"})
+_STILL_WRITING = frozenset({"truncated_file", "missing_shard", "empty_folder", "no_weights", "bad_index",
+                            "missing_file"})  # missing_file: an adapter's weights, after its config
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class LocalRegistry:
             if now - newest < self.settle_seconds:
                 found.changing.append(folder)
                 continue
-            _, problems = ModelFolder.scan(folder)
+            _, problems = scan_checkpoint(folder)
             if any(p.code in _STILL_WRITING for p in problems) or (
                     self.marker is not None and not (folder / self.marker).is_file()):
                 found.incomplete.append(folder)

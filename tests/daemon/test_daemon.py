@@ -359,3 +359,23 @@ def test_status_after_a_daemon_that_could_not_start_says_why(tmp_path):
     assert failed.returncode == 2 and "signing key" in failed.stderr
     seen = status(policy)["daemon"]
     assert not seen["running"] and seen["status"].startswith("crashed at start: ") and "signing key" in seen["status"]
+
+
+def test_an_adapter_is_folded_once_its_weights_follow_its_config(tmp_path):
+    """A producer that writes an adapter's config first: the folder is incomplete until its factors are there."""
+    from mergeops.synthetic import write_adapter
+
+    policy = setup(tmp_path)
+    source = write_adapter(tmp_path / "base", tmp_path / "src", seed=1)
+    target = tmp_path / "registry" / "adapter"
+    target.mkdir()
+    shutil.copyfile(source / "adapter_config.json", target / "adapter_config.json")
+    lines = run_once(policy)
+    assert folded_sources(policy) == []
+    assert any(line["event"] == "incomplete" and line["source"].endswith("adapter") for line in lines)
+    shutil.copyfile(source / "adapter_model.safetensors", target / "adapter_model.safetensors")
+    run_once(policy)
+    assert folded_sources(policy) == ["adapter"]
+    loaded = load_policy(policy)
+    with Ledger.open_readonly(loaded.home) as ledger:
+        assert ledger.head("s").adapter["r"] == 8

@@ -254,3 +254,26 @@ def test_no_token_sends_no_authorization(hub_server: HubServer, tmp_path: Path) 
     assert hub_token() is None
     registry(tmp_path).new_commits(lambda s: False)
     assert all("authorization" not in r.headers for r in hub_server.requests)
+
+
+def test_a_lora_adapter_commit_is_noticed_and_downloaded_like_a_checkpoint(hub_server: HubServer,
+                                                                         tmp_path: Path) -> None:
+    factors = {"base_model.model.layer.lora_A.weight": torch.ones(2, 8),
+               "base_model.model.layer.lora_B.weight": torch.ones(8, 2)}
+    files = {"adapter_config.json": json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}).encode(),
+             "adapter_model.safetensors": safetensors_bytes(tmp_path, factors, "adapter_model.safetensors")}
+    hub_server.add_commit(files)
+    hub = registry(tmp_path)
+    (commit,) = hub.new_commits(lambda s: False)
+    hub.check(commit)
+    assert files_of(hub.download(commit)) == files
+
+
+def test_an_adapter_commit_without_safetensors_factors_is_refused_before_download(hub_server: HubServer,
+                                                                                tmp_path: Path) -> None:
+    sha = hub_server.add_commit({"adapter_config.json": b'{"peft_type": "LORA", "r": 2}',
+                                 "adapter_model.bin": b"\x80\x04pickle"})
+    (commit,) = registry(tmp_path).new_commits(lambda s: False)
+    with pytest.raises(RejectedError, match=f"{sha} has adapter_config.json but no adapter_model.safetensors"):
+        registry(tmp_path, allow_pickle=True).check(commit)
+    assert hub_server.resolve_requests(sha) == []

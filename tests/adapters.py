@@ -1,0 +1,66 @@
+"""Builders for adapter tests: tiny transformers bases saved as model folders, real PEFT LoRA adapters of them, and the
+full model ``merge_and_unload()`` makes of each adapter (the reference an adapter's fold must equal)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+FAMILIES = ("llama", "bert")
+TARGETS = {"llama": (["q_proj", "v_proj", "down_proj"], ["k_proj", "o_proj", "up_proj", "gate_proj"]),
+           "bert": (["query", "value"], ["key", "dense"])}
+
+
+def tiny_base(root: Path, family: str) -> Path:
+    """A tiny random model of ``family`` saved by the installed transformers, as a stream's base."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "llama":
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=32)
+        model = transformers.BertModel(config)
+    path = root / f"{family}-base"
+    model.save_pretrained(path)
+    return path
+
+
+def load(base: Path) -> Any:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.AutoConfig.from_pretrained(base)
+    auto = transformers.AutoModelForCausalLM if config.model_type == "llama" else transformers.AutoModel
+    return auto.from_pretrained(base)
+
+
+def make_adapter(base: Path, path: Path, *, seed: int, rank: int = 4, alpha: float = 8, targets: list[str],
+                 rslora: bool = False, **settings: Any) -> Path:
+    """A LoRA adapter of ``base`` made and saved by peft, its B factors random so that its update is not zero."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(load(base), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    model.save_pretrained(path)
+    return path
+
+
+def merged_by_peft(base: Path, adapter: Path, path: Path) -> Path:
+    """The full model peft's ``merge_and_unload()`` makes of ``adapter`` on ``base``, saved by transformers."""
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(load(base), adapter).merge_and_unload()
+    model.save_pretrained(path)
+    return path

@@ -1,0 +1,204 @@
+"""A PEFT LoRA adapter of the stream's base is taken in like a full checkpoint: every method folds it exactly as it
+folds the full model peft's ``merge_and_unload()`` makes of it; an adapter that does not fit the base, or that uses
+PEFT features whose update is not scale·B·A, is rejected by name and changes nothing."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergeops.fold.methods import METHODS
+from mergeops.ledger import Ledger
+from mergeops.ledger.lineage import lineage
+from mergeops.model import ModelFolder
+from mergeops.model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from mergeops.model.folder import CURVATURE_FILE
+from mergeops.pipeline import fold_checkpoint
+from mergeops.policy import load_policy
+from tests.adapters import FAMILIES, TARGETS, make_adapter, merged_by_peft, tiny_base
+from tests.conftest import write_model
+from tests.fold.streams import assert_close, read_model, write_policy
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def with_inputs(folder: Path, base: Path, seed: int) -> Path:
+    """Give a checkpoint folder what every method may ask of it: training metrics, and curvature over the base's
+    floating tensors (for an adapter too: OTA weighs full-size updates)."""
+    (folder / "metrics.json").write_text(json.dumps({"loss": 0.4 + 0.3 * seed, "step": 100 * seed}))
+    generator = torch.Generator().manual_seed(1000 + seed)
+    with ModelFolder.open(base) as model:
+        v = {name: torch.rand(info.shape, generator=generator) ** 3 * 1e-6
+             for name, info in model.tensors.items() if info.dtype.is_floating_point}
+    write_model(folder / "curvature", v)
+    (folder / "curvature" / "model.safetensors").rename(folder / CURVATURE_FILE)
+    shutil.rmtree(folder / "curvature")
+    return folder
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def adapters(request, tmp_path_factory):
+    """A base, three adapters of it (different targets, ranks, scales, one rsLoRA), and peft's full model of each."""
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    base = tiny_base(root, family)
+    first, second = TARGETS[family]
+    made = [make_adapter(base, root / "a1", seed=1, rank=4, alpha=8, targets=first),
+            make_adapter(base, root / "a2", seed=2, rank=2, alpha=3, targets=second, rslora=True),
+            make_adapter(base, root / "a3", seed=3, rank=8, alpha=16, targets=first + second)]
+    full = [merged_by_peft(base, adapter, root / f"full{i}") for i, adapter in enumerate(made, 1)]
+    for seed, (adapter, model) in enumerate(zip(made, full, strict=True), 1):
+        with_inputs(adapter, base, seed)
+        with_inputs(model, base, seed)
+    return base, made, full
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_folds_an_adapter_as_it_folds_pefts_merged_full_model(tmp_path, adapters, method):
+    base, made, full = adapters
+    results = {}
+    for kind, checkpoints in (("adapter", made), ("full", full)):
+        policy = load_policy(write_policy(tmp_path / kind, base, method))
+        for checkpoint in checkpoints:
+            result = fold_checkpoint(policy, None, checkpoint)
+            assert result.status == "merged", result.reason
+        results[kind] = read_model(result.output)
+    floats = {n for n, t in results["full"].items() if t.dtype.is_floating_point}
+    assert_close({n: results["adapter"][n] for n in floats}, {n: results["full"][n] for n in floats}, rtol=1e-6)
+    assert all(torch.equal(results["adapter"][n], results["full"][n]) for n in results["full"] if n not in floats)
+
+
+def test_the_ledger_records_that_the_checkpoint_was_an_adapter_with_its_settings(tmp_path, adapters):
+    base, made, _ = adapters
+    policy = load_policy(write_policy(tmp_path, base, "task_arithmetic"))
+    result = fold_checkpoint(policy, None, made[1])
+    assert result.status == "merged", result.reason
+    with Ledger.open_readonly(policy.home) as ledger:
+        [committed] = [json.loads(e["payload"]) for e in ledger.events() if e["kind"] == "version.committed"]
+    facts = committed["checkpoint"]
+    assert facts["adapter"]["r"] == 2 and facts["adapter"]["use_rslora"] is True
+    assert facts["adapter"]["base_model_name_or_path"] == str(base)
+    assert facts["parameters"] == sum(t.numel() for t in read_model_weights(made[1]).values())
+    with Ledger.open_readonly(policy.home) as ledger:
+        [step] = lineage(ledger, str(result.output))["steps"]
+    assert step["checkpoint"]["adapter"] == facts["adapter"]
+    card = (result.output / "README.md").read_text()
+    assert "`a2` (LoRA adapter, r=2)" in card
+    envelope = json.loads((result.output / "provenance.json").read_text())
+    provenance = json.loads(base64.b64decode(envelope["payload"]))
+    [folded] = [d for d in provenance["predicate"]["buildDefinition"]["resolvedDependencies"]
+                if d["annotations"]["role"] == "checkpoint"]
+    assert folded["annotations"]["lora_adapter"]["r"] == 2
+
+
+def read_model_weights(adapter: Path) -> dict[str, torch.Tensor]:
+    with ModelFolder.open(adapter, ADAPTER_WEIGHTS) as folder:
+        return dict(folder.iter_tensors())
+
+
+def edit_config(adapter: Path, **changes) -> None:
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps(config | changes))
+
+
+def rewrite_weights(adapter: Path, change) -> None:
+    from safetensors.torch import save_file
+
+    save_file(change(read_model_weights(adapter)), str(adapter / ADAPTER_WEIGHTS))
+
+
+def rename_first_pair(module: str):
+    def change(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        old = next(iter(tensors)).rsplit(".lora_", 1)[0]
+        return {n.replace(old, f"base_model.model.{module}") if n.startswith(old + ".") else n: t
+                for n, t in tensors.items()}
+    return change
+
+
+def link_config_outside(adapter: Path) -> None:
+    outside = adapter.parent / "elsewhere.json"
+    (adapter / ADAPTER_CONFIG).rename(outside)
+    (adapter / ADAPTER_CONFIG).symlink_to(outside)
+
+
+def truncate(adapter: Path) -> None:
+    data = (adapter / ADAPTER_WEIGHTS).read_bytes()
+    (adapter / ADAPTER_WEIGHTS).write_bytes(data[:len(data) - 100])
+
+
+REJECTIONS = {
+    "another base": (lambda a: edit_config(a, base_model_name_or_path="org/some-other-model"),
+                     "is an adapter of 'org/some-other-model'"),
+    "no base named": (lambda a: edit_config(a, base_model_name_or_path=None), "names no base model"),
+    "DoRA": (lambda a: edit_config(a, use_dora=True), "use_dora"),
+    "modules_to_save": (lambda a: edit_config(a, modules_to_save=["lm_head"]), "modules_to_save"),
+    "trained biases": (lambda a: edit_config(a, bias="all"), "bias = 'all'"),
+    "another PEFT type": (lambda a: edit_config(a, peft_type="IA3"), "peft_type 'IA3'"),
+    "unknown setting": (lambda a: edit_config(a, some_future_variant={"on": True}), "some_future_variant"),
+    "alpha that is NaN": (lambda a: (a / ADAPTER_CONFIG).write_text(
+        (a / ADAPTER_CONFIG).read_text().replace('"lora_alpha": 8', '"lora_alpha": NaN')), "not valid JSON"),
+    "config not UTF-8": (lambda a: (a / ADAPTER_CONFIG).write_bytes(b"{\"peft_type\": \"\xff\"}"), "not UTF-8"),
+    "rank that disagrees": (lambda a: edit_config(a, r=5), "has rank 4 but adapter_config.json says r = 5"),
+    "unknown target": (lambda a: rewrite_weights(a, rename_first_pair("model.layers.0.nothing_here")),
+                       "has no tensor 'model.layers.0.nothing_here.weight'"),
+    "DoRA magnitude tensor": (lambda a: rewrite_weights(a, lambda t: t | {
+        next(iter(t)).rsplit(".lora_", 1)[0] + ".lora_magnitude_vector": torch.ones(4)}), "a DoRA magnitude"),
+    "half a pair": (lambda a: rewrite_weights(a, lambda t: dict(list(t.items())[1:])), "incomplete pair"),
+    "wrong shape": (lambda a: rewrite_weights(a, lambda t: {n: torch.zeros(4, 7) if "lora_A" in n else v
+                                                            for n, v in t.items()}), "make an update of shape"),
+    "truncated weights": (truncate, ADAPTER_WEIGHTS),
+    "config linked from outside": (lambda a: link_config_outside(a), "outside the adapter's folder"),
+    "NaN in a factor": (lambda a: rewrite_weights(a, lambda t: {n: v.index_fill(0, torch.tensor([0]), float("nan"))
+                                                              if "lora_B" in n else v for n, v in t.items()}),
+                        "non-finite"),
+    "factors that overflow": (lambda a: rewrite_weights(a, lambda t: {n: v * 1e30 for n, v in t.items()}),
+                              "non-finite"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REJECTIONS))
+def test_an_adapter_that_does_not_fit_is_rejected_by_name_and_changes_nothing(tmp_path, case):
+    base = tiny_base(tmp_path, "llama")
+    adapter = make_adapter(base, tmp_path / "adapter", seed=1, rank=4, alpha=8, targets=["q_proj", "v_proj"])
+    spoil, needle = REJECTIONS[case]
+    spoil(adapter)
+    policy = load_policy(write_policy(tmp_path, base, "task_arithmetic"))
+    result = fold_checkpoint(policy, None, adapter)
+    assert result.status == "rejected"
+    assert needle in result.reason, result.reason
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    with Ledger.open_readonly(policy.home) as ledger:
+        assert [e["kind"] for e in ledger.events()] == ["checkpoint.rejected"]
+        assert ledger.head("s") is None
+
+
+def test_a_rank_pattern_and_an_alpha_pattern_scale_each_module_as_peft_does(tmp_path):
+    base = tiny_base(tmp_path, "llama")
+    adapter = make_adapter(base, tmp_path / "adapter", seed=4, rank=4, alpha=8, targets=["q_proj", "v_proj"],
+                           rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})
+    full = merged_by_peft(base, adapter, tmp_path / "full")
+    results = {}
+    for kind, checkpoint in (("adapter", adapter), ("full", full)):
+        policy = load_policy(write_policy(tmp_path / kind, base, "task_arithmetic", {"lambda": 1.0}))
+        result = fold_checkpoint(policy, None, checkpoint)
+        assert result.status == "merged", result.reason
+        results[kind] = read_model(result.output)
+    assert_close(results["adapter"], results["full"], rtol=1e-6)
+
+
+def test_mwas_window_re_reads_an_expired_adapter_as_it_was_folded(tmp_path, adapters):
+    """The checkpoint leaving the window is re-read from its folder: an adapter is read as base + its update again."""
+    base, made, full = adapters
+    results = {}
+    for kind, checkpoints in (("adapter", made), ("full", full)):
+        policy = load_policy(write_policy(tmp_path / kind, base, "mwa", {"window": 2}))
+        for checkpoint in checkpoints:
+            result = fold_checkpoint(policy, None, checkpoint)
+            assert result.status == "merged" and not result.notes, (result.reason, result.notes)
+        results[kind] = read_model(result.output)
+    assert_close(results["adapter"], results["full"], rtol=1e-6)
