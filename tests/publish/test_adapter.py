@@ -228,28 +228,20 @@ def test_a_change_a_lora_cannot_carry_is_reported_not_dropped(tmp_path):
     assert "| `layer.kernel` | 5.000e-01 |" in (tmp_path / "adapter" / "README.md").read_text()
 
 
-def test_protect_with_an_adapter_and_bad_ranks_are_policy_errors(tmp_path):
+@pytest.mark.parametrize(("table", "message"), [
+    ("protect = true\nas_adapter = {rank = 8}", r"protect = true and as_adapter, which cannot go together: MergeLock"),
+    ("as_adapter = {rank = 0}", r"as_adapter.rank must be between 1 and 4096, not 0"),
+    ("as_adapter = {rank = 100000}", r"as_adapter.rank must be between 1 and 4096, not 100000"),
+    ('as_adapter = {rank = "64"}', r"as_adapter.rank must be a int, not '64'"),
+    ("as_adapter = {}", r"as_adapter needs a 'rank' key"),
+    ("as_adapter = {rank = 8, rnk = 8}", r"unknown key 'rnk' .*as_adapter \(did you mean 'rank'\?\)"),
+    ("as_adapter = 8", r"as_adapter must be a dict, not 8"),
+], ids=["protect", "zero", "huge", "string", "no-rank", "typo", "not-a-table"])
+def test_protect_with_an_adapter_and_bad_ranks_are_policy_errors(tmp_path, table, message):
     path = write_policy(tmp_path, tmp_path / "base", "average")
-    text = path.read_text()
-
-    def load(table: str) -> None:
-        path.write_text(text + f'[streams.s.publish]\nto = "{tmp_path / "pub"}"\n{table}')
+    path.write_text(path.read_text() + f'[streams.s.publish]\nto = "{tmp_path / "pub"}"\n{table}\n')
+    with pytest.raises(PolicyError, match=message):
         load_policy(path)
-
-    with pytest.raises(PolicyError, match=r"protect = true and as_adapter, which cannot go together: MergeLock"):
-        load("protect = true\nas_adapter = {rank = 8}\n")
-    with pytest.raises(PolicyError, match=r"as_adapter.rank must be between 1 and 4096, not 0"):
-        load("as_adapter = {rank = 0}\n")
-    with pytest.raises(PolicyError, match=r"as_adapter.rank must be between 1 and 4096, not 100000"):
-        load("as_adapter = {rank = 100000}\n")
-    with pytest.raises(PolicyError, match=r"as_adapter.rank must be a int, not '64'"):
-        load('as_adapter = {rank = "64"}\n')
-    with pytest.raises(PolicyError, match=r"as_adapter needs a 'rank' key"):
-        load("as_adapter = {}\n")
-    with pytest.raises(PolicyError, match=r"unknown key 'rnk' .*as_adapter \(did you mean 'rank'\?\)"):
-        load("as_adapter = {rank = 8, rnk = 8}\n")
-    with pytest.raises(PolicyError, match=r"as_adapter must be a dict, not 8"):
-        load("as_adapter = 8\n")
 
 
 def test_refusals_publish_nothing_and_record_nothing(tmp_path):
