@@ -50,7 +50,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # PEFT's prefix of every key: the PeftModel's base_model (LoraModel), then its model
 _OVERSAMPLE_MIN = 10
 _POWER_ITERATIONS = 4
-_RESIDUAL_ROWS = 4096  # rows of ΔW − B·A formed at a time when measuring the error
+_RESIDUAL_ELEMENTS = 1 << 20  # about this many entries of ΔW − B·A are formed at a time when measuring the error
 
 Kind = Literal["linear", "embedding", "module", "bias", "not_carried"]
 
@@ -219,14 +219,23 @@ class _Writer:
         if target.transposed:
             delta = delta.T
         b, a = factor(delta, target.rank(self.rank))
-        residual = sum(float((delta[i:i + _RESIDUAL_ROWS] - b[i:i + _RESIDUAL_ROWS] @ a).double().square().sum())
-                       for i in range(0, delta.shape[0], _RESIDUAL_ROWS))
-        total = float(delta.double().square().sum())
+        residual, total = _squared_norms(delta, b, a)
         self.report.errors[target.name] = math.sqrt(residual / total)
         self.report.ranks[target.name] = a.shape[0]
         self.report.residual += residual
         self.report.total += total
         return [a, b] + ([b.T.contiguous(), a.T.contiguous()] if target.head else [])
+
+
+def _squared_norms(delta: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[float, float]:
+    """‖ΔW − B·A‖² and ‖ΔW‖², summed in float64 over blocks of rows (never a second ΔW-sized tensor)."""
+    rows = max(1, _RESIDUAL_ELEMENTS // delta.shape[1])
+    residual = total = 0.0
+    for i in range(0, delta.shape[0], rows):
+        block = delta[i:i + rows]
+        residual += float(torch.addmm(block, b[i:i + rows], a, alpha=-1).square().sum(dtype=torch.float64))
+        total += float(block.square().sum(dtype=torch.float64))
+    return residual, total
 
 
 def factor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
