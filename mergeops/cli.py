@@ -357,19 +357,27 @@ def unprotect(model_dir: Path = typer.Argument(..., help="A folder protected wit
 @app.command()
 def publish(policy: Path = PolicyOption, stream: str | None = typer.Option(None),
             version: int | None = typer.Option(None, help="Version to publish (default: the latest)."),
+            as_adapter: int | None = typer.Option(None, "--as-adapter", metavar="RANK",
+                                                  help="Publish a LoRA adapter of this rank against the stream's "
+                                                       "base instead of the full model."),
             as_json: bool = JsonOption) -> None:
     """Copy a version to the stream's publish target, sign it (OpenSSF model signing) and record it."""
     from mergeops.policy import load_policy
     from mergeops.publish.publish import publish as run_publish
 
     loaded = load_policy(policy)
-    publication = run_publish(loaded, stream, version)
+    publication = run_publish(loaded, stream, version, as_adapter=as_adapter)
     if as_json:
         _print_json(publication.to_json())
-    else:
-        signed = f", signed by {publication.signer}" if publication.signer else ", unsigned"
-        out.print(f"published {publication.stream} v{publication.version:04d} to {', '.join(publication.targets)}"
-                  f"{signed}", markup=False)
+        return
+    signed = f", signed by {publication.signer}" if publication.signer else ", unsigned"
+    adapter = publication.adapter
+    what = (f" as a rank-{adapter.rank} LoRA adapter (relative error {adapter.error:.2e})" if adapter else "")
+    out.print(f"published {publication.stream} v{publication.version:04d}{what} to {', '.join(publication.targets)}"
+              f"{signed}", markup=False)
+    for name, change in (adapter.not_carried.items() if adapter else ()):
+        err.print(f"note: {name} changed (relative update {change:.2e}) and is not carried by the adapter",
+                  markup=False)
 
 
 @app.command()

@@ -20,6 +20,7 @@ from mergeops.errors import PolicyError
 from mergeops.hub_uri import is_hub
 
 OUTPUT_DTYPES = ("base", "float32", "bfloat16", "float16")
+MAX_ADAPTER_RANK = 4096  # a LoRA rank above this is no longer an adapter (ranks are capped per tensor anyway)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class PublishConfig:
     hub: str | None = None
     protect: bool = False
     sign: bool = True
+    as_adapter: int | None = None  # publish a LoRA adapter of this rank against the base instead of the model
 
 
 @dataclass(frozen=True)
@@ -253,12 +255,28 @@ def _gate(data: Any, where: str, path: Path, local: Any) -> GateConfig:
 def _publish(data: Any, where: str, path: Path, local: Any) -> PublishConfig:
     table = _Table(data, where, path)
     to, hub = table.take("to", str), table.take("hub", str)
+    adapter = table.take("as_adapter", dict)
     config = PublishConfig(to=local(to) if to else None, hub=hub, protect=table.take("protect", bool, False),
-                           sign=table.take("sign", bool, True))
+                           sign=table.take("sign", bool, True),
+                           as_adapter=_adapter_rank(adapter, f"{where}.as_adapter", path) if adapter is not None
+                           else None)
     table.done()
     if to is None and hub is None:
         raise PolicyError(f"{path}: {where} needs 'to' (a local folder) or 'hub' (org/repo).")
+    if config.protect and config.as_adapter is not None:
+        raise PolicyError(f"{path}: {where} has both protect = true and as_adapter, which cannot go together: "
+                          "MergeLock protects a full model's weights, and an adapter is added to the unprotected "
+                          "base; drop one of them.")
     return config
+
+
+def _adapter_rank(data: Any, where: str, path: Path) -> int:
+    table = _Table(data, where, path)
+    rank = table.take("rank", int, required=True)
+    table.done()
+    if not 1 <= rank <= MAX_ADAPTER_RANK:
+        raise PolicyError(f"{path}: {where}.rank must be between 1 and {MAX_ADAPTER_RANK}, not {rank}.")
+    return int(rank)
 
 
 def _number(value: Any, where: str, path: Path) -> float:

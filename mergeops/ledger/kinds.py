@@ -165,14 +165,18 @@ class PublicationRecorded:
     target: str  # relative to the home, or hf://org/repo@sha
     signer: str | None
     files: dict[str, str] = field(default_factory=dict)  # every file of the copy (not in older ledgers)
+    # published as a LoRA adapter against the base: {"rank": r, "error": overall relative error} (full model: None,
+    # not in the payload)
+    adapter: dict[str, Any] | None = None
 
     def payload(self) -> dict[str, Any]:
         return {"stream": self.stream, "version": self.version, "output_digest": self.output_digest,
-                "target": self.target, "signer": self.signer, "files": self.files}
+                "target": self.target, "signer": self.signer, "files": self.files} | _present(adapter=self.adapter)
 
     @classmethod
     def from_payload(cls, p: dict[str, Any]) -> PublicationRecorded:
-        return cls(p["stream"], p["version"], p["output_digest"], p["target"], p["signer"], p.get("files", {}))
+        return cls(p["stream"], p["version"], p["output_digest"], p["target"], p["signer"], p.get("files", {}),
+                   p.get("adapter"))
 
 
 LedgerEvent = (StreamStarted | CheckpointRejected | VersionCommitted | VersionPruned | ProtectionRecorded

@@ -5,7 +5,10 @@ changed file is never published), assembled in a temporary folder, signed there 
 model-signing format, uploaded to the Hub as one commit (``hub``) and/or renamed into place as
 ``to/vNNNN`` (``to``); then one publication event per target is recorded. With ``protect = true`` the
 copy is protected with MergeLock first (and the protection recorded), so what is signed and published
-is the protected model.
+is the protected model. With ``as_adapter = {rank = R}`` (or ``publish(..., as_adapter=R)``) what is signed and
+published is instead a PEFT LoRA adapter of the version against the stream's base (``adapter.py``), as
+``to/vNNNN-lora-rR``; the base must still be the one the stream started from (its digest is checked). An adapter
+is added to the unprotected base, so it cannot be protected: ``protect`` with an adapter is refused.
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ from pathlib import Path
 from typing import Any
 
 from mergeops import keys
+from mergeops.commit.card import public_name
 from mergeops.durable import fsync_dir, fsync_file
 from mergeops.errors import MergeopsError, UsageError
 from mergeops.hub_uri import HubUri
 from mergeops.ledger.kinds import LedgerEvent, ProtectionRecorded, PublicationRecorded
 from mergeops.ledger.store import Ledger, writing
+from mergeops.model import folder_digest
 from mergeops.model.digest import file_sha256
 from mergeops.model.signing import sign_model_folder
 from mergeops.model.writer import TEMP_MARKER
-from mergeops.policy import Policy, PublishConfig, StreamConfig
+from mergeops.policy import MAX_ADAPTER_RANK, Policy, PublishConfig, StreamConfig
 from mergeops.protect import protect
+from mergeops.publish.adapter import AdapterReport, write_adapter
 from mergeops.publish.hub import upload_to_hub
 
 
@@ -43,22 +49,34 @@ class Publication:
     targets: tuple[str, ...]  # a local folder and/or hf://org/repo@sha
     output_digest: str
     signer: str | None
+    adapter: AdapterReport | None = None  # published as a LoRA adapter: its rank and errors
 
     def to_json(self) -> dict[str, Any]:
         return {"stream": self.stream, "version": self.version, "targets": list(self.targets),
-                "digest": self.output_digest, "signed_by": self.signer}
+                "digest": self.output_digest, "signed_by": self.signer} | (
+            {"adapter": self.adapter.to_json()} if self.adapter is not None else {})
 
 
 def publish(policy: Policy, stream_name: str | None, version: int | None = None, *,
-            ledger: Ledger | None = None) -> Publication:
+            ledger: Ledger | None = None, as_adapter: int | None = None) -> Publication:
     """Publish a version (default: the latest) to the stream's local folder and/or Hub repository. ``ledger``: the
-    policy's ledger, open for writing (without one, it is opened, and its writer lock taken, for this call)."""
+    policy's ledger, open for writing (without one, it is opened, and its writer lock taken, for this call).
+    ``as_adapter``: publish a LoRA adapter of this rank against the base, whatever the policy says."""
     stream = policy.stream(stream_name)
     if stream.publish is None:
         raise UsageError(f"stream {stream.name!r} has no [streams.{stream.name}.publish] table; add one with "
                          "`to = \"published/NAME\"` or `hub = \"org/repo\"`.")
+    config = stream.publish
+    if as_adapter is not None:
+        if not 1 <= as_adapter <= MAX_ADAPTER_RANK:
+            raise UsageError(f"an adapter's rank must be between 1 and {MAX_ADAPTER_RANK}, not {as_adapter}.")
+        if config.protect:
+            raise UsageError(f"stream {stream.name!r} publishes protected models (protect = true), and an adapter "
+                             "cannot be protected: MergeLock protects a full model's weights, and an adapter is "
+                             "added to the unprotected base; publish it without --as-adapter.")
+        config = dataclasses.replace(config, as_adapter=as_adapter)
     with writing(policy, ledger, role="publish") as writer:
-        return _publish(policy, stream, stream.publish, version, writer)
+        return _publish(policy, stream, config, version, writer)
 
 
 def _publish(policy: Policy, stream: StreamConfig, config: PublishConfig, version: int | None,
@@ -70,7 +88,7 @@ def _publish(policy: Policy, stream: StreamConfig, config: PublishConfig, versio
     if record.pruned:
         raise UsageError(f"{stream.name} version {record.version} was pruned (keep = {stream.keep}); publish a "
                          "retained version.")
-    name = f"v{record.version:04d}"
+    name = f"v{record.version:04d}" + (f"-lora-r{config.as_adapter}" if config.as_adapter is not None else "")
     target = config.to / name if config.to is not None else None
     staging_root = target.parent if target is not None else policy.home / "publishing"
     staging_root.mkdir(parents=True, exist_ok=True)
@@ -87,7 +105,11 @@ def _publish(policy: Policy, stream: StreamConfig, config: PublishConfig, versio
     try:
         _stage(Path(record.output), tmp / "copy", record.files, f"{stream.name} {name}")
         ready = tmp / "copy"
-        protection = None
+        protection, adapter = None, None
+        if config.as_adapter is not None:
+            adapter = write_adapter(ready, _stream_base(stream, ledger), tmp / "adapter", config.as_adapter,
+                                    base_name=public_name(str(stream.base)), title=f"{stream.name} {name}")
+            ready = tmp / "adapter"
         if config.protect:  # MergeLock before signing: the signature covers what is published
             if policy.keys.lock is None:
                 raise UsageError(f"stream {stream.name!r} publishes protected models but the policy has no "
@@ -95,7 +117,8 @@ def _publish(policy: Policy, stream: StreamConfig, config: PublishConfig, versio
             report = protect(ready, tmp / "protected", keys.load_lock_key(policy.keys.lock))
             protection = ProtectionRecorded.from_payload(report["ledger"])
             ready = tmp / "protected"
-        published_digest = protection.output_digest if protection else record.output_digest
+        published_digest = (protection.output_digest if protection else folder_digest(ready) if adapter
+                            else record.output_digest)
         signer = None
         if config.sign:
             assert ledger.key is not None  # a writable ledger has the key
@@ -118,10 +141,24 @@ def _publish(policy: Policy, stream: StreamConfig, config: PublishConfig, versio
         shutil.rmtree(tmp, ignore_errors=True)
     events: list[LedgerEvent] = [dataclasses.replace(
         protection, path=ledger.relative(targets[-1]) if targets else "")] if protection else []
+    recorded_adapter = {"rank": adapter.rank, "error": adapter.error} if adapter is not None else None
     events += [PublicationRecorded(stream.name, record.version, published_digest, ledger.relative(t), signer,
-                                   published_files) for t in targets]
+                                   published_files, recorded_adapter) for t in targets]
     ledger.record(*events)
-    return Publication(stream.name, record.version, tuple(targets), published_digest, signer)
+    return Publication(stream.name, record.version, tuple(targets), published_digest, signer, adapter)
+
+
+def _stream_base(stream: StreamConfig, ledger: Ledger) -> Path:
+    """The stream's base folder, checked to be the one the stream started from (an adapter is a difference to it)."""
+    started = ledger.started(stream.name)
+    if isinstance(stream.base, str) or not stream.base.is_dir() or started is None:
+        raise UsageError(f"stream {stream.name!r}: its base {stream.base} is not a local model folder, so no adapter "
+                         f"can be made against it; point [streams.{stream.name}].base at the base's folder.")
+    if folder_digest(stream.base) != started.base_digest:
+        raise MergeopsError(f"stream {stream.name!r}: the base {stream.base} is not the one the stream started from "
+                            f"({started.base_digest}); an adapter against it would be wrong, restore that base. "
+                            "Nothing was published.")
+    return stream.base
 
 
 def _stage(source: Path, dest: Path, files: dict[str, str], where: str) -> None:
