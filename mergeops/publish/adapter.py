@@ -41,13 +41,11 @@ import torch
 from mergeops import __version__
 from mergeops.errors import ModelFolderError
 from mergeops.model import ModelFolder, TensorSpec
+from mergeops.model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
 from mergeops.model.architectures import FUSED_CONV1D, LAYER_ROLES, Role, family_for, tensor_roles, tied_head
 from mergeops.model.readme import read_license
 from mergeops.model.writer import write_tensor_file
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PREFIX = "base_model.model."  # PEFT's prefix of every key: the PeftModel's base_model (LoraModel), then its model
 _OVERSAMPLE_MIN = 10
 _POWER_ITERATIONS = 4
 _RESIDUAL_ELEMENTS = 1 << 20  # about this many entries of ΔW − B·A are formed at a time when measuring the error
@@ -80,11 +78,11 @@ class _Target:
         """PEFT's keys for this tensor, in the order :meth:`_Writer._factor` yields their values."""
         if not self.factored:  # carried as it is; a targeted module's bias lives in its base_layer
             inside = self.kind == "bias" and self.module in factored_modules
-            return [f"{_PREFIX}{self.module}.base_layer.bias" if inside else _PREFIX + self.name]
+            return [f"{PEFT_PREFIX}{self.module}.base_layer.bias" if inside else PEFT_PREFIX + self.name]
         a, b = ("lora_embedding_A", "lora_embedding_B") if self.kind == "embedding" else ("lora_A.weight",
                                                                                           "lora_B.weight")
-        keys = [f"{_PREFIX}{self.module}.{a}", f"{_PREFIX}{self.module}.{b}"]
-        return keys + ([f"{_PREFIX}{self.head}.lora_A.weight", f"{_PREFIX}{self.head}.lora_B.weight"]
+        keys = [f"{PEFT_PREFIX}{self.module}.{a}", f"{PEFT_PREFIX}{self.module}.{b}"]
+        return keys + ([f"{PEFT_PREFIX}{self.head}.lora_A.weight", f"{PEFT_PREFIX}{self.head}.lora_B.weight"]
                        if self.head else [])
 
     def specs(self, rank: int, dtype: torch.dtype, factored_modules: set[str]) -> list[TensorSpec]:
