@@ -119,7 +119,7 @@ class _Pipeline:
         plan = next_version(self.policy, self.stream, self.ledger)
         method = self._method(plan, stack)
         # intake
-        self.checkpoint.check_against_base(base)
+        self.checkpoint.check_against_base(base, self.stream.vocab)
         # gates on what the checkpoint is, then on what it brings for the method
         gates = gate.gates_for(self.stream.gate, method)
         subject = gate.Subject(self.checkpoint.folder, {}, self._tick)

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from mergeops.errors import ModelFolderError, RejectedError
+from mergeops.intake.tokenizer import RowMatch
 from mergeops.intake.validate import carried_from_base, problems_against_base
+from mergeops.intake.vocab import tied_in_checkpoint, vocab_rows
 from mergeops.ledger.kinds import CheckpointFacts
 from mergeops.model import ModelFolder
 from mergeops.model.digest import BackgroundDigest
@@ -32,6 +34,8 @@ class Checkpoint:
     mergelock: dict[str, Any] | None = None  # the marks of a MergeLock-protected checkpoint the policy allowed
     digests: tuple[str, str] | None = None  # the folder's and its weights' digests, once known
     carried: tuple[str, ...] = ()  # the base's buffers it leaves out (newer transformers do not save them)
+    tied: dict[str, str] = field(default_factory=dict)  # base tensors it holds as its input embeddings: -> those
+    rows: RowMatch | None = None  # its vocabulary rows matched to the base's by token string; None: by row index
 
     @property
     def path(self) -> Path:
@@ -57,15 +61,21 @@ class Checkpoint:
         and (in a version's record) its metrics."""
         digest, weights_digest = self.digests or (None, None)
         return dataclasses.replace(self.arrived, digest=digest, weights_digest=weights_digest, mergelock=self.mergelock,
-                                   carried=self.carried or None, metrics=self.metrics if with_metrics else None)
+                                   carried=self.carried or None, tied=self.tied or None,
+                                   vocab_dropped=self.rows.dropped if self.rows is not None else None,
+                                   metrics=self.metrics if with_metrics else None)
 
-    def check_against_base(self, base: ModelFolder) -> None:
-        """Rejects a checkpoint whose tensors do not match the base's (names, shapes, dtypes, config); notes the
-        base's buffers it leaves out, which it is read as holding."""
-        problems = problems_against_base(self.folder, base)
+    def check_against_base(self, base: ModelFolder, vocab: str = "reject") -> None:
+        """Rejects a checkpoint whose tensors do not match the base's (names, shapes, dtypes, config) or whose
+        tokenizer is not the base's; notes the base's buffers it leaves out, which it is read as holding, the tensors
+        it ties to its input embeddings, and how its vocabulary rows are matched to the base's (the stream's
+        ``vocab`` setting)."""
+        tied = tied_in_checkpoint(self.folder, base)
+        problems = problems_against_base(self.folder, base, tied)
         if problems:
             raise RejectedError(problems[0].message)
-        self.carried = carried_from_base(self.folder, base)
+        self.rows = vocab_rows(self.folder, base, tied, vocab)
+        self.carried, self.tied = carried_from_base(self.folder, base), tied
 
     def __enter__(self) -> Checkpoint:
         return self
