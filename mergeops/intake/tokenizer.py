@@ -157,10 +157,10 @@ class _Reader:
         model = document.get("model")
         if not isinstance(model, dict) or not isinstance(model.get("type"), str):
             raise self.fail(FAST_FILE, "has no \"model\" object with a \"type\"")
+        aspects["model type"] = Aspect(FAST_FILE, model["type"])  # first: the most telling difference
         for key, value in document.items():
             if key not in _FAST_SETTINGS:
                 aspects[key] = Aspect(FAST_FILE, value)
-        aspects["model type"] = Aspect(FAST_FILE, model["type"])
         settings = {k: v for k, v in model.items() if k not in ("type", "vocab", "merges")}
         aspects["model settings"] = Aspect(FAST_FILE, settings)
         scores = None
