@@ -85,7 +85,8 @@ def _rows(folder: ModelFolder, names: list[str], where: str) -> int:
     """The row count the vocabulary-sized tensors ``names`` share."""
     counts = {name: folder.tensors[name].shape[0] for name in names if folder.tensors[name].shape}
     if len(set(counts.values())) > 1:
-        (first, a), (other, b) = next(iter(counts.items())), next((n, c) for n, c in counts.items() if c != a)
+        (first, a), *others = counts.items()
+        other, b = next((n, c) for n, c in others if c != a)
         raise RejectedError(f"{where} has {a} rows in {first!r} but {b} in {other!r}; tensors with a row per token "
                             "must agree on the vocabulary's size.")
     return next(iter(counts.values()), 0)
