@@ -24,11 +24,12 @@ from mergeops.errors import ModelFolderError, PolicyError, RejectedError, UsageE
 from mergeops.fold.engine import Folded, FoldJob, fold, output_dtype, read_scalars
 from mergeops.fold.methods import method_class
 from mergeops.fold.methods.base import Arrival, MergeMethod, PastCheckpoint
-from mergeops.intake.checkpoint import Checkpoint, receive
+from mergeops.intake.checkpoint import Checkpoint, receive, reopen
 from mergeops.intake.metrics import load_metrics
 from mergeops.ledger.kinds import CheckpointFacts
 from mergeops.ledger.store import Ledger, utc_now, writing
 from mergeops.model import ModelFolder, folder_digest
+from mergeops.model.finetune import FineTune
 from mergeops.policy import Policy, StreamConfig
 from mergeops.threads import quick_gil_handoff
 
@@ -119,10 +120,10 @@ class _Pipeline:
         plan = next_version(self.policy, self.stream, self.ledger)
         method = self._method(plan, stack)
         # intake
-        self.checkpoint.check_against_base(base, self.stream.vocab)
+        view = self.checkpoint.check_against_base(base, self.stream.vocab)
         # gates on what the checkpoint is, then on what it brings for the method
         gates = gate.gates_for(self.stream.gate, method)
-        subject = gate.Subject(self.checkpoint.folder, {}, self._tick)
+        subject = gate.Subject(self.checkpoint.folder, base, {}, self._tick)
         try:
             passed = [*gate.ALWAYS_ON, *gate.run(gates, subject, "checkpoint")]
         finally:  # the marks of an allowed protected checkpoint are recorded, whatever a later gate decides
@@ -133,7 +134,7 @@ class _Pipeline:
         base_digest = started.base_digest if started else folder_digest(base.path)
         try:
             # fold
-            folded = self._fold(base, base_digest, method, plan, stack)
+            folded = self._fold(view, base_digest, method, plan, stack)
             # gates on the candidate
             subject.candidate, subject.update_norm = plan.output_dir, folded.update_norm
             if folded.update_norm is not None:
@@ -165,19 +166,19 @@ class _Pipeline:
         stack.callback(method.close)
         return method
 
-    def _fold(self, base: ModelFolder, base_digest: str, method: MergeMethod, plan: NextVersion,
+    def _fold(self, checkpoint: FineTune, base_digest: str, method: MergeMethod, plan: NextVersion,
               stack: ExitStack) -> Folded:
         history = tuple(PastCheckpoint(v.checkpoint, Path(v.source), v.metrics)
                         for v in self.ledger.versions(self.stream.name))
-        method.begin(Arrival(self.checkpoint.folder, self.digest, t=plan.number, metrics=self.checkpoint.metrics,
-                             history=history))
+        method.begin(Arrival(checkpoint, self.digest, t=plan.number, metrics=self.checkpoint.metrics, history=history,
+                             reopen=lambda path: reopen(path, checkpoint.base, self.stream.vocab)))
         old_state = stack.enter_context(ModelFolder.open(plan.head.state)) if plan.head else None
         return fold(FoldJob(
-            stream=self.stream.name, base=base, checkpoint=self.checkpoint.folder, old_state=old_state, method=method,
+            stream=self.stream.name, base=checkpoint.base, checkpoint=checkpoint, old_state=old_state, method=method,
             output_dir=plan.output_dir, state_dir=plan.state_dir, dtype=self.stream.dtype,
             metadata=lambda digest: self._metadata(plan, base_digest, digest), digest=self.digest,
             digest_known=lambda: self.checkpoint.digest_known, spare_state=plan.folders.spare_state,
-            carried=frozenset(self.checkpoint.carried), measure_update=self.stream.gate.max_update_ratio is not None,
+            measure_update=self.stream.gate.max_update_ratio is not None,
             progress=self.progress))
 
     def _metadata(self, plan: NextVersion, base_digest: str, checkpoint_digest: str) -> dict[str, str]:

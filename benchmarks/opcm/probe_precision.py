@@ -39,7 +39,7 @@ def merge(base: dict[str, torch.Tensor], checkpoints: list[dict[str, torch.Tenso
     state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in base}
     for t, checkpoint in enumerate(checkpoints, 1):
         method = OPCM(params, scalars)
-        method.begin(Arrival(folder=None, resolve_digest=str, t=t))  # type: ignore[arg-type]  # OPCM reads only t
+        method.begin(Arrival(checkpoint=None, resolve_digest=str, t=t))  # type: ignore[arg-type]  # OPCM reads only t
         state = {n: fold(method, n, base[n].to(dtype), checkpoint[n].to(dtype, copy=True), state[n]) for n in base}
         method.finish()
         scalars = method.scalars

@@ -23,6 +23,7 @@ from mergeops.errors import RejectedError
 from mergeops.fold.methods.base import MergeMethod, Piece, Prepared
 from mergeops.intake.validate import tensor_value_problem
 from mergeops.model import ModelFolder, ModelWriter, TensorSpec, piece_bounds
+from mergeops.model.finetune import FineTune
 from mergeops.threads import map_ahead, one_torch_thread
 
 STATE_SEPARATOR = "::"  # state tensor names are f"{kind}::{tensor name}"
@@ -48,7 +49,7 @@ class FoldJob:
 
     stream: str
     base: ModelFolder
-    checkpoint: ModelFolder
+    checkpoint: FineTune  # the checkpoint read as values of the base's tensors (a full model or an adapter)
     old_state: ModelFolder | None  # None for the stream's first checkpoint
     method: MergeMethod  # begun (``begin``) for this checkpoint
     output_dir: Path
@@ -58,7 +59,6 @@ class FoldJob:
     digest: Callable[[], str]  # the checkpoint's digest, waiting for it (a duplicate raises, ending the fold)
     digest_known: Callable[[], bool]
     spare_state: Path | None = None  # an old state folder whose files the new state may overwrite
-    carried: frozenset[str] = frozenset()  # buffers the checkpoint leaves out: it is read as holding the base's
     measure_update: bool = False  # sum ‖τ‖² (for the max_update_ratio gate)
     progress: Callable[[int], None] | None = None  # bytes folded; 0 between tensors (the daemon's stop check)
 
@@ -94,16 +94,12 @@ class _Fold:
         while (see := method.survey()) is not None:
             for name in self.floating:
                 self._tick(0)
-                see(name, job.base.read(name).float(), self._new(name).read(name).float(), self._state(name))
+                see(name, job.base.read(name).float(), job.checkpoint.read(name).float(), self._state(name))
         output_files, state_files = self._fold_pass()
         if output_files is None:  # the merged tensors needed what only finishing told: a second pass
             output_files = self._merge_pass()
         norm = math.sqrt(math.fsum(self.update_sq.values())) if job.measure_update else None
         return Folded(output_files, state_files, norm)
-
-    def _new(self, name: str) -> ModelFolder:
-        """Where the checkpoint's tensor ``name`` is read from: the checkpoint, or the base for a buffer it left out."""
-        return self.job.base if name in self.job.carried else self.job.checkpoint
 
     def _tick(self, nbytes: int) -> None:
         if self.job.progress:
@@ -143,10 +139,10 @@ class _Fold:
                 output or nullcontext(), \
                 closing(self._prepared([n for n in order if n in self.floating])) as prepared:
             for name in order:
-                self._tick(self._new(name).tensors[name].nbytes)
+                self._tick(job.checkpoint.nbytes(name))
                 if name not in self.floating:
                     base = job.base.read(name)
-                    self._check_integer(name, self._new(name).read(name), base)
+                    self._check_integer(name, job.checkpoint.read(name), base)
                     if output:
                         output.write(name, base)
                     continue
@@ -181,7 +177,7 @@ class _Fold:
     def _prepare(self, name: str) -> Prepared | None:
         job = self.job
         state = {k: job.old_state.stored(state_name(k, name)) for k in self.kinds} if job.old_state else {}
-        return job.method.prepare(name, job.base.stored(name), self._new(name).stored(name), state)
+        return job.method.prepare(name, job.base.stored(name), job.checkpoint.stored(name), state)
 
     def _fold_tensor(self, name: str, prepared: Prepared | None, state: ModelWriter,
                      output: ModelWriter | None) -> None:
@@ -190,7 +186,7 @@ class _Fold:
         with one_torch_thread():  # pieces are too small to share out; the other core hashes what is written
             for start, stop in piece_bounds(job.base.tensors[name].shape):
                 piece = Piece(name, start, stop)
-                new = self._checked_float(name, self._new(name).read(name, start, stop))
+                new = self._checked_float(name, job.checkpoint.read(name, start, stop))
                 base = job.base.read(name, start, stop).float()
                 if job.measure_update:  # a tensor's pieces come in order on one thread
                     self.update_sq[name] = self.update_sq.get(name, 0.0) + float(
@@ -221,13 +217,13 @@ class _Fold:
     def _checked_float(self, name: str, values: torch.Tensor) -> torch.Tensor:
         """``values`` (part or all of the checkpoint's tensor ``name``) in float32, refused if not finite there: a
         finite float64 value beyond float32's range is as unmergeable as a NaN."""
-        checkpoint = self._new(name)
+        checkpoint = self.job.checkpoint
         converted = values.float()
         total = float(converted.sum())
         if total == 0.0 and not bool(converted.any()):
             self.zero_elements[name] = self.zero_elements.get(name, 0) + converted.numel()
         if not math.isfinite(total):  # cheap; the exact check (and its message) only if needed
-            problem = tensor_value_problem(name, checkpoint.read(name), checkpoint.tensors[name].file)
+            problem = tensor_value_problem(name, checkpoint.read(name), checkpoint.file_of(name))
             if problem:
                 raise RejectedError(problem.message, gate="finite")
             if not bool(torch.isfinite(converted).all()):
@@ -251,7 +247,7 @@ class _Fold:
                                     "wait for it).")
 
     def _check_integer(self, name: str, new: torch.Tensor, base: torch.Tensor) -> None:
-        problem = tensor_value_problem(name, new, self._new(name).tensors[name].file, expect_floating=False)
+        problem = tensor_value_problem(name, new, self.job.checkpoint.file_of(name), expect_floating=False)
         if problem:
             raise RejectedError(problem.message)
         if not torch.equal(new, base):

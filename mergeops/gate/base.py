@@ -17,7 +17,8 @@ class Subject:
     see ``checkpoint`` and (inputs) ``metrics``; gates of the candidate phase run after it and see the merged
     ``candidate`` folder and the update norms."""
 
-    checkpoint: ModelFolder
+    checkpoint: ModelFolder  # its weights: a model's, or a LoRA adapter's factors
+    base: ModelFolder
     metrics: dict[str, float]
     tick: Callable[[], None] | None = None  # call about once a second during long checks (the daemon's watchdog)
     candidate: Path | None = None

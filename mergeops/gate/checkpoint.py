@@ -120,7 +120,7 @@ class CurvatureGate:
                 f"with `mergeops curvature import {folder.path}` from the Trainer's optimizer.pt.", gate=self.name)
         try:
             with ModelFolder.open(folder.path, CURVATURE_FILE) as curvature:
-                problem = curvature_problem(folder, curvature)
+                problem = curvature_problem(subject.base, curvature)
         except ModelFolderError as exc:
             raise RejectedError(f"{path} is unreadable ({exc}); regenerate it with `mergeops curvature import`.",
                                 gate=self.name) from exc

@@ -1,8 +1,10 @@
 """Taking in one checkpoint: open it, describe it, hash it in the background, check it against the base.
 
-A :class:`Checkpoint` is what the pipeline hands from intake to the gates, the fold and the commit: the open model
-folder, what the ledger records about it (:meth:`Checkpoint.facts`: source, arrival time, size, dtypes, its digests
-once known) and its training metrics.
+A checkpoint is a full model folder or a PEFT LoRA adapter of the stream's base. A :class:`Checkpoint` is what the
+pipeline hands from intake to the gates, the fold and the commit: its weights' files, what the ledger records about
+it (:meth:`Checkpoint.facts`: source, arrival time, size, dtypes, adapter settings, its digests once known), its
+training metrics, and, once checked against the base, the checkpoint read as values of the base's tensors
+(:attr:`Checkpoint.view`), which is what the fold streams.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from typing import Any
 
 from mergeops.errors import ModelFolderError, RejectedError
 from mergeops.intake.tokenizer import RowMatch
-from mergeops.intake.validate import carried_from_base, problems_against_base
+from mergeops.intake.validate import adapter_problems_against_base, problems_against_base
 from mergeops.intake.vocab import tied_in_checkpoint, vocab_rows
 from mergeops.ledger.kinds import CheckpointFacts
 from mergeops.model import ModelFolder
+from mergeops.model.adapter import ADAPTER_CONFIG, Adapter, is_adapter_folder
 from mergeops.model.digest import BackgroundDigest
+from mergeops.model.finetune import AdapterFineTune, FineTune, FullFineTune, open_finetune
 from mergeops.model.folder import INDEX_FILE
 
 
@@ -27,14 +31,14 @@ from mergeops.model.folder import INDEX_FILE
 class Checkpoint:
     """A checkpoint being taken in. Use as a context manager: leaving it stops the hashing and closes the folder."""
 
-    folder: ModelFolder
+    folder: ModelFolder  # its weights: the model's, or the adapter's factors
     arrived: CheckpointFacts  # what was known on arrival: source, time, size, parameters, dtypes
     pending: BackgroundDigest
     metrics: dict[str, float] = field(default_factory=dict)
     mergelock: dict[str, Any] | None = None  # the marks of a MergeLock-protected checkpoint the policy allowed
     digests: tuple[str, str] | None = None  # the folder's and its weights' digests, once known
-    carried: tuple[str, ...] = ()  # the base's buffers it leaves out (newer transformers do not save them)
-    tied: dict[str, str] = field(default_factory=dict)  # base tensors it holds as its input embeddings: -> those
+    adapter: Adapter | None = None
+    view: FineTune | None = None  # once checked against the base: the checkpoint as values of the base's tensors
     rows: RowMatch | None = None  # its vocabulary rows matched to the base's by token string; None: by row index
 
     @property
@@ -52,7 +56,9 @@ class Checkpoint:
                 digest = self.pending.result(tick=tick)
             except ModelFolderError as exc:
                 raise RejectedError(str(exc), gate="validation") from exc
-            weights = [*self.folder.headers, *([INDEX_FILE] if self.folder.index is not None else [])]
+            # an adapter's config is part of its weights: its alpha scales every update
+            weights = [*self.folder.headers, *([INDEX_FILE] if self.folder.index is not None else []),
+                       *([ADAPTER_CONFIG] if self.adapter is not None else [])]
             self.digests = (digest, self.pending.weights_digest(weights))
         return self.digests[0]
 
@@ -60,22 +66,26 @@ class Checkpoint:
         """What the ledger records about the checkpoint: as it arrived, its digests if known, what gates found,
         and (in a version's record) its metrics."""
         digest, weights_digest = self.digests or (None, None)
+        carried = self.view.carried if self.view else ()
+        tied = self.view.tied if isinstance(self.view, FullFineTune) else {}
         return dataclasses.replace(self.arrived, digest=digest, weights_digest=weights_digest, mergelock=self.mergelock,
-                                   carried=self.carried or None, tied=self.tied or None,
+                                   carried=carried or None, tied=tied or None,
                                    vocab_dropped=self.rows.dropped if self.rows is not None else None,
                                    metrics=self.metrics if with_metrics else None)
 
-    def check_against_base(self, base: ModelFolder, vocab: str = "reject") -> None:
-        """Rejects a checkpoint whose tensors do not match the base's (names, shapes, dtypes, config) or whose
-        tokenizer is not the base's; notes the base's buffers it leaves out, which it is read as holding, the tensors
-        it ties to its input embeddings, and how its vocabulary rows are matched to the base's (the stream's
-        ``vocab`` setting)."""
-        tied = tied_in_checkpoint(self.folder, base)
-        problems = problems_against_base(self.folder, base, tied)
-        if problems:
-            raise RejectedError(problems[0].message)
-        self.rows = vocab_rows(self.folder, base, tied, vocab)
-        self.carried, self.tied = carried_from_base(self.folder, base), tied
+    def check_against_base(self, base: ModelFolder, vocab: str = "reject") -> FineTune:
+        """Rejects a checkpoint that does not fit the base (tensor names, shapes, dtypes, config, tokenizer; an
+        adapter's base and targets); returns it read as values of the base's tensors: buffers a full checkpoint
+        leaves out are the base's, a head it ties is its input embeddings, and its vocabulary rows are matched to the
+        base's as the stream's ``vocab`` setting says."""
+        if self.adapter is not None:
+            problems = adapter_problems_against_base(self.adapter, base)
+            if problems:
+                raise RejectedError(problems[0].message)
+            self.view = AdapterFineTune(self.adapter, base)
+        else:
+            self.view, self.rows = full_view(self.folder, base, vocab)
+        return self.view
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -85,16 +95,47 @@ class Checkpoint:
         self.folder.close()
 
 
-def receive(path: Path, arrived: CheckpointFacts) -> Checkpoint:
-    """Open the checkpoint at ``path`` and start hashing it; ``arrived`` names its source and arrival time. Raises
-    RejectedError (gate ``validation``) if it is not a readable model folder."""
+def full_view(folder: ModelFolder, base: ModelFolder, vocab: str) -> tuple[FullFineTune, RowMatch | None]:
+    """A full checkpoint read as values of the base's tensors, and how its vocabulary rows were matched; raises
+    RejectedError if it does not fit the base."""
+    tied = tied_in_checkpoint(folder, base)
+    problems = problems_against_base(folder, base, tied)
+    if problems:
+        raise RejectedError(problems[0].message)
+    match = vocab_rows(folder, base, tied, vocab)
+    return FullFineTune(folder, base, tied, match.rows if match is not None else None), match
+
+
+def reopen(path: Path, base: ModelFolder, vocab: str) -> FineTune:
+    """An earlier checkpoint read again as it was folded (MWA's window); raises ModelFolderError if it can no longer
+    be read so, e.g. after the stream's ``vocab`` setting changed."""
+    if is_adapter_folder(path):
+        return open_finetune(path, base)
+    folder = ModelFolder.open(path)
     try:
-        folder = ModelFolder.open(path)
+        return full_view(folder, base, vocab)[0]
+    except RejectedError as exc:
+        folder.close()
+        raise ModelFolderError(str(exc)) from exc
+
+
+def receive(path: Path, arrived: CheckpointFacts) -> Checkpoint:
+    """Open the checkpoint at ``path`` (a model folder, or a LoRA adapter if it has ``adapter_config.json``) and
+    start hashing it; ``arrived`` names its source and arrival time. Raises RejectedError (gate ``validation``) if it
+    is not a readable model folder or adapter."""
+    adapter = None
+    try:
+        if is_adapter_folder(path):
+            adapter = Adapter.open(path)
+            folder = adapter.folder
+        else:
+            folder = ModelFolder.open(path)
     except ModelFolderError as exc:
         raise RejectedError(str(exc), gate="validation") from exc
     dtypes: dict[str, int] = {}
     for info in folder.tensors.values():
         dtypes[info.entry.dtype] = dtypes.get(info.entry.dtype, 0) + 1
     arrived = dataclasses.replace(arrived, size=sum(t.nbytes for t in folder.tensors.values()),
-                                  parameters=sum(t.numel for t in folder.tensors.values()), dtypes=dtypes)
-    return Checkpoint(folder, arrived, BackgroundDigest(path))
+                                  parameters=sum(t.numel for t in folder.tensors.values()), dtypes=dtypes,
+                                  adapter=adapter.settings.summary() if adapter else None)
+    return Checkpoint(folder, arrived, BackgroundDigest(path), adapter=adapter)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from pathlib import PurePosixPath
 
 import torch
 
 from mergeops.model import ModelFolder, Problem
-from mergeops.model.architectures import is_buffer, is_parameter, is_vocab, tied_weights
+from mergeops.model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter
+from mergeops.model.architectures import is_buffer, is_embedding, is_parameter, is_vocab, tied_weights
 
 MERGELOCK_META = "mergelock."  # the safetensors metadata keys of a MergeLock-protected model start with this
 
@@ -50,11 +52,6 @@ def protection_marks(folder: ModelFolder) -> dict[str, str] | None:
     found = {k.removeprefix(MERGELOCK_META): v for k, v in metadata.items()
              if k.startswith(MERGELOCK_META) and k != f"{MERGELOCK_META}header"}
     return found if found.get("scheme") else None
-
-
-def carried_from_base(checkpoint: ModelFolder, base: ModelFolder) -> tuple[str, ...]:
-    """The base's buffers the checkpoint leaves out (as newer transformers save models): folded as the base's."""
-    return tuple(n for n in base.tensors if n not in checkpoint.tensors and is_buffer(n))
 
 
 def problems_against_base(checkpoint: ModelFolder, base: ModelFolder, tied: Collection[str] = ()) -> list[Problem]:
@@ -103,4 +100,47 @@ def problems_against_base(checkpoint: ModelFolder, base: ModelFolder, tied: Coll
             problems.append(Problem("not_floating", f"tensor {name!r} is {info.entry.dtype} in "
                                     f"{checkpoint.path} but floating point ({ref.entry.dtype}) in the base; "
                                     "save the weights in a float dtype.", info.file, name))
+    return problems
+
+
+def names_of(base: ModelFolder) -> set[str]:
+    """The names a base model is known by: its folder's path and name, and the ``_name_or_path`` in its config."""
+    known = {str(base.path), str(base.path.resolve()), base.path.resolve().name}
+    recorded = (base.config or {}).get("_name_or_path")
+    if isinstance(recorded, str) and recorded:
+        known.add(recorded.rstrip("/"))
+    return known
+
+
+def adapter_problems_against_base(adapter: Adapter, base: ModelFolder) -> list[Problem]:
+    """Fit of a LoRA adapter to the base: it names the base, and every pair of factors updates a floating 2-D tensor
+    of the base in that tensor's shape. Factor values are checked when they are read."""
+    problems: list[Problem] = []
+    named = adapter.settings.base_model
+    known = names_of(base)
+    if not named:
+        problems.append(Problem("adapter_base", f"{adapter.path / ADAPTER_CONFIG} names no base model "
+                                "(base_model_name_or_path); set it to the base the adapter was trained on "
+                                f"({base.path.resolve().name}).", ADAPTER_CONFIG))
+    elif named.rstrip("/") not in known and PurePosixPath(named.rstrip("/")).name != base.path.resolve().name:
+        problems.append(Problem("adapter_base", f"{adapter.path} is an adapter of {named!r}, but the stream's base is "
+                                f"{base.path} (known as {', '.join(sorted(repr(k) for k in known))}); only adapters "
+                                "trained on the stream's base can be merged.", ADAPTER_CONFIG))
+    for tensor, target in adapter.targets.items():
+        info = base.tensors.get(tensor)
+        factor = adapter.folder.tensors[target.a]
+        if info is None:
+            problems.append(Problem("unknown_target", f"{adapter.path / ADAPTER_WEIGHTS} adapts module "
+                                    f"{target.module!r}, but the base has no tensor {tensor!r}; the adapter belongs "
+                                    "to a different model.", ADAPTER_WEIGHTS, target.a))
+        elif not info.dtype.is_floating_point or len(info.shape) != 2:
+            problems.append(Problem("unknown_target", f"{adapter.path / ADAPTER_WEIGHTS} adapts {tensor!r}, which "
+                                    f"is {info.entry.dtype} {list(info.shape)} in the base, not a 2-D floating weight.",
+                                    ADAPTER_WEIGHTS, target.a))
+        elif adapter.update_shape(tensor) != info.shape:
+            embedding = " (adapted as an embedding)" if target.transposed and is_embedding(tensor) else ""
+            problems.append(Problem("shape_mismatch", f"LoRA factors of {target.module!r} in {adapter.path} make an "
+                                    f"update of shape {list(adapter.update_shape(tensor))}{embedding} but the base's "
+                                    f"{tensor!r} is {list(info.shape)}; the adapter belongs to a different model.",
+                                    factor.file, target.a))
     return problems

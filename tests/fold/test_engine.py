@@ -12,6 +12,7 @@ from mergeops.fold.engine import SCALARS_FILE, FoldJob, fold, read_scalars, stat
 from mergeops.fold.methods import METHODS
 from mergeops.fold.methods.base import Arrival
 from mergeops.model import ModelFolder, folder_digest
+from mergeops.model.finetune import FullFineTune
 from tests.conftest import write_model
 from tests.fold import reference
 from tests.fold.streams import CONFIG, assert_close, make_base, make_checkpoints, read_floats, read_model
@@ -22,8 +23,9 @@ def job(tmp_path: Path, base: ModelFolder, checkpoint: ModelFolder, method: str,
     cls = METHODS[method]
     instance = cls(cls.check_params({}, "test"), scalars or {})
     resolve = digest or (lambda: folder_digest(checkpoint.path))
-    instance.begin(Arrival(checkpoint, resolve, t=t))
-    return FoldJob(stream="s", base=base, checkpoint=checkpoint, old_state=old_state, method=instance,
+    view = FullFineTune(checkpoint, base)
+    instance.begin(Arrival(view, resolve, t=t))
+    return FoldJob(stream="s", base=base, checkpoint=view, old_state=old_state, method=instance,
                    output_dir=tmp_path / f"out{t}", state_dir=tmp_path / f"state{t}", dtype="base",
                    metadata=lambda d: {"mergeops.stream": "s", "parent": d}, digest=resolve,
                    digest_known=lambda: True, measure_update=True)

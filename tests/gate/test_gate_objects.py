@@ -22,7 +22,7 @@ from tests.conftest import write_model
 def subject(tmp_path, tensors):
     write_model(tmp_path / "ck", tensors)
     with ModelFolder.open(tmp_path / "ck") as folder:
-        yield gate.Subject(folder, {})
+        yield gate.Subject(folder, folder, {})
 
 
 def method(name: str, **params):

@@ -12,6 +12,7 @@ import torch
 from mergeops.intake.inspect import inspect_folder
 from mergeops.intake.validate import problems_against_base
 from mergeops.model import ModelFolder, safetensors_file
+from mergeops.model.finetune import FullFineTune
 from tests.conftest import random_tensors, write_model
 
 
@@ -292,8 +293,6 @@ def test_config_json_must_be_a_json_object_with_a_list_of_architectures(tmp_path
 def test_a_buffer_the_checkpoint_leaves_out_is_the_bases_and_any_other_missing_tensor_is_a_problem(tmp_path, tensors):
     """Newer transformers no longer save buffers such as BERT's ``position_ids``: a checkpoint without one is read as
     holding the base's; a missing weight is still a rejection naming it."""
-    from mergeops.intake.validate import carried_from_base
-
     buffers = {"embeddings.position_ids": torch.arange(8), "model.rotary_emb.inv_freq": torch.rand(4)}
     write_model(tmp_path / "base", tensors | buffers)
     write_model(tmp_path / "ck", tensors)
@@ -303,7 +302,7 @@ def test_a_buffer_the_checkpoint_leaves_out_is_the_bases_and_any_other_missing_t
     with ModelFolder.open(tmp_path / "base") as base, ModelFolder.open(tmp_path / "ck") as ck, \
             ModelFolder.open(tmp_path / "partial") as cut:
         assert problems_against_base(ck, base) == []
-        assert carried_from_base(ck, base) == ("embeddings.position_ids", "model.rotary_emb.inv_freq")
+        assert FullFineTune(ck, base).carried == ("embeddings.position_ids", "model.rotary_emb.inv_freq")
         [problem] = problems_against_base(cut, base)
         assert problem.code == "missing_tensor" and "'model.norm.weight'" in problem.message
-        assert carried_from_base(cut, base) == ()
+        assert FullFineTune(cut, base).carried == ()

@@ -35,7 +35,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from mergeops.errors import PolicyError
-from mergeops.model import ModelFolder, StoredTensor
+from mergeops.model import StoredTensor
+from mergeops.model.finetune import FineTune
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,12 @@ class PastCheckpoint:
 class Arrival:
     """The checkpoint being folded, with what a method may need to know about it."""
 
-    folder: ModelFolder
+    checkpoint: FineTune  # read as values of the base's tensors
     resolve_digest: Callable[[], str]  # the checkpoint is hashed while it is folded; this waits for it
     t: int  # 1 for the stream's first checkpoint
     metrics: Mapping[str, float] = field(default_factory=dict)
     history: tuple[PastCheckpoint, ...] = ()  # accepted checkpoints before this one, oldest first
+    reopen: Callable[[Path], FineTune] | None = None  # reads an earlier checkpoint's folder as this one is read
 
     @property
     def digest(self) -> str:

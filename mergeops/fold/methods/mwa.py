@@ -13,9 +13,10 @@ from typing import Any
 import torch
 
 from mergeops.errors import ModelFolderError
-from mergeops.fold.methods.base import Arrival, MergeMethod, Param, PastCheckpoint, Piece, between
+from mergeops.fold.methods.base import Arrival, MergeMethod, Param, Piece, between
 from mergeops.fold.methods.parts import metric_weight
-from mergeops.model import ModelFolder, folder_digest
+from mergeops.model import folder_digest
+from mergeops.model.finetune import FineTune
 
 
 def _metric_name(value: str) -> str | None:
@@ -30,8 +31,8 @@ class MWA(MergeMethod):
         "window": Param(0, int, lambda k: None if k >= 0 else "must be at least 0",
                         "merge only the last k checkpoints (0: all)"),
     }
-    expired: ModelFolder | None = None  # the checkpoint leaving the window, re-read to remove it
-    rebuild: list[tuple[ModelFolder, float]] | None = None  # the window's checkpoints, when the expired one is gone
+    expired: FineTune | None = None  # the checkpoint leaving the window, re-read to remove it
+    rebuild: list[tuple[FineTune, float]] | None = None  # the window's checkpoints, when the expired one is gone
 
     def state_kinds(self) -> tuple[str, ...]:
         return ("mean",)
@@ -48,7 +49,7 @@ class MWA(MergeMethod):
         k = self.p["window"]
         if k and len(members) > k:
             (digest, weight), members = members[0], members[1:]
-            folder = _open_verified(arrival.history, digest)
+            folder = _open_verified(arrival, digest)
             if folder is not None:
                 self.expired, self.expired_weight = folder, weight
                 self.total -= weight
@@ -59,10 +60,10 @@ class MWA(MergeMethod):
                 self.total = sum(w for _, w in self.rebuild) + self.weight
         self.members = members
 
-    def _reopen_window(self, arrival: Arrival, members: list[list]) -> tuple[list[tuple[ModelFolder, float]], list]:
+    def _reopen_window(self, arrival: Arrival, members: list[list]) -> tuple[list[tuple[FineTune, float]], list]:
         readable, kept = [], []
         for digest, weight in members:
-            folder = _open_verified(arrival.history, digest)
+            folder = _open_verified(arrival, digest)
             if folder is None:
                 self.notes.append(f"checkpoint {digest} of the window cannot be re-read; it is left out")
                 continue
@@ -77,14 +78,14 @@ class MWA(MergeMethod):
         if self.rebuild is not None:
             mean = new.mul_(self.weight)
             for folder, weight in self.rebuild:
-                mean.add_(_read(folder, piece, base), alpha=weight)
+                mean.add_(_read(folder, piece), alpha=weight)
             return {"mean": mean.div_(self.total)}
         mean = state["mean"]
         with_new = self.total + self.expired_weight
         mean.add_(new.sub_(mean), alpha=self.weight / with_new)
         if self.expired is not None:
             # remove the expired checkpoint: θ̄ = (W θ̄ − w_e θ_e) / (W − w_e)
-            mean.mul_(with_new).sub_(_read(self.expired, piece, base), alpha=self.expired_weight).div_(self.total)
+            mean.mul_(with_new).sub_(_read(self.expired, piece), alpha=self.expired_weight).div_(self.total)
         return {"mean": mean}
 
     def finish(self) -> None:
@@ -101,21 +102,19 @@ class MWA(MergeMethod):
                 folder.close()
 
 
-def _read(folder: ModelFolder, piece: Piece, base: torch.Tensor) -> torch.Tensor:
-    """A piece of an earlier checkpoint; the base's, for a buffer it left out (it was folded as the base's)."""
-    if piece.name not in folder.tensors:
-        return base
-    return folder.read(piece.name, piece.start, piece.stop).float()
+def _read(checkpoint: FineTune, piece: Piece) -> torch.Tensor:
+    """A piece of an earlier checkpoint, read as it was when it was folded."""
+    return checkpoint.read(piece.name, piece.start, piece.stop).float()
 
 
-def _open_verified(history: tuple[PastCheckpoint, ...], digest: str) -> ModelFolder | None:
+def _open_verified(arrival: Arrival, digest: str) -> FineTune | None:
     """The past checkpoint with this digest, if it is still on disk unchanged."""
-    past = next((p for p in history if p.digest == digest), None)
-    if past is None or not past.path.is_dir():
+    past = next((p for p in arrival.history if p.digest == digest), None)
+    if past is None or arrival.reopen is None or not past.path.is_dir():
         return None
     try:
         if folder_digest(past.path) != digest:
             return None
-        return ModelFolder.open(past.path)
+        return arrival.reopen(past.path)
     except ModelFolderError:
         return None

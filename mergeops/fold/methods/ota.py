@@ -26,9 +26,10 @@ from mergeops.model import ModelFolder, StoredTensor, piece_bounds
 from mergeops.model.folder import CURVATURE_FILE
 
 
-def curvature_problem(checkpoint: ModelFolder, curvature: ModelFolder) -> str | None:
-    """What is wrong with a checkpoint's curvature file: a floating tensor it lacks or holds in another shape."""
-    for name, info in checkpoint.tensors.items():
+def curvature_problem(base: ModelFolder, curvature: ModelFolder) -> str | None:
+    """What is wrong with a checkpoint's curvature file: a floating tensor of the base it lacks or holds in another
+    shape (an adapter's curvature is of the full tensors it updates, like a full checkpoint's)."""
+    for name, info in base.tensors.items():
         found = curvature.tensors.get(name)
         if info.dtype.is_floating_point and (found is None or found.shape != info.shape):
             what = "lacks" if found is None else f"has shape {list(found.shape)} for"
@@ -115,8 +116,8 @@ class OTA(MergeMethod):
         """Open the checkpoint's curvature (the curvature gate checked it; checked again here, on the file that is read,
         in case it was replaced since)."""
         super().begin(arrival)
-        self.v = ModelFolder.open(arrival.folder.path, CURVATURE_FILE)
-        problem = curvature_problem(arrival.folder, self.v)
+        self.v = ModelFolder.open(arrival.checkpoint.path, CURVATURE_FILE)
+        problem = curvature_problem(arrival.checkpoint.base, self.v)
         if problem:
             raise RejectedError(problem, gate="curvature")
         metric = self.p["metric"]

@@ -30,8 +30,11 @@ def fold_in_memory(method: str, params: dict, base: Model, checkpoints: list[Mod
         found = metrics[t - 1] if metrics else {}
         instance = cls(checked, scalars)
         digest = f"sha256:{t:064d}"
-        folder = ModelFolder.open(where) if folders else SimpleNamespace(path=where)
-        instance.begin(Arrival(folder, lambda d=digest: d, t=t, metrics=found, history=tuple(history)))  # type: ignore[arg-type]
+        folder = ModelFolder.open(where) if folders else None
+        # the checkpoint as the engine hands it over: where it is, and (OTA checks its curvature against) the base's
+        # tensors, which its own are named and shaped like
+        view = SimpleNamespace(path=where, base=folder)
+        instance.begin(Arrival(view, lambda d=digest: d, t=t, metrics=found, history=tuple(history)))  # type: ignore[arg-type]
         while (see := instance.survey()) is not None:
             for name in base:
                 old = {k: v.clone() for k, v in state.get(name, {}).items()}
@@ -56,7 +59,7 @@ def fold_in_memory(method: str, params: dict, base: Model, checkpoints: list[Mod
                                    for a, b in piece_bounds(tuple(tensor.shape))]).reshape(tensor.shape)
                   for name, tensor in base.items()}
         instance.close()
-        if folders:
+        if folder is not None:
             folder.close()
         history.append(PastCheckpoint(digest, where, found))
     return merged
