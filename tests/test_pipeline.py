@@ -519,3 +519,57 @@ def test_a_pretrained_bert_fine_tuned_and_saved_by_todays_transformers_folds_wit
     with Ledger.open_readonly(policy.home) as ledger:
         [committed] = [json.loads(e["payload"]) for e in ledger.events() if e["kind"] == "version.committed"]
     assert committed["checkpoint"]["carried_from_base"] == ["embeddings.position_ids"]
+
+
+# -- vocabularies and ties: tiny Llama models saved by the installed transformers, with real tokenizers ------------
+
+
+def _cut_to_base(checkpoint, base, out):  # type: ignore[no-untyped-def]
+    """The reference for vocab = "base", built with transformers alone: the checkpoint's rows of the base's tokens,
+    looked up through its own tokenizer, in the base's order; the base's tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    base_tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    ours = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    index = ours.convert_tokens_to_ids(base_tokenizer.convert_ids_to_tokens(list(range(len(base_tokenizer)))))
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    rows = [model.get_input_embeddings().weight[index].clone(), model.get_output_embeddings().weight[index].clone()]
+    model.resize_token_embeddings(len(base_tokenizer))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(rows[0])
+        model.get_output_embeddings().weight.copy_(rows[1])
+    model.save_pretrained(out)
+    base_tokenizer.save_pretrained(out)
+    return out
+
+
+def _with_loss(path, loss):  # type: ignore[no-untyped-def]
+    (path / "metrics.json").write_text(json.dumps({"loss": loss}))
+    return path
+
+
+@pytest.mark.parametrize("change", ["added", "moved"])
+def test_vocab_base_folds_the_rows_of_the_bases_tokens_as_the_checkpoint_cut_back_to_them(tmp_path, change):
+    """A fine-tune that added tokens (or moved ids) folds as the same fine-tune cut back to the base's tokens by
+    transformers, also when MWA re-reads it as it leaves the window; the ledger names the tokens dropped."""
+    from tests.intake.finetunes import WORDS, finetune, save_model
+
+    base = save_model(tmp_path / "base", "llama", WORDS)
+    kind = {"added": ["<tool>", "<think>"]} if change == "added" else {"words": WORDS[:5] + WORDS[5:][::-1]}
+    changed = _with_loss(finetune(base, tmp_path / "changed", seed=1, **kind), 0.5)
+    cut = _with_loss(_cut_to_base(changed, base, tmp_path / "cut"), 0.5)
+    later = [_with_loss(finetune(base, tmp_path / f"later{i}", seed=2 + i), 0.4 + i / 10) for i in range(2)]
+    results = {}
+    for name, first in (("changed", changed), ("cut", cut)):
+        policy = load_policy(write_policy(tmp_path / f"stream-{name}", base, "mwa", {"window": 2}, vocab="base"))
+        folded = [fold_checkpoint(policy, None, path) for path in (first, *later)]
+        assert [r.status for r in folded] == ["merged"] * 3, [r.reason for r in folded]
+        assert not folded[-1].notes  # the first checkpoint left the window by being re-read, not by a rebuild
+        results[name] = [read_model(r.output) for r in folded]
+        with Ledger.open_readonly(policy.home) as ledger:
+            [first_version, *_] = [json.loads(e["payload"]) for e in ledger.events() if e["kind"] == "version.committed"]
+        dropped = {"changed": kind.get("added", []), "cut": None}[name]
+        assert first_version["checkpoint"].get("vocab_dropped") == dropped
+    for ours, reference in zip(results["changed"], results["cut"], strict=True):
+        assert set(ours) == set(reference)
+        for tensor in reference:
+            assert torch.equal(ours[tensor], reference[tensor]), tensor
