@@ -566,13 +566,13 @@ def test_vocab_base_folds_the_rows_of_the_bases_tokens_as_the_checkpoint_cut_bac
         assert not folded[-1].notes  # the first checkpoint left the window by being re-read, not by a rebuild
         results[name] = [read_model(r.output) for r in folded]
         with Ledger.open_readonly(policy.home) as ledger:
-            [first_version, *_] = [json.loads(e["payload"]) for e in ledger.events() if e["kind"] == "version.committed"]
+            first_version = next(json.loads(e["payload"]) for e in ledger.events() if e["kind"] == "version.committed")
         dropped = {"changed": kind.get("added", []), "cut": None}[name]
         assert first_version["checkpoint"].get("vocab_dropped") == dropped
-    for ours, reference in zip(results["changed"], results["cut"], strict=True):
-        assert set(ours) == set(reference)
-        for tensor in reference:
-            assert torch.equal(ours[tensor], reference[tensor]), tensor
+    for ours, expected in zip(results["changed"], results["cut"], strict=True):
+        assert set(ours) == set(expected)
+        for tensor in expected:
+            assert torch.equal(ours[tensor], expected[tensor]), tensor
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])

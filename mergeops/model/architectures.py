@@ -14,6 +14,10 @@ Two kinds of rule live here and nowhere else:
   counts, whether keys and queries are rotated (and how rotary dimensions are paired), and what makes the
   query/key symmetry unsafe.
 
+Also here: which tensors have a row per token (:func:`is_vocab`: what a fine-tune that adds tokens resizes) and
+which output tensors each family ties to its input embeddings, with its ``tie_word_embeddings`` default
+(:func:`tied_weights`).
+
 OPCM's default projection rule, intake's float check, the curvature import's no-decay split and MergeLock's
 layer units all read from here. A low-layer module: it imports nothing from the mergeops stages.
 """
