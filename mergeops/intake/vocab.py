@@ -68,6 +68,8 @@ def vocab_rows(checkpoint: ModelFolder, base: ModelFolder, tied: dict[str, str],
     difference = tokenizer_difference(ours, theirs)
     if difference:
         raise RejectedError(difference)
+    if not names:
+        return None  # no tensor has a row per token: nothing to match
     if ours.vocab is None or theirs.vocab is None:
         if rows != base_rows or ours.aspects != theirs.aspects:
             raise RejectedError(f"{checkpoint.path}'s tokenizer differs from the base's, and its vocabulary cannot be "

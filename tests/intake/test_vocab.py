@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from mergeops.errors import RejectedError
 from mergeops.intake.checkpoint import receive
@@ -139,3 +140,15 @@ def test_vocabulary_tensors_that_disagree_on_the_rows_are_rejected(tmp_path):
     rows = rf"has {len(WORDS)} rows in 'lm_head.weight' but {len(WORDS) + 1} in 'model.embed_tokens.weight'"
     with pytest.raises(RejectedError, match=rows):
         checked(base, checkpoint, vocab="base")
+
+
+def test_a_model_without_vocabulary_sized_tensors_has_no_rows_to_match(tmp_path):
+    """Its tokenizer is still checked, but the tokens it adds have no rows to drop."""
+    from tests.conftest import write_model
+    from tests.intake.finetunes import word_tokenizer
+
+    tensors = {"encoder.weight": torch.ones(4, 4)}
+    for name, words in (("base", WORDS), ("ck", [*WORDS, "<new>"])):
+        write_model(tmp_path / name, tensors)
+        word_tokenizer(words).save_pretrained(tmp_path / name)
+    assert checked(tmp_path / "base", tmp_path / "ck").rows is None
