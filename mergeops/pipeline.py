@@ -24,12 +24,12 @@ from mergeops.errors import ModelFolderError, PolicyError, RejectedError, UsageE
 from mergeops.fold.engine import Folded, FoldJob, fold, output_dtype, read_scalars
 from mergeops.fold.methods import method_class
 from mergeops.fold.methods.base import Arrival, MergeMethod, PastCheckpoint
-from mergeops.intake.checkpoint import Checkpoint, receive
+from mergeops.intake.checkpoint import Checkpoint, receive, reopen
 from mergeops.intake.metrics import load_metrics
 from mergeops.ledger.kinds import CheckpointFacts
 from mergeops.ledger.store import Ledger, utc_now, writing
 from mergeops.model import ModelFolder, folder_digest
-from mergeops.model.finetune import FineTune, open_finetune
+from mergeops.model.finetune import FineTune
 from mergeops.policy import Policy, StreamConfig
 from mergeops.threads import quick_gil_handoff
 
@@ -120,7 +120,7 @@ class _Pipeline:
         plan = next_version(self.policy, self.stream, self.ledger)
         method = self._method(plan, stack)
         # intake
-        view = self.checkpoint.check_against_base(base)
+        view = self.checkpoint.check_against_base(base, self.stream.vocab)
         # gates on what the checkpoint is, then on what it brings for the method
         gates = gate.gates_for(self.stream.gate, method)
         subject = gate.Subject(self.checkpoint.folder, base, {}, self._tick)
@@ -171,7 +171,7 @@ class _Pipeline:
         history = tuple(PastCheckpoint(v.checkpoint, Path(v.source), v.metrics)
                         for v in self.ledger.versions(self.stream.name))
         method.begin(Arrival(checkpoint, self.digest, t=plan.number, metrics=self.checkpoint.metrics, history=history,
-                             reopen=lambda path: open_finetune(path, checkpoint.base)))
+                             reopen=lambda path: reopen(path, checkpoint.base, self.stream.vocab)))
         old_state = stack.enter_context(ModelFolder.open(plan.head.state)) if plan.head else None
         return fold(FoldJob(
             stream=self.stream.name, base=checkpoint.base, checkpoint=checkpoint, old_state=old_state, method=method,

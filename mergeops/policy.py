@@ -21,6 +21,9 @@ from mergeops.hub_uri import is_hub
 
 OUTPUT_DTYPES = ("base", "float32", "bfloat16", "float16")
 MAX_ADAPTER_RANK = 4096  # a LoRA rank above this is no longer an adapter (ranks are capped per tensor anyway)
+# What to do with a checkpoint whose vocabulary differs from the base's (tokens added, ids moved): reject it, or fold
+# the rows of the base's tokens, matched by token string, and drop the rest.
+VOCAB_SETTINGS = ("reject", "base")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class StreamConfig:
     output: Path
     keep: int = 5
     dtype: str = "base"
+    vocab: str = "reject"  # one of VOCAB_SETTINGS
     params: dict[str, Any] = field(default_factory=dict)
     watch: tuple[WatchConfig, ...] = ()
     gate: GateConfig = field(default_factory=GateConfig)
@@ -196,6 +200,7 @@ def _stream(name: str, data: Any, path: Path, local: Any) -> StreamConfig:
     output = table.take("output", str, f"merged/{name}")
     keep = table.take("keep", int, 5)
     dtype = table.take("dtype", str, "base")
+    vocab = table.take("vocab", str, "reject")
     params = table.take("params", dict, {})
     watch = table.take("watch", list, [])
     gate = table.take("gate", dict, {})
@@ -205,10 +210,12 @@ def _stream(name: str, data: Any, path: Path, local: Any) -> StreamConfig:
         raise PolicyError(f"{path}: {where}.keep must be at least 1, not {keep}.")
     if dtype not in OUTPUT_DTYPES:
         raise PolicyError(f"{path}: {where}.dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}.")
+    if vocab not in VOCAB_SETTINGS:
+        raise PolicyError(f"{path}: {where}.vocab must be one of {', '.join(VOCAB_SETTINGS)}, not {vocab!r}.")
     params = method_class(method, f"{path}: {where}.method").check_params(params, f"{path}: [streams.{name}.params]")
     return StreamConfig(
         name=name, base=base if is_hub(base) else local(base), method=method, output=local(output),
-        keep=keep, dtype=dtype, params=params,
+        keep=keep, dtype=dtype, vocab=vocab, params=params,
         watch=tuple(_watch(w, f"[[streams.{name}.watch]]", path, local) for w in watch),
         gate=_gate(gate, f"[streams.{name}.gate]", path, local),
         publish=_publish(publish, f"[streams.{name}.publish]", path, local) if publish is not None else None,

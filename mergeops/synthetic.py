@@ -37,6 +37,7 @@ class LlamaShape:
             "num_key_value_heads": self.kv_heads, "vocab_size": self.vocab,
             "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
             "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": "float32",
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
         }
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -70,6 +71,26 @@ class LlamaShape:
         return total
 
 
+SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+
+
+def tokenizer_files(vocab_size: int) -> dict[str, bytes]:
+    """A small real tokenizer with ``vocab_size`` tokens, as ``tokenizer.json`` and ``tokenizer_config.json``: a
+    word-level model over whitespace-split words (the special tokens, then ``w0``, ``w1``, ...), which
+    ``transformers.AutoTokenizer`` loads without the Hub."""
+    words = list(SPECIAL_TOKENS.values()) + [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS))]
+    added = [{"id": i, "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, token in enumerate(SPECIAL_TOKENS.values())]
+    document = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+                "normalizer": {"type": "Lowercase"}, "pre_tokenizer": {"type": "WhitespaceSplit"},
+                "post_processor": None, "decoder": None,
+                "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(words)},
+                          "unk_token": SPECIAL_TOKENS["unk_token"]}}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512, **SPECIAL_TOKENS}
+    return {"tokenizer.json": (json.dumps(document, indent=2) + "\n").encode(),
+            "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode()}
+
+
 def llama_shape_for(parameters: int) -> LlamaShape:
     """A Llama-like shape with roughly ``parameters`` parameters (for benchmarks)."""
     for hidden, layers in ((512, 4), (768, 12), (1024, 16), (1536, 20), (2048, 22), (2560, 26), (3072, 28)):
@@ -82,7 +103,7 @@ def llama_shape_for(parameters: int) -> LlamaShape:
 
 def write_base(out: Path, shape: LlamaShape, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                shard_bytes: int | None = None) -> Path:
-    """A random base model folder with a real Llama config.json."""
+    """A random base model folder with a real Llama config.json and a small real tokenizer."""
     generator = torch.Generator().manual_seed(seed)
     shapes = shape.tensor_shapes()
     specs = [TensorSpec(name, dtype, s) for name, s in shapes.items()]
@@ -90,6 +111,7 @@ def write_base(out: Path, shape: LlamaShape, *, seed: int = 0, dtype: torch.dtyp
     config = dict(shape.config(), torch_dtype=str(dtype).removeprefix("torch."))
     with ModelWriter(out, specs, **kwargs) as writer:
         writer.extra_files["config.json"] = (json.dumps(config, indent=2) + "\n").encode()
+        writer.extra_files.update(tokenizer_files(shape.vocab))
         for name, s in shapes.items():
             if len(s) == 1:
                 tensor = torch.ones(s)

@@ -519,3 +519,163 @@ def test_a_pretrained_bert_fine_tuned_and_saved_by_todays_transformers_folds_wit
     with Ledger.open_readonly(policy.home) as ledger:
         [committed] = [json.loads(e["payload"]) for e in ledger.events() if e["kind"] == "version.committed"]
     assert committed["checkpoint"]["carried_from_base"] == ["embeddings.position_ids"]
+
+
+# -- vocabularies and ties: tiny Llama models saved by the installed transformers, with real tokenizers ------------
+
+
+def _cut_to_base(checkpoint, base, out):  # type: ignore[no-untyped-def]
+    """The reference for vocab = "base", built with transformers alone: the checkpoint's rows of the base's tokens,
+    looked up through its own tokenizer, in the base's order; the base's tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    base_tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    ours = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    index = ours.convert_tokens_to_ids(base_tokenizer.convert_ids_to_tokens(list(range(len(base_tokenizer)))))
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    rows = [model.get_input_embeddings().weight[index].clone(), model.get_output_embeddings().weight[index].clone()]
+    model.resize_token_embeddings(len(base_tokenizer))
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(rows[0])
+        model.get_output_embeddings().weight.copy_(rows[1])
+    model.save_pretrained(out)
+    base_tokenizer.save_pretrained(out)
+    return out
+
+
+def _with_loss(path, loss):  # type: ignore[no-untyped-def]
+    (path / "metrics.json").write_text(json.dumps({"loss": loss}))
+    return path
+
+
+@pytest.mark.parametrize("change", ["added", "moved"])
+def test_vocab_base_folds_the_rows_of_the_bases_tokens_as_the_checkpoint_cut_back_to_them(tmp_path, change):
+    """A fine-tune that added tokens (or moved ids) folds as the same fine-tune cut back to the base's tokens by
+    transformers, also when MWA re-reads it as it leaves the window; the ledger names the tokens dropped."""
+    from tests.intake.finetunes import WORDS, finetune, save_model
+
+    base = save_model(tmp_path / "base", "llama", WORDS)
+    kind = {"added": ["<tool>", "<think>"]} if change == "added" else {"words": WORDS[:5] + WORDS[5:][::-1]}
+    changed = _with_loss(finetune(base, tmp_path / "changed", seed=1, **kind), 0.5)
+    cut = _with_loss(_cut_to_base(changed, base, tmp_path / "cut"), 0.5)
+    later = [_with_loss(finetune(base, tmp_path / f"later{i}", seed=2 + i), 0.4 + i / 10) for i in range(2)]
+    results = {}
+    for name, first in (("changed", changed), ("cut", cut)):
+        policy = load_policy(write_policy(tmp_path / f"stream-{name}", base, "mwa", {"window": 2}, vocab="base"))
+        folded = [fold_checkpoint(policy, None, path) for path in (first, *later)]
+        assert [r.status for r in folded] == ["merged"] * 3, [r.reason for r in folded]
+        assert not folded[-1].notes  # the first checkpoint left the window by being re-read, not by a rebuild
+        results[name] = [read_model(r.output) for r in folded]
+        with Ledger.open_readonly(policy.home) as ledger:
+            first_version = next(json.loads(e["payload"]) for e in ledger.events() if e["kind"] == "version.committed")
+        dropped = {"changed": kind.get("added", []), "cut": None}[name]
+        assert first_version["checkpoint"].get("vocab_dropped") == dropped
+    for ours, expected in zip(results["changed"], results["cut"], strict=True):
+        assert set(ours) == set(expected)
+        for tensor in expected:
+            assert torch.equal(ours[tensor], expected[tensor]), tensor
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_a_tied_checkpoint_folds_its_own_embeddings_as_its_head(tmp_path, family):
+    """The base stores its head; the fine-tune ties it and transformers saves it once: the merged head is the
+    checkpoint's embedding matrix (as transformers loads the checkpoint), not the base's head, and the ledger says
+    it was tied."""
+    transformers = pytest.importorskip("transformers")
+    from tests.intake.finetunes import WORDS, finetune, save_model
+
+    base = save_model(tmp_path / "base", family, WORDS, tie_word_embeddings=False)
+    checkpoint = finetune(base, tmp_path / "ck", seed=1, tie=True)
+    policy = load_policy(write_policy(tmp_path / "stream", base, "average"))
+    result = fold_checkpoint(policy, None, checkpoint)
+    assert result.status == "merged", result.reason
+    auto = transformers.AutoModelForMaskedLM if family == "bert" else transformers.AutoModelForCausalLM
+    loaded = auto.from_pretrained(checkpoint).state_dict()
+    merged, base_tensors = read_model(result.output), read_model(base)
+    head = {"llama": "lm_head.weight", "gpt2": "lm_head.weight", "bert": "cls.predictions.decoder.weight"}[family]
+    assert torch.equal(merged[head], loaded[head]) and not torch.equal(merged[head], base_tensors[head])
+    with Ledger.open_readonly(policy.home) as ledger:
+        [committed] = [json.loads(e["payload"]) for e in ledger.events() if e["kind"] == "version.committed"]
+    assert head in committed["checkpoint"]["tied"]
+
+
+def _tokenized_stream(tmp_path):  # type: ignore[no-untyped-def]
+    from tests.intake.finetunes import WORDS, finetune, save_model
+
+    base = save_model(tmp_path / "base", "llama", WORDS)
+    policy = load_policy(write_policy(tmp_path / "stream", base, "average"))
+    return policy, base, finetune
+
+
+def _added_tokens(tmp_path, base, finetune):  # type: ignore[no-untyped-def]
+    return finetune(base, tmp_path / "bad", seed=9, added=["<tool>", "<think>"])
+
+
+def _other_tokenizer(tmp_path, base, finetune):  # type: ignore[no-untyped-def]
+    bad = finetune(base, tmp_path / "bad", seed=9)
+    text = (bad / "tokenizer.json").read_text()
+    (bad / "tokenizer.json").write_text(text.replace('"type": "Whitespace"', '"type": "WhitespaceSplit"'))
+    return bad
+
+
+def _resized_without_tokenizer(tmp_path, base, finetune):  # type: ignore[no-untyped-def]
+    bad = finetune(base, tmp_path / "bad", seed=9, added=["<tool>"])
+    (bad / "tokenizer.json").unlink()
+    (bad / "tokenizer_config.json").unlink()
+    return bad
+
+
+def _malformed_tokenizer(tmp_path, base, finetune):  # type: ignore[no-untyped-def]
+    bad = finetune(base, tmp_path / "bad", seed=9)
+    (bad / "tokenizer.json").write_bytes(b'{"model": {"type": "WordLevel", "vocab": {"a": 0, "b": 0}}}')
+    return bad
+
+
+def _head_left_out_without_a_tie(tmp_path, base, finetune):  # type: ignore[no-untyped-def]
+    """A checkpoint that stores no head but says it does not tie lacks a tensor."""
+    bad = finetune(base, tmp_path / "bad", seed=9, tie=True)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": False}))
+    return bad
+
+
+@pytest.mark.parametrize(("make_bad", "needle"), [
+    (_added_tokens, "adds 2 token(s) the base lacks ('<tool>', '<think>')"),
+    (_other_tokenizer, "tokenizer.json has a different pre_tokenizer"),
+    (_resized_without_tokenizer, "15 vocabulary rows where the base has 14, and no tokenizer files"),
+    (_malformed_tokenizer, "gives id 0 to two tokens"),
+    (_head_left_out_without_a_tie, "lacks 1 tensor(s) of the base, first 'lm_head.weight'"),
+])
+def test_a_checkpoint_rejected_for_its_vocabulary_leaves_the_stream_unchanged(tmp_path, make_bad, needle):
+    policy, base, finetune = _tokenized_stream(tmp_path)
+    assert fold_checkpoint(policy, None, finetune(base, tmp_path / "good0", seed=1)).status == "merged"
+    before = tree(policy.home, policy.streams["s"].output)
+    result = fold_checkpoint(policy, None, make_bad(tmp_path, base, finetune))
+    assert result.status == "rejected" and needle in result.reason, result.reason
+    assert tree(policy.home, policy.streams["s"].output) == before
+    with Ledger.open_readonly(policy.home) as ledger:
+        assert ledger.rejections("s")[-1].reason == result.reason
+    assert fold_checkpoint(policy, None, finetune(base, tmp_path / "good1", seed=2)).version == 2  # it goes on
+
+
+def test_every_version_carries_the_bases_tokenizer_files_and_chat_template(tmp_path):
+    """Whatever tokenizer files a checkpoint ships (here: its own, reordered), a version holds the base's, byte for
+    byte: tokenizer.json, tokenizer_config.json, chat_template.jinja, vocab.txt, special_tokens_map.json, ..."""
+    from mergeops.intake.tokenizer import TOKENIZER_FILES
+    from tests.intake.finetunes import WORDS, finetune, save_model
+
+    base = save_model(tmp_path / "base", "llama", WORDS)
+    extra = {"chat_template.jinja": "{{ messages }}", "special_tokens_map.json": '{"pad_token": "[PAD]"}',
+             "vocab.txt": "\n".join(WORDS) + "\n", "generation_config.json": "{}"}
+    for name, text in extra.items():
+        (base / name).write_text(text)
+    policy = load_policy(write_policy(tmp_path / "stream", base, "average", vocab="base"))
+    checkpoint = finetune(base, tmp_path / "ck", seed=1, words=WORDS[:5] + WORDS[5:][::-1])
+    for name in extra:
+        shutil.copy(base / name, checkpoint / name)
+    (checkpoint / "vocab.txt").write_text("\n".join(WORDS[:5] + WORDS[5:][::-1]) + "\n")
+    result = fold_checkpoint(policy, None, checkpoint)
+    assert result.status == "merged", result.reason
+    shipped = [n for n in TOKENIZER_FILES if (base / n).exists()]
+    assert {"tokenizer.json", "tokenizer_config.json", *extra} - {"generation_config.json"} <= set(shipped)
+    for name in [*shipped, "generation_config.json", "config.json"]:
+        assert (result.output / name).read_bytes() == (base / name).read_bytes(), name

@@ -48,7 +48,9 @@ def test_a_good_policy_resolves_paths_and_fills_defaults(tmp_path, monkeypatch):
     assert stream.gate.allow_protected is False  # MergeLock-protected checkpoints are rejected unless allowed
     assert load_policy(write(tmp_path, GOOD.replace("licenses", "allow_protected = true\nlicenses"))
                        ).stream(None).gate.allow_protected is True
-    assert stream.keep == 5 and stream.dtype == "base"
+    assert stream.keep == 5 and stream.dtype == "base" and stream.vocab == "reject"
+    vocab_base = GOOD.replace("output = ", 'vocab = "base"\noutput = ')
+    assert load_policy(write(tmp_path, vocab_base)).stream(None).vocab == "base"
     assert policy.digest.startswith("sha256:")
 
 
@@ -69,6 +71,9 @@ def test_mergeops_home_overrides_home(tmp_path, monkeypatch):
     (('base = "models/base"', ""), "[streams.a] needs a 'base' key"),
     (("licenses", 'allow_protected = "yes"\nlicenses'), "allow_protected must be a bool"),
     (("alpha = 0.7", "alpha = nan"), "alpha must be a finite number, not nan"),
+    (("output = ", 'vocab = "resize"\noutput = '), "[streams.a].vocab must be one of reject, base, not 'resize'"),
+    (("output = ", 'vocabulary = "base"\noutput = '),
+     "unknown key 'vocabulary' in [streams.a] (did you mean 'vocab'?)"),
     (('method = "opcm"\n', 'method = "task_arithmetic"\n'), "unknown parameter 'alpha'"),
 ])
 def test_mistakes_are_named_with_a_suggestion(tmp_path, monkeypatch, change, message):

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from mergeops.errors import ModelFolderError, RejectedError
+from mergeops.intake.tokenizer import RowMatch
 from mergeops.intake.validate import adapter_problems_against_base, problems_against_base
+from mergeops.intake.vocab import tied_in_checkpoint, vocab_rows
 from mergeops.ledger.kinds import CheckpointFacts
 from mergeops.model import ModelFolder
 from mergeops.model.adapter import ADAPTER_CONFIG, Adapter, is_adapter_folder
@@ -37,6 +39,7 @@ class Checkpoint:
     digests: tuple[str, str] | None = None  # the folder's and its weights' digests, once known
     adapter: Adapter | None = None
     view: FineTune | None = None  # once checked against the base: the checkpoint as values of the base's tensors
+    rows: RowMatch | None = None  # its vocabulary rows matched to the base's by token string; None: by row index
 
     @property
     def path(self) -> Path:
@@ -64,23 +67,25 @@ class Checkpoint:
         and (in a version's record) its metrics."""
         digest, weights_digest = self.digests or (None, None)
         carried = self.view.carried if self.view else ()
+        tied = self.view.tied if isinstance(self.view, FullFineTune) else {}
         return dataclasses.replace(self.arrived, digest=digest, weights_digest=weights_digest, mergelock=self.mergelock,
-                                   carried=carried or None, metrics=self.metrics if with_metrics else None)
+                                   carried=carried or None, tied=tied or None,
+                                   vocab_dropped=self.rows.dropped if self.rows is not None else None,
+                                   metrics=self.metrics if with_metrics else None)
 
-    def check_against_base(self, base: ModelFolder) -> FineTune:
-        """Rejects a checkpoint that does not fit the base (tensor names, shapes, dtypes, config; an adapter's base
-        and targets); returns it read as values of the base's tensors (buffers a full checkpoint leaves out are the
-        base's)."""
+    def check_against_base(self, base: ModelFolder, vocab: str = "reject") -> FineTune:
+        """Rejects a checkpoint that does not fit the base (tensor names, shapes, dtypes, config, tokenizer; an
+        adapter's base and targets); returns it read as values of the base's tensors: buffers a full checkpoint
+        leaves out are the base's, a head it ties is its input embeddings, and its vocabulary rows are matched to the
+        base's as the stream's ``vocab`` setting says."""
         if self.adapter is not None:
             problems = adapter_problems_against_base(self.adapter, base)
-            view: FineTune = AdapterFineTune(self.adapter, base)
+            if problems:
+                raise RejectedError(problems[0].message)
+            self.view = AdapterFineTune(self.adapter, base)
         else:
-            problems = problems_against_base(self.folder, base)
-            view = FullFineTune(self.folder, base)
-        if problems:
-            raise RejectedError(problems[0].message)
-        self.view = view
-        return view
+            self.view, self.rows = full_view(self.folder, base, vocab)
+        return self.view
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -88,6 +93,30 @@ class Checkpoint:
     def __exit__(self, *exc: object) -> None:
         self.pending.__exit__(*exc)
         self.folder.close()
+
+
+def full_view(folder: ModelFolder, base: ModelFolder, vocab: str) -> tuple[FullFineTune, RowMatch | None]:
+    """A full checkpoint read as values of the base's tensors, and how its vocabulary rows were matched; raises
+    RejectedError if it does not fit the base."""
+    tied = tied_in_checkpoint(folder, base)
+    problems = problems_against_base(folder, base, tied)
+    if problems:
+        raise RejectedError(problems[0].message)
+    match = vocab_rows(folder, base, tied, vocab)
+    return FullFineTune(folder, base, tied, match.rows if match is not None else None), match
+
+
+def reopen(path: Path, base: ModelFolder, vocab: str) -> FineTune:
+    """An earlier checkpoint read again as it was folded (MWA's window); raises ModelFolderError if it can no longer
+    be read so, e.g. after the stream's ``vocab`` setting changed."""
+    if is_adapter_folder(path):
+        return AdapterFineTune(Adapter.open(path), base)
+    folder = ModelFolder.open(path)
+    try:
+        return full_view(folder, base, vocab)[0]
+    except RejectedError as exc:
+        folder.close()
+        raise ModelFolderError(str(exc)) from exc
 
 
 def receive(path: Path, arrived: CheckpointFacts) -> Checkpoint:

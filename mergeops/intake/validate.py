@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import PurePosixPath
 
 import torch
 
 from mergeops.model import ModelFolder, Problem
 from mergeops.model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter
-from mergeops.model.architectures import is_buffer, is_embedding, is_parameter
+from mergeops.model.architectures import is_buffer, is_embedding, is_parameter, is_vocab, tied_weights
 
 MERGELOCK_META = "mergelock."  # the safetensors metadata keys of a MergeLock-protected model start with this
 
@@ -53,9 +54,11 @@ def protection_marks(folder: ModelFolder) -> dict[str, str] | None:
     return found if found.get("scheme") else None
 
 
-def problems_against_base(checkpoint: ModelFolder, base: ModelFolder) -> list[Problem]:
+def problems_against_base(checkpoint: ModelFolder, base: ModelFolder, tied: Collection[str] = ()) -> list[Problem]:
     """Header-level fit to the base: same tensor names and shapes, floats where the base has floats,
-    same architecture. Values are checked while folding, so each tensor is read once."""
+    same architecture. Values are checked while folding, so each tensor is read once. ``tied``: base tensors the
+    checkpoint holds as its input embeddings. A vocabulary-sized tensor may have another number of rows (tokens
+    added: intake's vocabulary check decides)."""
     problems: list[Problem] = []
     if base.config is not None and checkpoint.config is None:
         problems.append(Problem("missing_config", f"{checkpoint.path} has no config.json, which its base has, so its "
@@ -66,8 +69,17 @@ def problems_against_base(checkpoint: ModelFolder, base: ModelFolder) -> list[Pr
         problems.append(Problem("architecture_mismatch", f"{checkpoint.path} is a {arch} but the base is a "
                                 f"{base_arch}; only fine-tunes of the stream's base can be merged.",
                                 "config.json"))
-    missing = [n for n in base.tensors if n not in checkpoint.tensors and not is_buffer(n)]  # buffers: the base's
+    missing = [n for n in base.tensors if n not in checkpoint.tensors and not is_buffer(n)  # buffers: the base's
+               and n not in tied]
     extra = [n for n in checkpoint.tensors if n not in base.tensors]
+    tied_by_base = tied_weights(base.config)
+    untied = [n for n in extra if n in tied_by_base]  # the reverse of a tied checkpoint: the merge has no room for it
+    extra = [n for n in extra if n not in tied_by_base]
+    if untied:
+        problems.append(Problem("untied_tensor", f"{checkpoint.path} stores {untied[0]!r}, which the base ties to "
+                                f"{tied_by_base[untied[0]]!r} and does not store; a merge, tied like its base, cannot "
+                                "hold a separate matrix: fine-tune with the base's tie_word_embeddings.",
+                                checkpoint.tensors[untied[0]].file, untied[0]))
     if missing:
         problems.append(Problem("missing_tensor", f"{checkpoint.path} lacks {len(missing)} tensor(s) of the "
                                 f"base, first {missing[0]!r}; was it saved from a different model or "
@@ -80,7 +92,8 @@ def problems_against_base(checkpoint: ModelFolder, base: ModelFolder) -> list[Pr
         ref = base.tensors.get(name)
         if ref is None:
             continue
-        if info.shape != ref.shape:
+        resized = is_vocab(name) and len(info.shape) == len(ref.shape) >= 1 and info.shape[1:] == ref.shape[1:]
+        if info.shape != ref.shape and not resized:
             problems.append(Problem("shape_mismatch", f"tensor {name!r} has shape {list(info.shape)} in "
                                     f"{checkpoint.path} but {list(ref.shape)} in the base.", info.file, name))
         elif ref.dtype.is_floating_point and not info.dtype.is_floating_point:

@@ -31,20 +31,23 @@ class CheckpointFacts:
     carried: tuple[str, ...] | None = None  # buffers it left out, folded as the base's (none: not in the payload)
     metrics: dict[str, float] | None = None  # only in version.committed
     adapter: dict[str, Any] | None = None  # a LoRA adapter: its settings (size and parameters are the adapter's)
+    tied: dict[str, str] | None = None  # tensors it stores once, tied to its input embeddings: output -> input
+    vocab_dropped: tuple[str, ...] | None = None  # rows matched to the base's by token string: the tokens dropped
 
     def payload(self) -> dict[str, Any]:
         return {"source": self.source} | _present(
             arrived=self.arrived, digest=self.digest, weights_digest=self.weights_digest, size=self.size,
             parameters=self.parameters, dtypes=self.dtypes, mergelock=self.mergelock,
             carried_from_base=list(self.carried) if self.carried else None, metrics=self.metrics,
-            adapter=self.adapter)
+            adapter=self.adapter, tied=self.tied,
+            vocab_dropped=list(self.vocab_dropped) if self.vocab_dropped is not None else None)
 
     @classmethod
     def from_payload(cls, p: dict[str, Any]) -> CheckpointFacts:
-        carried = p.get("carried_from_base")
+        carried, dropped = p.get("carried_from_base"), p.get("vocab_dropped")
         return cls(p["source"], p.get("arrived"), p.get("digest"), p.get("weights_digest"), p.get("size"),
                    p.get("parameters"), p.get("dtypes"), p.get("mergelock"), tuple(carried) if carried else None,
-                   p.get("metrics"), p.get("adapter"))
+                   p.get("metrics"), p.get("adapter"), p.get("tied"), tuple(dropped) if dropped is not None else None)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,10 @@ Two kinds of rule live here and nowhere else:
   counts, whether keys and queries are rotated (and how rotary dimensions are paired), and what makes the
   query/key symmetry unsafe.
 
+Also here: which tensors have a row per token (:func:`is_vocab`: what a fine-tune that adds tokens resizes) and
+which output tensors each family ties to its input embeddings, with its ``tie_word_embeddings`` default
+(:func:`tied_weights`).
+
 OPCM's default projection rule, intake's float check, the curvature import's no-decay split and MergeLock's
 layer units all read from here. A low-layer module: it imports nothing from the mergeops stages.
 """
@@ -66,6 +70,18 @@ _BUFFER_NAME = re.compile(r"(?:^|\.)(?:position_ids|token_type_ids|inv_freq|orig
 def is_buffer(name: str) -> bool:
     """Whether ``name`` is a buffer a checkpoint may leave out: the base's value is the model's either way."""
     return _BUFFER_NAME.search(name) is not None
+
+
+# Tensors with one row (or entry) per token of the vocabulary: input embeddings, output heads and their biases (BERT's
+# ``cls.predictions.bias``, RoBERTa's ``lm_head.bias``). A fine-tune that adds tokens adds rows to exactly these.
+_VOCAB_NAME = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|token_embedding|shared)\.weight$"
+                         r"|(?:^|\.)lm_head\.(?:weight|bias|decoder\.weight|decoder\.bias)$"
+                         r"|(?:^|\.)cls\.predictions\.(?:bias|decoder\.weight|decoder\.bias)$")
+
+
+def is_vocab(name: str) -> bool:
+    """Whether ``name`` has a row per token (embeddings, LM heads, an MLM decoder's bias), by name alone."""
+    return _VOCAB_NAME.search(name) is not None
 
 
 def is_embedding(name: str) -> bool:
@@ -128,6 +144,11 @@ class Family:
     qk_norm: tuple[str, ...] = ()
     # Config values under which attention logits are not a function of q·k alone: then only V/O is protected.
     qk_config_blockers: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    # Output tensors tied to an input tensor when the config's ``tie_word_embeddings`` (default: ``ties_default``)
+    # is true: the model holds one matrix and ``save_pretrained`` stores only the input (as transformers'
+    # ``_tied_weights_keys`` of the family's task-head classes).
+    ties: Mapping[str, str] = field(default_factory=dict)
+    ties_default: bool = False
 
 
 def _rotary_decoder(name: str, label: str, model_types: tuple[str, ...], **extra: Any) -> Family:
@@ -135,18 +156,22 @@ def _rotary_decoder(name: str, label: str, model_types: tuple[str, ...], **extra
     return Family(name=name, label=label, model_types=model_types, towers=(Tower("", "layers.{i}."),),
                   prefixes=("", "model."), q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj",
                   o="self_attn.o_proj", up="mlp.up_proj", gate="mlp.gate_proj", down="mlp.down_proj",
-                  rotary=ROTARY_HALF, **extra)
+                  rotary=ROTARY_HALF, ties={"lm_head.weight": "model.embed_tokens.weight"}, **extra)
 
 
 FAMILIES: tuple[Family, ...] = (
     Family(name="bert", label="BERT", model_types=("bert",), towers=(Tower("", "encoder.layer.{i}."),),
            prefixes=("", "bert."), q="attention.self.query", k="attention.self.key", v="attention.self.value",
            o="attention.output.dense", up="intermediate.dense", down="output.dense",
-           qk_config_blockers={"position_embedding_type": ("relative_key", "relative_key_query")}),
+           qk_config_blockers={"position_embedding_type": ("relative_key", "relative_key_query")},
+           ties={"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                 "cls.predictions.decoder.bias": "cls.predictions.bias"}, ties_default=True),
     Family(name="roberta", label="RoBERTa", model_types=("roberta",), towers=(Tower("", "encoder.layer.{i}."),),
            prefixes=("", "roberta."), q="attention.self.query", k="attention.self.key", v="attention.self.value",
            o="attention.output.dense", up="intermediate.dense", down="output.dense",
-           qk_config_blockers={"position_embedding_type": ("relative_key", "relative_key_query")}),
+           qk_config_blockers={"position_embedding_type": ("relative_key", "relative_key_query")},
+           ties={"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
+                 "lm_head.decoder.bias": "lm_head.bias"}, ties_default=True),
     Family(name="vit", label="ViT", model_types=("vit",),
            towers=(Tower("", "encoder.layer.{i}.", inputs="image"),), prefixes=("", "vit."),
            q="attention.attention.query", k="attention.attention.key", v="attention.attention.value",
@@ -160,7 +185,8 @@ FAMILIES: tuple[Family, ...] = (
            up="mlp.fc1", down="mlp.fc2"),
     Family(name="gpt2", label="GPT-2", model_types=("gpt2",), towers=(Tower("", "h.{i}."),),
            prefixes=("", "transformer."), q="attn.c_attn", k="attn.c_attn", v="attn.c_attn", o="attn.c_proj",
-           up="mlp.c_fc", down="mlp.c_proj", layout=FUSED_CONV1D, heads_keys=("n_head", "num_attention_heads")),
+           up="mlp.c_fc", down="mlp.c_proj", layout=FUSED_CONV1D, heads_keys=("n_head", "num_attention_heads"),
+           ties={"lm_head.weight": "transformer.wte.weight"}, ties_default=True),
     _rotary_decoder("llama", "Llama", ("llama",)),
     _rotary_decoder("mistral", "Mistral", ("mistral",)),
     _rotary_decoder("qwen2", "Qwen2", ("qwen2",)),
@@ -188,6 +214,16 @@ def family_for(config: Mapping[str, Any] | None) -> Family | None:
     """The family of a model's config.json (its ``model_type``), or None when the table has none."""
     model_type = (config or {}).get("model_type")
     return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
+def tied_weights(config: Mapping[str, Any] | None) -> Mapping[str, str]:
+    """The tensors a model of this config ties to another (output -> input), none when it does not tie them:
+    ``tie_word_embeddings`` if the config sets it (at the root or in ``text_config``), else its family's default."""
+    family = family_for(config)
+    if family is None or config is None:
+        return {}
+    tie = config_value(config, ("tie_word_embeddings", "text_config.tie_word_embeddings"))
+    return family.ties if (family.ties_default if tie is None else tie is True) else {}
 
 
 def towers_of(family: Family, config: Mapping[str, Any]) -> tuple[Tower, ...]:

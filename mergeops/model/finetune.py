@@ -1,21 +1,24 @@
 """A checkpoint read as values of its base's tensors: what a fold streams, whatever form the checkpoint arrived in.
 
-A full checkpoint stores every tensor (buffers newer transformers leave out are the base's); a LoRA adapter stores
-factors of a few updates (θ = θ0 + left @ right there, θ0 elsewhere). Either way the fold asks for a tensor of the
-base, whole or as a piece of whole rows, and never sees the difference; a method that can use an update's factors
-(OPCM) finds them on the stored tensor (:attr:`FineTuneTensor.factors`).
+A full checkpoint stores every tensor (buffers newer transformers leave out are the base's; an output matrix tied to
+its input embeddings is those; the rows of a vocabulary-sized tensor may be gathered from other rows, matched by
+token); a LoRA adapter stores factors of a few updates (θ = θ0 + left @ right there, θ0 elsewhere). Either way the
+fold asks for a tensor of the base, whole or as a piece of whole rows, and never sees the difference; a method that
+can use an update's factors (OPCM) finds them on the stored tensor (:attr:`FineTuneTensor.factors`).
 """
 
 from __future__ import annotations
 
+import math
 import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mergeops.model.adapter import Adapter, is_adapter_folder
-from mergeops.model.architectures import is_buffer
+from mergeops.model.architectures import is_buffer, is_vocab
 from mergeops.model.folder import ModelFolder
 from mergeops.model.problems import Problem
 
@@ -82,26 +85,66 @@ class FineTune:
 
 
 class FullFineTune(FineTune):
-    """A full checkpoint; the base's buffers it leaves out (newer transformers do not save them) are the base's."""
+    """A full checkpoint; the base's buffers it leaves out (newer transformers do not save them) are the base's.
 
-    def __init__(self, folder: ModelFolder, base: ModelFolder) -> None:
+    ``tied`` maps base tensors the checkpoint stores once, tied to its input embeddings, to the tensor holding them.
+    ``rows`` gives, per row of the base's vocabulary-sized tensors, the checkpoint's row of the same token (-1: a row
+    no token of the base names, read as the base's); None reads every tensor row for row."""
+
+    def __init__(self, folder: ModelFolder, base: ModelFolder, tied: Mapping[str, str] | None = None,
+                 rows: Sequence[int] | None = None) -> None:
         self.folder, self.base, self.path = folder, base, folder.path
         self.carried = tuple(n for n in base.tensors if n not in folder.tensors and is_buffer(n))
+        self.tied = dict(tied or {})
+        self.rows = rows
 
     def _source(self, name: str) -> ModelFolder:
         return self.base if name in self.carried else self.folder
 
+    def _stored(self, name: str) -> str:
+        """The name the checkpoint stores base tensor ``name`` under."""
+        return self.tied.get(name, name)
+
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
-        return self._source(name).read(name, start, stop)
+        if self.rows is not None and is_vocab(name):
+            return self._gathered(name, start, stop)
+        return self._source(name).read(self._stored(name), start, stop)
+
+    def _gathered(self, name: str, start: int, stop: int | None) -> torch.Tensor:
+        """Elements [start, stop) of base tensor ``name`` (whole rows), each row the checkpoint's row of its token."""
+        assert self.rows is not None
+        shape = self.base.tensors[name].shape
+        row = math.prod(shape[1:])
+        whole = start == 0 and stop is None
+        stop = math.prod(shape) if stop is None else stop
+        if start % row or stop % row:
+            raise ValueError(f"elements [{start}, {stop}) of {name!r} are not whole rows of {row} elements")
+        stored = self._stored(name)
+        dtype = self.folder.tensors[stored].dtype
+        parts = [self.base.read(name, first * row, (first + count) * row).to(dtype) if source < 0
+                 else self.folder.read(stored, source * row, (source + count) * row)
+                 for first, source, count in _runs(self.rows, start // row, stop // row)]
+        values = torch.cat(parts) if parts else torch.empty(0, dtype=dtype)
+        return values.reshape(shape) if whole else values
 
     def file_of(self, name: str) -> str:
-        return self._source(name).tensors[name].file
+        return self._source(name).tensors[self._stored(name)].file
 
     def nbytes(self, name: str) -> int:
-        return self._source(name).tensors[name].nbytes
+        return self._source(name).tensors[self._stored(name)].nbytes
 
     def close(self) -> None:
         self.folder.close()
+
+
+def _runs(rows: Sequence[int], first: int, last: int) -> Iterator[tuple[int, int, int]]:
+    """Rows [first, last) as runs ``(first row, its source row, count)`` whose sources are consecutive (or all -1):
+    one read per run, not per row."""
+    start = first
+    for i in range(first + 1, last + 1):
+        if i == last or not (rows[i] == rows[i - 1] + 1 >= 1 or rows[i] == rows[i - 1] == -1):
+            yield start, rows[start], i - start
+            start = i
 
 
 class AdapterFineTune(FineTune):
@@ -156,11 +199,3 @@ def scan_checkpoint(path: str | Path) -> tuple[ModelFolder | Adapter | None, lis
     if is_adapter_folder(path):
         return Adapter.scan(path)
     return ModelFolder.scan(path)
-
-
-def open_finetune(path: str | Path, base: ModelFolder) -> FineTune:
-    """The checkpoint at ``path`` (a model folder or a LoRA adapter) read as values of ``base``'s tensors; raises
-    ModelFolderError if it cannot be read. Its fit to the base is checked by intake, not here."""
-    if is_adapter_folder(path):
-        return AdapterFineTune(Adapter.open(path), base)
-    return FullFineTune(ModelFolder.open(path), base)

@@ -105,7 +105,8 @@ def test_a_checkpoint_is_folded_only_once_it_is_complete_and_settled(tmp_path):
     shards = sorted(source.glob("model-*.safetensors"))
     process = daemon(policy)
     try:
-        for name in ("config.json", "model.safetensors.index.json", shards[0].name):  # a slow, non-atomic producer
+        others = sorted(p.name for p in source.iterdir() if p not in shards)  # config, index, tokenizer
+        for name in (*others, shards[0].name):  # a slow, non-atomic producer
             shutil.copyfile(source / name, target / name)
         time.sleep(2.5)  # longer than settle_seconds: settled, but a shard is missing
         assert status(policy)["streams"]["s"]["folded"] == 0

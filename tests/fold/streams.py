@@ -47,12 +47,13 @@ def make_checkpoints(root: Path, base: dict[str, torch.Tensor], count: int, *, s
 
 
 def write_policy(root: Path, base: Path, method: str, params: dict | None = None, dtype: str = "base",
-                 keep: int = 5) -> Path:
+                 keep: int = 5, vocab: str = "reject") -> Path:
     root.mkdir(parents=True, exist_ok=True)
     if not (root / "keys").exists():
         generate_keys(root / "keys")
     lines = ['home = "state"', "[keys]", 'signing = "keys/signing.pem"', "[streams.s]", f'base = "{base}"',
-             f'method = "{method}"', 'output = "out"', f"keep = {keep}", f'dtype = "{dtype}"', "[streams.s.params]"]
+             f'method = "{method}"', 'output = "out"', f"keep = {keep}", f'dtype = "{dtype}"', f'vocab = "{vocab}"',
+             "[streams.s.params]"]
     for key, value in (params or {}).items():
         lines.append(f"{key} = {json.dumps(value)}")
     path = root / "policy.toml"

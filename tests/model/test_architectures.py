@@ -179,3 +179,48 @@ def test_every_buffer_of_a_real_model_is_a_buffer_and_no_parameter_is(models, ar
     model = models[arch]
     assert all(is_buffer(name) for name, _ in model.named_buffers())
     assert not any(is_buffer(name) for name, _ in model.named_parameters())
+
+
+ODD_VOCAB = 97  # no other dimension of the test models has this size
+
+
+def _with_odd_vocab(arch: str) -> nn.Module:
+    import transformers
+
+    config_cls, model_cls, kwargs = ARCHITECTURES[arch]
+    kwargs = {k: ({**v, "vocab_size": ODD_VOCAB} if k == "text_config" else v) for k, v in kwargs.items()}
+    if "vocab_size" in kwargs:
+        kwargs["vocab_size"] = ODD_VOCAB
+    return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs))
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_the_tensors_with_a_row_per_token_are_those_sized_by_the_vocabulary(arch):
+    """What a fine-tune that adds tokens resizes: every tensor whose first dimension is the vocabulary's size
+    (embeddings, heads, BERT's and RoBERTa's decoder biases), and no other."""
+    from mergeops.model.architectures import is_vocab
+
+    tensors = shapes(_with_odd_vocab(arch))
+    assert {n for n in tensors if is_vocab(n)} == {n for n, shape in tensors.items() if shape[:1] == (ODD_VOCAB,)}
+
+
+@pytest.mark.parametrize(("config", "head"), [
+    ("LlamaConfig", "LlamaForCausalLM"), ("MistralConfig", "MistralForCausalLM"), ("Qwen2Config", "Qwen2ForCausalLM"),
+    ("Qwen3Config", "Qwen3ForCausalLM"), ("GPT2Config", "GPT2LMHeadModel"), ("BertConfig", "BertForMaskedLM"),
+    ("RobertaConfig", "RobertaForMaskedLM"),
+])
+def test_each_familys_ties_and_their_default_are_transformers(config, head):
+    """The table's ties are the task-head class's ``_tied_weights_keys``, its default the config class's
+    ``tie_word_embeddings``; :func:`tied_weights` follows a config that says otherwise."""
+    import transformers
+
+    from mergeops.model.architectures import tied_weights
+
+    config_class, head_class = getattr(transformers, config), getattr(transformers, head)
+    family = family_for({"model_type": config_class.model_type})
+    assert dict(family.ties) == head_class._tied_weights_keys
+    assert family.ties_default is config_class().tie_word_embeddings
+    model_type = {"model_type": config_class.model_type}
+    assert tied_weights(model_type) == (family.ties if family.ties_default else {})
+    assert tied_weights(model_type | {"tie_word_embeddings": not family.ties_default}) == (
+        {} if family.ties_default else family.ties)

@@ -1,0 +1,107 @@
+"""How a checkpoint's vocabulary-sized rows and tied weights are read against its base.
+
+A fine-tune may ship a tokenizer. It must be the base's in everything but its tokens (:func:`tokenizer_difference`);
+its tokens may have been added to (the embeddings resized) or given other ids. With the stream's ``vocab = "base"``
+the rows of the base's tokens are folded, found by token string through both tokenizers, and the added rows are
+dropped; with ``"reject"`` (the default) such a checkpoint is rejected, naming what changed. A checkpoint without
+tokenizer files is read by row index, as long as its rows are the base's in number.
+
+A checkpoint may also store an output matrix once, tied to its input embeddings (``tie_word_embeddings``): a base
+tensor it leaves out that its family ties is read as the checkpoint's own input tensor (:func:`tied_in_checkpoint`).
+"""
+
+from __future__ import annotations
+
+from mergeops.errors import PolicyError, RejectedError
+from mergeops.intake.tokenizer import (
+    RowMatch,
+    TokenizerFileError,
+    match_rows,
+    parse_tokenizer,
+    tokenizer_difference,
+    tokenizer_files,
+)
+from mergeops.model import ModelFolder
+from mergeops.model.architectures import is_vocab, tied_weights
+
+_SHOWN = 3  # tokens named in a message
+
+
+def tied_in_checkpoint(checkpoint: ModelFolder, base: ModelFolder) -> dict[str, str]:
+    """The base's tensors the checkpoint leaves out because its config ties them (output -> the checkpoint's input
+    tensor that holds it): their values are the checkpoint's input tensor's."""
+    return {output: source for output, source in tied_weights(checkpoint.config).items()
+            if output in base.tensors and output not in checkpoint.tensors and source in checkpoint.tensors}
+
+
+def vocab_rows(checkpoint: ModelFolder, base: ModelFolder, tied: dict[str, str], setting: str) -> RowMatch | None:
+    """How the rows of the base's vocabulary-sized tensors are read from the checkpoint: None by row index, or
+    matched by token string (``setting`` "base"). Raises RejectedError naming the tokenizer file, token or tensor
+    at fault."""
+    names = [n for n in base.tensors if is_vocab(n) and tied.get(n, n) in checkpoint.tensors]
+    base_rows = _rows(base, names, base.path.name)
+    rows = _rows(checkpoint, [tied.get(n, n) for n in names], str(checkpoint.path))
+    try:
+        files = tokenizer_files(checkpoint.path)
+        if not files:
+            if rows != base_rows:
+                raise RejectedError(f"{checkpoint.path} has {rows} vocabulary rows where the base has {base_rows}, "
+                                    "and no tokenizer files to match them by; save the tokenizer with the model "
+                                    "(tokenizer.save_pretrained).")
+            return None
+        ours = parse_tokenizer(checkpoint.path, files)
+    except TokenizerFileError as exc:
+        raise RejectedError(str(exc)) from exc
+    try:
+        base_files = tokenizer_files(base.path)
+        if base_files == files and rows == base_rows:
+            return None  # the base's tokenizer, byte for byte, and its rows
+        theirs = parse_tokenizer(base.path, base_files) if base_files else None
+    except TokenizerFileError as exc:
+        raise PolicyError(f"the stream's base has an unreadable tokenizer: {exc}") from exc
+    if theirs is None:
+        if rows != base_rows:
+            raise RejectedError(f"{checkpoint.path} has {rows} vocabulary rows where the base has {base_rows}, and "
+                                "the base has no tokenizer to match them by; only fine-tunes of the base can be "
+                                "merged.")
+        return None
+    difference = tokenizer_difference(ours, theirs)
+    if difference:
+        raise RejectedError(difference)
+    if not names:
+        return None  # no tensor has a row per token: nothing to match
+    if ours.vocab is None or theirs.vocab is None:
+        if rows != base_rows or ours.aspects != theirs.aspects:
+            raise RejectedError(f"{checkpoint.path}'s tokenizer differs from the base's, and its vocabulary cannot be "
+                                "read here (only a sentencepiece model); save it with tokenizer.json as well.")
+        return None
+    match = match_rows(theirs, ours, base_rows, rows)
+    if match.by_index:
+        return None
+    if setting == "reject":
+        raise RejectedError(_changed(checkpoint, match, rows, base_rows))
+    return match
+
+
+def _rows(folder: ModelFolder, names: list[str], where: str) -> int:
+    """The row count the vocabulary-sized tensors ``names`` share."""
+    counts = {name: folder.tensors[name].shape[0] for name in names if folder.tensors[name].shape}
+    if len(set(counts.values())) > 1:
+        (first, a), *others = counts.items()
+        other, b = next((n, c) for n, c in others if c != a)
+        raise RejectedError(f"{where} has {a} rows in {first!r} but {b} in {other!r}; tensors with a row per token "
+                            "must agree on the vocabulary's size.")
+    return next(iter(counts.values()), 0)
+
+
+def _changed(checkpoint: ModelFolder, match: RowMatch, rows: int, base_rows: int) -> str:
+    """Why a checkpoint whose vocabulary is not the base's is rejected under ``vocab = "reject"``."""
+    hint = ('set vocab = "base" in the stream\'s policy to fold the rows of the base\'s tokens and drop the others, '
+            "or fine-tune without changing the tokenizer.")
+    if match.dropped:
+        first = ", ".join(repr(t) for t in match.dropped[:_SHOWN])
+        return f"{checkpoint.path} adds {len(match.dropped)} token(s) the base lacks ({first}); {hint}"
+    if match.moved:
+        first = ", ".join(repr(t) for t in match.moved[:_SHOWN])
+        return f"{checkpoint.path} gives {len(match.moved)} of the base's tokens other ids ({first}); {hint}"
+    return f"{checkpoint.path} has {rows} vocabulary rows where the base has {base_rows}; {hint}"
