@@ -18,7 +18,7 @@ from typing import Any
 from mergeops.errors import ModelFolderError, RejectedError
 from mergeops.intake.tokenizer import RowMatch
 from mergeops.intake.validate import adapter_problems_against_base, problems_against_base
-from mergeops.intake.vocab import tied_in_checkpoint, vocab_rows
+from mergeops.intake.vocab import adapter_tokenizer_problem, tied_in_checkpoint, vocab_rows
 from mergeops.ledger.kinds import CheckpointFacts
 from mergeops.model import ModelFolder
 from mergeops.model.adapter import ADAPTER_CONFIG, Adapter, is_adapter_folder
@@ -82,6 +82,9 @@ class Checkpoint:
             problems = adapter_problems_against_base(self.adapter, base)
             if problems:
                 raise RejectedError(problems[0].message)
+            tokenizer = adapter_tokenizer_problem(self.path, base)
+            if tokenizer:
+                raise RejectedError(tokenizer)
             self.view = AdapterFineTune(self.adapter, base)
         else:
             self.view, self.rows = full_view(self.folder, base, vocab)

@@ -12,9 +12,12 @@ tensor it leaves out that its family ties is read as the checkpoint's own input 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mergeops.errors import PolicyError, RejectedError
 from mergeops.intake.tokenizer import (
     RowMatch,
+    Tokenizer,
     TokenizerFileError,
     match_rows,
     parse_tokenizer,
@@ -41,24 +44,15 @@ def vocab_rows(checkpoint: ModelFolder, base: ModelFolder, tied: dict[str, str],
     names = [n for n in base.tensors if is_vocab(n) and tied.get(n, n) in checkpoint.tensors]
     base_rows = _rows(base, names, base.path.name)
     rows = _rows(checkpoint, [tied.get(n, n) for n in names], str(checkpoint.path))
-    try:
-        files = tokenizer_files(checkpoint.path)
-        if not files:
-            if rows != base_rows:
-                raise RejectedError(f"{checkpoint.path} has {rows} vocabulary rows where the base has {base_rows}, "
-                                    "and no tokenizer files to match them by; save the tokenizer with the model "
-                                    "(tokenizer.save_pretrained).")
-            return None
-        ours = parse_tokenizer(checkpoint.path, files)
-    except TokenizerFileError as exc:
-        raise RejectedError(str(exc)) from exc
-    try:
-        base_files = tokenizer_files(base.path)
-        if base_files == files and rows == base_rows:
-            return None  # the base's tokenizer, byte for byte, and its rows
-        theirs = parse_tokenizer(base.path, base_files) if base_files else None
-    except TokenizerFileError as exc:
-        raise PolicyError(f"the stream's base has an unreadable tokenizer: {exc}") from exc
+    ours, theirs, same = _tokenizers(checkpoint.path, base)
+    if ours is None:
+        if rows != base_rows:
+            raise RejectedError(f"{checkpoint.path} has {rows} vocabulary rows where the base has {base_rows}, "
+                                "and no tokenizer files to match them by; save the tokenizer with the model "
+                                "(tokenizer.save_pretrained).")
+        return None
+    if same and rows == base_rows:
+        return None  # the base's tokenizer, byte for byte, and its rows
     if theirs is None:
         if rows != base_rows:
             raise RejectedError(f"{checkpoint.path} has {rows} vocabulary rows where the base has {base_rows}, and "
@@ -81,6 +75,41 @@ def vocab_rows(checkpoint: ModelFolder, base: ModelFolder, tied: dict[str, str],
     if setting == "reject":
         raise RejectedError(_changed(checkpoint, match, rows, base_rows))
     return match
+
+
+def adapter_tokenizer_problem(path: Path, base: ModelFolder) -> str | None:
+    """Why the tokenizer a LoRA adapter ships cannot go with it, if it cannot: an adapter updates the base's rows by
+    id, so its tokenizer must be the base's, tokens and ids included."""
+    ours, theirs, same = _tokenizers(path, base)
+    if ours is None or theirs is None or same:
+        return None
+    difference = tokenizer_difference(ours, theirs)
+    if difference:
+        return difference
+    if ours.vocab != theirs.vocab:
+        return (f"{path} is a LoRA adapter whose tokenizer has other tokens or ids than the base's; an adapter updates "
+                "the base's embedding rows by id and cannot add or move tokens: ship the base's tokenizer with it, or "
+                'merge it into a full checkpoint and fold that with vocab = "base".')
+    return None
+
+
+def _tokenizers(path: Path, base: ModelFolder) -> tuple[Tokenizer | None, Tokenizer | None, bool]:
+    """The checkpoint's tokenizer (None: it ships none), the base's (None: it has none, or the checkpoint ships none)
+    and whether their files are the same bytes (then the base's is the checkpoint's, not parsed twice)."""
+    try:
+        files = tokenizer_files(path)
+        ours = parse_tokenizer(path, files) if files else None
+    except TokenizerFileError as exc:
+        raise RejectedError(str(exc)) from exc
+    if ours is None:
+        return None, None, False
+    try:
+        base_files = tokenizer_files(base.path)
+        if base_files == files:
+            return ours, ours, True
+        return ours, parse_tokenizer(base.path, base_files) if base_files else None, False
+    except TokenizerFileError as exc:
+        raise PolicyError(f"the stream's base has an unreadable tokenizer: {exc}") from exc
 
 
 def _rows(folder: ModelFolder, names: list[str], where: str) -> int:

@@ -202,3 +202,24 @@ def test_mwas_window_re_reads_an_expired_adapter_as_it_was_folded(tmp_path, adap
             assert result.status == "merged" and not result.notes, (result.reason, result.notes)
         results[kind] = read_model(result.output)
     assert_close(results["adapter"], results["full"], rtol=1e-6)
+
+
+def test_an_adapter_may_ship_the_bases_tokenizer_but_no_other(tmp_path):
+    """An adapter updates the base's embedding rows by id: a tokenizer with added or moved tokens cannot go with it."""
+    from tests.intake.finetunes import word_tokenizer
+
+    words = ["[UNK]", "[PAD]", *(f"w{i}" for i in range(62))]
+    base = tiny_base(tmp_path, "llama")
+    word_tokenizer(words).save_pretrained(base)
+    policy = load_policy(write_policy(tmp_path, base, "task_arithmetic"))
+    cases = {"same": word_tokenizer(words), "moved": word_tokenizer([*words[:2], *reversed(words[2:])])}
+    cases["added"] = word_tokenizer(words)
+    cases["added"].add_tokens(["brand-new"])
+    results = {}
+    for seed, (name, tokenizer) in enumerate(cases.items(), 1):
+        adapter = make_adapter(base, tmp_path / name, seed=seed, targets=["q_proj"])
+        tokenizer.save_pretrained(adapter)
+        results[name] = fold_checkpoint(policy, None, adapter)
+    assert results["same"].status == "merged", results["same"].reason
+    for name in ("moved", "added"):
+        assert results[name].status == "rejected" and "cannot add or move tokens" in results[name].reason
