@@ -169,10 +169,11 @@ def project_update(accumulated: torch.Tensor, tau: torch.Tensor, alpha: float, z
 
 
 def max_factored_rank(rows: int, columns: int) -> int:
-    """The largest rank k at which a rows×columns tensor's sum stays factored: beyond it a dense fold step is as
-    cheap (measured, benchmarks/RESULTS.md), and k stays below min(rows, columns), so a factor is never shaped like
-    the tensor."""
-    return min(rows, columns) // 4
+    """The largest rank k at which a rows×columns tensor's sum stays factored: about where a factored step (QR,
+    recompression and the merged output's L R, O((m + n)k² + mnk)) costs as much as a dense one (the SVD of S,
+    O(mn·min(m, n))), measured on 1024², 256×1024, 2816×1024 and 1024×2816 (benchmarks/RESULTS.md). It stays
+    below min(rows, columns), so a factor is never shaped like the tensor."""
+    return min(rows, columns) // 2
 
 
 def low_rank_update(new: StoredTensor) -> Factors | None:
