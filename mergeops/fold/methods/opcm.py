@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from mergeops.fold.methods.base import Arrival, MergeMethod, Param, Piece, Prepared
-from mergeops.fold.methods.lowrank import ZERO_FLOOR, FactoredSVD, factored_svd, product_sum_of_squares, recompressed
+from mergeops.fold.methods.lowrank import ZERO_FLOOR, FactoredSVD, factored_svd, plus_product, product_sum_of_squares
 from mergeops.model import InMemory, Pieces, StoredTensor, piece_bounds
 from mergeops.model.architectures import is_embedding
 from mergeops.model.finetune import AdapterFineTune
@@ -319,8 +319,8 @@ class OPCM(MergeMethod):
         return u_core, _removed_coefficients_times(k, r, self.p["zero_diagonal"], v_core.T)
 
     def _factored_sum(self, state: Mapping[str, StoredTensor], update: Factors, width: int) -> _FactoredSum:
-        """S + D as factors for S = L R and τ = B A: S − U_r K V_rᵀ = Q_L (core − U_c C V_cᵀ) Q_Rᵀ, so
-        S + D = [Q_L (core − U_c C V_cᵀ), B] [Q_R, Aᵀ]ᵀ, recompressed to its rank."""
+        """S + D as factors for S = L R and τ = B A: S − U_r K V_rᵀ = Q_L (core − U_c C V_cᵀ) Q_Rᵀ, so S + D is
+        that plus B A, whose factors lie in [Q_L, B] and [Q_R, Aᵀ]; recompressed to its rank."""
         b, a = update
         update_sq = product_sum_of_squares(b, a)
         if not state:
@@ -328,8 +328,7 @@ class OPCM(MergeMethod):
         svd = factored_svd(*_read_factors(state))
         removed = self._removed(svd, lambda u, v: _factored_coefficients(u, v, update))
         middle = svd.core if removed is None else svd.core - removed[0] @ removed[1]
-        left, right, sum_sq = recompressed(torch.cat([svd.q_left @ middle, b.double()], 1),
-                                           torch.cat([svd.q_right.T, a.double()]), width)
+        left, right, sum_sq = plus_product(svd, middle, b, a, width)
         return _FactoredSum(left, right, update_sq, sum_sq)
 
     def begin(self, arrival: Arrival) -> None:
