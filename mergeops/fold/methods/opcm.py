@@ -36,9 +36,8 @@ from mergeops.model import InMemory, Pieces, StoredTensor, piece_bounds
 from mergeops.model.architectures import is_embedding
 from mergeops.model.finetune import AdapterFineTune
 
-# σ_i² / σ_1² at or below which S's i-th singular direction is below float32's resolution of S: its left singular
-# vector is arbitrary (in any SVD of S), so it is neither protected nor has its diagonal coefficient removed.
-_GRAM_FLOOR = ZERO_FLOOR
+# ZERO_FLOOR: σ_i² / σ_1² at or below which S's i-th singular direction is below float32's resolution of S: its
+# singular vectors are arbitrary (in any SVD of S), so it is neither protected nor has its diagonal coefficient removed.
 Factors = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -138,7 +137,7 @@ def update_removal(accumulated: Pieces, update: Pieces, shape: tuple[int, int], 
     eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)  # descending, as singular values are
     if not bool(eigenvalues[0] > 0):
         return None  # nothing merged in this tensor yet: no subspace to protect
-    resolved = eigenvalues > _GRAM_FLOOR * eigenvalues[0]  # a leading run of them
+    resolved = eigenvalues > ZERO_FLOOR * eigenvalues[0]  # a leading run of them
     r = min(projection_rank(eigenvalues.clamp(min=0).sqrt(), alpha), int(resolved.sum()))
     if r == 0 and not zero_diagonal:
         return None
@@ -262,19 +261,19 @@ class OPCM(MergeMethod):
     def prepares_ahead(self, name: str, shape: tuple[int, ...]) -> bool:
         return self.t > 1 and self.is_projected(name, shape)  # projections are independent of each other
 
-    def factored_width(self, name: str, shape: tuple[int, ...], old: Mapping[str, tuple[int, ...]],
+    def factored_width(self, shape: tuple[int, ...], old: Mapping[str, tuple[int, ...]],
                        update: Factors | None) -> int | None:
         """How many columns this fold keeps the tensor's sum in as factors, or None to keep it dense: factored while
         every update of a projected tensor has come as factors and their ranks add up to at most
-        :func:`max_factored_rank`."""
-        if update is None or not self.is_projected(name, shape) or (old and "sum.left" not in old):
+        :func:`max_factored_rank`. For a projected tensor."""
+        if update is None or (old and "sum.left" not in old):
             return None
         width = (old["sum.left"][1] if old else 0) + update[0].shape[1]
         return width if width <= max_factored_rank(shape[0], shape[1]) else None
 
     def state_shapes(self, name: str, shape: tuple[int, ...], old: Mapping[str, tuple[int, ...]],
                      new: StoredTensor) -> dict[str, tuple[int, ...]]:
-        width = self.factored_width(name, shape, old, low_rank_update(new)) if self.is_projected(name, shape) else None
+        width = self.factored_width(shape, old, low_rank_update(new)) if self.is_projected(name, shape) else None
         if width is None:
             return {"sum": shape}
         return {"sum.left": (shape[0], width), "sum.right": (width, shape[1])}
@@ -287,7 +286,7 @@ class OPCM(MergeMethod):
             return None
         rows, columns = base.shape
         update = low_rank_update(new)
-        width = self.factored_width(name, base.shape, {k: v.shape for k, v in state.items()}, update)
+        width = self.factored_width(base.shape, {k: v.shape for k, v in state.items()}, update)
         if width is not None:
             return self._factored_sum(state, update, width)
         if not state:
