@@ -34,7 +34,7 @@ from mergeops.fold.methods.base import Arrival, MergeMethod, Param, Piece, Prepa
 from mergeops.fold.methods.lowrank import ZERO_FLOOR, FactoredSVD, factored_svd, plus_product, product_sum_of_squares
 from mergeops.model import InMemory, Pieces, StoredTensor, piece_bounds
 from mergeops.model.architectures import is_embedding
-from mergeops.model.finetune import AdapterFineTune
+from mergeops.model.finetune import AdapterFineTune, FineTuneTensor
 
 # ZERO_FLOOR: σ_i² / σ_1² at or below which S's i-th singular direction is below float32's resolution of S: its
 # singular vectors are arbitrary (in any SVD of S), so it is neither protected nor has its diagonal coefficient removed.
@@ -175,7 +175,7 @@ def max_factored_rank(rows: int, columns: int) -> int:
     return min(rows, columns) // 2
 
 
-def low_rank_update(new: StoredTensor) -> Factors | None:
+def low_rank_update(new: FineTuneTensor | StoredTensor) -> Factors | None:
     """τ as factors ``(left, right)`` if the checkpoint stores it so (zero-width ones for a tensor an adapter leaves
     alone: its τ is exactly zero), None for a dense update (a full checkpoint)."""
     factors = getattr(new, "factors", None)
@@ -272,7 +272,7 @@ class OPCM(MergeMethod):
         return width if width <= max_factored_rank(shape[0], shape[1]) else None
 
     def state_shapes(self, name: str, shape: tuple[int, ...], old: Mapping[str, tuple[int, ...]],
-                     new: StoredTensor) -> dict[str, tuple[int, ...]]:
+                     new: FineTuneTensor) -> dict[str, tuple[int, ...]]:
         width = self.factored_width(shape, old, low_rank_update(new)) if self.is_projected(name, shape) else None
         if width is None:
             return {"sum": shape}
