@@ -24,6 +24,8 @@ from mergeops.pipeline import fold_checkpoint
 from mergeops.policy import GateConfig, load_policy
 from tests.conftest import write_model
 from tests.fold import reference
+from tests.fold.methods.adapters import make_adapter
+from tests.fold.methods.adapters import make_base as make_tiny_base
 from tests.fold.streams import (
     CONFIG,
     assert_close,
@@ -679,3 +681,24 @@ def test_every_version_carries_the_bases_tokenizer_files_and_chat_template(tmp_p
     assert {"tokenizer.json", "tokenizer_config.json", *extra} - {"generation_config.json"} <= set(shipped)
     for name in [*shipped, "generation_config.json", "config.json"]:
         assert (result.output / name).read_bytes() == (base / name).read_bytes(), name
+
+
+def test_an_opcm_stream_of_lora_adapters_equals_the_stream_of_their_merged_models(tmp_path):
+    """Adapters go through intake, the ledger and a fold each, the method rebuilt from the stored state every time
+    (as separate processes are), their sums kept as factors; the result is that of peft's merged models."""
+    base = make_tiny_base(tmp_path, "llama")
+    pairs = [make_adapter(base, tmp_path / f"a{i}", seed=i, rank=rank, targets=targets, rslora=i == 2)
+             for i, (rank, targets) in enumerate([(4, ["q_proj", "v_proj"]), (2, ["q_proj", "down_proj"]),
+                                                  (3, ["v_proj", "o_proj", "q_proj"])], 1)]
+    params = {"alpha": 0.5, "zero_diagonal": True}
+    results = {}
+    for kind, index in (("adapters", 0), ("full", 1)):
+        policy = load_policy(write_policy(tmp_path / kind, base, "opcm", params))
+        for pair in pairs:
+            result = fold_checkpoint(policy, "s", pair[index])
+            assert result.status == "merged", result.reason
+        results[kind] = read_floats(result.output)
+        state = sorted((tmp_path / kind / "state" / "streams" / "s" / "state").glob("v*"))[-1]
+        kinds = {name.split("::")[0] for name in read_model(state)}
+        assert kinds == ({"sum", "sum.left", "sum.right"} if kind == "adapters" else {"sum"})
+    assert_close(results["adapters"], results["full"], rtol=1e-5)

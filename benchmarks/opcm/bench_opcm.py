@@ -81,13 +81,14 @@ def thread_env(threads: int) -> dict[str, str]:
     return os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def run_mergeops(run: Path, base: Path, checkpoints: list[Path], alpha: float, threads: int) -> dict[str, Any]:
+def run_mergeops(run: Path, base: Path, checkpoints: list[Path], alpha: float, threads: int,
+                 zero_diagonal: bool = True) -> dict[str, Any]:
     policy = run / "policy.toml"
     keygen = [sys.executable, "-c", "from mergeops.cli import main; main()", "keygen", "--out", str(run / "keys")]
     subprocess.run(keygen, check=True, capture_output=True)  # the ledger signs every event
     policy.write_text(f'home = "state"\n[keys]\nsigning = "keys/signing.pem"\n[streams.bench]\n'
                       f'base = {json.dumps(str(base))}\nmethod = "opcm"\noutput = "merged"\nkeep = 1\n'
-                      f'[streams.bench.params]\nalpha = {alpha}\nzero_diagonal = true\n')
+                      f'[streams.bench.params]\nalpha = {alpha}\nzero_diagonal = {json.dumps(zero_diagonal)}\n')
     steps, commands = [], [shlex.join(["mergeops", *keygen[3:]])]
     load = os.getloadavg()[0]
     for t, checkpoint in enumerate(checkpoints, 1):

@@ -22,7 +22,7 @@ import torch
 from mergeops.errors import RejectedError
 from mergeops.fold.methods.base import MergeMethod, Piece, Prepared
 from mergeops.intake.validate import tensor_value_problem
-from mergeops.model import ModelFolder, ModelWriter, TensorSpec, piece_bounds
+from mergeops.model import ModelFolder, ModelWriter, StoredTensor, TensorSpec, piece_bounds
 from mergeops.model.finetune import FineTune
 from mergeops.threads import map_ahead, one_torch_thread
 
@@ -41,6 +41,15 @@ def output_dtype(setting: str, stored: torch.dtype) -> torch.dtype:
 
 def state_name(kind: str, name: str) -> str:
     return f"{kind}{STATE_SEPARATOR}{name}"
+
+
+def state_layout(state: ModelFolder | None) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Per tensor, the state tensors ``state`` holds for it: kind -> shape (empty without a state)."""
+    layout: dict[str, dict[str, tuple[int, ...]]] = {}
+    for full_name, info in (state.tensors.items() if state else ()):
+        kind, name = full_name.split(STATE_SEPARATOR, 1)
+        layout.setdefault(name, {})[kind] = info.shape
+    return layout
 
 
 @dataclass
@@ -86,7 +95,7 @@ class _Fold:
 
     def __post_init__(self) -> None:
         job = self.job
-        self.kinds = job.method.state_kinds()
+        self.old_layout = state_layout(job.old_state)
         self.floating = [n for n, info in job.base.tensors.items() if info.dtype.is_floating_point]
 
     def run(self) -> Folded:
@@ -105,11 +114,17 @@ class _Fold:
         if self.job.progress:
             self.job.progress(nbytes)
 
-    def _state(self, name: str, source: ModelFolder | None = None, start: int = 0,
-               stop: int | None = None) -> dict[str, torch.Tensor]:
-        """The state of tensor ``name`` (elements [start, stop) only, flat, if given) in ``source`` (the old one)."""
+    def _state(self, name: str, source: ModelFolder | None = None, start: int = 0, stop: int | None = None,
+               layout: dict[str, dict[str, tuple[int, ...]]] | None = None) -> dict[str, torch.Tensor | StoredTensor]:
+        """The state of tensor ``name`` in ``source`` (the old one, whose ``layout`` is known): elements [start, stop)
+        only, flat, if given, of each state tensor shaped like the tensor; any other (a method's own layout) unread."""
         source = source or self.job.old_state
-        return {k: source.read(state_name(k, name), start, stop) for k in self.kinds} if source else {}
+        if source is None:
+            return {}
+        shape = self.job.base.tensors[name].shape
+        kinds = (self.old_layout if layout is None else layout)[name]
+        return {k: source.read(state_name(k, name), start, stop) if kind_shape == shape else
+                source.stored(state_name(k, name)) for k, kind_shape in kinds.items()}
 
     def _output_writer(self) -> ModelWriter:
         """The merged model's writer; until the checkpoint's digest is known its header holds a placeholder."""
@@ -131,8 +146,11 @@ class _Fold:
         order = output.layout_order if output else list(job.base.tensors)
         # The state follows the output's order with one file per kind: pieces of all kinds of a tensor are
         # written at once, and every file still grows front to back (so it is hashed as it is written).
-        state_specs = [TensorSpec(state_name(kind, n), torch.float32, job.base.tensors[n].shape)
-                       for kind in self.kinds for n in order if n in self.floating]
+        shapes = {n: method.state_shapes(n, job.base.tensors[n].shape, self.old_layout.get(n, {}),
+                                         job.checkpoint.stored(n)) for n in order if n in self.floating}
+        kinds = dict.fromkeys(kind for kind_shapes in shapes.values() for kind in kind_shapes)
+        state_specs = [TensorSpec(state_name(kind, n), torch.float32, kind_shapes[kind])
+                       for kind in kinds for n, kind_shapes in shapes.items() if kind in kind_shapes]
         with ModelWriter(job.state_dir, state_specs, metadata={"mergeops.stream": job.stream},
                          shard_group=lambda spec: spec.name.split(STATE_SEPARATOR, 1)[0],
                          recycle=job.spare_state) as state, \
@@ -176,15 +194,17 @@ class _Fold:
 
     def _prepare(self, name: str) -> Prepared | None:
         job = self.job
-        state = {k: job.old_state.stored(state_name(k, name)) for k in self.kinds} if job.old_state else {}
+        state = {k: job.old_state.stored(state_name(k, name)) for k in self.old_layout[name]} if job.old_state else {}
         return job.method.prepare(name, job.base.stored(name), job.checkpoint.stored(name), state)
 
     def _fold_tensor(self, name: str, prepared: Prepared | None, state: ModelWriter,
                      output: ModelWriter | None) -> None:
         """Fold one tensor in cache-sized pieces of whole rows, read from and written to disk piece by piece."""
         job = self.job
+        shape = job.base.tensors[name].shape
+        appended: dict[str, int] = {}  # state tensors of their own shape: elements written so far
         with one_torch_thread():  # pieces are too small to share out; the other core hashes what is written
-            for start, stop in piece_bounds(job.base.tensors[name].shape):
+            for start, stop in piece_bounds(shape):
                 piece = Piece(name, start, stop)
                 new = self._checked_float(name, job.checkpoint.read(name, start, stop))
                 base = job.base.read(name, start, stop).float()
@@ -194,7 +214,12 @@ class _Fold:
                 new_state = job.method.fold(piece, base, new, self._state(name, start=start, stop=stop),
                                             prepared.piece(start, stop) if prepared is not None else None)
                 for kind, value in new_state.items():
-                    state.write_piece(state_name(kind, name), start, value)
+                    full_name = state_name(kind, name)
+                    if state.specs[full_name].shape == shape:
+                        state.write_piece(full_name, start, value)
+                    else:  # written in order from its start, as the method hands it over
+                        state.write_piece(full_name, appended.get(kind, 0), value)
+                        appended[kind] = appended.get(kind, 0) + value.numel()
                 if output:
                     merged = job.method.merged(piece, base, new_state).to(output.specs[name].dtype)
                     output.write_piece(name, start, _finite_merged(name, merged))
@@ -203,6 +228,7 @@ class _Fold:
         """Write the merged model from the new state, piece by piece (``merged`` is elementwise)."""
         job = self.job
         with ModelFolder.open(job.state_dir) as state, self._output_writer() as writer, one_torch_thread():
+            layout = state_layout(state)
             for name in writer.layout_order:
                 self._tick(0)
                 if name not in self.floating:
@@ -210,7 +236,7 @@ class _Fold:
                     continue
                 for start, stop in piece_bounds(job.base.tensors[name].shape):
                     merged = job.method.merged(Piece(name, start, stop), job.base.read(name, start, stop).float(),
-                                               self._state(name, state, start, stop))
+                                               self._state(name, state, start, stop, layout))
                     writer.write_piece(name, start, _finite_merged(name, merged.to(writer.specs[name].dtype)))
         return writer.file_hashes
 

@@ -18,7 +18,11 @@ capabilities, each with a default that does nothing:
   threads ahead of the fold;
 - ``merged_after_finish``: ``merged`` needs scalars known only once every tensor is folded (OPCM's norms), so the
   merged model is written in a second pass;
-- ``metrics_needed()`` / ``needs_curvature``: inputs each checkpoint must bring; gates check them before the fold.
+- ``metrics_needed()`` / ``needs_curvature``: inputs each checkpoint must bring; gates check them before the fold;
+- ``state_shapes(...)``: a tensor's state in a layout of the method's own (OPCM keeps a low-rank sum as two factors),
+  chosen per tensor and fold. A state tensor shaped otherwise than its tensor is handed to ``fold`` and ``merged``
+  unread (a stored tensor, to read what is needed, or in ``prepare``), and ``fold`` returns its new values in
+  order, each returned piece following the last (all of it with one piece, if small).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import torch
 
 from mergeops.errors import PolicyError
 from mergeops.model import StoredTensor
-from mergeops.model.finetune import FineTune
+from mergeops.model.finetune import FineTune, FineTuneTensor
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,13 @@ class MergeMethod:
         """What the fold of tensor ``name`` needs beyond base, checkpoint and state, gathered before it starts
         (``state`` is empty for the stream's first checkpoint); inputs may be read piece by piece."""
         return None
+
+    def state_shapes(self, name: str, shape: tuple[int, ...], old: Mapping[str, tuple[int, ...]],
+                     new: FineTuneTensor) -> dict[str, tuple[int, ...]]:
+        """The state tensors this fold writes for tensor ``name`` of ``shape`` (kind -> shape), given those of the old
+        state (``old``, empty for the stream's first checkpoint) and the checkpoint's tensor ``new``: by default
+        every kind of ``state_kinds``, shaped like the tensor."""
+        return {kind: shape for kind in self.state_kinds()}
 
     def finish(self) -> None:
         """Called after every tensor is folded; update ``self.scalars`` here."""

@@ -12,24 +12,33 @@ large one is A V Σ⁻¹, computed a block of rows at a time. A tall S is never 
 rows, twice, and the projection holds its left singular factor U (S's size) and n×n matrices. The coefficients
 U_rᵀ τ V_r and u_iᵀ τ v_i come from one more pass over τ's rows, and the fold removes U C Vᵀ a block of rows at
 a time. A wide S (a few rows of many columns, like a down projection) is read whole and transposed.
+
+Low-rank updates (LoRA adapters). While every update of a projected tensor has come as factors, S has rank at most
+the sum of their ranks, and the state keeps it as factors, S = L R (state kinds ``sum.left`` m×k and ``sum.right``
+k×n instead of ``sum``): the projection takes S's SVD from the factors (``lowrank.py``), D's factors lie in
+[Q_L, B] and [Q_R, Aᵀ] for τ = B A, and S + D is recompressed to its rank; the merged model is θ0 + scale·L R, a
+block of rows at a time. A full checkpoint, or k growing past where the dense fold is cheaper
+(:func:`max_factored_rank`), makes S dense once, for good.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from mergeops.fold.methods.base import Arrival, MergeMethod, Param, Piece, Prepared
+from mergeops.fold.methods.lowrank import ZERO_FLOOR, FactoredSVD, factored_svd, plus_product, product_sum_of_squares
 from mergeops.model import InMemory, Pieces, StoredTensor, piece_bounds
 from mergeops.model.architectures import is_embedding
+from mergeops.model.finetune import AdapterFineTune, FineTuneTensor
 
-# σ_i² / σ_1² at or below which S's i-th singular direction is below float32's resolution of S: its left singular
-# vector is arbitrary (in any SVD of S), so it is neither protected nor has its diagonal coefficient removed.
-_GRAM_FLOOR = 1e-14
+# ZERO_FLOOR: σ_i² / σ_1² at or below which S's i-th singular direction is below float32's resolution of S: its
+# singular vectors are arbitrary (in any SVD of S), so it is neither protected nor has its diagonal coefficient removed.
+Factors = tuple[torch.Tensor, torch.Tensor]
 
 
 def _regex_list(value: list) -> str | None:
@@ -128,7 +137,7 @@ def update_removal(accumulated: Pieces, update: Pieces, shape: tuple[int, int], 
     eigenvalues, vectors = eigenvalues.flip(0), vectors.flip(1)  # descending, as singular values are
     if not bool(eigenvalues[0] > 0):
         return None  # nothing merged in this tensor yet: no subspace to protect
-    resolved = eigenvalues > _GRAM_FLOOR * eigenvalues[0]  # a leading run of them
+    resolved = eigenvalues > ZERO_FLOOR * eigenvalues[0]  # a leading run of them
     r = min(projection_rank(eigenvalues.clamp(min=0).sqrt(), alpha), int(resolved.sum()))
     if r == 0 and not zero_diagonal:
         return None
@@ -158,6 +167,74 @@ def project_update(accumulated: torch.Tensor, tau: torch.Tensor, alpha: float, z
     return tau if removal is None else tau.sub_(removal.read().reshape(tau.shape))
 
 
+def max_factored_rank(rows: int, columns: int) -> int:
+    """The largest rank k at which a rows×columns tensor's sum stays factored: about where a factored step (QR,
+    recompression and the merged output's L R, O((m + n)k² + mnk)) costs as much as a dense one (the SVD of S,
+    O(mn·min(m, n))), measured on 1024², 256×1024, 2816×1024 and 1024×2816 (benchmarks/RESULTS.md). It stays
+    below min(rows, columns), so a factor is never shaped like the tensor."""
+    return min(rows, columns) // 2
+
+
+def low_rank_update(new: FineTuneTensor | StoredTensor) -> Factors | None:
+    """τ as factors ``(left, right)`` if the checkpoint stores it so (zero-width ones for a tensor an adapter leaves
+    alone: its τ is exactly zero), None for a dense update (a full checkpoint)."""
+    factors = getattr(new, "factors", None)
+    if factors is not None:
+        return factors
+    if isinstance(getattr(new, "finetune", None), AdapterFineTune):
+        rows, columns = new.shape
+        return torch.zeros(rows, 0), torch.zeros(0, columns)
+    return None
+
+
+def _read_factors(state: Mapping[str, StoredTensor]) -> Factors:
+    left, right = state["sum.left"], state["sum.right"]
+    return left.read().reshape(left.shape), right.read().reshape(right.shape)
+
+
+def _factored_coefficients(u: torch.Tensor, v: torch.Tensor, factors: Factors) -> torch.Tensor:
+    """K = Uᵀ τ V (float64) for τ = left @ right."""
+    left, right = factors
+    return (u.T @ left.double()) @ (right.double() @ v)
+
+
+def _update_coefficients(u: torch.Tensor, v: torch.Tensor, factors: Factors | None, update: Pieces,
+                         shape: tuple[int, int]) -> torch.Tensor:
+    """K = Uᵀ τ V (float64), from τ's factors if it has them, else from a pass over τ's rows."""
+    if factors is not None:
+        return _factored_coefficients(u, v, factors)
+    columns = shape[1]
+    tau_v = torch.empty(shape[0], v.shape[1], dtype=torch.float64)
+    for start, stop in piece_bounds(shape):
+        tau_v[start // columns:stop // columns] = update.read(start, stop).reshape(-1, columns).double() @ v
+    return u.T @ tau_v
+
+
+@dataclass(frozen=True)
+class _FactoredSum:
+    """The new state of a tensor whose sum stays factored, S = left @ right, with ‖τ‖² and ‖S‖²; all of it goes with
+    the tensor's first piece."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    update_sq: float
+    sum_sq: float
+
+    def piece(self, start: int, stop: int) -> _FactoredSum:
+        return self
+
+
+@dataclass(frozen=True)
+class _Densified:
+    """A factored sum made dense by this fold: pieces of S and of what is removed from the update (if anything)."""
+
+    accumulated: _Product
+    removal: _Product | None
+
+    def piece(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.accumulated.piece(start, stop), None if self.removal is None else self.removal.piece(start, stop)
+
+
 class OPCM(MergeMethod):
     name = "opcm"
     merged_after_finish = True
@@ -167,6 +244,8 @@ class OPCM(MergeMethod):
         "project": Param([], list, _regex_list, "regexes of 2-D tensors to project besides the default rule"),
         "skip": Param([], list, _regex_list, "regexes of tensors never to project"),
     }
+
+    _merged_right: tuple[str, torch.Tensor] | None = None  # the tensor whose factored sum ``merged`` writes, its R
 
     def state_kinds(self) -> tuple[str, ...]:
         return ("sum",)
@@ -182,14 +261,74 @@ class OPCM(MergeMethod):
     def prepares_ahead(self, name: str, shape: tuple[int, ...]) -> bool:
         return self.t > 1 and self.is_projected(name, shape)  # projections are independent of each other
 
+    def factored_width(self, shape: tuple[int, ...], old: Mapping[str, tuple[int, ...]],
+                       update: Factors | None) -> int | None:
+        """How many columns this fold keeps the tensor's sum in as factors, or None to keep it dense: factored while
+        every update of a projected tensor has come as factors and their ranks add up to at most
+        :func:`max_factored_rank`. For a projected tensor."""
+        if update is None or (old and "sum.left" not in old):
+            return None
+        width = (old["sum.left"][1] if old else 0) + update[0].shape[1]
+        return width if width <= max_factored_rank(shape[0], shape[1]) else None
+
+    def state_shapes(self, name: str, shape: tuple[int, ...], old: Mapping[str, tuple[int, ...]],
+                     new: FineTuneTensor) -> dict[str, tuple[int, ...]]:
+        width = self.factored_width(shape, old, low_rank_update(new)) if self.is_projected(name, shape) else None
+        if width is None:
+            return {"sum": shape}
+        return {"sum.left": (shape[0], width), "sum.right": (width, shape[1])}
+
     def prepare(self, name: str, base: StoredTensor, new: StoredTensor,
                 state: Mapping[str, StoredTensor]) -> Prepared | None:
-        """The part of the update to remove, piece by piece; None if nothing is removed from this tensor."""
-        if not state or not self.is_projected(name, base.shape):
+        """The part of the update to remove, piece by piece (with a factored sum's pieces if it is made dense now),
+        or the new state whole if it stays factored; None if nothing is removed from this tensor."""
+        if not self.is_projected(name, base.shape):
             return None
         rows, columns = base.shape
-        return update_removal(state["sum"], _Difference(new, base), (rows, columns), self.p["alpha"],
-                              self.p["zero_diagonal"])
+        update = low_rank_update(new)
+        width = self.factored_width(base.shape, {k: v.shape for k, v in state.items()}, update)
+        if width is not None:
+            return self._factored_sum(state, update, width)
+        if not state:
+            return None
+        if "sum" in state:
+            if update is not None and not update[0].shape[1]:
+                return None  # an adapter leaves this tensor alone: D = τ = 0
+            return update_removal(state["sum"], _Difference(new, base), (rows, columns), self.p["alpha"],
+                                  self.p["zero_diagonal"])
+        left, right = _read_factors(state)  # a factored sum made dense: by a full checkpoint, or past the rank
+        svd = factored_svd(left, right)
+        removed = self._removed(svd, lambda u, v: _update_coefficients(u, v, update, _Difference(new, base),
+                                                                       (rows, columns)))
+        removal = None if removed is None else \
+            _Product((svd.q_left @ removed[0]).float(), (removed[1] @ svd.q_right.T).float())
+        return _Densified(_Product(left, right), removal)
+
+    def _removed(self, svd: FactoredSVD, coefficients: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What OPCM removes from τ given S's factored SVD: U_c C V_cᵀ, with U = Q_L U_c and V = Q_R V_c over S's
+        resolved directions and C of the coefficients K = Uᵀ τ V (``coefficients(U, V)``), as (U_c, C V_cᵀ);
+        None if nothing is removed."""
+        resolved = svd.resolved()
+        r = min(projection_rank(svd.singular, self.p["alpha"]), resolved)
+        if not resolved or (r == 0 and not self.p["zero_diagonal"]):
+            return None
+        u_core, v_core = svd.u_core[:, :resolved], svd.v_core[:, :resolved]
+        k = coefficients(svd.q_left @ u_core, svd.q_right @ v_core)
+        return u_core, _removed_coefficients_times(k, r, self.p["zero_diagonal"], v_core.T)
+
+    def _factored_sum(self, state: Mapping[str, StoredTensor], update: Factors, width: int) -> _FactoredSum:
+        """S + D as factors for S = L R and τ = B A: S − U_r K V_rᵀ = Q_L (core − U_c C V_cᵀ) Q_Rᵀ, so S + D is
+        that plus B A, whose factors lie in [Q_L, B] and [Q_R, Aᵀ]; recompressed to its rank."""
+        b, a = update
+        update_sq = product_sum_of_squares(b, a)
+        if not state:
+            return _FactoredSum(b.contiguous(), a.contiguous(), update_sq, update_sq)
+        svd = factored_svd(*_read_factors(state))
+        removed = self._removed(svd, lambda u, v: _factored_coefficients(u, v, update))
+        middle = svd.core if removed is None else svd.core - removed[0] @ removed[1]
+        left, right, sum_sq = plus_product(svd, middle, b, a, width)
+        return _FactoredSum(left, right, update_sq, sum_sq)
 
     def begin(self, arrival: Arrival) -> None:
         super().begin(arrival)
@@ -197,15 +336,25 @@ class OPCM(MergeMethod):
         self._sum_sq: dict[str, float] = {}
 
     def fold(self, piece: Piece, base: torch.Tensor, new: torch.Tensor, state: dict[str, torch.Tensor],
-             prepared: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """``prepared``: this piece of what is removed from the update (the projection), if anything is."""
-        tau = new.sub_(base)
+             prepared: torch.Tensor | tuple[torch.Tensor, torch.Tensor | None] | _FactoredSum | None = None
+             ) -> dict[str, torch.Tensor]:
+        """``prepared``: this piece of what is removed from the update (the projection), if anything is; with this
+        piece of a factored sum made dense; or a factored sum's whole new state."""
         name = piece.name
+        if isinstance(prepared, _FactoredSum):
+            if piece.start:
+                return {}
+            self._tau_sq[name], self._sum_sq[name] = prepared.update_sq, prepared.sum_sq
+            return {"sum.left": prepared.left.reshape(-1), "sum.right": prepared.right.reshape(-1)}
+        tau = new.sub_(base)
         self._tau_sq[name] = self._tau_sq.get(name, 0.0) + sum_of_squares(tau)
-        if not state:
+        old = state.get("sum")
+        if isinstance(prepared, tuple):
+            old, prepared = prepared
+        if old is None:
             accumulated = tau
         else:
-            accumulated = state["sum"].add_(tau if prepared is None else tau.sub_(prepared))
+            accumulated = old.add_(tau if prepared is None else tau.sub_(prepared))
         self._sum_sq[name] = self._sum_sq.get(name, 0.0) + sum_of_squares(accumulated)
         return {"sum": accumulated}
 
@@ -218,4 +367,12 @@ class OPCM(MergeMethod):
     def merged(self, piece: Piece, base: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         norms, sum_norm = self.scalars["task_norms"], self.scalars["sum_norm"]
         scale = (sum(norms) / len(norms)) / sum_norm if sum_norm else 0.0
-        return torch.add(base, state["sum"], alpha=scale)
+        if "sum" in state:
+            return torch.add(base, state["sum"], alpha=scale)
+        left, right = state["sum.left"], state["sum.right"]  # θ0 + scale·L R, this piece's rows of L
+        width, columns = right.shape
+        if self._merged_right is None or self._merged_right[0] != piece.name:  # a tensor's pieces come in order
+            self._merged_right = (piece.name, right.read().reshape(width, columns))
+        first, last = piece.start // columns, piece.stop // columns
+        rows = left.read(first * width, last * width).reshape(last - first, width)
+        return torch.addmm(base.reshape(-1, columns), rows, self._merged_right[1], alpha=scale).reshape(-1)
