@@ -11,6 +11,8 @@ import pytest
 import torch
 
 FAMILIES = ("llama", "bert")
+HIDDEN, INTERMEDIATE = 64, 128
+LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj"]
 TARGETS = {"llama": (["q_proj", "v_proj", "down_proj"], ["k_proj", "o_proj", "up_proj", "gate_proj"]),
            "bert": (["query", "value"], ["key", "dense"])}
 
@@ -19,13 +21,14 @@ def tiny_base(root: Path, family: str) -> Path:
     """A tiny random model of ``family`` saved by the installed transformers, as a stream's base."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    if family == "llama":
-        config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    if family == "llama":  # grouped-query attention: k and v are 32×64, down 64×128, up 128×64
+        config = transformers.LlamaConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=32)
         model = transformers.LlamaForCausalLM(config)
     else:
-        config = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, max_position_embeddings=32)
+        config = transformers.BertConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
         model = transformers.BertModel(config)
     path = root / f"{family}-base"
     model.save_pretrained(path)
@@ -40,8 +43,9 @@ def load(base: Path) -> Any:
 
 
 def make_adapter(base: Path, path: Path, *, seed: int, rank: int = 4, alpha: float = 8, targets: list[str],
-                 rslora: bool = False, **settings: Any) -> Path:
-    """A LoRA adapter of ``base`` made and saved by peft, its B factors random so that its update is not zero."""
+                 rslora: bool = False, scale: float = 0.3, **settings: Any) -> Path:
+    """A LoRA adapter of ``base`` made and saved by peft, its factors random (``scale``) so that its update is not
+    zero."""
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, use_rslora=rslora, **settings)
     with warnings.catch_warnings():
@@ -51,7 +55,7 @@ def make_adapter(base: Path, path: Path, *, seed: int, rank: int = 4, alpha: flo
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
     model.save_pretrained(path)
     return path
 
@@ -64,3 +68,12 @@ def merged_by_peft(base: Path, adapter: Path, path: Path) -> Path:
         model = peft.PeftModel.from_pretrained(load(base), adapter).merge_and_unload()
     model.save_pretrained(path)
     return path
+
+
+def adapter_and_merged(base: Path, out: Path, *, seed: int, rank: int, targets: list[str], rslora: bool = False
+                       ) -> tuple[Path, Path]:
+    """An adapter of ``base`` with small factors (as trained ones are, against the weights) and peft's full model of
+    it, as ``out/adapter`` and ``out/full``."""
+    adapter = make_adapter(base, out / "adapter", seed=seed, rank=rank, alpha=2 * rank + 1, targets=targets,
+                           rslora=rslora, scale=0.05)
+    return adapter, merged_by_peft(base, adapter, out / "full")

@@ -22,10 +22,10 @@ from mergeops.ledger import Ledger
 from mergeops.model import folder_digest
 from mergeops.pipeline import fold_checkpoint
 from mergeops.policy import GateConfig, load_policy
+from tests.adapters import adapter_and_merged
+from tests.adapters import tiny_base as make_tiny_base
 from tests.conftest import write_model
 from tests.fold import reference
-from tests.fold.methods.adapters import make_adapter
-from tests.fold.methods.adapters import make_base as make_tiny_base
 from tests.fold.streams import (
     CONFIG,
     assert_close,
@@ -687,7 +687,7 @@ def test_an_opcm_stream_of_lora_adapters_equals_the_stream_of_their_merged_model
     """Adapters go through intake, the ledger and a fold each, the method rebuilt from the stored state every time
     (as separate processes are), their sums kept as factors; the result is that of peft's merged models."""
     base = make_tiny_base(tmp_path, "llama")
-    pairs = [make_adapter(base, tmp_path / f"a{i}", seed=i, rank=rank, targets=targets, rslora=i == 2)
+    pairs = [adapter_and_merged(base, tmp_path / f"a{i}", seed=i, rank=rank, targets=targets, rslora=i == 2)
              for i, (rank, targets) in enumerate([(4, ["q_proj", "v_proj"]), (2, ["q_proj", "down_proj"]),
                                                   (3, ["v_proj", "o_proj", "q_proj"])], 1)]
     params = {"alpha": 0.5, "zero_diagonal": True}

@@ -63,7 +63,8 @@ class FineTune:
         return FineTuneTensor(self, name)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The update of tensor ``name`` as low-rank factors, if that is how the checkpoint stores it."""
+        """The update θ − θ0 of tensor ``name`` as low-rank factors ``(left, right)``, float32, if that is how the
+        checkpoint stores it (zero-width ones where an adapter leaves the tensor alone); None for a dense update."""
         return None
 
     def file_of(self, name: str) -> str:
@@ -159,7 +160,8 @@ class AdapterFineTune(FineTune):
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         if name not in self.adapter.targets:
-            return None
+            shape = self.base.tensors[name].shape
+            return (torch.zeros(shape[0], 0), torch.zeros(0, shape[1])) if len(shape) == 2 else None
         with self._lock:
             cached = self._factors.get(name)
         if cached is None:
@@ -172,10 +174,9 @@ class AdapterFineTune(FineTune):
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         base = self.base.read(name, start, stop)
-        factors = self.factors(name)
-        if factors is None:
+        if name not in self.adapter.targets:
             return base
-        left, right = factors
+        left, right = self.factors(name)
         columns = right.shape[1]
         if start % columns or (stop is not None and stop % columns):
             raise ValueError(f"elements [{start}, {stop}) of {name!r} are not whole rows of {columns} elements")

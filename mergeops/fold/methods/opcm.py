@@ -34,7 +34,7 @@ from mergeops.fold.methods.base import Arrival, MergeMethod, Param, Piece, Prepa
 from mergeops.fold.methods.lowrank import ZERO_FLOOR, FactoredSVD, factored_svd, plus_product, product_sum_of_squares
 from mergeops.model import InMemory, Pieces, StoredTensor, piece_bounds
 from mergeops.model.architectures import is_embedding
-from mergeops.model.finetune import AdapterFineTune, FineTuneTensor
+from mergeops.model.finetune import FineTuneTensor
 
 # ZERO_FLOOR: σ_i² / σ_1² at or below which S's i-th singular direction is below float32's resolution of S: its
 # singular vectors are arbitrary (in any SVD of S), so it is neither protected nor has its diagonal coefficient removed.
@@ -178,13 +178,7 @@ def max_factored_rank(rows: int, columns: int) -> int:
 def low_rank_update(new: FineTuneTensor | StoredTensor) -> Factors | None:
     """τ as factors ``(left, right)`` if the checkpoint stores it so (zero-width ones for a tensor an adapter leaves
     alone: its τ is exactly zero), None for a dense update (a full checkpoint)."""
-    factors = getattr(new, "factors", None)
-    if factors is not None:
-        return factors
-    if isinstance(getattr(new, "finetune", None), AdapterFineTune):
-        rows, columns = new.shape
-        return torch.zeros(rows, 0), torch.zeros(0, columns)
-    return None
+    return getattr(new, "factors", None)
 
 
 def _read_factors(state: Mapping[str, StoredTensor]) -> Factors:

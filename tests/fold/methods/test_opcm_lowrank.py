@@ -13,10 +13,12 @@ from mergeops.fold.engine import FoldJob, fold, read_scalars, state_layout
 from mergeops.fold.methods import METHODS
 from mergeops.fold.methods.base import Arrival
 from mergeops.fold.methods.opcm import max_factored_rank
+from mergeops.intake.checkpoint import reopen
 from mergeops.model import ModelFolder
-from mergeops.model.finetune import open_finetune
+from tests.adapters import HIDDEN, INTERMEDIATE, LLAMA_LINEAR
+from tests.adapters import adapter_and_merged as make_adapter
+from tests.adapters import tiny_base as make_base
 from tests.fold import reference
-from tests.fold.methods.adapters import HIDDEN, INTERMEDIATE, LLAMA_LINEAR, make_adapter, make_base
 from tests.fold.streams import assert_close, read_floats
 
 
@@ -31,7 +33,7 @@ def fold_stream(root: Path, base_path: Path, checkpoints: list[Path], params: di
         for t, path in enumerate(checkpoints, 1):
             method = cls(checked, scalars)
             digest = f"sha256:{t:064d}"
-            with open_finetune(path, base) as view:
+            with reopen(path, base, vocab="reject") as view:
                 method.begin(Arrival(view, lambda d=digest: d, t=t))
                 job = FoldJob(stream="s", base=base, checkpoint=view, old_state=old_state, method=method,
                               output_dir=root / f"out{t}", state_dir=root / f"state{t}", dtype="base",
