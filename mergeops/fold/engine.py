@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from mergeops.errors import RejectedError
+from mergeops.errors import PolicyError, RejectedError
 from mergeops.fold.methods.base import MergeMethod, Piece, Prepared
 from mergeops.intake.validate import tensor_value_problem
 from mergeops.model import ModelFolder, ModelWriter, StoredTensor, TensorSpec, piece_bounds
@@ -97,6 +97,10 @@ class _Fold:
         job = self.job
         self.old_layout = state_layout(job.old_state)
         self.floating = [n for n, info in job.base.tensors.items() if info.dtype.is_floating_point]
+        lacking = [n for n in self.floating if job.old_state is not None and n not in self.old_layout]
+        if lacking:
+            raise PolicyError(f"the stream's state in {job.old_state.path} lacks tensor {lacking[0]!r}: the state "
+                              "folder is damaged; run `mergeops audit`, and restore the stream's home from a backup.")
 
     def run(self) -> Folded:
         job, method = self.job, self.job.method

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergeops.errors import RejectedError
+from mergeops.errors import PolicyError, RejectedError
 from mergeops.fold.engine import SCALARS_FILE, FoldJob, fold, read_scalars, state_name
 from mergeops.fold.methods import METHODS
 from mergeops.fold.methods.base import Arrival
@@ -48,6 +48,27 @@ def test_two_folds_write_state_and_the_merged_model(tmp_path, method):
     assert done.update_norm is not None and folded.update_norm > done.update_norm > float(taus[0].norm())
     with ModelFolder.open(tmp_path / "state2") as state:
         assert state_name("sum", "model.norm.weight") in state.tensors
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "opcm"])
+@pytest.mark.parametrize("damage", ["lacks a tensor", "a tensor of another shape"])
+def test_a_damaged_state_stops_the_fold_naming_the_tensor(tmp_path, method, damage):
+    """The state is the stream's own file: one that does not hold what the method writes is never folded on."""
+    base_path, base = make_base(tmp_path)
+    first, second = make_checkpoints(tmp_path, base, 2)
+    with ModelFolder.open(base_path) as base_folder, ModelFolder.open(first) as checkpoint:
+        fold(job(tmp_path, base_folder, checkpoint, method))
+    state = dict(read_model(tmp_path / "state1"))
+    victim = state_name("sum", "model.layers.0.self_attn.q_proj.weight")  # both methods keep a sum
+    if damage == "lacks a tensor":
+        del state[victim]
+    else:
+        state[victim] = state[victim][:-1]
+    write_model(tmp_path / "damaged", state)
+    with ModelFolder.open(base_path) as base_folder, ModelFolder.open(second) as checkpoint, \
+            ModelFolder.open(tmp_path / "damaged") as damaged, \
+            pytest.raises(PolicyError, match=r"'model\.layers\.0\.self_attn\.q_proj\.weight'.*damaged"):
+        fold(job(tmp_path, base_folder, checkpoint, method, t=2, old_state=damaged))
 
 
 def test_a_value_that_is_not_finite_stops_the_fold_naming_the_tensor(tmp_path):

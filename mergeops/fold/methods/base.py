@@ -191,8 +191,12 @@ class MergeMethod:
                      new: FineTuneTensor) -> dict[str, tuple[int, ...]]:
         """The state tensors this fold writes for tensor ``name`` of ``shape`` (kind -> shape), given those of the old
         state (``old``, empty for the stream's first checkpoint) and the checkpoint's tensor ``new``: by default
-        every kind of ``state_kinds``, shaped like the tensor."""
-        return {kind: shape for kind in self.state_kinds()}
+        every kind of ``state_kinds``, shaped like the tensor. Raises PolicyError if ``old`` is not a state this
+        method writes (a damaged state folder)."""
+        layout = {kind: shape for kind in self.state_kinds()}
+        if old and old != layout:
+            raise damaged_state(self.name, name, old)
+        return layout
 
     def finish(self) -> None:
         """Called after every tensor is folded; update ``self.scalars`` here."""
@@ -200,6 +204,12 @@ class MergeMethod:
 
     def close(self) -> None:
         """Release anything opened in ``begin`` (extra files)."""
+
+
+def damaged_state(method: str, name: str, found: Mapping[str, tuple[int, ...]]) -> PolicyError:
+    shapes = ", ".join(f"{kind} {list(shape)}" for kind, shape in found.items()) or "nothing"
+    return PolicyError(f"the stream's state holds {shapes} for tensor {name!r}, which {method} never writes: the state "
+                       "folder is damaged; run `mergeops audit`, and restore the stream's home from a backup.")
 
 
 # -- the common case: two pure functions --------------------------------------------------------------

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergeops.fold.methods.base import Arrival, MergeMethod, Param, Piece, Prepared
+from mergeops.fold.methods.base import Arrival, MergeMethod, Param, Piece, Prepared, damaged_state
 from mergeops.fold.methods.lowrank import ZERO_FLOOR, FactoredSVD, factored_svd, plus_product, product_sum_of_squares
 from mergeops.model import InMemory, Pieces, StoredTensor, piece_bounds
 from mergeops.model.architectures import is_embedding
@@ -267,6 +267,11 @@ class OPCM(MergeMethod):
 
     def state_shapes(self, name: str, shape: tuple[int, ...], old: Mapping[str, tuple[int, ...]],
                      new: FineTuneTensor) -> dict[str, tuple[int, ...]]:
+        rows, columns = shape if len(shape) == 2 else (0, 0)
+        factored = len(old) == 2 and old.get("sum.left", (0, -1))[0] == rows and \
+            old.get("sum.right", (-1, 0))[1] == columns and old["sum.left"][1] == old["sum.right"][0]
+        if old and old != {"sum": shape} and not (factored and self.is_projected(name, shape)):
+            raise damaged_state(self.name, name, old)
         width = self.factored_width(shape, old, low_rank_update(new)) if self.is_projected(name, shape) else None
         if width is None:
             return {"sum": shape}
