@@ -14,7 +14,6 @@ step and the difference of the two final merged models as a markdown report.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -23,46 +22,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from bench_opcm import compare, ensure_models, mergeops_revision, mib, run_mergeops
 
 from mergeops.fold.methods.opcm import OPCM
 from mergeops.model import ModelFolder, ModelWriter, TensorSpec
-from mergeops.model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
-from mergeops.model.finetune import open_finetune
-from mergeops.synthetic import llama_shape_for
+from mergeops.model.adapter import Adapter
+from mergeops.model.finetune import AdapterFineTune
+from mergeops.synthetic import ATTENTION_AND_MLP, llama_shape_for, write_adapter
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
-RELATIVE_UPDATE = 0.02  # std of ΔW over std of W
-
-
-def write_adapter(base: ModelFolder, out: Path, *, seed: int, rank: int) -> Path:
-    """A PEFT LoRA adapter of ``base`` (lora_alpha = 2r) with random factors."""
-    generator = torch.Generator().manual_seed(seed)
-    scale = 2.0  # lora_alpha / r
-    factors = {}
-    for name, info in base.tensors.items():
-        module = name.removesuffix(".weight")
-        if module.rsplit(".", 1)[-1] not in TARGETS:
-            continue
-        rows, columns = info.shape
-        spread = RELATIVE_UPDATE * float(base.read(name).float().std()) * (columns / rank) ** 0.5 / scale
-        factors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = torch.randn(rank, columns, generator=generator) / columns**0.5
-        factors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = torch.randn(rows, rank, generator=generator) * spread
-    with ModelWriter(out, [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in factors.items()]) as writer:
-        for name, tensor in factors.items():
-            writer.write(name, tensor)
-    (out / "model.safetensors").rename(out / ADAPTER_WEIGHTS)
-    (out / ADAPTER_CONFIG).write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS), "bias": "none",
-        "lora_dropout": 0.0, "use_rslora": False, "fan_in_fan_out": False, "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(base.path)}, indent=2) + "\n")
-    return out
+TARGETS = ATTENTION_AND_MLP
+RELATIVE_UPDATE = 0.02  # typical |ΔW| over typical |W|
 
 
 def write_merged_adapter(base: ModelFolder, adapter: Path, out: Path) -> Path:
     """The adapter's update in a full checkpoint: θ0 + scale·B·A in float32, as the fold reads the adapter."""
-    with open_finetune(adapter, base) as view, ModelWriter(
+    with AdapterFineTune(Adapter.open(adapter), base) as view, ModelWriter(
             out, [TensorSpec(n, i.dtype, i.shape) for n, i in base.tensors.items()], donor=base.path) as writer:
         for name in base.tensors:
             writer.write(name, view.read(name).to(base.tensors[name].dtype).reshape(base.tensors[name].shape))
@@ -78,7 +52,8 @@ def ensure_adapters(folder: Path, base: Path, n: int, rank: int) -> tuple[list[P
             if not adapter.exists():
                 staging = folder / f".staging-{adapter.name}"
                 shutil.rmtree(staging, ignore_errors=True)
-                write_adapter(model, staging, seed=1000 + i, rank=rank)
+                write_adapter(base, staging, seed=1000 + i, rank=rank, alpha=2 * rank, targets=TARGETS,
+                              scale=RELATIVE_UPDATE)
                 staging.rename(adapter)
             if not full.exists():
                 write_merged_adapter(model, adapter, full)
