@@ -30,7 +30,7 @@ from mergeops.policy import load_policy
 from mergeops.publish.adapter import write_adapter
 from mergeops.publish.publish import publish
 from tests.conftest import write_model
-from tests.fold.streams import write_policy
+from tests.fold.streams import read_model, write_policy
 from tests.registry.hub_server import HubServer, hub_server_fixture  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(240)
@@ -265,3 +265,27 @@ def test_refusals_publish_nothing_and_record_nothing(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mergeops", "publish", "--policy", str(path), "--as-adapter", "8"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "an adapter cannot be protected" in done.stderr
+
+
+def test_an_adapter_published_from_a_stream_of_adapters_folds_back_into_the_version(tmp_path):
+    """Adapters out, then in: the version of a stream of LoRA adapters, published as an adapter at a rank that holds
+    its update, folds into a new stream of the same base (task arithmetic, λ = 1) as that version."""
+    from tests.adapters import make_adapter, tiny_base
+
+    base = tiny_base(tmp_path, "llama")
+    path = write_policy(tmp_path, base, "average")
+    path.write_text(path.read_text() + f'[streams.s.publish]\nto = "{tmp_path / "pub"}"\nas_adapter = {{rank = 16}}\n')
+    policy = load_policy(path)
+    for seed, targets in ((1, ["q_proj", "v_proj"]), (2, ["v_proj", "down_proj"])):
+        adapter = make_adapter(base, tmp_path / f"a{seed}", seed=seed, rank=4, targets=targets)
+        assert fold_checkpoint(policy, "s", adapter).status == "merged"
+    publication = publish(policy, "s")
+    assert publication.adapter is not None and publication.adapter.error < 1e-5
+    again = load_policy(write_policy(tmp_path / "again", base, "task_arithmetic", {"lambda": 1.0}))
+    result = fold_checkpoint(again, "s", Path(publication.targets[0]))
+    assert result.status == "merged", result.reason
+    version, base_values = read_model(tmp_path / "out" / "v0002"), read_model(base)
+    folded_back = read_model(result.output)
+    for name, value in version.items():
+        update = (value - base_values[name]).abs().max()
+        assert float((folded_back[name] - value).abs().max()) <= 1e-5 * max(float(update), 1e-6), name
