@@ -224,7 +224,7 @@ def _check_rollback(ledger: Ledger, report: AuditReport, folders: Mapping[str, I
             "SELECT target FROM publications WHERE stream = ? AND target NOT LIKE ?", (head["stream"], f"{SCHEME}%"))}
         for root in sorted(roots):
             for child in sorted(root.iterdir()) if root.is_dir() else []:
-                match = re.fullmatch(r"v(\d{4,})", child.name)
+                match = re.fullmatch(r"v(\d{4,})(?:-.+)?", child.name)  # a version, or a copy of one (v0003-lora-r64)
                 if match and int(match.group(1)) > head["version"]:
                     report.add("rollback", str(child), f"{child} is on disk, but the ledger's last version of stream "
                                f"{head['stream']} is v{head['version']:04d}: events were removed from the ledger (or "

@@ -263,6 +263,7 @@ def test_a_ledger_rolled_back_with_an_older_signed_head_is_caught_by_what_is_on_
         shutil.copyfile(policy.home / name, saved / name)
     fold_checkpoint(policy, "s", checkpoints[2])
     publish(policy, "s")
+    publish(policy, "s", as_adapter=4)  # published copies of any name count
     for name in ("ledger.db-wal", "ledger.db-shm"):
         (policy.home / name).unlink(missing_ok=True)
     for name in ("ledger.db", "ledger-head.json"):
@@ -273,6 +274,7 @@ def test_a_ledger_rolled_back_with_an_older_signed_head_is_caught_by_what_is_on_
     assert {p["kind"] for p in found} >= {"rollback"}
     rolled = [p["where"] for p in found if p["kind"] == "rollback"]
     assert str(policy.streams["s"].output / "v0003") in rolled and str(tmp_path / "published" / "v0003") in rolled
+    assert str(tmp_path / "published" / "v0003-lora-r4") in rolled
 
 
 def test_a_chain_re_signed_with_another_key_and_a_swapped_public_key_is_refused(stream, tmp_path):
