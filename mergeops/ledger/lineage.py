@@ -30,6 +30,10 @@ def resolve(ledger: Ledger, target: str) -> tuple[str, int, dict[str, Any]]:
             if version is not None:
                 return version.stream, version.version, found | {
                     "as": "protected copy", "protection": _protection(protection)}
+        publication = ledger.publication_with_digest(digest)
+        if publication is not None:
+            return publication.stream, publication.version, found | {
+                "as": "published copy", "publication": {"target": publication.target, "created": publication.created}}
         raise UsageError(f"{path} ({digest}) is not a model this ledger made, protected or published.")
     stream, _, number = target.partition("@")
     if ledger.started(stream) is None:

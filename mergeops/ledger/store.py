@@ -29,6 +29,7 @@ from mergeops.ledger.events import GENESIS, Event, canonical
 from mergeops.ledger.kinds import CheckpointFacts, CheckpointRejected, LedgerEvent, StreamStarted
 from mergeops.ledger.lock import WriterLock
 from mergeops.ledger.tables import apply, migrations
+from mergeops.model.digest import digest_of_listing, is_digest_excluded
 from mergeops.policy import Policy
 
 LEDGER_FILE = "ledger.db"
@@ -360,6 +361,16 @@ class Ledger:
                                   r["signer"], r["created"], json.loads(r["files"] or "{}"))
                 for r in self._rows("SELECT * FROM publications WHERE stream = ? AND version = ? ORDER BY id",
                                     (stream, version))]
+
+    def publication_with_digest(self, digest: str) -> PublicationRecord | None:
+        """The publication whose copy has this folder digest (a copy other than the version itself, such as an
+        adapter), from the files recorded when it was published."""
+        for r in self._rows("SELECT * FROM publications WHERE files IS NOT NULL ORDER BY id"):
+            files = json.loads(r["files"])
+            if files and digest_of_listing({f: h for f, h in files.items() if not is_digest_excluded(f)}) == digest:
+                return PublicationRecord(r["stream"], r["version"], str(self.located(r["target"])), r["output_digest"],
+                                         r["signer"], r["created"], files)
+        return None
 
     def _protections(self, column: str, digest: str) -> list[ProtectionRecord]:
         return [ProtectionRecord(r["source_digest"], r["output_digest"], str(self.located(r["path"])),

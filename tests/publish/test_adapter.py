@@ -289,3 +289,18 @@ def test_an_adapter_published_from_a_stream_of_adapters_folds_back_into_the_vers
     for name, value in version.items():
         update = (value - base_values[name]).abs().max()
         assert float((folded_back[name] - value).abs().max()) <= 1e-5 * max(float(update), 1e-6), name
+
+
+def test_lineage_of_a_published_adapter_names_its_version(tmp_path):
+    """"Where did this model come from?" holds for an adapter mergeops published: found by its folder digest among
+    the publications, and answered with its version's lineage."""
+    from mergeops.ledger.lineage import lineage
+
+    policy = load_policy(stream_of(tmp_path, tiny_llama(), f'[streams.s.publish]\nto = "{tmp_path / "pub"}"\n'
+                                   "as_adapter = {rank = 8}\n"))
+    publication = publish(policy, "s")
+    with Ledger.open_readonly(policy.home) as ledger:
+        document = lineage(ledger, publication.targets[0])
+    assert document["found"]["as"] == "published copy" and document["version"] == 2
+    assert document["found"]["digest"] == folder_digest(Path(publication.targets[0]))
+    assert [step["version"] for step in document["steps"]] == [2, 1]
