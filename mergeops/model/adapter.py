@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mergeops.errors import ModelFolderError
+from mergeops.errors import ModelFolderError, RejectedError
 from mergeops.model.folder import ModelFolder
 from mergeops.model.problems import Problem
 
@@ -254,6 +254,11 @@ class Adapter:
         """``(left, right)`` in float32 with ΔW = left @ right for base tensor ``tensor`` (the scale is in left)."""
         target = self.targets[tensor]
         a, b = self.folder.read(target.a).float(), self.folder.read(target.b).float()
+        for key, values in ((target.a, a), (target.b, b)):  # before any factorisation sees them
+            if not bool(torch.isfinite(values).all()):
+                raise RejectedError(f"LoRA factor {key!r} of {self.path / ADAPTER_WEIGHTS} has non-finite values (NaN "
+                                    "or Inf); the adapter is corrupted or its training diverged, so it cannot be "
+                                    "merged.", gate="finite")
         if target.transposed:  # (B·A)ᵀ = Aᵀ·Bᵀ
             return a.T.mul(target.scale), b.T.contiguous()
         return b.mul(target.scale), a

@@ -223,3 +223,18 @@ def test_an_adapter_may_ship_the_bases_tokenizer_but_no_other(tmp_path):
     assert results["same"].status == "merged", results["same"].reason
     for name in ("moved", "added"):
         assert results[name].status == "rejected" and "cannot add or move tokens" in results[name].reason
+
+
+def test_a_non_finite_factor_is_rejected_before_opcms_factored_projection_sees_it(tmp_path):
+    """Where OPCM keeps the sum as factors, a NaN factor would reach its QR and SVD: it is a rejection instead."""
+    base = tiny_base(tmp_path, "llama")
+    policy = load_policy(write_policy(tmp_path, base, "opcm"))
+    good = make_adapter(base, tmp_path / "good", seed=1, targets=["q_proj"])
+    assert fold_checkpoint(policy, None, good).status == "merged"
+    bad = make_adapter(base, tmp_path / "bad", seed=2, targets=["q_proj"])
+    rewrite_weights(bad, lambda t: {n: v.index_fill(0, torch.tensor([0]), float("nan")) if "lora_B" in n else v
+                                    for n, v in t.items()})
+    result = fold_checkpoint(policy, None, bad)
+    assert (result.status, result.gate) == ("rejected", "finite") and "lora_B" in result.reason, result.reason
+    with Ledger.open_readonly(policy.home) as ledger:
+        assert ledger.head("s").version == 1
