@@ -206,6 +206,9 @@ class _Fold:
         """Fold one tensor in cache-sized pieces of whole rows, read from and written to disk piece by piece."""
         job = self.job
         shape = job.base.tensors[name].shape
+        if output is None and prepared is not None and not getattr(prepared, "needs_values", True):
+            self._fold_computed(name, shape, prepared, state)
+            return
         appended: dict[str, int] = {}  # state tensors of their own shape: elements written so far
         with one_torch_thread():  # pieces are too small to share out; the other core hashes what is written
             for start, stop in piece_bounds(shape):
@@ -227,6 +230,17 @@ class _Fold:
                 if output:
                     merged = job.method.merged(piece, base, new_state).to(output.specs[name].dtype)
                     output.write_piece(name, start, _finite_merged(name, merged))
+
+    def _fold_computed(self, name: str, shape: tuple[int, ...], prepared: Prepared, state: ModelWriter) -> None:
+        """A tensor whose new state ``prepare`` computed without its values (from the checkpoint's factors): one call
+        of ``fold`` with the whole tensor's piece and empty values; none of its pieces is read."""
+        numel = math.prod(shape)
+        empty = torch.empty(0)
+        new_state = self.job.method.fold(Piece(name, 0, numel), empty, empty, {}, prepared.piece(0, numel))
+        if self.job.measure_update:
+            self.update_sq[name] = prepared.update_sq  # type: ignore[attr-defined]
+        for kind, value in new_state.items():
+            state.write_piece(state_name(kind, name), 0, value)
 
     def _merge_pass(self) -> dict[str, str]:
         """Write the merged model from the new state, piece by piece (``merged`` is elementwise)."""

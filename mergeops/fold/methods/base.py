@@ -101,7 +101,11 @@ class Arrival:
 
 
 class Prepared(Protocol):
-    """What ``prepare`` returns: the part of it that goes with a piece of the tensor."""
+    """What ``prepare`` returns: the part of it that goes with a piece of the tensor. One that has an attribute
+    ``needs_values = False`` holds the tensor's whole new state, computed without the tensor's values (OPCM's sums of
+    an adapter's factors), and its ‖τ‖² as ``update_sq``: when the merged model is written after ``finish``, the
+    engine then reads none of the tensor's pieces and calls ``fold`` once, with the whole tensor's piece, empty
+    ``base`` and ``new`` and no state."""
 
     def piece(self, start: int, stop: int) -> Any: ...
 

@@ -27,6 +27,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -213,6 +214,7 @@ class _FactoredSum:
     right: torch.Tensor
     update_sq: float
     sum_sq: float
+    needs_values: ClassVar[bool] = False  # computed from the factors: the engine need not read the tensor
 
     def piece(self, start: int, stop: int) -> _FactoredSum:
         return self

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from mergeops.fold.engine import FoldJob, fold, read_scalars, state_layout
 from mergeops.fold.methods import METHODS
@@ -15,6 +16,7 @@ from mergeops.fold.methods.base import Arrival
 from mergeops.fold.methods.opcm import max_factored_rank
 from mergeops.intake.checkpoint import reopen
 from mergeops.model import ModelFolder
+from mergeops.model.finetune import AdapterFineTune
 from tests.adapters import HIDDEN, INTERMEDIATE, LLAMA_LINEAR
 from tests.adapters import adapter_and_merged as make_adapter
 from tests.adapters import tiny_base as make_base
@@ -22,9 +24,23 @@ from tests.fold import reference
 from tests.fold.streams import assert_close, read_floats
 
 
-def fold_stream(root: Path, base_path: Path, checkpoints: list[Path], params: dict) -> tuple[Path, Path]:
+class ReadsRecorded(AdapterFineTune):
+    """An adapter read as the fold reads it, noting which tensors' values were asked for."""
+
+    def __init__(self, view: AdapterFineTune, reads: set[str]) -> None:
+        super().__init__(view.adapter, view.base)
+        self.reads = reads
+
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        self.reads.add(name)
+        return super().read(name, start, stop)
+
+
+def fold_stream(root: Path, base_path: Path, checkpoints: list[Path], params: dict,
+                reads: set[str] | None = None) -> tuple[Path, Path]:
     """Fold ``checkpoints`` in order, each with a fresh method instance whose scalars and state are read from disk;
-    the last merged model's folder and state folder."""
+    the last merged model's folder and state folder. ``reads`` collects the tensors whose values an adapter was read
+    for."""
     cls = METHODS["opcm"]
     checked = cls.check_params(params, "test")
     scalars: dict = {}
@@ -34,6 +50,8 @@ def fold_stream(root: Path, base_path: Path, checkpoints: list[Path], params: di
             method = cls(checked, scalars)
             digest = f"sha256:{t:064d}"
             with reopen(path, base, vocab="reject") as view:
+                if reads is not None and isinstance(view, AdapterFineTune):
+                    view = ReadsRecorded(view, reads)
                 method.begin(Arrival(view, lambda d=digest: d, t=t))
                 job = FoldJob(stream="s", base=base, checkpoint=view, old_state=old_state, method=method,
                               output_dir=root / f"out{t}", state_dir=root / f"state{t}", dtype="base",
@@ -128,3 +146,13 @@ def test_a_sum_grown_past_the_rank_threshold_turns_dense_and_equals_the_dense_fo
     assert found[query] == {"sum": (HIDDEN, HIDDEN)}
     key = "encoder.layer.1.attention.self.key.weight"  # only the last adapter updated it: rank 2, factored
     assert found[key] == {"sum.left": (HIDDEN, 2), "sum.right": (2, HIDDEN)}
+
+
+def test_the_fold_never_reads_the_values_of_a_tensor_whose_sum_stays_factored(tmp_path, llama):
+    """Its new state comes from the adapter's factors alone: the values θ0 + B·A are not computed for it."""
+    base, adapters = llama
+    reads: set[str] = set()
+    _, state = fold_stream(tmp_path / "run", base, [a for a, _ in adapters], {"alpha": 0.5}, reads)
+    factored = {name for name, kinds in layout(state).items() if "sum.left" in kinds}
+    assert factored and not factored & reads
+    assert reads  # what is not factored (embeddings, norms) is still read
