@@ -42,6 +42,8 @@ SPECIAL_ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
 # tokenizer.json parts that are call-time settings, not how text becomes ids (newer libraries also write them
 # differently: ``truncation`` gained a ``direction``).
 _FAST_SETTINGS = frozenset({"version", "truncation", "padding", "added_tokens", "model"})
+# tokenizer.json's pipeline: a part left out is no part (null), never "whatever the base has".
+_FAST_PIPELINE = ("normalizer", "pre_tokenizer", "post_processor", "decoder")
 # Settings of tokenizer_config.json that change how text becomes ids (others are paths, lengths, class names and
 # keys that differ between transformers releases).
 _CONFIG_SETTINGS = ("do_lower_case", "strip_accents", "tokenize_chinese_chars", "add_prefix_space",
@@ -122,8 +124,9 @@ class _Reader:
             raise self.fail(name, "is not UTF-8 text") from None
 
     def json(self, name: str, kind: type) -> Any:
+        text = self.text(name)
         try:
-            value = json.loads(self.text(name), object_pairs_hook=_no_duplicate_keys)
+            value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except TokenizerFileError as exc:
             raise self.fail(name, f"is not valid: {exc}") from None
         except json.JSONDecodeError as exc:
@@ -158,6 +161,8 @@ class _Reader:
         if not isinstance(model, dict) or not isinstance(model.get("type"), str):
             raise self.fail(FAST_FILE, "has no \"model\" object with a \"type\"")
         aspects["model type"] = Aspect(FAST_FILE, model["type"])  # first: the most telling difference
+        for key in _FAST_PIPELINE:
+            aspects[key] = Aspect(FAST_FILE, document.get(key))
         for key, value in document.items():
             if key not in _FAST_SETTINGS:
                 aspects[key] = Aspect(FAST_FILE, value)

@@ -70,8 +70,8 @@ def vocab_rows(checkpoint: ModelFolder, base: ModelFolder, tied: dict[str, str],
                                 "read here (only a sentencepiece model); save it with tokenizer.json as well.")
         return None
     match = match_rows(theirs, ours, base_rows, rows)
-    if match.by_index:
-        return None
+    if match.by_index and rows == base_rows:
+        return None  # (more rows than the base's, even unnamed padding, are matched: a tensor is read in its shape)
     if setting == "reject":
         raise RejectedError(_changed(checkpoint, match, rows, base_rows))
     return match
@@ -133,4 +133,5 @@ def _changed(checkpoint: ModelFolder, match: RowMatch, rows: int, base_rows: int
     if match.moved:
         first = ", ".join(repr(t) for t in match.moved[:_SHOWN])
         return f"{checkpoint.path} gives {len(match.moved)} of the base's tokens other ids ({first}); {hint}"
-    return f"{checkpoint.path} has {rows} vocabulary rows where the base has {base_rows}; {hint}"
+    return (f"{checkpoint.path} has {rows} vocabulary rows where the base has {base_rows} (rows no token names, such "
+            f"as padding to a multiple); {hint}")

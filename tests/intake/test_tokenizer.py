@@ -138,6 +138,16 @@ def test_a_tokenizer_that_differs_in_more_than_tokens_is_named_with_the_file_and
     assert message.count(". ") == 0 and message.endswith(".")  # one sentence
 
 
+@pytest.mark.parametrize("part", ["normalizer", "pre_tokenizer"])
+def test_a_pipeline_part_left_out_of_tokenizer_json_is_no_part_and_so_a_difference(tmp_path, part):
+    """Deleting the base's normalizer (or pre-tokenizer) from tokenizer.json changes how text becomes ids."""
+    document = json.loads((minilm_dir() / "tokenizer.json").read_text())
+    del document[part]
+    folder = _write(tmp_path / "changed", "tokenizer.json", json.dumps(document))
+    message = tokenizer_difference(read(folder), read(minilm_dir()))
+    assert message is not None and f"different {part} from the base's" in message and "(null where" in message
+
+
 def test_another_model_type_or_other_merges_are_differences(tmp_path):
     words = word_level(tmp_path, "words", WORDS)
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE({"a": 0, "b": 1, "ab": 2, "[UNK]": 3}, [("a", "b")],
@@ -185,6 +195,7 @@ def test_tokenizer_files_are_untrusted_input_refused_with_the_file_named(tmp_pat
     with pytest.raises(TokenizerFileError) as caught:
         read(folder)
     assert needle in str(caught.value) and str(folder / name) in str(caught.value)
+    assert str(caught.value).count("fix it or copy it again") == 1  # one sentence, not one wrapped in another
 
 
 def test_a_tokenizer_file_beyond_the_size_cap_is_refused_before_it_is_parsed(tmp_path, monkeypatch):

@@ -95,6 +95,24 @@ def test_moved_ids_are_rejected_by_default_and_matched_with_vocab_base(tmp_path)
     assert [moved[r] for r in taken.rows.rows] == WORDS and taken.facts().vocab_dropped == ()
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_embeddings_padded_past_the_tokenizer_are_rejected_by_default_and_cut_back_with_vocab_base(tmp_path, family):
+    """The same tokens with more rows (``resize_token_embeddings(pad_to_multiple_of=8)``): never read by index."""
+    transformers = pytest.importorskip("transformers")
+    base = save_model(tmp_path / "base", family, WORDS, tie_word_embeddings=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    model.resize_token_embeddings(len(WORDS), pad_to_multiple_of=8)
+    model.save_pretrained(tmp_path / "ck")
+    transformers.AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "ck")
+    with pytest.raises(RejectedError, match=r"has 16 vocabulary rows where the base has 14"):
+        checked(base, tmp_path / "ck")
+    with receive(tmp_path / "ck", CheckpointFacts("ck")) as taken, ModelFolder.open(base) as opened, \
+            ModelFolder.open(tmp_path / "ck") as stored:
+        view = taken.check_against_base(opened, "base")
+        for name in ("lm_head.weight", *(n for n in opened.tensors if "embed" in n or n.endswith("wte.weight"))):
+            assert torch.equal(view.read(name), stored.read(name)[:len(WORDS)]), name
+
+
 def test_a_resized_checkpoint_without_a_tokenizer_is_rejected_not_truncated(tmp_path):
     base = save_model(tmp_path / "base", "llama", WORDS)
     checkpoint = finetune(base, tmp_path / "ck", seed=1, added=["<tool>"])
