@@ -274,29 +274,17 @@ def tensor_roles(name: str, family: Family | None = None) -> frozenset[Role]:
 
 @dataclass(frozen=True)
 class TiedHead:
-    """An output head that shares the token embedding's matrix and is not saved (``tie_word_embeddings``)."""
+    """An output head that shares an input tensor's matrix and is not saved (``tie_word_embeddings``)."""
 
-    embedding: str  # the token embedding's tensor
+    embedding: str  # the input tensor holding the matrix
     head: str  # the head's module
-    model_classes: tuple[str, ...]  # config.json "architectures" suffixes of models that have the head
-    tied_by_default: bool  # transformers' default for tie_word_embeddings in this family's config
-
-
-_CAUSAL_LM = ("ForCausalLM", "LMHeadModel")
-TIED_HEADS: Mapping[str, TiedHead] = {
-    "gpt2": TiedHead("transformer.wte.weight", "lm_head", _CAUSAL_LM, tied_by_default=True),
-    **{name: TiedHead("model.embed_tokens.weight", "lm_head", _CAUSAL_LM, tied_by_default=False)
-       for name in ("llama", "mistral", "qwen2", "qwen3")},
-}
 
 
 def tied_head(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> TiedHead | None:
-    """The head tied to the token embedding in a model of this config with these tensors: its family has one, the
-    model class has the head, the config ties them, and the head's own weight is not among the tensors."""
-    family = family_for(config)
-    tied = TIED_HEADS.get(family.name) if family is not None else None
-    archs = config.get("architectures") or []
-    if (tied is None or tied.embedding not in tensors or f"{tied.head}.weight" in tensors
-            or not any(str(a).endswith(tied.model_classes) for a in archs)):
-        return None
-    return tied if config.get("tie_word_embeddings", tied.tied_by_default) else None
+    """The head tied to the token embedding in a model of this config with these tensors (the family's ``ties``):
+    the config ties them, the model has the input tensor under the task model's name, and not the head's own weight
+    (a base model without the head names its input without the task prefix)."""
+    for output, source in tied_weights(config).items():
+        if output.endswith(".weight") and source in tensors and output not in tensors:
+            return TiedHead(source, output.removesuffix(".weight"))
+    return None

@@ -126,7 +126,7 @@ def write_adapter(version: Path, base: Path, out: Path, rank: int, *, base_name:
     with ModelFolder.open(version) as merged, ModelFolder.open(base) as original:
         targets, report = _plan(merged, original, rank)
         if not any(t.factored for t in targets):
-            raise ModelFolderError(f"{version}: no linear or embedding weight differs from the base {base}, so a "
+            raise ModelFolderError(f"{title}: no linear or embedding weight differs from the base {base}, so a "
                                    "LoRA adapter would carry nothing; publish the full model instead.")
         factored_modules = {t.module for t in targets if t.factored}
         specs = [s for t in targets for s in t.specs(rank, merged.tensors[t.name].dtype, factored_modules)]
