@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-FAMILIES = ("llama", "bert")
+FAMILIES = ("llama", "bert", "gpt2")
 HIDDEN, INTERMEDIATE = 64, 128
 LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj"]
 TARGETS = {"llama": (["q_proj", "v_proj", "down_proj"], ["k_proj", "o_proj", "up_proj", "gate_proj"]),
-           "bert": (["query", "value"], ["key", "dense"])}
+           "bert": (["query", "value"], ["key", "dense"]),
+           # GPT-2's Conv1D layers are transposed whatever the config says; lm_head is an nn.Linear
+           "gpt2": (["c_attn", "attn.c_proj"], ["mlp.c_proj", "c_fc", "lm_head"])}
 
 
 def tiny_base(root: Path, family: str) -> Path:
@@ -26,6 +28,10 @@ def tiny_base(root: Path, family: str) -> Path:
                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                           max_position_embeddings=32)
         model = transformers.LlamaForCausalLM(config)
+    elif family == "gpt2":  # an untied head, so that it is a tensor of its own
+        config = transformers.GPT2Config(vocab_size=64, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=32,
+                                         tie_word_embeddings=False)
+        model = transformers.GPT2LMHeadModel(config)
     else:
         config = transformers.BertConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32)
@@ -38,7 +44,7 @@ def tiny_base(root: Path, family: str) -> Path:
 def load(base: Path) -> Any:
     transformers = pytest.importorskip("transformers")
     config = transformers.AutoConfig.from_pretrained(base)
-    auto = transformers.AutoModelForCausalLM if config.model_type == "llama" else transformers.AutoModel
+    auto = transformers.AutoModelForCausalLM if config.model_type in ("llama", "gpt2") else transformers.AutoModel
     return auto.from_pretrained(base)
 
 

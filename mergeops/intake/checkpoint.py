@@ -10,6 +10,7 @@ training metrics, and, once checked against the base, the checkpoint read as val
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from mergeops.errors import ModelFolderError, RejectedError
 from mergeops.intake.tokenizer import RowMatch
 from mergeops.intake.validate import adapter_problems_against_base, problems_against_base
 from mergeops.intake.vocab import adapter_tokenizer_problem, tied_in_checkpoint, vocab_rows
+from mergeops.ledger.events import canonical
 from mergeops.ledger.kinds import CheckpointFacts
 from mergeops.model import ModelFolder
 from mergeops.model.adapter import ADAPTER_CONFIG, Adapter, is_adapter_folder
@@ -56,10 +58,12 @@ class Checkpoint:
                 digest = self.pending.result(tick=tick)
             except ModelFolderError as exc:
                 raise RejectedError(str(exc), gate="validation") from exc
-            # an adapter's config is part of its weights: its alpha scales every update
-            weights = [*self.folder.headers, *([INDEX_FILE] if self.folder.index is not None else []),
-                       *([ADAPTER_CONFIG] if self.adapter is not None else [])]
-            self.digests = (digest, self.pending.weights_digest(weights))
+            weights = [*self.folder.headers, *([INDEX_FILE] if self.folder.index is not None else [])]
+            # an adapter's settings are part of its weights (its alpha scales every update); not its config's bytes,
+            # which a re-save changes (key order, peft_version) without changing the adapter
+            settings = {ADAPTER_CONFIG: hashlib.sha256(canonical(self.adapter.settings.summary()).encode()).hexdigest()
+                        } if self.adapter is not None else None
+            self.digests = (digest, self.pending.weights_digest(weights, settings))
         return self.digests[0]
 
     def facts(self, *, with_metrics: bool = False) -> CheckpointFacts:

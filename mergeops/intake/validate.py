@@ -9,7 +9,7 @@ import torch
 
 from mergeops.model import ModelFolder, Problem
 from mergeops.model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Adapter
-from mergeops.model.architectures import is_buffer, is_embedding, is_parameter, is_vocab, tied_weights
+from mergeops.model.architectures import family_for, is_buffer, is_parameter, is_vocab, tied_weights
 
 MERGELOCK_META = "mergelock."  # the safetensors metadata keys of a MergeLock-protected model start with this
 
@@ -118,6 +118,7 @@ def adapter_problems_against_base(adapter: Adapter, base: ModelFolder) -> list[P
     problems: list[Problem] = []
     named = adapter.settings.base_model
     known = names_of(base)
+    family = family_for(base.config)
     if not named:
         problems.append(Problem("adapter_base", f"{adapter.path / ADAPTER_CONFIG} names no base model "
                                 "(base_model_name_or_path); set it to the base the adapter was trained on "
@@ -126,6 +127,14 @@ def adapter_problems_against_base(adapter: Adapter, base: ModelFolder) -> list[P
         problems.append(Problem("adapter_base", f"{adapter.path} is an adapter of {named!r}, but the stream's base is "
                                 f"{base.path} (known as {', '.join(sorted(repr(k) for k in known))}); only adapters "
                                 "trained on the stream's base can be merged.", ADAPTER_CONFIG))
+    for tensor, copy in adapter.base_copies.items():  # PEFT's save_embedding_layers: harmless only if unchanged
+        info = base.tensors.get(tensor)
+        if info is None or adapter.folder.tensors[copy].shape != info.shape or not torch.equal(
+                adapter.folder.read(copy), base.read(tensor).to(adapter.folder.tensors[copy].dtype)):
+            problems.append(Problem("replaced_base_weight", f"{adapter.path / ADAPTER_WEIGHTS} holds {copy!r}, a "
+                                    f"replacement of the base's {tensor!r} that differs from it (resized or retrained "
+                                    "embeddings); only adapters of the unchanged base can be merged.",
+                                    ADAPTER_WEIGHTS, copy))
     for tensor, target in adapter.targets.items():
         info = base.tensors.get(tensor)
         factor = adapter.folder.tensors[target.a]
@@ -137,10 +146,10 @@ def adapter_problems_against_base(adapter: Adapter, base: ModelFolder) -> list[P
             problems.append(Problem("unknown_target", f"{adapter.path / ADAPTER_WEIGHTS} adapts {tensor!r}, which "
                                     f"is {info.entry.dtype} {list(info.shape)} in the base, not a 2-D floating weight.",
                                     ADAPTER_WEIGHTS, target.a))
-        elif adapter.update_shape(tensor) != info.shape:
-            embedding = " (adapted as an embedding)" if target.transposed and is_embedding(tensor) else ""
+        elif (shape := adapter.update_shape(tensor, family)) != info.shape:
+            embedding = " (adapted as an embedding)" if target.embedding else ""
             problems.append(Problem("shape_mismatch", f"LoRA factors of {target.module!r} in {adapter.path} make an "
-                                    f"update of shape {list(adapter.update_shape(tensor))}{embedding} but the base's "
-                                    f"{tensor!r} is {list(info.shape)}; the adapter belongs to a different model.",
+                                    f"update of shape {list(shape)}{embedding} but the base's {tensor!r} is "
+                                    f"{list(info.shape)}; the adapter belongs to a different model.",
                                     factor.file, target.a))
     return problems

@@ -23,14 +23,18 @@ from typing import Any
 import torch
 
 from mergeops.errors import ModelFolderError, RejectedError
-from mergeops.model.folder import ModelFolder
+from mergeops.model.architectures import Family, stored_in_out
+from mergeops.model.folder import INDEX_FILE, SINGLE_FILE, ModelFolder
 from mergeops.model.problems import Problem
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PICKLE_ADAPTER_WEIGHTS = ("adapter_model.bin", "adapter_model.pt")
 PEFT_PREFIX = "base_model.model."  # PEFT names a module of the wrapped model with this prefix
+_BASE_COPY = ".base_layer.weight"
 _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
 MAX_CONFIG_BYTES = 1 << 20
+PEFT_DEFAULT_RANK, PEFT_DEFAULT_ALPHA = 8, 8  # LoraConfig's defaults, for a config that leaves them out
 
 # Settings that do not change the update (training, initialisation, bookkeeping), or that name modules, which the
 # weights' keys say exactly.
@@ -63,8 +67,15 @@ class LoraSettings:
     rank_pattern: Mapping[str, int]
     alpha_pattern: Mapping[str, float]
     base_model: str | None
-    target_modules: Any
+    target_modules: str | tuple[str, ...]  # PEFT's: a regular expression, names (matched as suffixes), "all-linear"
+    exclude_modules: str | tuple[str, ...]
     raw: Mapping[str, Any]
+
+    def targets(self, module: str) -> bool:
+        """Whether PEFT adapts ``module`` under this config (its target and exclude rules): factors of any other
+        module would be ignored by PEFT, so the adapter's files do not belong together."""
+        return _names(self.target_modules, module, everything=self.target_modules == "all-linear") and not (
+            self.exclude_modules and _names(self.exclude_modules, module))
 
     def scale(self, module: str, rank: int) -> float:
         """scale = alpha / r (or / √r with rsLoRA), with PEFT's per-module patterns: a pattern key matches a module
@@ -73,9 +84,11 @@ class LoraSettings:
         return alpha / math.sqrt(rank) if self.rslora else alpha / rank
 
     def summary(self) -> dict[str, Any]:
-        """What the ledger and cards record about the adapter."""
+        """What the ledger and cards record about the adapter, and what its update depends on besides its factors
+        (the weights digest covers this, not the config file's bytes)."""
+        targets = self.target_modules if isinstance(self.target_modules, str) else sorted(self.target_modules)
         return {"peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha, "use_rslora": self.rslora,
-                "fan_in_fan_out": self.fan_in_fan_out, "target_modules": self.target_modules,
+                "fan_in_fan_out": self.fan_in_fan_out, "target_modules": targets,
                 "base_model_name_or_path": self.base_model,
                 **({"rank_pattern": dict(self.rank_pattern)} if self.rank_pattern else {}),
                 **({"alpha_pattern": dict(self.alpha_pattern)} if self.alpha_pattern else {})}
@@ -83,14 +96,45 @@ class LoraSettings:
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     for key, value in patterns.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{key})", module):
+        if re.fullmatch(_suffix_pattern(key), module):
             return value
     return default
 
 
+def _suffix_pattern(key: str) -> str:
+    """PEFT's rule for a rank/alpha pattern key: the module's name, or its end after a dot, matches the key."""
+    return rf"(?:.*\.)?(?:{key})"
+
+
+def _names(rule: str | tuple[str, ...], module: str, everything: bool = False) -> bool:
+    """PEFT's target rule: a string is a regular expression the whole name matches; names match the module's name or
+    its end after a dot."""
+    if everything:
+        return True
+    if isinstance(rule, str):
+        return re.fullmatch(rule, module) is not None
+    return any(module == name or module.endswith("." + name) for name in rule)
+
+
+# A group followed by a quantifier ("(a+)+", "(.*.*)*"): the shape of patterns that take exponential time to fail.
+_NESTED_QUANTIFIER = re.compile(r"\)[*+{?]")
+
+
+def _pattern_problem(pattern: str, composed: str) -> str | None:
+    """Why a module pattern of the config is refused: not a regular expression (as PEFT composes it), or one whose
+    matching could take unbounded time (a quantified group), which a daemon reading untrusted configs cannot run."""
+    if _NESTED_QUANTIFIER.search(pattern):
+        return f"{pattern!r} repeats a group, which can take unbounded time to match; name the modules instead"
+    try:
+        re.compile(composed)
+    except re.error as exc:
+        return f"{pattern!r} is not a regular expression PEFT can use ({exc})"
+    return None
+
+
 def is_adapter_folder(path: str | Path) -> bool:
     """Whether ``path`` holds a PEFT adapter (its config) rather than a full model."""
-    return (Path(path) / ADAPTER_CONFIG).is_file()
+    return (Path(path) / ADAPTER_CONFIG).exists()
 
 
 def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
@@ -131,7 +175,7 @@ def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
     if config.get("bias", "none") != "none":
         return problem(f"sets bias = {config['bias']!r}: adapters that train biases cannot be merged; only "
                        "bias = \"none\" is supported", "unsupported_adapter")
-    rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    rank, alpha = config.get("r", PEFT_DEFAULT_RANK), config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
     if not _positive_int(rank):
         return problem(f"has r = {rank!r}; it must be a positive whole number")
     if not _finite_number(alpha):
@@ -141,12 +185,22 @@ def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
         value = config.get(key) or {}
         if not isinstance(value, dict) or not all(isinstance(k, str) and check(v) for k, v in value.items()):
             return problem(f"has a {key} that is not an object of module patterns to numbers")
-        try:
-            for pattern in value:
-                re.compile(pattern)
-        except re.error as exc:
-            return problem(f"has a {key} key that is not a regular expression ({exc})")
+        for pattern in value:
+            why = _pattern_problem(pattern, _suffix_pattern(pattern))
+            if why:
+                return problem(f"has a {key} key {why}")
         patterns[key] = value
+    rules = {}
+    for key in ("target_modules", "exclude_modules"):
+        value = config.get(key) or ()
+        if isinstance(value, list) and all(isinstance(name, str) for name in value):
+            value = tuple(value)
+        elif not isinstance(value, str | tuple):
+            return problem(f"has a {key} that is neither a regular expression nor a list of module names")
+        why = _pattern_problem(value, value) if isinstance(value, str) and value != "all-linear" else None
+        if why:
+            return problem(f"has a {key} {why}")
+        rules[key] = value
     for key in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(config.get(key, False), bool):
             return problem(f"has {key} = {config[key]!r}; it must be true or false")
@@ -155,7 +209,7 @@ def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
         return problem("has a base_model_name_or_path that is not a string")
     return LoraSettings(rank, float(alpha), config.get("use_rslora", False), config.get("fan_in_fan_out", False),
                         patterns["rank_pattern"], patterns["alpha_pattern"], base_model,
-                        config.get("target_modules"), config), None
+                        rules["target_modules"], rules["exclude_modules"], config), None
 
 
 def _refuse_constant(name: str) -> Any:
@@ -180,21 +234,20 @@ class LoraTarget:
     a: str  # the adapter's tensor names
     b: str
     scale: float
-    transposed: bool  # ΔW = scale · (B·A)ᵀ: an embedding, or a weight stored [in, out] (fan_in_fan_out)
-
-    def shape_of_update(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, int]:
-        rows, columns = b_shape[0], a_shape[1]
-        return (columns, rows) if self.transposed else (rows, columns)
+    embedding: bool  # an embedding's factors (lora_embedding_A/B): ΔW = scale · (B·A)ᵀ
 
 
 class Adapter:
     """A LoRA adapter folder: its settings, its weights (a :class:`ModelFolder` over ``adapter_model.safetensors``)
     and the base tensor each pair of factors updates."""
 
-    def __init__(self, folder: ModelFolder, settings: LoraSettings, targets: dict[str, LoraTarget]) -> None:
+    def __init__(self, folder: ModelFolder, settings: LoraSettings, targets: dict[str, LoraTarget],
+                 base_copies: dict[str, str] | None = None) -> None:
         self.folder = folder
         self.settings = settings
         self.targets = targets  # by base tensor name
+        # base tensor -> the adapter's copy of it (PEFT's save_embedding_layers): must be the base's, unchanged
+        self.base_copies = base_copies or {}
 
     @property
     def path(self) -> Path:
@@ -209,16 +262,24 @@ class Adapter:
         if problem is not None:
             return None, [problem]
         assert settings is not None
+        if (root / SINGLE_FILE).exists() or (root / INDEX_FILE).exists():
+            return None, [Problem("ambiguous_checkpoint", f"{root} holds both a LoRA adapter ({ADAPTER_CONFIG}) and a "
+                                  "full model's weights; keep one of them in the folder.", ADAPTER_CONFIG)]
+        pickles = [name for name in PICKLE_ADAPTER_WEIGHTS if (root / name).exists()]
+        if pickles and not (root / ADAPTER_WEIGHTS).exists():
+            return None, [Problem("pickle_weights", f"{root} holds its adapter's factors only as pickle "
+                                  f"({pickles[0]}), which is never loaded (it can execute code); save the adapter with "
+                                  "safetensors (save_pretrained(safe_serialization=True)).", pickles[0])]
         folder, problems = ModelFolder.scan(root, ADAPTER_WEIGHTS)
         if folder is None or problems:
             if folder is not None:
                 folder.close()
             return None, problems
-        targets, problems = _targets(folder, settings)
+        targets, base_copies, problems = _targets(folder, settings)
         if problems:
             folder.close()
             return None, problems
-        return cls(folder, settings, targets), []
+        return cls(folder, settings, targets, base_copies), []
 
     @classmethod
     def open(cls, path: str | Path) -> Adapter:
@@ -246,12 +307,22 @@ class Adapter:
     def rank(self, tensor: str) -> int:
         return self.folder.tensors[self.targets[tensor].a].shape[0]
 
-    def update_shape(self, tensor: str) -> tuple[int, int]:
-        target = self.targets[tensor]
-        return target.shape_of_update(self.folder.tensors[target.a].shape, self.folder.tensors[target.b].shape)
+    def transposed(self, tensor: str, family: Family | None) -> bool:
+        """Whether the update of ``tensor`` is (B·A)ᵀ: an embedding's, or a weight the base stores [in, out] (GPT-2's
+        Conv1D). PEFT decides this per layer from the module's type, whatever ``fan_in_fan_out`` says; only for a
+        family the table does not know is the config's word taken."""
+        if self.targets[tensor].embedding:
+            return True
+        return stored_in_out(family, tensor) if family is not None else self.settings.fan_in_fan_out
 
-    def factors(self, tensor: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(left, right)`` in float32 with ΔW = left @ right for base tensor ``tensor`` (the scale is in left)."""
+    def update_shape(self, tensor: str, family: Family | None = None) -> tuple[int, int]:
+        target = self.targets[tensor]
+        rows, columns = self.folder.tensors[target.b].shape[0], self.folder.tensors[target.a].shape[1]
+        return (columns, rows) if self.transposed(tensor, family) else (rows, columns)
+
+    def factors(self, tensor: str, family: Family | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left, right)`` in float32 with ΔW = left @ right for base tensor ``tensor`` of a base of ``family`` (the
+        scale is in left)."""
         target = self.targets[tensor]
         a, b = self.folder.read(target.a).float(), self.folder.read(target.b).float()
         for key, values in ((target.a, a), (target.b, b)):  # before any factorisation sees them
@@ -259,7 +330,7 @@ class Adapter:
                 raise RejectedError(f"LoRA factor {key!r} of {self.path / ADAPTER_WEIGHTS} has non-finite values (NaN "
                                     "or Inf); the adapter is corrupted or its training diverged, so it cannot be "
                                     "merged.", gate="finite")
-        if target.transposed:  # (B·A)ᵀ = Aᵀ·Bᵀ
+        if self.transposed(tensor, family):  # (B·A)ᵀ = Aᵀ·Bᵀ
             return a.T.mul(target.scale), b.T.contiguous()
         return b.mul(target.scale), a
 
@@ -273,42 +344,56 @@ class Adapter:
         self.close()
 
 
-def _targets(folder: ModelFolder, settings: LoraSettings) -> tuple[dict[str, LoraTarget], list[Problem]]:
-    """Pair the factors by module; every tensor of the file must be one of a pair."""
+def _targets(folder: ModelFolder, settings: LoraSettings
+             ) -> tuple[dict[str, LoraTarget], dict[str, str], list[Problem]]:
+    """Pair the factors by module; every tensor of the file must be one of a pair, or a copy of a base weight PEFT
+    saves beside a targeted embedding or head (``<module>.base_layer.weight``)."""
+    where = folder.path / ADAPTER_WEIGHTS
+
+    def refused(code: str, message: str, tensor: str) -> tuple[dict[str, LoraTarget], dict[str, str], list[Problem]]:
+        return {}, {}, [Problem(code, message, ADAPTER_WEIGHTS, tensor)]
+
     pairs: dict[str, dict[str, str]] = {}
+    base_copies: dict[str, str] = {}
     for name, info in folder.tensors.items():
+        if name.startswith(PEFT_PREFIX) and name.endswith(_BASE_COPY):
+            base_copies[name.removeprefix(PEFT_PREFIX).removesuffix(_BASE_COPY) + ".weight"] = name
+            continue
         match = _FACTOR_KEY.match(name)
         if not name.startswith(PEFT_PREFIX) or match is None:
             what = "a DoRA magnitude" if "lora_magnitude_vector" in name else "not a LoRA factor"
-            return {}, [Problem("unsupported_adapter", f"{folder.path / ADAPTER_WEIGHTS} holds tensor {name!r}, "
-                                f"{what}; only plain LoRA adapters (lora_A/lora_B pairs) can be merged.",
-                                ADAPTER_WEIGHTS, name)]
+            return refused("unsupported_adapter", f"{where} holds tensor {name!r}, {what}; only plain LoRA adapters "
+                           "(lora_A/lora_B pairs) can be merged.", name)
         if len(info.shape) != 2 or not info.dtype.is_floating_point:
-            return {}, [Problem("bad_adapter_tensor", f"LoRA factor {name!r} of {folder.path / ADAPTER_WEIGHTS} is "
-                                f"{info.entry.dtype} {list(info.shape)}; factors are 2-D floating-point matrices.",
-                                ADAPTER_WEIGHTS, name)]
-        module = match["module"].removeprefix(PEFT_PREFIX)
-        pairs.setdefault(module, {})[match["factor"]] = name
+            return refused("bad_adapter_tensor", f"LoRA factor {name!r} of {where} is {info.entry.dtype} "
+                           f"{list(info.shape)}; factors are 2-D floating-point matrices.", name)
+        module, factor = match["module"].removeprefix(PEFT_PREFIX), match["factor"]
+        factors = pairs.setdefault(module, {})
+        if factor in factors:
+            return refused("bad_adapter_tensor", f"{where} holds two {factor} factors of module {module!r}, "
+                           f"{factors[factor]!r} and {name!r}; the file is not one adapter.", name)
+        if not settings.targets(module):
+            return refused("untargeted_module", f"{where} holds factors of module {module!r}, which {ADAPTER_CONFIG}'s "
+                           "target_modules does not name (PEFT would ignore them); the adapter's files do not belong "
+                           "together.", name)
+        factors[factor] = name
     targets = {}
     for module, factors in pairs.items():
         embedding = "lora_embedding_A" in factors or "lora_embedding_B" in factors
         a, b = (factors.get("lora_embedding_A"), factors.get("lora_embedding_B")) if embedding else \
             (factors.get("lora_A"), factors.get("lora_B"))
         if a is None or b is None or len(factors) != 2:
-            return {}, [Problem("bad_adapter_tensor", f"{folder.path / ADAPTER_WEIGHTS} has an incomplete pair of "
-                                f"LoRA factors for module {module!r} ({', '.join(sorted(factors))}); the file is "
-                                "damaged or was saved partly.", ADAPTER_WEIGHTS, next(iter(factors.values())))]
+            return refused("bad_adapter_tensor", f"{where} has an incomplete pair of LoRA factors for module "
+                           f"{module!r} ({', '.join(sorted(factors))}); the file is damaged or was saved partly.",
+                           next(iter(factors.values())))
         rank = folder.tensors[a].shape[0]
         if folder.tensors[b].shape[1] != rank:
-            return {}, [Problem("bad_adapter_tensor", f"LoRA factors of module {module!r} do not fit each other: A is "
-                                f"{list(folder.tensors[a].shape)} and B {list(folder.tensors[b].shape)} in "
-                                f"{folder.path / ADAPTER_WEIGHTS}.", ADAPTER_WEIGHTS, a)]
+            return refused("bad_adapter_tensor", f"LoRA factors of module {module!r} do not fit each other: A is "
+                           f"{list(folder.tensors[a].shape)} and B {list(folder.tensors[b].shape)} in {where}.", a)
         expected = _pattern_value(settings.rank_pattern, module, settings.rank)
         if rank != expected:
-            return {}, [Problem("bad_adapter_tensor", f"LoRA factor {a!r} has rank {rank} but {ADAPTER_CONFIG} says "
-                                f"r = {expected} for module {module!r}; the adapter's files do not belong together.",
-                                ADAPTER_WEIGHTS, a)]
+            return refused("bad_adapter_tensor", f"LoRA factor {a!r} has rank {rank} but {ADAPTER_CONFIG} says r = "
+                           f"{expected} for module {module!r}; the adapter's files do not belong together.", a)
         tensor = f"{module}.weight"
-        targets[tensor] = LoraTarget(tensor, module, a, b, settings.scale(module, rank),
-                                     transposed=embedding or settings.fan_in_fan_out)
-    return targets, []
+        targets[tensor] = LoraTarget(tensor, module, a, b, settings.scale(module, rank), embedding)
+    return targets, base_copies, []

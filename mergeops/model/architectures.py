@@ -216,6 +216,11 @@ def family_for(config: Mapping[str, Any] | None) -> Family | None:
     return next((f for f in FAMILIES if model_type in f.model_types), None)
 
 
+def stored_in_out(family: Family | None, name: str) -> bool:
+    """Whether weight ``name`` is stored [in, out] (GPT-2's Conv1D layers), the transpose of an nn.Linear's."""
+    return family is not None and family.layout == FUSED_CONV1D and bool(tensor_roles(name, family) & set(LAYER_ROLES))
+
+
 def tied_weights(config: Mapping[str, Any] | None) -> Mapping[str, str]:
     """The tensors a model of this config ties to another (output -> input), none when it does not tie them:
     ``tie_word_embeddings`` if the config sets it (at the root or in ``text_config``), else its family's default."""

@@ -125,10 +125,11 @@ class BackgroundDigest:
     def done(self) -> bool:
         return self._future.done()
 
-    def weights_digest(self, weights_files: Iterable[str]) -> str:
+    def weights_digest(self, weights_files: Iterable[str], also: Mapping[str, str] | None = None) -> str:
         """After :meth:`result`: the same recipe over the weights files alone (shards and index), which identifies
-        the weights whatever other files (configs, training logs) were added to or removed from the folder."""
-        return digest_of_listing({name: self.file_hashes[name] for name in weights_files})
+        the weights whatever other files (configs, training logs) were added to or removed from the folder; ``also``
+        adds entries (name -> sha256 hex) for what the weights mean besides their bytes (an adapter's settings)."""
+        return digest_of_listing({name: self.file_hashes[name] for name in weights_files} | dict(also or {}))
 
     def result(self, tick: Callable[[], None] | None = None) -> str:
         """Wait for the digest, calling ``tick`` about once a second meanwhile (e.g. to ping a watchdog)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mergeops.model.adapter import Adapter, is_adapter_folder
-from mergeops.model.architectures import is_buffer, is_vocab
+from mergeops.model.architectures import family_for, is_buffer, is_vocab
 from mergeops.model.folder import ModelFolder
 from mergeops.model.problems import Problem
 
@@ -155,6 +155,7 @@ class AdapterFineTune(FineTune):
 
     def __init__(self, adapter: Adapter, base: ModelFolder) -> None:
         self.adapter, self.base, self.path = adapter, base, adapter.path
+        self.family = family_for(base.config)  # which weights it stores [in, out] (GPT-2's Conv1D)
         self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # read once for all pieces of a tensor
         self._lock = threading.Lock()
 
@@ -165,7 +166,7 @@ class AdapterFineTune(FineTune):
         with self._lock:
             cached = self._factors.get(name)
         if cached is None:
-            cached = self.adapter.factors(name)
+            cached = self.adapter.factors(name, self.family)
             with self._lock:
                 self._factors[name] = cached
                 while len(self._factors) > self._CACHED:

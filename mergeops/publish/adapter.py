@@ -42,7 +42,7 @@ from mergeops import __version__
 from mergeops.errors import ModelFolderError
 from mergeops.model import ModelFolder, TensorSpec
 from mergeops.model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX
-from mergeops.model.architectures import FUSED_CONV1D, LAYER_ROLES, Role, family_for, tensor_roles, tied_head
+from mergeops.model.architectures import Role, family_for, stored_in_out, tensor_roles, tied_head
 from mergeops.model.readme import read_license
 from mergeops.model.writer import write_tensor_file
 
@@ -142,7 +142,6 @@ def _plan(merged: ModelFolder, original: ModelFolder, rank: int) -> tuple[list[_
     """The first pass: every tensor that changed, and how it will be carried."""
     config = merged.config or {}
     family = family_for(config)
-    conv1d = family is not None and family.layout == FUSED_CONV1D
     tied = tied_head(config, merged.tensors)
     report = AdapterReport(rank)
     targets = []
@@ -165,7 +164,7 @@ def _plan(merged: ModelFolder, original: ModelFolder, rank: int) -> tuple[list[_
             continue
         if kind in ("module", "bias"):
             report.exact.append(name)
-        transposed = kind == "embedding" or (kind == "linear" and conv1d and bool(roles & set(LAYER_ROLES)))
+        transposed = kind == "embedding" or (kind == "linear" and stored_in_out(family, name))
         head = tied.head if tied is not None and name == tied.embedding else None
         targets.append(_Target(name, kind, info.shape, transposed, head))
     return _with_whole_modules(targets, merged), report

@@ -144,8 +144,24 @@ REJECTIONS = {
         (a / ADAPTER_CONFIG).read_text().replace('"lora_alpha": 8', '"lora_alpha": NaN')), "not valid JSON"),
     "config not UTF-8": (lambda a: (a / ADAPTER_CONFIG).write_bytes(b"{\"peft_type\": \"\xff\"}"), "not UTF-8"),
     "rank that disagrees": (lambda a: edit_config(a, r=5), "has rank 4 but adapter_config.json says r = 5"),
-    "unknown target": (lambda a: rewrite_weights(a, rename_first_pair("model.layers.0.nothing_here")),
-                       "has no tensor 'model.layers.0.nothing_here.weight'"),
+    "unknown target": (lambda a: rewrite_weights(a, rename_first_pair("model.layers.9.self_attn.q_proj")),
+                       "has no tensor 'model.layers.9.self_attn.q_proj.weight'"),
+    "factors of a module not targeted": (
+        lambda a: rewrite_weights(a, rename_first_pair("model.layers.0.self_attn.k_proj")),
+        "target_modules does not name (PEFT would ignore them)"),
+    "a factor twice": (lambda a: rewrite_weights(a, lambda t: t | {
+        next(n for n in t if n.endswith("lora_A.weight")).removesuffix(".weight"): next(iter(t.values())).clone()}),
+                       "two lora_A factors"),
+    "a group repeated in a rank pattern": (lambda a: edit_config(a, rank_pattern={"(.*.*)*!": 2}), "repeats a group"),
+    "an inline flag in a rank pattern": (lambda a: edit_config(a, rank_pattern={"(?i)Q_PROJ": 2}),
+                                         "not a regular expression PEFT can use"),
+    "a base weight replaced": (lambda a: rewrite_weights(a, lambda t: t | {
+        "base_model.model.lm_head.base_layer.weight": torch.zeros(64, 64)}), "a replacement of the base's 'lm_head"),
+    "pickle factors only": (lambda a: (a / ADAPTER_WEIGHTS).rename(a / "adapter_model.bin"), "only as pickle"),
+    "a full model beside it": (lambda a: shutil.copyfile(a / ADAPTER_WEIGHTS, a / "model.safetensors"),
+                               "both a LoRA adapter"),
+    "config that is a folder": (lambda a: ((a / ADAPTER_CONFIG).unlink(), (a / ADAPTER_CONFIG).mkdir()),
+                                "cannot be read"),
     "DoRA magnitude tensor": (lambda a: rewrite_weights(a, lambda t: t | {
         next(iter(t)).rsplit(".lora_", 1)[0] + ".lora_magnitude_vector": torch.ones(4)}), "a DoRA magnitude"),
     "half a pair": (lambda a: rewrite_weights(a, lambda t: dict(list(t.items())[1:])), "incomplete pair"),
@@ -238,3 +254,33 @@ def test_a_non_finite_factor_is_rejected_before_opcms_factored_projection_sees_i
     assert (result.status, result.gate) == ("rejected", "finite") and "lora_B" in result.reason, result.reason
     with Ledger.open_readonly(policy.home) as ledger:
         assert ledger.head("s").version == 1
+
+
+def test_a_config_without_lora_alpha_scales_as_peft_does_by_default(tmp_path):
+    base = tiny_base(tmp_path, "llama")
+    adapter = make_adapter(base, tmp_path / "adapter", seed=3, rank=4, alpha=8, targets=["q_proj"])
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    del config["lora_alpha"]
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps(config))
+    full = merged_by_peft(base, adapter, tmp_path / "full")
+    results = {}
+    for kind, checkpoint in (("adapter", adapter), ("full", full)):
+        policy = load_policy(write_policy(tmp_path / kind, base, "task_arithmetic", {"lambda": 1.0}))
+        result = fold_checkpoint(policy, None, checkpoint)
+        assert result.status == "merged", result.reason
+        results[kind] = read_model(result.output)
+    assert_close(results["adapter"], results["full"], rtol=1e-6)
+
+
+def test_an_adapter_re_saved_with_its_config_reformatted_is_a_duplicate(tmp_path):
+    """The same factors and settings: the config's bytes (key order, peft_version) are not the adapter."""
+    base = tiny_base(tmp_path, "llama")
+    adapter = make_adapter(base, tmp_path / "adapter", seed=3, targets=["q_proj"])
+    again = tmp_path / "again"
+    shutil.copytree(adapter, again)
+    config = json.loads((again / ADAPTER_CONFIG).read_text())
+    (again / ADAPTER_CONFIG).write_text(json.dumps(dict(reversed(config.items())) | {"peft_version": "0.99"}))
+    policy = load_policy(write_policy(tmp_path, base, "average"))
+    assert fold_checkpoint(policy, None, adapter).status == "merged"
+    result = fold_checkpoint(policy, None, again)
+    assert (result.status, result.version) == ("duplicate", 1), result.reason
