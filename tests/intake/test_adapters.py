@@ -193,18 +193,22 @@ def test_an_adapter_that_does_not_fit_is_rejected_by_name_and_changes_nothing(tm
         assert ledger.head("s") is None
 
 
-def test_a_rank_pattern_and_an_alpha_pattern_scale_each_module_as_peft_does(tmp_path):
-    base = tiny_base(tmp_path, "llama")
-    adapter = make_adapter(base, tmp_path / "adapter", seed=4, rank=4, alpha=8, targets=["q_proj", "v_proj"],
-                           rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})
-    full = merged_by_peft(base, adapter, tmp_path / "full")
+def assert_folds_as_pefts_merged_model(root: Path, base: Path, adapter: Path) -> None:
+    """Task arithmetic with λ = 1 of the adapter alone equals that of peft's merged model of it (to 1e-6)."""
     results = {}
-    for kind, checkpoint in (("adapter", adapter), ("full", full)):
-        policy = load_policy(write_policy(tmp_path / kind, base, "task_arithmetic", {"lambda": 1.0}))
+    for kind, checkpoint in (("adapter", adapter), ("full", merged_by_peft(base, adapter, root / "full"))):
+        policy = load_policy(write_policy(root / kind, base, "task_arithmetic", {"lambda": 1.0}))
         result = fold_checkpoint(policy, None, checkpoint)
         assert result.status == "merged", result.reason
         results[kind] = read_model(result.output)
     assert_close(results["adapter"], results["full"], rtol=1e-6)
+
+
+def test_a_rank_pattern_and_an_alpha_pattern_scale_each_module_as_peft_does(tmp_path):
+    base = tiny_base(tmp_path, "llama")
+    adapter = make_adapter(base, tmp_path / "adapter", seed=4, rank=4, alpha=8, targets=["q_proj", "v_proj"],
+                           rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})
+    assert_folds_as_pefts_merged_model(tmp_path, base, adapter)
 
 
 def test_mwas_window_re_reads_an_expired_adapter_as_it_was_folded(tmp_path, adapters):
@@ -262,14 +266,7 @@ def test_a_config_without_lora_alpha_scales_as_peft_does_by_default(tmp_path):
     config = json.loads((adapter / ADAPTER_CONFIG).read_text())
     del config["lora_alpha"]
     (adapter / ADAPTER_CONFIG).write_text(json.dumps(config))
-    full = merged_by_peft(base, adapter, tmp_path / "full")
-    results = {}
-    for kind, checkpoint in (("adapter", adapter), ("full", full)):
-        policy = load_policy(write_policy(tmp_path / kind, base, "task_arithmetic", {"lambda": 1.0}))
-        result = fold_checkpoint(policy, None, checkpoint)
-        assert result.status == "merged", result.reason
-        results[kind] = read_model(result.output)
-    assert_close(results["adapter"], results["full"], rtol=1e-6)
+    assert_folds_as_pefts_merged_model(tmp_path, base, adapter)
 
 
 def test_an_adapter_re_saved_with_its_config_reformatted_is_a_duplicate(tmp_path):
