@@ -69,7 +69,6 @@ class LoraSettings:
     base_model: str | None
     target_modules: str | tuple[str, ...]  # PEFT's: a regular expression, names (matched as suffixes), "all-linear"
     exclude_modules: str | tuple[str, ...]
-    raw: Mapping[str, Any]
 
     def targets(self, module: str) -> bool:
         """Whether PEFT adapts ``module`` under this config (its target and exclude rules): factors of any other
@@ -209,7 +208,7 @@ def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
         return problem("has a base_model_name_or_path that is not a string")
     return LoraSettings(rank, float(alpha), config.get("use_rslora", False), config.get("fan_in_fan_out", False),
                         patterns["rank_pattern"], patterns["alpha_pattern"], base_model,
-                        rules["target_modules"], rules["exclude_modules"], config), None
+                        rules["target_modules"], rules["exclude_modules"]), None
 
 
 def _refuse_constant(name: str) -> Any:
