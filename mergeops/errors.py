@@ -27,6 +27,14 @@ class ModelFolderError(MergeopsError):
     """A model folder cannot be read: missing, malformed, or refused (pickle, escaping paths)."""
 
 
+class UntrustedFileError(ModelFolderError):
+    """A file mergeops did not write was refused by the one door that reads such files (``mergeops.untrusted``)."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path} {reason}.")
+        self.path, self.reason = str(path), reason
+
+
 class RejectedError(MergeopsError):
     """A checkpoint was rejected by validation or a gate. Exit code 3."""
 
