@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mergeops import patterns
 from mergeops.errors import ModelFolderError, RejectedError
 from mergeops.model.architectures import Family, stored_in_out
 from mergeops.model.folder import INDEX_FILE, SINGLE_FILE, ModelFolder
@@ -70,16 +71,37 @@ class LoraSettings:
     target_modules: str | tuple[str, ...]  # PEFT's: a regular expression, names (matched as suffixes), "all-linear"
     exclude_modules: str | tuple[str, ...]
 
-    def targets(self, module: str) -> bool:
-        """Whether PEFT adapts ``module`` under this config (its target and exclude rules): factors of any other
-        module would be ignored by PEFT, so the adapter's files do not belong together."""
-        return _names(self.target_modules, module, everything=self.target_modules == "all-linear") and not (
-            self.exclude_modules and _names(self.exclude_modules, module))
+    def modules(self, names: Sequence[str]) -> dict[str, ModuleSettings]:
+        """PEFT's settings of each module of ``names``: whether its target and exclude rules adapt it (factors of any
+        other module would be ignored by PEFT, so the adapter's files do not belong together), and its rank and alpha
+        under the per-module patterns. All patterns are matched at once, in bounded time; raises
+        :class:`~mergeops.patterns.PatternError` for one that cannot be matched."""
+        regexes = [rule for rule in (self.target_modules, self.exclude_modules) if rule and isinstance(rule, str)]
+        rules = [*map(_rule, regexes),
+                 *(_key_pattern(key) for key in (*self.rank_pattern, *self.alpha_pattern))]
+        matched = dict(zip(rules, patterns.matching(rules, names), strict=True))
 
-    def scale(self, module: str, rank: int) -> float:
-        """scale = alpha / r (or / √r with rsLoRA), with PEFT's per-module patterns: a pattern key matches a module
-        whose name is the key or ends with "." + key (as a regular expression), the first in the config's order."""
-        alpha = float(_pattern_value(self.alpha_pattern, module, self.alpha))
+        def named(rule: str | tuple[str, ...], module: str) -> bool:
+            """PEFT's target rule: a string is a regular expression the whole name matches; names match the module's
+            name or its end after a dot."""
+            if isinstance(rule, str):
+                return module in matched[_rule(rule)]
+            return any(module == name or module.endswith("." + name) for name in rule)
+
+        def value(keyed: Mapping[str, Any], module: str, default: Any) -> Any:
+            """PEFT's get_pattern_key: the value of the first key (in the config's order) that the module's name, or
+            its end after a dot, matches; else the key that is the module's name itself, else the default."""
+            key = next((key for key in keyed if module in matched[_key_pattern(key)]), module)
+            return keyed.get(key, default)
+
+        return {module: ModuleSettings(
+            targeted=(self.target_modules == "all-linear" or named(self.target_modules, module))
+            and not (self.exclude_modules and named(self.exclude_modules, module)),
+            rank=value(self.rank_pattern, module, self.rank),
+            alpha=float(value(self.alpha_pattern, module, self.alpha))) for module in names}
+
+    def scale(self, alpha: float, rank: int) -> float:
+        """scale = alpha / r, or alpha / √r with rsLoRA."""
         return alpha / math.sqrt(rank) if self.rslora else alpha / rank
 
     def summary(self) -> dict[str, Any]:
@@ -93,42 +115,24 @@ class LoraSettings:
                 **({"alpha_pattern": dict(self.alpha_pattern)} if self.alpha_pattern else {})}
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    for key, value in patterns.items():
-        if re.fullmatch(_suffix_pattern(key), module):
-            return value
-    return default
+@dataclass(frozen=True)
+class ModuleSettings:
+    """What an adapter's config says about one module."""
+
+    targeted: bool
+    rank: int
+    alpha: float
 
 
-def _suffix_pattern(key: str) -> str:
-    """PEFT's rule for a rank/alpha pattern key: the module's name, or its end after a dot, matches the key."""
-    return rf"(?:.*\.)?(?:{key})"
+def _rule(rule: str) -> patterns.Pattern:
+    """PEFT's target_modules or exclude_modules as one string: re.fullmatch(rule, module)."""
+    return patterns.compile(rule)
 
 
-def _names(rule: str | tuple[str, ...], module: str, everything: bool = False) -> bool:
-    """PEFT's target rule: a string is a regular expression the whole name matches; names match the module's name or
-    its end after a dot."""
-    if everything:
-        return True
-    if isinstance(rule, str):
-        return re.fullmatch(rule, module) is not None
-    return any(module == name or module.endswith("." + name) for name in rule)
-
-
-# A group followed by a quantifier ("(a+)+", "(.*.*)*"): the shape of patterns that take exponential time to fail.
-_NESTED_QUANTIFIER = re.compile(r"\)[*+{?]")
-
-
-def _pattern_problem(pattern: str, composed: str) -> str | None:
-    """Why a module pattern of the config is refused: not a regular expression (as PEFT composes it), or one whose
-    matching could take unbounded time (a quantified group), which a daemon reading untrusted configs cannot run."""
-    if _NESTED_QUANTIFIER.search(pattern):
-        return f"{pattern!r} repeats a group, which can take unbounded time to match; name the modules instead"
-    try:
-        re.compile(composed)
-    except re.error as exc:
-        return f"{pattern!r} is not a regular expression PEFT can use ({exc})"
-    return None
+def _key_pattern(key: str) -> patterns.Pattern:
+    r"""PEFT's rule for a rank/alpha pattern key (get_pattern_key): re.match(rf"(.*\.)?({key})$", module), the
+    module's name, or its end after a dot, matches the key."""
+    return patterns.compile(rf"(.*\.)?({key})$", whole=False)
 
 
 def is_adapter_folder(path: str | Path) -> bool:
@@ -179,16 +183,17 @@ def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
         return problem(f"has r = {rank!r}; it must be a positive whole number")
     if not _finite_number(alpha):
         return problem(f"has lora_alpha = {alpha!r}; it must be a finite number")
-    patterns = {}
+    keyed = {}
     for key, check in (("rank_pattern", _positive_int), ("alpha_pattern", _finite_number)):
         value = config.get(key) or {}
         if not isinstance(value, dict) or not all(isinstance(k, str) and check(v) for k, v in value.items()):
             return problem(f"has a {key} that is not an object of module patterns to numbers")
         for pattern in value:
-            why = _pattern_problem(pattern, _suffix_pattern(pattern))
-            if why:
-                return problem(f"has a {key} key {why}")
-        patterns[key] = value
+            try:
+                _key_pattern(pattern)
+            except patterns.PatternError as exc:  # named as the file has it, not as PEFT composes it
+                return problem(f"has a {key} key {patterns.PatternError(pattern, exc.reason)}")
+        keyed[key] = value
     rules = {}
     for key in ("target_modules", "exclude_modules"):
         value = config.get(key) or ()
@@ -196,9 +201,11 @@ def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
             value = tuple(value)
         elif not isinstance(value, str | tuple):
             return problem(f"has a {key} that is neither a regular expression nor a list of module names")
-        why = _pattern_problem(value, value) if isinstance(value, str) and value != "all-linear" else None
-        if why:
-            return problem(f"has a {key} {why}")
+        try:
+            if isinstance(value, str) and value != "all-linear":
+                _rule(value)
+        except patterns.PatternError as exc:
+            return problem(f"has a {key} {exc}")
         rules[key] = value
     for key in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(config.get(key, False), bool):
@@ -207,7 +214,7 @@ def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
     if base_model is not None and not isinstance(base_model, str):
         return problem("has a base_model_name_or_path that is not a string")
     return LoraSettings(rank, float(alpha), config.get("use_rslora", False), config.get("fan_in_fan_out", False),
-                        patterns["rank_pattern"], patterns["alpha_pattern"], base_model,
+                        keyed["rank_pattern"], keyed["alpha_pattern"], base_model,
                         rules["target_modules"], rules["exclude_modules"]), None
 
 
@@ -371,13 +378,18 @@ def _targets(folder: ModelFolder, settings: LoraSettings
         if factor in factors:
             return refused("bad_adapter_tensor", f"{where} holds two {factor} factors of module {module!r}, "
                            f"{factors[factor]!r} and {name!r}; the file is not one adapter.", name)
-        if not settings.targets(module):
-            return refused("untargeted_module", f"{where} holds factors of module {module!r}, which {ADAPTER_CONFIG}'s "
-                           "target_modules does not name (PEFT would ignore them); the adapter's files do not belong "
-                           "together.", name)
         factors[factor] = name
+    try:
+        configured = settings.modules(list(pairs))
+    except patterns.PatternError as exc:
+        return {}, {}, [Problem("bad_adapter_config", f"{folder.path / ADAPTER_CONFIG} has a module pattern {exc}.",
+                                ADAPTER_CONFIG)]
     targets = {}
     for module, factors in pairs.items():
+        if not configured[module].targeted:
+            return refused("untargeted_module", f"{where} holds factors of module {module!r}, which {ADAPTER_CONFIG}'s "
+                           "target_modules does not name (PEFT would ignore them); the adapter's files do not belong "
+                           "together.", next(iter(factors.values())))
         embedding = "lora_embedding_A" in factors or "lora_embedding_B" in factors
         a, b = (factors.get("lora_embedding_A"), factors.get("lora_embedding_B")) if embedding else \
             (factors.get("lora_A"), factors.get("lora_B"))
@@ -389,10 +401,11 @@ def _targets(folder: ModelFolder, settings: LoraSettings
         if folder.tensors[b].shape[1] != rank:
             return refused("bad_adapter_tensor", f"LoRA factors of module {module!r} do not fit each other: A is "
                            f"{list(folder.tensors[a].shape)} and B {list(folder.tensors[b].shape)} in {where}.", a)
-        expected = _pattern_value(settings.rank_pattern, module, settings.rank)
+        expected = configured[module].rank
         if rank != expected:
             return refused("bad_adapter_tensor", f"LoRA factor {a!r} has rank {rank} but {ADAPTER_CONFIG} says r = "
                            f"{expected} for module {module!r}; the adapter's files do not belong together.", a)
         tensor = f"{module}.weight"
-        targets[tensor] = LoraTarget(tensor, module, a, b, settings.scale(module, rank), embedding)
+        targets[tensor] = LoraTarget(tensor, module, a, b, settings.scale(configured[module].alpha, rank),
+                                     embedding)
     return targets, base_copies, []
