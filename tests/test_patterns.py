@@ -101,7 +101,7 @@ def test_the_characters_python_folds_onto_printable_ascii_are_the_ones_the_rewri
     assert folding == set(patterns._FOLDS_TO_PRINTABLE)
 
 
-CATASTROPHIC = {  # each takes Python's re minutes to years to fail on its first name; the second matches
+CATASTROPHIC = {  # Python's re takes minutes to years on one of the names (to fail, or to find the match)
     "nested quantifier": ("(a+)+b", "a" * 5000, "a" * 5000 + "b"),
     "alternation that overlaps, repeated": ("(x|x?)+y", "x" * 5000, "x" * 5000 + "y"),
     "optional letters, no group": ("a?" * 40 + "a" * 40, "a" * 39, "a" * 40),

@@ -75,11 +75,15 @@ class LoraSettings:
         """PEFT's settings of each module of ``names``: whether its target and exclude rules adapt it (factors of any
         other module would be ignored by PEFT, so the adapter's files do not belong together), and its rank and alpha
         under the per-module patterns. All patterns are matched at once, in bounded time; raises
-        :class:`~mergeops.patterns.PatternError` for one that cannot be matched."""
+        :class:`~mergeops.patterns.PatternError` naming one that cannot be matched."""
         regexes = [rule for rule in (self.target_modules, self.exclude_modules) if rule and isinstance(rule, str)]
-        rules = [*map(_rule, regexes),
-                 *(_key_pattern(key) for key in (*self.rank_pattern, *self.alpha_pattern))]
-        matched = dict(zip(rules, patterns.matching(rules, names), strict=True))
+        written = {_rule(rule): rule for rule in regexes}  # each pattern as matched -> as the config writes it
+        written |= {_key_pattern(key): key for key in (*self.rank_pattern, *self.alpha_pattern)}
+        try:
+            matched = dict(zip(written, patterns.matching(list(written), names), strict=True))
+        except patterns.PatternError as exc:  # named as the config writes it, not as PEFT composes it
+            raise patterns.PatternError(next(written[p] for p in written if p.source == exc.source), exc.reason) \
+                from None
 
         def named(rule: str | tuple[str, ...], module: str) -> bool:
             """PEFT's target rule: a string is a regular expression the whole name matches; names match the module's
@@ -382,8 +386,8 @@ def _targets(folder: ModelFolder, settings: LoraSettings
     try:
         configured = settings.modules(list(pairs))
     except patterns.PatternError as exc:
-        return {}, {}, [Problem("bad_adapter_config", f"{folder.path / ADAPTER_CONFIG} has a module pattern {exc}.",
-                                ADAPTER_CONFIG)]
+        why = f"{folder.path / ADAPTER_CONFIG} has a module pattern that cannot be used: {exc}."
+        return {}, {}, [Problem("bad_adapter_config", why, ADAPTER_CONFIG)]
     targets = {}
     for module, factors in pairs.items():
         if not configured[module].targeted:

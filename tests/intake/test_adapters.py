@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from mergeops.ledger.lineage import lineage
 from mergeops.model import ModelFolder
 from mergeops.model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mergeops.model.folder import CURVATURE_FILE
+from mergeops.patterns import CHILD_SECONDS
 from mergeops.pipeline import fold_checkpoint
 from mergeops.policy import load_policy
 from tests.adapters import FAMILIES, TARGETS, make_adapter, merged_by_peft, tiny_base
@@ -152,7 +155,13 @@ REJECTIONS = {
     "a factor twice": (lambda a: rewrite_weights(a, lambda t: t | {
         next(n for n in t if n.endswith("lora_A.weight")).removesuffix(".weight"): next(iter(t.values())).clone()}),
                        "two lora_A factors"),
-    "a group repeated in a rank pattern": (lambda a: edit_config(a, rank_pattern={"(.*.*)*!": 2}), "repeats a group"),
+    "a rank pattern only Python can match, too slow": (
+        lambda a: edit_config(a, rank_pattern={"(?=m)(.*.*)*!": 2}),
+        f"'(?=m)(.*.*)*!' took longer than {CHILD_SECONDS:g} s to match; name the modules instead"),
+    "a target pattern nested too deeply": (lambda a: edit_config(a, target_modules="(?:" * 600 + ".*" + ")" * 600),
+                                           "nests groups too deeply"),
+    "a target pattern PEFT's compiler refuses": (lambda a: edit_config(a, target_modules=r".*(?<=a+)_proj"),
+                                                 "look-behind requires fixed-width pattern"),
     "an inline flag in a rank pattern": (lambda a: edit_config(a, rank_pattern={"(?i)Q_PROJ": 2}),
                                          "not a regular expression PEFT can use"),
     "a base weight replaced": (lambda a: rewrite_weights(a, lambda t: t | {
@@ -209,6 +218,32 @@ def test_a_rank_pattern_and_an_alpha_pattern_scale_each_module_as_peft_does(tmp_
     adapter = make_adapter(base, tmp_path / "adapter", seed=4, rank=4, alpha=8, targets=["q_proj", "v_proj"],
                            rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})
     assert_folds_as_pefts_merged_model(tmp_path, base, adapter)
+
+
+def test_patterns_with_repeated_groups_and_lookarounds_are_read_as_peft_reads_them(tmp_path):
+    """Patterns are matched in bounded time, so none is refused for its shape: a repeated group goes through RE2, a
+    lookahead through Python's re in a child."""
+    base = tiny_base(tmp_path, "llama")
+    adapter = make_adapter(base, tmp_path / "adapter", seed=5, rank=4, alpha=8, targets=r".*\.(q|v)_proj+",
+                           rank_pattern={"(v)+_proj": 2}, alpha_pattern={r"(?<=self_attn\.)q_proj": 3})
+    assert_folds_as_pefts_merged_model(tmp_path, base, adapter)
+
+
+@pytest.mark.timeout(120)
+def test_a_config_pattern_that_backtracks_catastrophically_is_matched_quickly_by_the_command(tmp_path):
+    """Python's re would take a day to match this target pattern to this module name (2^40 ways to try, no group
+    repeated); `mergeops fold` rejects the adapter (its other modules are not targeted) in seconds."""
+    base = tiny_base(tmp_path, "llama")
+    adapter = make_adapter(base, tmp_path / "adapter", seed=1, rank=4, alpha=8, targets=["q_proj", "v_proj"])
+    rewrite_weights(adapter, rename_first_pair("a" * 40))
+    edit_config(adapter, target_modules="a?" * 40 + "a" * 40)
+    policy = write_policy(tmp_path, base, "task_arithmetic")
+    folded = subprocess.run([sys.executable, "-m", "mergeops", "fold", str(adapter), "--policy", str(policy)],
+                            capture_output=True, text=True, timeout=60)
+    assert folded.returncode == 3, folded.stderr
+    assert "target_modules does not name" in folded.stderr and "Traceback" not in folded.stderr
+    with Ledger.open_readonly(load_policy(policy).home) as ledger:
+        assert [e["kind"] for e in ledger.events()] == ["checkpoint.rejected"]
 
 
 def test_mwas_window_re_reads_an_expired_adapter_as_it_was_folded(tmp_path, adapters):
