@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 import subprocess
 import sys
@@ -112,7 +113,9 @@ def matching(patterns: Sequence[Pattern], names: Sequence[str]) -> list[set[str]
 
 _CHILD = """
 import json, re, resource, sys
-resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]), int(sys.argv[1])))
+memory, seconds = int(sys.argv[1]), int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds))  # ends it even if no parent is left to
 for source, whole, names in json.load(sys.stdin):
     try:
         regex = re.compile(source)
@@ -130,24 +133,30 @@ def _match_in_child(jobs: list[tuple[Pattern, list[str]]]) -> list[list[int]]:
         return []
     request = json.dumps([[pattern.source, pattern.whole, names] for pattern, names in jobs])
     try:  # -I -S: the child imports nothing from the environment, only the standard library it names
-        done = subprocess.run([sys.executable, "-I", "-S", "-c", _CHILD, str(CHILD_MEMORY)], input=request,
-                              capture_output=True, text=True, timeout=CHILD_SECONDS)
+        command = [sys.executable, "-I", "-S", "-c", _CHILD, str(CHILD_MEMORY), str(math.ceil(CHILD_SECONDS) + 1)]
+        done = subprocess.run(command, input=request, capture_output=True, text=True, timeout=CHILD_SECONDS)
         output, failure = done.stdout, None if done.returncode == 0 else done.stderr
     except subprocess.TimeoutExpired as exc:
         output, failure = exc.stdout or "", "timeout"
     if isinstance(output, bytes):  # what a timeout leaves is bytes, even in text mode
         output = output.decode("utf-8", "replace")
-    results = [json.loads(line) for line in output.splitlines() if line.strip()]
+    results = [json.loads(line) for line in output.split("\n")[:-1]]  # whole lines: a killed child may leave half one
     for (pattern, _), result in zip(jobs, results, strict=False):
         if isinstance(result, dict):
             raise PatternError(pattern.source, f"is not a regular expression PEFT can use ({result['error']})")
-    if failure is not None:
-        culprit = jobs[min(len(results), len(jobs) - 1)][0].source
-        why = f"took longer than {CHILD_SECONDS:g} s to match" if failure == "timeout" else \
-            f"needed more than {CHILD_MEMORY >> 20} MiB to match" if "MemoryError" in failure else \
-            f"could not be matched ({failure.strip().splitlines()[-1:] or 'the matcher ended early'})"
-        raise PatternError(culprit, f"{why}; name the modules instead")
+    if failure is not None:  # the pattern without a result is the one the child was matching
+        raise PatternError(jobs[min(len(results), len(jobs) - 1)][0].source, f"{_exceeded(failure)}; name the modules "
+                           "instead")
     return results
+
+
+def _exceeded(failure: str) -> str:
+    """What a child that ended without all results exceeded (``failure``: "timeout", or what it wrote to stderr)."""
+    if failure == "timeout":
+        return f"took longer than {CHILD_SECONDS:g} s to match"
+    if "MemoryError" in failure:
+        return f"needed more than {CHILD_MEMORY >> 20} MiB to match"
+    return f"could not be matched ({(failure.strip().splitlines() or ['the matcher ended early'])[-1]})"
 
 
 # --- Python's parse tree, written out as RE2 -----------------------------------------------------------------------

@@ -205,11 +205,11 @@ def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
             value = tuple(value)
         elif not isinstance(value, str | tuple):
             return problem(f"has a {key} that is neither a regular expression nor a list of module names")
-        try:
-            if isinstance(value, str) and value != "all-linear":
+        if isinstance(value, str) and value != "all-linear":
+            try:
                 _rule(value)
-        except patterns.PatternError as exc:
-            return problem(f"has a {key} {exc}")
+            except patterns.PatternError as exc:
+                return problem(f"has a {key} {exc}")
         rules[key] = value
     for key in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(config.get(key, False), bool):
