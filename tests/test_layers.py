@@ -16,6 +16,7 @@ PACKAGE = Path(mergeops.__file__).parent
 # Lowest first. A module may import modules of a lower rank, and of its own rank only within its own group.
 RANKS: list[tuple[str, ...]] = [
     ("errors", "threads", "allocator", "systemd"),
+    ("untrusted",),  # the one door for files mergeops did not write
     ("durable",),
     ("keys",),
     ("hub_uri",),
