@@ -48,15 +48,18 @@ def open_fd(path: str | os.PathLike[str]) -> int:
     except OSError as exc:
         raise UntrustedFileError(path, f"cannot be opened ({exc.strerror})") from exc
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UntrustedFileError(path, f"is {_kind(info.st_mode)}, not a regular file; replace it with the file "
-                                     "itself")
+        require_regular(path, os.fstat(fd).st_mode)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def require_regular(path: str | os.PathLike[str], mode: int) -> None:
+    """Refuse ``path``, whose ``st_mode`` is ``mode``, unless it is a regular file, saying what it is instead."""
+    if not stat.S_ISREG(mode):
+        raise UntrustedFileError(path, f"is {_kind(mode)}, not a regular file; replace it with the file itself")
 
 
 @contextmanager

@@ -64,22 +64,21 @@ def digest_files(root: Path) -> list[str]:
                     raise ModelFolderError(
                         f"{relative} in {root} is a symlink to {target}, outside the model folder; "
                         "replace it with a copy of the file.")
-            if name in filenames and _is_file(path, relative, root):
+            if name in filenames and _is_file(path):
                 found.append(relative)
     found.sort(key=lambda p: p.encode())
     return found
 
 
-def _is_file(path: Path, relative: str, root: Path) -> bool:
+def _is_file(path: Path) -> bool:
     """Whether the digest covers ``path``: a regular file (a dangling link is not one, as for ``find -L -type f``).
     A FIFO, socket or device is refused: hashing it would block or never end, leaving it out would hide it."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return False
-    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
-        raise ModelFolderError(f"{relative} in {root} is not a regular file (it is a FIFO, socket or device); "
-                               "remove it, a model folder holds only files and folders.")
+    if not stat.S_ISDIR(mode):
+        untrusted.require_regular(path, mode)
     return stat.S_ISREG(mode)
 
 
