@@ -144,7 +144,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         raise PolicyError(f"cannot read policy file {path}: it {exc.reason}; pass an existing TOML file "
                           "with --policy.") from exc
     try:
-        data = untrusted.parse_toml(raw, path)
+        data = untrusted.parse_toml(raw, path, finite=False)  # a nan or inf is refused below, by its key
     except UntrustedFileError as exc:
         raise PolicyError(f"{exc}") from exc
     folder = path.resolve().parent

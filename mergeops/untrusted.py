@@ -123,11 +123,13 @@ def read_toml(path: str | os.PathLike[str], *, max_bytes: int = 4 * MiB, max_dep
     return parse_toml(read_bytes(path, max_bytes=max_bytes), path, max_depth=max_depth)
 
 
-def parse_toml(data: bytes, path: str | os.PathLike[str], *, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
-    """Parse untrusted TOML (UTF-8) with the limits of :func:`parse_json`; ``path`` names it in errors."""
+def parse_toml(data: bytes, path: str | os.PathLike[str], *, max_depth: int = MAX_DEPTH,
+               finite: bool = True) -> dict[str, Any]:
+    """Parse untrusted TOML (UTF-8) with the limits of :func:`parse_json`; ``path`` names it in errors.
+    ``finite=False`` lets nan and inf through, for a caller that refuses them itself naming the key."""
     text = decode_utf8(data, path)
     try:
-        document = tomllib.loads(text, parse_float=_toml_float)
+        document = tomllib.loads(text, parse_float=_toml_float if finite else float)
     except RecursionError as exc:
         raise UntrustedFileError(path, f"nests deeper than {max_depth} levels") from exc
     except _Refused as exc:
