@@ -94,18 +94,22 @@ def decode_utf8(data: bytes, path: str | os.PathLike[str]) -> str:
         raise UntrustedFileError(path, f"is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
 
 
-def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES, max_depth: int = MAX_DEPTH) -> Any:
+def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES, max_depth: int = MAX_DEPTH,
+              finite: bool = True) -> Any:
     """The JSON document in the regular file ``path``, parsed with limits (see :func:`parse_json`)."""
-    return parse_json(read_bytes(path, max_bytes=max_bytes), path, max_depth=max_depth)
+    return parse_json(read_bytes(path, max_bytes=max_bytes), path, max_depth=max_depth, finite=finite)
 
 
-def parse_json(data: bytes | str, path: str | os.PathLike[str], *, max_depth: int = MAX_DEPTH) -> Any:
+def parse_json(data: bytes | str, path: str | os.PathLike[str], *, max_depth: int = MAX_DEPTH,
+               finite: bool = True) -> Any:
     """Parse untrusted JSON: UTF-8, at most ``max_depth`` levels of nesting, integers of at most
-    ``MAX_INT_DIGITS`` digits, finite numbers only, and no key twice in one object. ``path`` names it in errors."""
+    ``MAX_INT_DIGITS`` digits, finite numbers only, and no key twice in one object. ``path`` names it in errors.
+    ``finite=False`` lets NaN and Infinity through (Python's json writes them: a Trainer's diverged loss), for a
+    caller that refuses them itself where they matter, naming the key."""
     text = decode_utf8(data, path) if isinstance(data, bytes) else data
     try:
-        document = json.loads(text, parse_int=_integer, parse_float=_finite_float, parse_constant=_no_constant,
-                              object_pairs_hook=_unique_keys)
+        document = json.loads(text, parse_int=_integer, parse_float=_finite_float if finite else float,
+                              parse_constant=_no_constant if finite else float, object_pairs_hook=_unique_keys)
     except RecursionError as exc:
         raise UntrustedFileError(path, f"nests deeper than {max_depth} levels; it is not a file a model uses") from exc
     except _Refused as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -136,3 +137,11 @@ def test_open_fd_gives_a_blocking_descriptor_of_the_regular_file(tmp_path):
     finally:
         os.close(fd)
 
+
+
+def test_nan_and_infinity_pass_only_when_the_caller_checks_numbers_itself():
+    document = untrusted.parse_json('{"loss": NaN, "n": -Infinity, "x": 1e400}', "s", finite=False)
+    assert math.isnan(document["loss"]) and document["n"] == -math.inf == -document["x"]
+    with pytest.raises(UntrustedFileError, match="integer of 41 digits"):  # the other limits stay
+        untrusted.parse_json('{"n": ' + "9" * 41 + ', "loss": NaN}', "s", finite=False)
+    assert math.isinf(untrusted.parse_toml(b"x = inf\n", "p", finite=False)["x"])

@@ -111,7 +111,7 @@ def _metrics(stdout: bytes, required: Mapping[str, float]) -> dict[str, float]:
         raise RejectedError("the eval command's output is not UTF-8 text; it must print a JSON object of metrics "
                             "on its last line.", gate="eval") from None
     try:
-        document = untrusted.parse_json(text.strip().splitlines()[-1], "the eval command's last line")
+        document = untrusted.parse_json(text.strip().splitlines()[-1], "the eval command's last line", finite=False)
     except IndexError as exc:
         raise RejectedError(f"the eval command printed no JSON object of metrics on its last line ({exc}).",
                             gate="eval") from None

@@ -27,7 +27,7 @@ def _numbers(document: object, where: str) -> dict[str, float]:
 
 
 def _trainer_state(path: Path) -> dict[str, float]:
-    state = untrusted.read_json(path)
+    state = untrusted.read_json(path, finite=False)  # NaN is read: only a NaN last loss is refused, below
     if not isinstance(state, dict):
         raise RejectedError(f"{path} is a JSON {type(state).__name__}, not the object the Trainer writes; fix or "
                             "remove it.")
@@ -45,7 +45,7 @@ def _trainer_state(path: Path) -> dict[str, float]:
 def load_metrics(checkpoint: Path, metrics_file: Path | None = None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     readers = [(checkpoint / "trainer_state.json", _trainer_state),  # lowest priority first
-               (checkpoint / "metrics.json", lambda path: _numbers(untrusted.read_json(path), str(path)))]
+               (checkpoint / "metrics.json", lambda path: _numbers(untrusted.read_json(path, finite=False), str(path)))]
     for path, read in readers:
         if os.path.lexists(path):  # a FIFO or dangling link there is refused by the door, not passed over
             try:
@@ -54,7 +54,7 @@ def load_metrics(checkpoint: Path, metrics_file: Path | None = None) -> dict[str
                 raise RejectedError(f"{exc.path} {exc.reason}; fix or remove it.") from exc
     if metrics_file is not None:
         try:
-            metrics |= _numbers(untrusted.read_json(metrics_file), str(metrics_file))
+            metrics |= _numbers(untrusted.read_json(metrics_file, finite=False), str(metrics_file))
         except UntrustedFileError as exc:
             raise UsageError(f"metrics file {exc.path} {exc.reason}.") from exc
     return metrics

@@ -180,7 +180,7 @@ def _evaluate(tmp_path, body: str, **config):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize(("body", "needle"), [
-    ("print(json.dumps({'acc': float('nan')}))", "holds NaN, which is not a JSON number"),
+    ("print(json.dumps({'acc': float('nan')}))", "acc = nan, not a finite number"),
     ("print(json.dumps({'acc': 'high'}))", "acc = 'high', not a finite number"),
     ("print(json.dumps([0.9]))", "a JSON list, not an object"),
     ("sys.stdout.buffer.write(b'\\xff\\xfe{}\\n')", "not UTF-8 text"),
