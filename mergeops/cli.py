@@ -113,10 +113,13 @@ def curvature_import(
 
     names = None
     if param_names is not None:
+        from mergeops import untrusted
+        from mergeops.errors import UntrustedFileError
+
         try:
-            names = [line.strip() for line in param_names.read_text().splitlines() if line.strip()]
-        except OSError as exc:
-            raise UsageError(f"cannot read {param_names} ({exc.strerror}).") from exc
+            names = [line.strip() for line in untrusted.read_text(param_names).splitlines() if line.strip()]
+        except UntrustedFileError as exc:
+            raise UsageError(f"cannot read {exc.path}: it {exc.reason}.") from exc
     written = import_trainer_curvature(checkpoint, param_names=names)
     out.print(f"wrote {written}", markup=False)
 

@@ -9,6 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from mergeops import untrusted
+
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of the dirty pages, do not wait for it
 
 
@@ -33,6 +35,16 @@ def write_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` and fsync it (the caller renames or fsyncs the directory)."""
     with open(path, "wb") as f:
         f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def copy_durably(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` and fsync it. The source is opened through the door: a file that is not
+    mergeops's (a checkpoint's, a version's that may have been replaced) and is a FIFO is refused, not waited on."""
+    with untrusted.open_binary(source) as src, open(target, "wb") as f:
+        while chunk := src.read(8 << 20):
+            f.write(chunk)
         f.flush()
         os.fsync(f.fileno())
 

@@ -28,7 +28,8 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import HFValidationError, OfflineModeIsEnabled, validate_repo_id
 
-from mergeops.errors import MergeopsError, UsageError
+from mergeops import untrusted
+from mergeops.errors import MergeopsError, UntrustedFileError, UsageError
 
 try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
     import httpx2 as _http
@@ -65,12 +66,12 @@ def hub_token() -> str | None:
     if not credentials:
         return None
     path = Path(credentials) / CREDENTIAL_NAME
-    try:
-        token = path.read_text().strip()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except OSError as error:
-        raise UsageError(f"Cannot read the Hub token credential {path} ({error.strerror}); "
+    try:
+        token = untrusted.read_text(path, max_bytes=64 << 10).strip()
+    except UntrustedFileError as error:
+        raise UsageError(f"Cannot read the Hub token credential {path}: it {error.reason}; "
                          f"check LoadCredential={CREDENTIAL_NAME}:... in the service unit.") from None
     return token or None
 

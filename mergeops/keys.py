@@ -27,13 +27,15 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from mergeops import untrusted
 from mergeops.durable import fsync_dir
-from mergeops.errors import PolicyError, UsageError
+from mergeops.errors import PolicyError, UntrustedFileError, UsageError
 
 SIGNING_KEY_FILE = "signing.pem"
 PUBLIC_KEY_FILE = "signing.pub.pem"
 LOCK_KEY_FILE = "lock.key"
 LOCK_KEY_BYTES = 32
+MAX_KEY_FILE_BYTES = 64 << 10  # a PEM key is a few hundred bytes
 
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
@@ -129,10 +131,10 @@ def _read_private_file(path: Path, what: str) -> bytes:
     if st.st_mode & 0o077:
         raise UsageError(f"{what} {path} is accessible by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
                          f"run `chmod 600 {path}` and try again.")
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"{what} {path} cannot be read ({exc.strerror}).") from None
+    try:  # through the door: a FIFO put there since the check above is refused, not waited on
+        return untrusted.read_bytes(path, max_bytes=MAX_KEY_FILE_BYTES)
+    except UntrustedFileError as exc:
+        raise UsageError(f"{what} {path} cannot be read: it {exc.reason}.") from None
 
 
 def load_signing_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -170,13 +172,13 @@ def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
     P-384/P-521 are accepted because a trusted producer's model signatures may use them; our own keys are P-256.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         raise UsageError(f"public key {path} does not exist; give the path of a signing.pub.pem written by "
-                         "`mergeops keygen --out DIR`.") from None
-    except OSError as exc:
-        raise UsageError(f"public key {path} cannot be read ({exc.strerror}).") from None
+                         "`mergeops keygen --out DIR`.")
+    try:
+        data = untrusted.read_bytes(path, max_bytes=MAX_KEY_FILE_BYTES)
+    except UntrustedFileError as exc:
+        raise UsageError(f"public key {path} cannot be read: it {exc.reason}.") from None
     if b"PRIVATE KEY-----" in data:
         raise UsageError(f"{path} holds a private key; give the public key (signing.pub.pem) instead, and keep "
                          "the private key out of shared configuration.")

@@ -11,16 +11,17 @@ import hashlib
 import math
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergeops.errors import PolicyError
+from mergeops import untrusted
+from mergeops.errors import PolicyError, UntrustedFileError
 from mergeops.hub_uri import is_hub
 
 OUTPUT_DTYPES = ("base", "float32", "bfloat16", "float16")
 MAX_ADAPTER_RANK = 4096  # a LoRA rank above this is no longer an adapter (ranks are capped per tensor anyway)
+MAX_POLICY_BYTES = 1 << 20  # a policy is a page of TOML; a larger file is not one
 # What to do with a checkpoint whose vocabulary differs from the base's (tokens added, ids moved): reject it, or fold
 # the rows of the base's tokens, matched by token string, and drop the rest.
 VOCAB_SETTINGS = ("reject", "base")
@@ -138,14 +139,14 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     """Read and check a policy file; raises :class:`PolicyError` naming the key or file at fault."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"cannot read policy file {path} ({exc.strerror}); pass an existing TOML file "
+        raw = untrusted.read_bytes(path, max_bytes=MAX_POLICY_BYTES)
+    except UntrustedFileError as exc:
+        raise PolicyError(f"cannot read policy file {path}: it {exc.reason}; pass an existing TOML file "
                           "with --policy.") from exc
     try:
-        data = tomllib.loads(raw.decode())
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise PolicyError(f"{path} is not valid TOML: {exc}.") from exc
+        data = untrusted.parse_toml(raw, path, finite=False)  # a nan or inf is refused below, by its key
+    except UntrustedFileError as exc:
+        raise PolicyError(f"{exc}") from exc
     folder = path.resolve().parent
 
     def local(value: str) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import tomllib
 from collections.abc import Iterator
@@ -47,15 +48,18 @@ def open_fd(path: str | os.PathLike[str]) -> int:
     except OSError as exc:
         raise UntrustedFileError(path, f"cannot be opened ({exc.strerror})") from exc
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UntrustedFileError(path, f"is {_kind(info.st_mode)}, not a regular file; replace it with the file "
-                                     "itself")
+        require_regular(path, os.fstat(fd).st_mode)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def require_regular(path: str | os.PathLike[str], mode: int) -> None:
+    """Refuse ``path``, whose ``st_mode`` is ``mode``, unless it is a regular file, saying what it is instead."""
+    if not stat.S_ISREG(mode):
+        raise UntrustedFileError(path, f"is {_kind(mode)}, not a regular file; replace it with the file itself")
 
 
 @contextmanager
@@ -90,18 +94,22 @@ def decode_utf8(data: bytes, path: str | os.PathLike[str]) -> str:
         raise UntrustedFileError(path, f"is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
 
 
-def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES, max_depth: int = MAX_DEPTH) -> Any:
+def read_json(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTES, max_depth: int = MAX_DEPTH,
+              finite: bool = True) -> Any:
     """The JSON document in the regular file ``path``, parsed with limits (see :func:`parse_json`)."""
-    return parse_json(read_bytes(path, max_bytes=max_bytes), path, max_depth=max_depth)
+    return parse_json(read_bytes(path, max_bytes=max_bytes), path, max_depth=max_depth, finite=finite)
 
 
-def parse_json(data: bytes | str, path: str | os.PathLike[str], *, max_depth: int = MAX_DEPTH) -> Any:
+def parse_json(data: bytes | str, path: str | os.PathLike[str], *, max_depth: int = MAX_DEPTH,
+               finite: bool = True) -> Any:
     """Parse untrusted JSON: UTF-8, at most ``max_depth`` levels of nesting, integers of at most
-    ``MAX_INT_DIGITS`` digits, finite numbers only, and no key twice in one object. ``path`` names it in errors."""
+    ``MAX_INT_DIGITS`` digits, finite numbers only, and no key twice in one object. ``path`` names it in errors.
+    ``finite=False`` lets NaN and Infinity through (Python's json writes them: a Trainer's diverged loss), for a
+    caller that refuses them itself where they matter, naming the key."""
     text = decode_utf8(data, path) if isinstance(data, bytes) else data
     try:
-        document = json.loads(text, parse_int=_integer, parse_float=_finite_float, parse_constant=_no_constant,
-                              object_pairs_hook=_unique_keys)
+        document = json.loads(text, parse_int=_integer, parse_float=_finite_float if finite else float,
+                              parse_constant=_no_constant if finite else float, object_pairs_hook=_unique_keys)
     except RecursionError as exc:
         raise UntrustedFileError(path, f"nests deeper than {max_depth} levels; it is not a file a model uses") from exc
     except _Refused as exc:
@@ -109,20 +117,31 @@ def parse_json(data: bytes | str, path: str | os.PathLike[str], *, max_depth: in
     except ValueError as exc:  # json.JSONDecodeError is one
         raise UntrustedFileError(path, f"is not valid JSON ({exc})") from exc
     _check_depth(document, max_depth, path)
+    if _SURROGATE_ESCAPE.search(text) or not isinstance(data, bytes):
+        _check_strings(document, path)
     return document
 
 
 def read_toml(path: str | os.PathLike[str], *, max_bytes: int = 4 * MiB, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
     """The TOML document in the regular file ``path``, with the limits of :func:`parse_json`."""
-    text = read_text(path, max_bytes=max_bytes)
+    return parse_toml(read_bytes(path, max_bytes=max_bytes), path, max_depth=max_depth)
+
+
+def parse_toml(data: bytes, path: str | os.PathLike[str], *, max_depth: int = MAX_DEPTH,
+               finite: bool = True) -> dict[str, Any]:
+    """Parse untrusted TOML (UTF-8) with the limits of :func:`parse_json`; ``path`` names it in errors.
+    ``finite=False`` lets nan and inf through, for a caller that refuses them itself naming the key."""
+    text = decode_utf8(data, path)
     try:
-        document = tomllib.loads(text, parse_float=_toml_float)
+        document = tomllib.loads(text, parse_float=_toml_float if finite else float)
     except RecursionError as exc:
         raise UntrustedFileError(path, f"nests deeper than {max_depth} levels") from exc
     except _Refused as exc:
         raise UntrustedFileError(path, str(exc)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise UntrustedFileError(path, f"is not valid TOML ({exc})") from exc
+    except ValueError as exc:  # int() refuses an integer of more than 4300 digits before our check can see it
+        raise UntrustedFileError(path, f"holds an integer of more than {MAX_INT_DIGITS} digits") from exc
     _check_depth(document, max_depth, path)
     _check_toml_values(document, path)
     return document
@@ -177,6 +196,29 @@ def _check_depth(document: Any, max_depth: int, path: str | os.PathLike[str]) ->
         if depth > max_depth:
             raise UntrustedFileError(path, f"nests deeper than {max_depth} levels; it is not a file a model uses")
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+
+
+# A \\uD800-\\uDFFF escape: JSON text decoded from UTF-8 holds no surrogate otherwise, so most files skip the walk.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_strings(document: Any, path: str | os.PathLike[str]) -> None:
+    """Refuse a lone surrogate (``"\\ud800"``) in a key or string: it is no text, and it would fail later, far from
+    here, when the string is encoded (into the ledger, a message, a file name)."""
+    stack = [document]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise UntrustedFileError(path, f"holds a lone surrogate ({value[exc.start]!r}) in the string "
+                                         f"{value[:40]!r}, which is not text; save it as valid UTF-8") from exc
 
 
 def _check_toml_values(document: Any, path: str | os.PathLike[str]) -> None:

@@ -71,6 +71,27 @@ def test_inspect_exits_1_and_names_the_problem(tmp_path, tensors):
     assert document["problems"][0]["tensor"] == "model.norm.weight"
 
 
+def _fifo(path):  # type: ignore[no-untyped-def]
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize(("spoil", "words"), [
+    (lambda m: _fifo(m / "config.json"), "config.json is a FIFO, not a regular file"),
+    (lambda m: _fifo(m / "model.safetensors"), "model.safetensors is a FIFO, not a regular file"),
+    (lambda m: _fifo(m / "notes.txt"), "notes.txt is a FIFO, not a regular file"),
+    (lambda m: (m / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"), "nests deeper"),
+    (lambda m: (m / "config.json").write_text('{"n": ' + "9" * 5000 + "}"), "an integer of 5000 digits"),
+], ids=["FIFO config", "FIFO weights", "FIFO beside them", "deep config", "huge integer"])
+def test_inspect_names_a_hostile_file_as_a_problem_without_hanging(tmp_path, tensors, spoil, words):
+    model = write_model(tmp_path / "m", tensors, config={"architectures": ["LlamaForCausalLM"]})
+    spoil(model)
+    result = mergeops("inspect", str(model), "--json")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert any(words in problem["message"] for problem in json.loads(result.stdout)["problems"]), result.stdout
+
+
 def test_fold_exit_codes_and_json(tmp_path):
     from tests.fold.streams import make_base, make_checkpoints, write_policy
 

@@ -216,3 +216,12 @@ def test_sign_and_verify_bytes(keydir: keys.KeyPaths, tmp_path: Path):
     assert not keys.verify(public, data, b"not a signature")
     other = keys.load_public_key(keys.generate_keys(tmp_path / "other").public_key)
     assert not keys.verify(other, data, signature)
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("special", ["FIFO", "/dev/zero"])
+def test_a_public_key_that_is_no_regular_file_is_refused_at_once(tmp_path, special):
+    path = tmp_path / "signing.pub.pem"
+    os.mkfifo(path) if special == "FIFO" else path.symlink_to(special)
+    with pytest.raises(UsageError, match=re.escape(f"public key {path} cannot be read: it is a")):
+        keys.load_public_key(path)

@@ -16,7 +16,7 @@ PACKAGE = Path(mergeops.__file__).parent
 # Lowest first. A module may import modules of a lower rank, and of its own rank only within its own group.
 RANKS: list[tuple[str, ...]] = [
     ("errors", "threads", "allocator", "systemd"),
-    ("patterns", "untrusted"),  # what files mergeops did not write hold: regular expressions; the files themselves
+    ("patterns", "untrusted"),  # what files mergeops did not write hold: the files themselves, regular expressions
     ("durable",),
     ("keys",),
     ("hub_uri",),

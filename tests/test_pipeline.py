@@ -215,7 +215,7 @@ def _no_config(tmp_path, base):
     (_nan_checkpoint, "'model.layers.0.mlp.up_proj.weight'"),
     (_overflows_float32_arithmetic, "non-finite value(s) in float32 (an overflow"),
     (_beyond_float32, "beyond float32's range"),
-    (_non_utf8_tensor_name, "not valid UTF-8"),
+    (_non_utf8_tensor_name, "not UTF-8 text"),
     (_symlink_loop, "symlink loop"),
     (_config("{not json"), "config.json is not valid JSON"),
     (_config("[1, 2]"), "config.json is a JSON list, not an object"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -88,6 +89,23 @@ def test_missing_and_malformed_files(tmp_path):
         load_policy(tmp_path / "nope.toml")
     with pytest.raises(PolicyError, match="not valid TOML"):
         load_policy(write(tmp_path, "home = [unclosed"))
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(("spoil", "words"), [
+    (lambda p: os.mkfifo(p), "is a FIFO, not a regular file"),
+    (lambda p: p.symlink_to("/dev/zero"), "is a character device, not a regular file"),
+    (lambda p: p.write_text("home = " + "9" * 5000 + "\n"), "holds an integer of more than 40 digits"),
+    (lambda p: p.write_text("home = " + "[" * 100_000 + "\n"), "nests deeper than 64 levels"),
+    (lambda p: p.write_bytes(b'home = "caf\xe9"\n'), "is not UTF-8 text"),
+    (lambda p: p.write_text("home = 'x'\n" * 200_000), "larger than the 1 MiB"),
+], ids=["FIFO", "/dev/zero", "5000-digit integer", "nested 100000 deep", "not UTF-8", "10 MB"])
+def test_a_hostile_policy_file_is_a_policy_error_naming_it_at_once(tmp_path, spoil, words):
+    spoil(tmp_path / "policy.toml")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(tmp_path / "policy.toml")
+    assert words in str(caught.value) and str(tmp_path / "policy.toml") in str(caught.value)
+    assert caught.value.exit_code == 2
 
 
 def test_choosing_a_stream(tmp_path):

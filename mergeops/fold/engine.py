@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from mergeops import untrusted
 from mergeops.errors import PolicyError, RejectedError
 from mergeops.fold.methods.base import MergeMethod, Piece, Prepared
 from mergeops.intake.validate import tensor_value_problem
@@ -321,4 +322,4 @@ def scalars_json(method: MergeMethod) -> bytes:
 
 def read_scalars(state_dir: Path) -> dict[str, Any]:
     """The scalars file of a state folder, as written by :func:`scalars_json`."""
-    return json.loads((state_dir / SCALARS_FILE).read_text())
+    return untrusted.read_json(state_dir / SCALARS_FILE)

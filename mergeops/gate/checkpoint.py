@@ -3,7 +3,7 @@ merge method needs (training metrics, curvature)."""
 
 from __future__ import annotations
 
-from mergeops.errors import ModelFolderError, RejectedError
+from mergeops.errors import ModelFolderError, RejectedError, UntrustedFileError
 from mergeops.fold.methods.ota import curvature_problem
 from mergeops.gate.base import Subject
 from mergeops.gate.eval import evaluate
@@ -48,7 +48,10 @@ class LicenseGate:
 
     def check(self, subject: Subject) -> str:
         checkpoint = subject.checkpoint.path
-        found = read_license(checkpoint)
+        try:
+            found = read_license(checkpoint)
+        except UntrustedFileError as exc:
+            raise RejectedError(f"{exc}", gate=self.name) from exc
         if found is None:
             raise RejectedError(f"{checkpoint} has no license in its README.md front matter; the policy accepts "
                                 f"only {', '.join(self.licenses)}.", gate=self.name)

@@ -7,7 +7,6 @@ the training metrics its method needs, the command only measures it.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shlex
@@ -19,7 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mergeops.errors import RejectedError
+from mergeops import untrusted
+from mergeops.errors import RejectedError, UntrustedFileError
 from mergeops.gate.base import Subject
 from mergeops.policy import GateConfig
 from mergeops.systemd import child_environment
@@ -106,12 +106,17 @@ def _metrics(stdout: bytes, required: Mapping[str, float]) -> dict[str, float]:
     """The numbers of the JSON object on the last line of the eval command's output. Other values (text) are
     ignored, but a metric the policy's ``min`` names must be a number, and no number may be NaN or infinite."""
     try:
-        document = json.loads(stdout.decode("utf-8").strip().splitlines()[-1])
-    except UnicodeDecodeError:
+        text = untrusted.decode_utf8(stdout, "the eval command's output")
+    except UntrustedFileError:
         raise RejectedError("the eval command's output is not UTF-8 text; it must print a JSON object of metrics "
                             "on its last line.", gate="eval") from None
-    except (IndexError, ValueError) as exc:
+    try:
+        document = untrusted.parse_json(text.strip().splitlines()[-1], "the eval command's last line", finite=False)
+    except IndexError as exc:
         raise RejectedError(f"the eval command printed no JSON object of metrics on its last line ({exc}).",
+                            gate="eval") from None
+    except UntrustedFileError as exc:
+        raise RejectedError(f"the eval command printed no JSON object of metrics on its last line: {exc}",
                             gate="eval") from None
     if not isinstance(document, dict):
         raise RejectedError(f"the eval command's last line is a JSON {type(document).__name__}, not an object of "

@@ -25,6 +25,7 @@ Where the grouping comes from:
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -36,7 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergeops.errors import ModelFolderError, RejectedError, UsageError
+from mergeops import untrusted
+from mergeops.errors import ModelFolderError, RejectedError, UntrustedFileError, UsageError
 from mergeops.model import ModelFolder, TensorSpec
 from mergeops.model.architectures import TRAINER_NO_DECAY, is_norm_or_bias
 from mergeops.model.folder import CURVATURE_FILE
@@ -80,7 +82,7 @@ def import_trainer_curvature(checkpoint: Path, *, param_names: list[str] | None 
     """
     root = Path(checkpoint)
     optimizer_path = root / OPTIMIZER_FILE
-    if not optimizer_path.is_file():
+    if not os.path.lexists(optimizer_path):  # something else there is refused by the door, saying what it is
         raise ModelFolderError(f"{optimizer_path} does not exist; keep optimizer.pt in the checkpoint "
                                "(the Trainer writes it unless save_only_model=True) to import its curvature.")
     if param_names is None and not (root / "config.json").is_file():
@@ -105,7 +107,11 @@ def _load_optimizer(path: Path) -> tuple[list[list[int]], dict[int, dict[str, An
     Loaded weights-only (no code runs) and memory-mapped when possible, so tensors are paged in one by one.
     """
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with untrusted.open_binary(path) as handle:  # a FIFO or device there is refused, not waited on
+            same_file = f"/proc/self/fd/{handle.fileno()}"  # torch reads the file the door opened, by name for mmap
+            saved = torch.load(same_file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(same_file))
+    except UntrustedFileError as exc:
+        raise RejectedError(f"{exc}") from exc
     except pickle.UnpicklingError as exc:
         found = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed|\n|$)", str(exc))
         detail = found.group(1).strip() if found else _first_line(exc)

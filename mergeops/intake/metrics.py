@@ -6,11 +6,12 @@ Hugging Face Trainer's ``trainer_state.json`` (``global_step``, and the last ``l
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from pathlib import Path
 
-from mergeops.errors import RejectedError, UsageError
+from mergeops import untrusted
+from mergeops.errors import RejectedError, UntrustedFileError, UsageError
 
 
 def _numbers(document: object, where: str) -> dict[str, float]:
@@ -26,11 +27,16 @@ def _numbers(document: object, where: str) -> dict[str, float]:
 
 
 def _trainer_state(path: Path) -> dict[str, float]:
-    state = json.loads(path.read_text())
+    state = untrusted.read_json(path, finite=False)  # NaN is read: only a NaN last loss is refused, below
+    if not isinstance(state, dict):
+        raise RejectedError(f"{path} is a JSON {type(state).__name__}, not the object the Trainer writes; fix or "
+                            "remove it.")
     found = {}
     if isinstance(state.get("global_step"), int | float):
         found["step"] = state["global_step"]
-    losses = [entry["loss"] for entry in state.get("log_history", []) if isinstance(entry.get("loss"), int | float)]
+    history = state.get("log_history")
+    entries = [entry for entry in history if isinstance(entry, dict)] if isinstance(history, list) else []
+    losses = [entry["loss"] for entry in entries if isinstance(entry.get("loss"), int | float)]
     if losses:
         found["loss"] = losses[-1]
     return _numbers(found, str(path))  # the Trainer writes NaN for a diverged loss
@@ -39,18 +45,16 @@ def _trainer_state(path: Path) -> dict[str, float]:
 def load_metrics(checkpoint: Path, metrics_file: Path | None = None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     readers = [(checkpoint / "trainer_state.json", _trainer_state),  # lowest priority first
-               (checkpoint / "metrics.json", lambda path: _numbers(json.loads(path.read_text()), str(path)))]
+               (checkpoint / "metrics.json", lambda path: _numbers(untrusted.read_json(path, finite=False), str(path)))]
     for path, read in readers:
-        if path.is_file():
+        if os.path.lexists(path):  # a FIFO or dangling link there is refused by the door, not passed over
             try:
                 metrics |= read(path)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise RejectedError(f"{path} is not valid JSON ({exc}); fix or remove it.") from exc
+            except UntrustedFileError as exc:
+                raise RejectedError(f"{exc.path} {exc.reason}; fix or remove it.") from exc
     if metrics_file is not None:
         try:
-            metrics |= _numbers(json.loads(Path(metrics_file).read_text()), str(metrics_file))
-        except OSError as exc:
-            raise UsageError(f"cannot read metrics file {metrics_file} ({exc.strerror}).") from exc
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"metrics file {metrics_file} is not valid JSON ({exc}).") from exc
+            metrics |= _numbers(untrusted.read_json(metrics_file, finite=False), str(metrics_file))
+        except UntrustedFileError as exc:
+            raise UsageError(f"metrics file {exc.path} {exc.reason}.") from exc
     return metrics

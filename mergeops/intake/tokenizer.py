@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergeops.errors import RejectedError
+from mergeops import untrusted
+from mergeops.errors import RejectedError, UntrustedFileError
 
 MAX_TOKENIZER_FILE_BYTES = 256 << 20  # the largest real tokenizer.json files are tens of MB
 FAST_FILE = "tokenizer.json"
@@ -79,7 +81,7 @@ class TokenizerFileError(ValueError):
 def tokenizer_files(folder: Path) -> dict[str, bytes]:
     """The tokenizer files of a model folder (none: it ships no tokenizer), each size-capped. Raises
     :class:`TokenizerFileError` naming the file at fault."""
-    return {name: _read_bytes(folder / name) for name in TOKENIZER_FILES if (folder / name).is_file()}
+    return {name: _read_bytes(folder / name) for name in TOKENIZER_FILES if os.path.lexists(folder / name)}
 
 
 def parse_tokenizer(folder: Path, files: dict[str, bytes]) -> Tokenizer:
@@ -89,24 +91,11 @@ def parse_tokenizer(folder: Path, files: dict[str, bytes]) -> Tokenizer:
 
 
 def _read_bytes(path: Path) -> bytes:
+    """A tokenizer file through the door (a FIFO or link to nothing there is refused, not passed over)."""
     try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_TOKENIZER_FILE_BYTES + 1)
-    except OSError as exc:
-        raise TokenizerFileError(f"{path} cannot be read ({exc.strerror}).") from exc
-    if len(data) > MAX_TOKENIZER_FILE_BYTES:
-        raise TokenizerFileError(f"{path} is larger than {MAX_TOKENIZER_FILE_BYTES >> 20} MiB, more than any real "
-                                 "tokenizer file; it is refused.")
-    return data
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in found:
-            raise TokenizerFileError(f"key {key!r} appears twice in one object")
-        found[key] = value
-    return found
+        return untrusted.read_bytes(path, max_bytes=MAX_TOKENIZER_FILE_BYTES)
+    except UntrustedFileError as exc:
+        raise TokenizerFileError(f"{exc}") from exc
 
 
 @dataclass
@@ -119,20 +108,15 @@ class _Reader:
 
     def text(self, name: str) -> str:
         try:
-            return self.raw[name].decode("utf-8")
-        except UnicodeDecodeError:
-            raise self.fail(name, "is not UTF-8 text") from None
+            return untrusted.decode_utf8(self.raw[name], self.folder / name)
+        except UntrustedFileError as exc:
+            raise self.fail(name, exc.reason.split(";")[0]) from None
 
     def json(self, name: str, kind: type) -> Any:
-        text = self.text(name)
         try:
-            value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-        except TokenizerFileError as exc:
-            raise self.fail(name, f"is not valid: {exc}") from None
-        except json.JSONDecodeError as exc:
-            raise self.fail(name, f"is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        except (ValueError, RecursionError):  # an integer of thousands of digits, nesting beyond the parser's depth
-            raise self.fail(name, "is not JSON this reader accepts (a huge number or nesting too deep)") from None
+            value = untrusted.parse_json(self.raw[name], self.folder / name)
+        except UntrustedFileError as exc:
+            raise self.fail(name, exc.reason.split(";")[0]) from None
         if not isinstance(value, kind):
             raise self.fail(name, f"is a JSON {type(value).__name__}, not {'an object' if kind is dict else 'a list'}")
         return value

@@ -21,8 +21,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlite_utils import Database
 
-from mergeops import keys
-from mergeops.errors import MergeopsError
+from mergeops import keys, untrusted
+from mergeops.errors import MergeopsError, ModelFolderError, UntrustedFileError
 from mergeops.hub_uri import SCHEME, is_hub
 from mergeops.ledger.events import Event, canonical, chain_problems
 from mergeops.ledger.store import HEAD_FILE, Ledger
@@ -80,7 +80,7 @@ def audit(ledger: Ledger, public_key: ec.EllipticCurvePublicKey, report: AuditRe
     evidence besides the ones the ledger names."""
     report = report or AuditReport()
     head_file = ledger.home / HEAD_FILE
-    head = head_file.read_text() if head_file.is_file() else None
+    head = _read_head(head_file)
     ledger.db.execute("BEGIN")
     try:
         rows = ledger.events()
@@ -97,6 +97,23 @@ def audit(ledger: Ledger, public_key: ec.EllipticCurvePublicKey, report: AuditRe
     return report
 
 
+def _read_head(path: Path) -> str | None:
+    """The head file's text (None: there is none); one the door refuses (a FIFO, huge, not UTF-8) reads as empty,
+    which is not validly signed."""
+    try:
+        return untrusted.read_text(path, max_bytes=64 << 10) if os.path.lexists(path) else None
+    except UntrustedFileError:
+        return ""
+
+
+def _digest(folder: Path) -> str | None:
+    """The folder's digest, or None if it holds what no folder mergeops wrote holds (a FIFO, a link out of it)."""
+    try:
+        return folder_digest(folder)
+    except ModelFolderError:
+        return None
+
+
 def _check_head(path: Path, text: str | None, rows: list[dict[str, Any]], public_key: ec.EllipticCurvePublicKey,
                 report: AuditReport) -> None:
     if text is None:
@@ -104,10 +121,10 @@ def _check_head(path: Path, text: str | None, rows: list[dict[str, Any]], public
             report.add("head", str(path), f"{path} is missing, so events cut off the end could go unnoticed.")
         return
     try:
-        head = json.loads(text)
+        head = untrusted.parse_json(text, path)
         body = {"seq": head["seq"], "hash": head["hash"]}
         valid = keys.verify(public_key, canonical(body).encode(), bytes.fromhex(head["signature"]))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, UntrustedFileError):
         valid = False
     if not valid:
         report.add("head", str(path), f"{path} is not validly signed by this policy's key.")
@@ -158,7 +175,7 @@ def _check_outputs(ledger: Ledger, report: AuditReport) -> None:
         state = ledger.located(head["state_path"])
         if not state.is_dir():
             report.add("state", where, f"{where}: its method state {state} is missing; the next fold cannot run.")
-        elif folder_digest(state) != head["state_digest"]:
+        elif _digest(state) != head["state_digest"]:
             report.add("state", where, f"{where}: its method state in {state} was changed after it was written; "
                        "every later version would build on it.")
     for version in ledger._rows("SELECT stream, version, path, files, cards FROM versions WHERE pruned = 0"):
@@ -169,7 +186,12 @@ def _check_outputs(ledger: Ledger, report: AuditReport) -> None:
             report.add("file", where, f"{where}: its folder {folder} is missing.")
             continue
         recorded = json.loads(version["files"]) | json.loads(version["cards"] or "{}")
-        present = set(digest_files(folder)) | {n for n in json.loads(version["cards"] or "{}") if (folder / n).exists()}
+        try:
+            listed = digest_files(folder)
+        except ModelFolderError as exc:
+            report.add("file", where, f"{where}: {exc}")
+            continue
+        present = set(listed) | {n for n in json.loads(version["cards"] or "{}") if (folder / n).exists()}
         _compare_files(folder, recorded, present, where, ("it was written", "the version was written"), report)
     for head in ledger._rows("SELECT stream, version, path FROM versions v WHERE pruned = 0 AND version = "
                             "(SELECT max(version) FROM versions WHERE stream = v.stream)"):
@@ -189,7 +211,11 @@ def _compare_files(folder: Path, recorded: dict[str, str], present: set[str], wh
             report.add("file", where, f"{where}: file {name} is missing from {folder}.")
             continue
         report.files_checked += 1
-        if file_sha256(folder / name) != recorded[name]:
+        try:
+            found = file_sha256(folder / name)
+        except UntrustedFileError:  # a FIFO or device in its place: not the file that was written
+            found = None
+        if found != recorded[name]:
             report.add("file", where, f"{where}: file {name} in {folder} was changed after {when[0]}.")
     for name in sorted(present - recorded.keys()):
         report.add("file", where, f"{where}: file {name} in {folder} was added after {when[1]}.")
@@ -210,7 +236,7 @@ def _check_publications(ledger: Ledger, report: AuditReport) -> None:
         if recorded:
             present = {q.relative_to(folder).as_posix() for q in folder.rglob("*") if q.is_file()}
             _compare_files(folder, recorded, present, where, ("it was published", "it was published"), report)
-        elif folder_digest(folder) != p["output_digest"]:
+        elif _digest(folder) != p["output_digest"]:
             report.add("published", where, f"{where}: the published copy {folder} was changed after it was published.")
 
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from mergeops import patterns
-from mergeops.errors import ModelFolderError, RejectedError
+from mergeops import patterns, untrusted
+from mergeops.errors import ModelFolderError, RejectedError, UntrustedFileError
 from mergeops.model.architectures import Family, stored_in_out
 from mergeops.model.folder import INDEX_FILE, SINGLE_FILE, ModelFolder
 from mergeops.model.problems import Problem
@@ -155,17 +155,9 @@ def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
         return problem(f"is a symlink to {file.resolve()}, outside the adapter's folder; replace it with a copy",
                        "path_escape")
     try:
-        with open(file, "rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
-        if len(data) > MAX_CONFIG_BYTES:
-            return problem(f"is larger than {MAX_CONFIG_BYTES >> 20} MiB, far beyond any adapter config; it is not one")
-        config = json.loads(data.decode("utf-8"), parse_constant=_refuse_constant)
-    except OSError as exc:
-        return problem(f"cannot be read ({exc.strerror})")
-    except UnicodeDecodeError:
-        return problem("is not UTF-8 text; copy it again from the adapter's source")
-    except ValueError as exc:
-        return problem(f"is not valid JSON ({exc}); copy it again from the adapter's source")
+        config = untrusted.read_json(file, max_bytes=MAX_CONFIG_BYTES)
+    except UntrustedFileError as exc:
+        return problem(exc.reason)
     if not isinstance(config, dict):
         return problem(f"is a JSON {type(config).__name__}, not an object")
     peft_type = config.get("peft_type")
@@ -220,10 +212,6 @@ def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
     return LoraSettings(rank, float(alpha), config.get("use_rslora", False), config.get("fan_in_fan_out", False),
                         keyed["rank_pattern"], keyed["alpha_pattern"], base_model,
                         rules["target_modules"], rules["exclude_modules"]), None
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _positive_int(value: Any) -> bool:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 
+from mergeops import untrusted
 from mergeops.errors import ModelFolderError
 
 # Files that carry the digest or are regenerated from it, so they cannot be part of it.
@@ -62,15 +64,27 @@ def digest_files(root: Path) -> list[str]:
                     raise ModelFolderError(
                         f"{relative} in {root} is a symlink to {target}, outside the model folder; "
                         "replace it with a copy of the file.")
-            if name in filenames and path.is_file():
+            if name in filenames and _is_file(path):
                 found.append(relative)
     found.sort(key=lambda p: p.encode())
     return found
 
 
+def _is_file(path: Path) -> bool:
+    """Whether the digest covers ``path``: a regular file (a dangling link is not one, as for ``find -L -type f``).
+    A FIFO, socket or device is refused: hashing it would block or never end, leaving it out would hide it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    if not stat.S_ISDIR(mode):
+        untrusted.require_regular(path, mode)
+    return stat.S_ISREG(mode)
+
+
 def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with untrusted.open_binary(path) as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
             if progress:

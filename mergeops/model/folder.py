@@ -7,7 +7,6 @@ each tensor is read on its own, so nothing ever needs the whole model in memory.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -17,7 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from mergeops.errors import ModelFolderError
+from mergeops import untrusted
+from mergeops.errors import ModelFolderError, UntrustedFileError
 from mergeops.model.problems import Problem
 from mergeops.model.safetensors_file import (
     SafetensorsHeader,
@@ -159,13 +159,13 @@ class ModelFolder:
         problems: list[Problem] = []
         index: dict[str, Any] | None = None
         if weights is not None:
-            if not (root / weights).is_file():
+            if not _present(root / weights):
                 return None, [Problem("missing_file", f"{root} has no {weights}.", weights)]
             shard_names = [weights]
-        elif (root / INDEX_FILE).is_file():
+        elif _present(root / INDEX_FILE):
             index, shard_names, index_problems = _read_index(root)
             problems += index_problems
-        elif (root / SINGLE_FILE).exists():
+        elif _present(root / SINGLE_FILE):
             shard_names = [SINGLE_FILE]
         else:
             return None, [_missing_weights_problem(root)]
@@ -178,7 +178,7 @@ class ModelFolder:
             if escape:
                 problems.append(escape)
                 continue
-            if not shard_path.is_file():
+            if not _present(shard_path):
                 problems.append(Problem("missing_shard", f"{shard} is named by {INDEX_FILE} but is not in "
                                         f"{root}; the checkpoint is incomplete, copy the missing shard.", shard))
                 continue
@@ -232,7 +232,7 @@ class ModelFolder:
             info = self.tensors[name]
         except KeyError:
             raise ModelFolderError(f"tensor {name!r} is not in {self.path}.") from None
-        return read_entry(self._fd(info.file), info.entry, start, stop)
+        return read_entry(self.fd(info.file), info.entry, start, stop)
 
     def stored(self, name: str) -> StoredTensor:
         """A handle on tensor ``name`` to read whole or in pieces later."""
@@ -250,7 +250,7 @@ class ModelFolder:
         """Yield the tensors of one shard in file order; ``on_bytes`` sees every byte of the file
         exactly once, in order, so a caller can hash the file while reading its tensors."""
         header = self.headers[shard]
-        fd = self._fd(shard)
+        fd = self.fd(shard)
         if on_bytes:
             on_bytes(os.pread(fd, header.header_bytes, 0))
         for entry in header.entries:
@@ -259,10 +259,11 @@ class ModelFolder:
                 on_bytes(byte_view(tensor))
             yield entry.name, tensor
 
-    def _fd(self, shard: str) -> int:
+    def fd(self, shard: str) -> int:
+        """The open descriptor of ``shard``, opened through the door on first use and kept until :meth:`close`."""
         fd = self._fds.get(shard)
         if fd is None:  # two threads may race here; the loser closes its descriptor
-            opened = os.open(self.path / shard, os.O_RDONLY)
+            opened = untrusted.open_fd(self.path / shard)
             fd = self._fds.setdefault(shard, opened)
             if fd != opened:
                 os.close(opened)
@@ -287,7 +288,7 @@ def _read_config(root: Path) -> tuple[dict[str, Any] | None, Problem | None]:
     """``config.json`` as a JSON object, or the problem with it: not UTF-8 JSON, not an object, or ``architectures``
     / ``model_type`` of the wrong kind (they decide whether a checkpoint fits its base)."""
     path = root / "config.json"
-    if not path.is_file():
+    if not _present(path):
         return None, None
 
     def problem(what: str) -> tuple[None, Problem]:
@@ -295,13 +296,9 @@ def _read_config(root: Path) -> tuple[dict[str, Any] | None, Problem | None]:
                              "config.json")
 
     try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        return problem(f"cannot be read ({exc.strerror})")
-    except UnicodeDecodeError:
-        return problem("is not UTF-8 text")
-    except json.JSONDecodeError as exc:
-        return problem(f"is not valid JSON ({exc.msg} at line {exc.lineno})")
+        config = untrusted.read_json(path)
+    except UntrustedFileError as exc:
+        return problem(exc.reason)
     if not isinstance(config, dict):
         return problem(f"is a JSON {type(config).__name__}, not an object")
     archs = config.get("architectures")
@@ -314,15 +311,23 @@ def _read_config(root: Path) -> tuple[dict[str, Any] | None, Problem | None]:
 
 def _read_index(root: Path) -> tuple[dict[str, Any] | None, list[str], list[Problem]]:
     try:
-        index = json.loads((root / INDEX_FILE).read_text())
+        index = untrusted.read_json(root / INDEX_FILE)
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise TypeError("weight_map must map tensor names to file names")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except UntrustedFileError as exc:
+        return None, [], [Problem("bad_index", f"{exc}", INDEX_FILE)]
+    except (KeyError, TypeError) as exc:
         return None, [], [Problem("bad_index", f"{INDEX_FILE} in {root} cannot be read ({exc}); it must be "
                                   "JSON with a \"weight_map\" of tensor name to shard file.", INDEX_FILE)]
     shards = list(dict.fromkeys(weight_map.values()))
     return index, shards, []
+
+
+def _present(path: Path) -> bool:
+    """Whether anything is at ``path``: a FIFO or a dangling link where a file should be is there, to be refused by
+    the door with its reason, not taken for a missing file."""
+    return os.path.lexists(path)
 
 
 def _escape_problem(root: Path, relative: str, path: Path) -> Problem | None:

@@ -15,13 +15,17 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from mergeops import untrusted
+from mergeops.errors import UntrustedFileError
 from mergeops.model.problems import Problem
 
 # safetensors dtype names <-> torch dtypes. Unsigned wide ints exist in torch >= 2.3 only as storage.
@@ -92,29 +96,34 @@ def parse_header(path: Path, label: str) -> tuple[SafetensorsHeader | None, list
     def problem(code: str, message: str, tensor: str | None = None) -> Problem:
         return Problem(code, message, file=label, tensor=tensor)
 
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            return None, [problem("truncated_file", f"{label} is truncated: it has {size} bytes, too few "
-                                  "for a safetensors header; copy the file again from its source.")]
-        (n,) = struct.unpack("<Q", prefix)
-        if n > MAX_HEADER_BYTES:
-            return None, [problem("bad_header", f"{label} declares a {n}-byte header, more than safetensors "
-                                  "allows; it is not a safetensors file or it is corrupted.")]
-        if 8 + n > size:
-            return None, [problem("truncated_file", f"{label} is truncated inside its header ({size} bytes, "
-                                  f"header needs {8 + n}); copy the file again from its source.")]
-        raw = f.read(n)
+    with ExitStack() as stack:
+        try:  # a FIFO or device is refused here, before anything could block on it
+            f = stack.enter_context(untrusted.open_binary(path))
+        except UntrustedFileError as exc:
+            return None, [problem("unreadable", f"{label} {exc.reason}.")]
+        return _parse_open_header(f, path, label, problem)
+
+
+def _parse_open_header(f: BinaryIO, path: Path, label: str, problem: Callable[..., Problem]
+                       ) -> tuple[SafetensorsHeader | None, list[Problem]]:
+    size = os.fstat(f.fileno()).st_size
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        return None, [problem("truncated_file", f"{label} is truncated: it has {size} bytes, too few "
+                              "for a safetensors header; copy the file again from its source.")]
+    (n,) = struct.unpack("<Q", prefix)
+    if n > MAX_HEADER_BYTES:
+        return None, [problem("bad_header", f"{label} declares a {n}-byte header, more than safetensors "
+                              "allows; it is not a safetensors file or it is corrupted.")]
+    if 8 + n > size:
+        return None, [problem("truncated_file", f"{label} is truncated inside its header ({size} bytes, "
+                              f"header needs {8 + n}); copy the file again from its source.")]
+    raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        return None, [problem("bad_header", f"{label} has a header that is not valid UTF-8 (byte {exc.start}: a "
-                              "tensor name or metadata value is not text); it is not a safetensors file or it "
-                              "is corrupted.")]
-    except json.JSONDecodeError as exc:
-        return None, [problem("bad_header", f"{label} has a header that is not valid JSON ({exc.msg}); "
-                              "it is not a safetensors file or it is corrupted.")]
+        header = untrusted.parse_json(raw, f"the header of {label}")
+    except UntrustedFileError as exc:
+        return None, [problem("bad_header", f"{exc.path} {exc.reason.split(';')[0]}: it is not a safetensors file "
+                              "or it is corrupted.")]
     if not isinstance(header, dict):
         return None, [problem("bad_header", f"{label} has a header that is not a JSON object.")]
 
@@ -163,9 +172,9 @@ def parse_header(path: Path, label: str) -> tuple[SafetensorsHeader | None, list
         return None, problems
     changed = problem("truncated_file", f"{label} changed while it was being read; if it is still being written, "
                       "wait until it is complete, else copy the file again from its source.")
-    try:
-        reference = _reference_header(path)
-        resized = path.stat().st_size != size
+    try:  # the reference opens the file we read, not whatever is at ``path`` now
+        reference = _reference_header(Path(f"/proc/self/fd/{f.fileno()}"))
+        resized = os.fstat(f.fileno()).st_size != size
     except OSError:  # replaced or removed since we read it
         return None, [changed]
     if isinstance(reference, str):

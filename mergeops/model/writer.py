@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from mergeops.durable import fsync_dir, start_writeback, write_durably
+from mergeops import untrusted
+from mergeops.durable import copy_durably, fsync_dir, start_writeback, write_durably
 from mergeops.model.digest import file_sha256, is_digest_excluded
 from mergeops.model.folder import INDEX_FILE, SINGLE_FILE
 from mergeops.model.safetensors_file import byte_view, encode_header, write_at
@@ -216,7 +217,7 @@ class ModelWriter:
 
     def _mirror(self, file_name: str, header: bytes) -> list[TensorSpec]:
         """Take a given header's layout: where each tensor goes, checked against its spec."""
-        entries = json.loads(header[8:])
+        entries = untrusted.parse_json(header[8:], f"the header given for {file_name}")
         entries.pop("__metadata__", None)
         shard = []
         for name, entry in entries.items():
@@ -437,4 +438,4 @@ def _copy_carried_files(donor: Path, dest: Path, carry: Callable[[str], bool]) -
             continue
         target = dest / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_durably(target, path.read_bytes())
+        copy_durably(path, target)

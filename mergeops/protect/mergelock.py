@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from mergeops import __version__
+from mergeops import __version__, untrusted
 from mergeops.attestation import IN_TOTO_STATEMENT
-from mergeops.errors import MergeopsError, UsageError
+from mergeops.errors import MergeopsError, ModelFolderError, UntrustedFileError, UsageError
 from mergeops.intake.validate import MERGELOCK_META, protection_marks
 from mergeops.keys import LOCK_KEY_BYTES, lock_key_fingerprint
 from mergeops.ledger.kinds import ProtectionRecorded
@@ -316,12 +316,7 @@ def _specs(src: ModelFolder) -> list[TensorSpec]:
 
 def _raw_headers(src: ModelFolder) -> dict[str, bytes]:
     """Each weights file's header JSON, exactly as stored (without the 8-byte length)."""
-    found = {}
-    for file, header in src.headers.items():
-        with open(src.path / file, "rb") as f:
-            f.seek(8)
-            found[file] = f.read(header.header_bytes - 8)
-    return found
+    return {file: os.pread(src.fd(file), header.header_bytes - 8, 8) for file, header in src.headers.items()}
 
 
 def _encode(header: dict[str, Any]) -> bytes:
@@ -333,7 +328,7 @@ def _encode(header: dict[str, Any]) -> bytes:
 def _protected_header(file: str, raw: bytes, marks: dict[str, str]) -> bytes:
     """The source header with the marks and the source header itself added to its metadata; every tensor keeps its
     place, so the data region is laid out exactly as in the source."""
-    header = json.loads(raw)
+    header = untrusted.parse_json(raw, f"the header of {file}")
     metadata = dict(header.pop("__metadata__", None) or {})
     metadata |= marks | {f"{META}header": raw.decode()}
     return _encode({"__metadata__": metadata, **header})
@@ -343,13 +338,13 @@ def _original_header(source: Path, file: str, header: Any) -> bytes:
     """The header the source file had before protection, checked against the protected one's tensors."""
     raw = header.metadata.get(f"{META}header")
     try:
-        original = json.loads(raw)
+        original = untrusted.parse_json(raw, f"the original header kept in {source / file}")
         original.pop("__metadata__", None)
         placed = {e.name: [e.dtype, list(e.shape), e.start - header.header_bytes, e.end - header.header_bytes]
                   for e in header.entries}
         if {n: [v["dtype"], v["shape"], *v["data_offsets"]] for n, v in original.items()} != placed:
             raise ValueError("it places other tensors")
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+    except (TypeError, ValueError, KeyError, AttributeError, UntrustedFileError) as exc:
         raise UsageError(f"{source / file}: the original header kept in its MergeLock metadata is missing or damaged "
                          f"({exc}); it cannot be unprotected. Nothing was written.") from None
     data = raw.encode()
@@ -370,7 +365,7 @@ def _left_out(src: ModelFolder) -> list[str]:
 
 
 def _embed(path: Path) -> dict[str, str]:
-    data = path.read_bytes()
+    data = untrusted.read_bytes(path)
     try:
         return {"text": data.decode()}
     except UnicodeDecodeError:
@@ -380,10 +375,10 @@ def _embed(path: Path) -> dict[str, str]:
 def _source_cards(protected: Path) -> dict[str, bytes]:
     """The source's README.md and provenance.json, kept in the protected provenance (empty if it was removed)."""
     try:
-        kept = json.loads((protected / "provenance.json").read_text())["predicate"]["source"]["files"]
+        kept = untrusted.read_json(protected / "provenance.json")["predicate"]["source"]["files"]
         return {name: (entry["text"].encode() if "text" in entry else base64.b64decode(entry["base64"]))
                 for name, entry in kept.items() if name in CARDS}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ModelFolderError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from mergeops import keys
 from mergeops.commit.card import public_name
-from mergeops.durable import fsync_dir, fsync_file
+from mergeops.durable import copy_durably, fsync_dir
 from mergeops.errors import MergeopsError, UsageError
 from mergeops.hub_uri import HubUri
 from mergeops.ledger.kinds import LedgerEvent, ProtectionRecorded, PublicationRecorded
@@ -166,15 +166,14 @@ def _stage(source: Path, dest: Path, files: dict[str, str], where: str) -> None:
     _copy_verified(source, dest, files, where)
     for name in ("README.md", "provenance.json"):
         if (source / name).is_file():
-            shutil.copyfile(source / name, dest / name)
+            copy_durably(source / name, dest / name)
 
 
 def _copy_verified(source: Path, dest: Path, files: dict[str, str], where: str) -> None:
     for name, recorded in sorted(files.items()):
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source / name, target)
+        copy_durably(source / name, target)
         if file_sha256(target) != recorded:
             raise MergeopsError(f"{where}: file {name} in {source} differs from what was recorded when it was "
                                 "written; it was not published (run `mergeops audit`).")
-        fsync_file(target)

@@ -18,7 +18,6 @@ changed environment (a test, a mirror configured late) is honoured.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -29,8 +28,9 @@ from pathlib import Path
 from huggingface_hub import HfApi, get_session, hf_hub_url, snapshot_download
 from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, tqdm
 
+from mergeops import untrusted
 from mergeops.durable import fsync_dir, fsync_file
-from mergeops.errors import RejectedError, UsageError
+from mergeops.errors import RejectedError, UntrustedFileError, UsageError
 from mergeops.hub import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
@@ -194,9 +194,9 @@ class HubRegistry:
             raise RejectedError(f"{INDEX_FILE} of {commit.source} is larger than {MAX_INDEX_BYTES >> 20} MB; "
                                 "it cannot be a shard index, push a valid one.")
         try:
-            weight_map = json.loads(response.content)["weight_map"]
+            weight_map = untrusted.parse_json(response.content, f"{INDEX_FILE} of {commit.source}")["weight_map"]
             shards = set(weight_map.values())
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (UntrustedFileError, KeyError, TypeError, AttributeError):
             raise RejectedError(f"{INDEX_FILE} of {commit.source} is not a JSON object with a 'weight_map'; "
                                 "push the index save_pretrained wrote.") from None
         missing = sorted(str(s) for s in shards - files)

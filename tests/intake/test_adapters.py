@@ -144,7 +144,7 @@ REJECTIONS = {
     "another PEFT type": (lambda a: edit_config(a, peft_type="IA3"), "peft_type 'IA3'"),
     "unknown setting": (lambda a: edit_config(a, some_future_variant={"on": True}), "some_future_variant"),
     "alpha that is NaN": (lambda a: (a / ADAPTER_CONFIG).write_text(
-        (a / ADAPTER_CONFIG).read_text().replace('"lora_alpha": 8', '"lora_alpha": NaN')), "not valid JSON"),
+        (a / ADAPTER_CONFIG).read_text().replace('"lora_alpha": 8', '"lora_alpha": NaN')), "holds NaN"),
     "config not UTF-8": (lambda a: (a / ADAPTER_CONFIG).write_bytes(b"{\"peft_type\": \"\xff\"}"), "not UTF-8"),
     "rank that disagrees": (lambda a: edit_config(a, r=5), "has rank 4 but adapter_config.json says r = 5"),
     "unknown target": (lambda a: rewrite_weights(a, rename_first_pair("model.layers.9.self_attn.q_proj")),
@@ -170,7 +170,7 @@ REJECTIONS = {
     "a full model beside it": (lambda a: shutil.copyfile(a / ADAPTER_WEIGHTS, a / "model.safetensors"),
                                "both a LoRA adapter"),
     "config that is a folder": (lambda a: ((a / ADAPTER_CONFIG).unlink(), (a / ADAPTER_CONFIG).mkdir()),
-                                "cannot be read"),
+                                "is a folder, not a regular file"),
     "DoRA magnitude tensor": (lambda a: rewrite_weights(a, lambda t: t | {
         next(iter(t)).rsplit(".lora_", 1)[0] + ".lora_magnitude_vector": torch.ones(4)}), "a DoRA magnitude"),
     "half a pair": (lambda a: rewrite_weights(a, lambda t: dict(list(t.items())[1:])), "incomplete pair"),

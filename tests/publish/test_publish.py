@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 
+import pytest
+
+from mergeops.errors import MergeopsError
 from mergeops.keys import public_key_for
 from mergeops.ledger import Ledger
 from mergeops.ledger.audit import audit
@@ -40,3 +45,21 @@ def test_a_protected_publication_is_signed_recorded_and_traceable_to_its_version
         assert (found["version"], found["found"]["as"]) == (2, "protected copy")
         assert found["found"]["protection"]["path"] == str(published)
         assert audit(ledger, public_key_for(policy.keys)).problems == []
+
+
+@pytest.mark.timeout(120)
+def test_a_version_file_replaced_by_a_fifo_is_refused_by_name_not_waited_on(tmp_path):
+    shape = LlamaShape(hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1, vocab=64)
+    base = write_base(tmp_path / "base", shape, seed=0)
+    path = write_policy(tmp_path, base, "average")
+    path.write_text(path.read_text() + f'[streams.s.publish]\nto = "{tmp_path / "published"}"\n')
+    policy = load_policy(path)
+    fold_checkpoint(policy, "s", write_finetune(base, tmp_path / "ck", seed=1))
+    weights = tmp_path / "out" / "v0001" / "model.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    with pytest.raises(MergeopsError, match=re.escape(f"{weights} is a FIFO, not a regular file")):
+        publish(policy, "s")
+    assert not (tmp_path / "published" / "v0001").exists()
+    with Ledger.open_readonly(policy.home) as ledger:
+        assert "publication.recorded" not in [e["kind"] for e in ledger.events()]
