@@ -247,3 +247,13 @@ def is_regular(path: Path) -> bool:
         return stat.S_ISREG(os.stat(path).st_mode)
     except (OSError, ValueError):
         return False
+
+
+def resolved(path: Path) -> Path:
+    """``path`` with every symlink followed; a symlink loop (which ``Path.resolve`` raises as RuntimeError) is an
+    :class:`UntrustedFileError` naming it."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:
+        raise UntrustedFileError(path, "is a symlink loop (it leads back to itself); replace it with the file "
+                                 "itself") from exc

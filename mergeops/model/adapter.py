@@ -151,8 +151,12 @@ def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
     def problem(what: str, code: str = "bad_adapter_config") -> tuple[None, Problem]:
         return None, Problem(code, f"{file} {what}.", ADAPTER_CONFIG)
 
-    if not file.resolve().is_relative_to(path.resolve()):
-        return problem(f"is a symlink to {file.resolve()}, outside the adapter's folder; replace it with a copy",
+    try:
+        target = untrusted.resolved(file)
+    except UntrustedFileError as exc:
+        return problem(exc.reason)
+    if not target.is_relative_to(path.resolve()):
+        return problem(f"is a symlink to {target}, outside the adapter's folder; replace it with a copy",
                        "path_escape")
     try:
         config = untrusted.read_json(file, max_bytes=MAX_CONFIG_BYTES)

@@ -48,7 +48,7 @@ def digest_files(root: Path) -> list[str]:
         real = here.resolve()
         for name in dirnames:
             path = here / name
-            if path.is_symlink() and (real == path.resolve() or real.is_relative_to(path.resolve())):
+            if path.is_symlink() and (real == untrusted.resolved(path) or real.is_relative_to(path.resolve())):
                 raise ModelFolderError(f"{path.relative_to(root).as_posix()} in {root} is a symlink loop (it leads "
                                        f"back to {path.resolve()}); remove it.")
         for name in list(dirnames) + filenames:
@@ -59,7 +59,7 @@ def digest_files(root: Path) -> list[str]:
                     dirnames.remove(name)
                 continue
             if path.is_symlink():
-                target = path.resolve()
+                target = untrusted.resolved(path)
                 if not target.is_relative_to(resolved_root):
                     raise ModelFolderError(
                         f"{relative} in {root} is a symlink to {target}, outside the model folder; "
