@@ -61,6 +61,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     generate_keys(root / "keys")
     # every file the fuzz damages is there to damage: training metrics and a generation config too
     extra = {"metrics.json": '{"loss": 0.5, "step": 10}', "generation_config.json": '{"max_new_tokens": 8}',
-             "trainer_state.json": '{"global_step": 10, "log_history": [{"loss": 0.5, "step": 10}]}'}
+             "trainer_state.json": '{"global_step": 10, "log_history": [{"loss": 0.5, "step": 10}]}',
+             "README.md": "---\nlicense: apache-2.0\n---\n# a fine-tune\n"}
     return World(root, base, write_finetune(base, root / "finetune", seed=1, extra_files=extra),
                  write_adapter(base, root / "adapter", seed=2, rank=2, alpha=4))
