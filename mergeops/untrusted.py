@@ -114,9 +114,16 @@ def parse_json(data: bytes | str, path: str | os.PathLike[str], *, max_depth: in
 
 def read_toml(path: str | os.PathLike[str], *, max_bytes: int = 4 * MiB, max_depth: int = MAX_DEPTH) -> dict[str, Any]:
     """The TOML document in the regular file ``path``, with the limits of :func:`parse_json`."""
-    text = read_text(path, max_bytes=max_bytes)
+    return parse_toml(read_bytes(path, max_bytes=max_bytes), path, max_depth=max_depth)
+
+
+def parse_toml(data: bytes, path: str | os.PathLike[str], *, max_depth: int = MAX_DEPTH,
+               finite_only: bool = True) -> dict[str, Any]:
+    """Parse untrusted TOML (bytes already read, e.g. to be hashed too) with the limits of :func:`parse_json`;
+    ``finite_only=False`` keeps nan and inf for a caller that refuses them naming the key (the policy)."""
+    text = decode_utf8(data, path)
     try:
-        document = tomllib.loads(text, parse_float=_toml_float)
+        document = tomllib.loads(text, parse_float=_toml_float if finite_only else float)
     except RecursionError as exc:
         raise UntrustedFileError(path, f"nests deeper than {max_depth} levels") from exc
     except _Refused as exc:

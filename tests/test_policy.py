@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -117,7 +118,7 @@ def test_non_finite_and_absurd_parameters_are_refused_at_load_time(tmp_path, mon
     ('[streams.b]\nbase = "models/base"\nmethod = "average"\noutput = "merged/a/inner"\n', "overlap"),
     ('[streams.b]\nbase = "models/base"\nmethod = "average"\noutput = "elsewhere"\n'
      '[streams.b.publish]\nto = "published/a"\n', "overlap"),
-    ('[streams.b]\nbase = "models/base"\nmethod = "average"\noutput = "state/streams/x"\n', "stream states"),
+    ('[streams.b]\nbase = "models/base"\nmethod = "average"\noutput = "state/streams/x"\n', "the home"),
 ])
 def test_streams_that_would_write_into_each_others_folders_are_refused_naming_both(tmp_path, monkeypatch, extra,
                                                                                    message):
@@ -125,3 +126,108 @@ def test_streams_that_would_write_into_each_others_folders_are_refused_naming_bo
     with pytest.raises(PolicyError, match=message) as caught:
         load_policy(write(tmp_path, GOOD + extra))
     assert "[streams.a" in str(caught.value) or "[streams.b" in str(caught.value)
+
+
+def expect_refusal(tmp_path, text: str, message: str) -> PolicyError:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(write(tmp_path, text))
+    assert message in str(caught.value), str(caught.value)
+    assert str(tmp_path / "policy.toml") in str(caught.value) and "\n" not in str(caught.value)
+    return caught.value
+
+
+STREAM_B = '[streams.b]\nbase = "models/base"\nmethod = "average"\noutput = "merged/b"\n'
+
+
+@pytest.mark.parametrize("extra", [
+    '[[streams.a.watch]]\npath = "merged/a"\n',  # its own output
+    '[[streams.a.watch]]\npath = "merged/a/incoming"\n',  # a folder inside its own output
+    '[[streams.a.watch]]\npath = "merged"\n',  # a folder its output lies in
+    '[[streams.a.watch]]\npath = "published/a"\n',  # its own publish folder
+    STREAM_B + '[[streams.b.watch]]\npath = "merged/a"\n[[streams.a.watch]]\npath = "merged/b"\n',  # each other's
+])
+def test_a_stream_that_would_fold_its_own_or_anothers_output_is_refused(tmp_path, monkeypatch, extra):
+    monkeypatch.delenv("MERGEOPS_HOME", raising=False)
+    refusal = expect_refusal(tmp_path, GOOD + extra, "overlap")
+    assert "watch]].path" in str(refusal) and "without end" in str(refusal)
+
+
+def test_a_symlinked_folder_counts_where_it_leads(tmp_path, monkeypatch):
+    monkeypatch.delenv("MERGEOPS_HOME", raising=False)
+    (tmp_path / "merged" / "a").mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(tmp_path / "merged" / "a")
+    expect_refusal(tmp_path, GOOD + '[[streams.a.watch]]\npath = "alias"\n', "without end")
+
+
+def test_a_hub_repository_a_stream_publishes_to_is_not_watched(tmp_path, monkeypatch):
+    monkeypatch.delenv("MERGEOPS_HOME", raising=False)
+    text = GOOD.replace('to = "published/a"', 'hub = "acme/merged"') + '[[streams.a.watch]]\nhub = "Acme/Merged"\n'
+    expect_refusal(tmp_path, text, "without end")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("output = \"merged/a\"", 'output = "models/base"'), "would change or delete the base"),
+    (("output = \"merged/a\"", 'output = "models/base/merged"'), "would change or delete the base"),
+    (("output = \"merged/a\"", 'output = "models"'), "would change or delete the base"),
+    (('to = "published/a"', 'to = "models/base"'), "would change or delete the base"),
+    (('path = "registry"', 'path = "state"'), "take the home's folders for checkpoints"),
+    (('path = "registry"', 'path = "."'), "take the home's folders for checkpoints"),
+    (('home = "state"', 'home = "merged/a/state"'), "taken for each other"),
+])
+def test_outputs_bases_registries_and_the_home_stay_apart(tmp_path, monkeypatch, change, message):
+    monkeypatch.delenv("MERGEOPS_HOME", raising=False)
+    expect_refusal(tmp_path, GOOD.replace(*change), message)
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "a..b", "../escape", "-a", ".hidden", "a b", "x" * 65, "x" * 10_000,
+                                  "é"])
+def test_stream_names_are_safe_folder_names(tmp_path, monkeypatch, name):
+    monkeypatch.delenv("MERGEOPS_HOME", raising=False)
+    text = GOOD.replace("streams.a", f'streams."{name}"').replace('output = "merged/a"\n', "")
+    expect_refusal(tmp_path, text, "safe name" if len(name) <= 128 else "keys are names")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (("keep = 5", "keep = 1_000_000_000_000_000_000_000_000_000_000"), "too large for any setting"),
+    (("keep = 5", "keep = 1_000_000"), "keep must be between 1 and 100000"),
+    (("settle_seconds = 2", "settle_seconds = -1"), "settle_seconds must be between 0 and 604800"),
+    (("settle_seconds = 2", "settle_seconds = nan"), "settle_seconds must be a finite number, not nan"),
+    (("settle_seconds = 2", "settle_seconds = 1e300"), "settle_seconds must be between 0 and 604800"),
+    (("settle_seconds = 2", "settle_seconds = 2\npoll_seconds = 0"), "poll_seconds must be between 1 and"),
+    (("settle_seconds = 2", "settle_seconds = 2\npoll_seconds = -inf"), "poll_seconds must be a finite number"),
+    (("max_update_ratio = 4", "max_update_ratio = -1"), "max_update_ratio must be above 0"),
+    (("max_update_ratio = 4", "max_update_ratio = inf"), "max_update_ratio must be a finite number, not inf"),
+    (('to = "published/a"', 'hub = "not-a-repo"'), "must be a Hub repository id 'org/name'"),
+    (('to = "published/a"', 'hub = "a/b/c"'), "must be a Hub repository id 'org/name'"),
+    (('to = "published/a"', 'hub = "../x"'), "must be a Hub repository id 'org/name'"),
+    (('path = "registry"', 'hub = "org/na..me"'), "must be a Hub repository id 'org/name'"),
+    (('base = "models/base"', 'base = "hf://justaname"'), "must be a Hub repository id 'org/name'"),
+    (('base = "models/base"', 'base = "hf://org/name@"'), "no usable revision"),
+    (('base = "models/base"', 'base = "models/\\u0000base"'), "NUL"),
+    (('home = "state"', 'home = "st\\u0000ate"'), "NUL"),
+    (('base = "models/base"', f'base = "{"x" * 5000}"'), "too long (at most 4095 bytes"),
+    (('base = "models/base"', f'base = "models/{"x" * 300}"'), "255 per folder or file name"),
+    (('base = "models/base"', f'base = "{"x/" * 9000}"'), "is 18000 characters long"),
+    (("keep = 5", f'{"k" * 10_000} = 1'), "keys are names of at most 128"),
+    (('licenses = ["mit"]', "licenses = [1, {a = 1}]"), "licenses must be a list of strings"),
+    (('path = "registry"', 'path = ""'), "the path '' is empty or too long"),
+    (('settle_seconds = 2', 'settle_seconds = 2\nmarker = "../../etc/passwd"'), "marker must be a file name"),
+    (('settle_seconds = 2', 'settle_seconds = 2\nmarker = "/etc/passwd"'), "marker must be a file name"),
+    (('home = "state"', "deep = " + "[" * 5000 + "]" * 5000 + '\nhome = "state"'), "nests deeper than"),
+])
+def test_odd_values_are_one_sentence_policy_errors(tmp_path, monkeypatch, change, message):
+    monkeypatch.delenv("MERGEOPS_HOME", raising=False)
+    text = GOOD.replace("method = \"opcm\"", 'method = "opcm"\nkeep = 5').replace(*change)
+    refusal = expect_refusal(tmp_path, text, message)
+    assert len(str(refusal)) < 600  # the value is cut short in the message
+
+
+def test_a_policy_file_that_is_too_large_or_a_fifo_is_refused(tmp_path):
+    big = tmp_path / "big.toml"
+    big.write_text(GOOD + "# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(PolicyError, match=r"cannot read policy file .* larger than"):
+        load_policy(big)
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(PolicyError, match=r"cannot read policy file .* FIFO"):
+        load_policy(fifo)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mergeops.commit.owner import OWNER_FILE
 from mergeops.keys import generate_keys
 from mergeops.ledger import Ledger
 from mergeops.model import ModelWriter, TensorSpec, folder_digest
@@ -342,7 +343,8 @@ def test_kill_9_during_auto_publish_publishes_every_version_exactly_once(tmp_pat
     assert [v for v, _, _ in published] == list(range(1, checkpoints + 1))  # each once, none lost
     for version, target, digest in published:
         assert target == str(tmp_path / "published" / f"v{version:04d}") and folder_digest(Path(target)) == digest
-    assert sorted(p.name for p in (tmp_path / "published").iterdir()) == [f"v{v:04d}" for v in range(1, 5)]
+    assert sorted(p.name for p in (tmp_path / "published").iterdir()) == [OWNER_FILE] + [f"v{v:04d}" for v in
+                                                                                       range(1, 5)]
     with Ledger.open_readonly(load_policy(policy).home) as ledger:
         assert ledger.db.execute("SELECT count(*) FROM queue WHERE state != 'merged'").fetchone()[0] == 0
     audit = subprocess.run([sys.executable, "-m", "mergeops", "audit", "--policy", str(policy)], capture_output=True,
