@@ -382,3 +382,23 @@ def test_an_adapter_is_folded_once_its_weights_follow_its_config(tmp_path):
     loaded = load_policy(policy)
     with Ledger.open_readonly(loaded.home) as ledger:
         assert ledger.head("s").adapter["r"] == 8
+
+
+def snapshot(folder: Path) -> dict[str, object]:
+    return {p.relative_to(folder).as_posix(): os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file()
+            else "folder" for p in sorted(folder.rglob("*"))}
+
+
+def test_a_second_home_writing_to_the_first_homes_output_fails_its_arrival_and_deletes_nothing(tmp_path):
+    first = setup(tmp_path / "first")
+    drop(tmp_path / "first", "ck0", seed=1)
+    run_once(first)
+    shared = tmp_path / "first" / "out"
+    before = snapshot(shared)
+    second = setup(tmp_path / "second")  # its own home, and the first one's output folder
+    second.write_text(second.read_text().replace('output = "out"', f'output = "{shared}"'))
+    drop(tmp_path / "second", "ck0", seed=2)
+    failed = [line for line in run_once(second, expect=1) if line["event"] == "failed"]
+    assert len(failed) == 1 and f"{shared} is the output folder of stream 's' of the home" in failed[0]["error"]
+    assert snapshot(shared) == before  # the first home's version, card and latest link, byte for byte
+    assert status(second)["streams"]["s"]["failed"] == 1 and folded_sources(first) == ["ck0"]
