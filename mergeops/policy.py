@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergeops.errors import PolicyError, UntrustedFileError
+from mergeops.errors import PolicyError, UntrustedFileError, shown
 from mergeops.hub_uri import HubUri, is_hub
 from mergeops.untrusted import MiB, parse_toml, read_bytes
 
@@ -111,7 +111,7 @@ class Policy:
                                   f"({', '.join(self.streams)}); choose one with --stream.")
             return next(iter(self.streams.values()))
         if name not in self.streams:
-            raise PolicyError(f"{self.path} has no stream {name!r}{_suggest(name, self.streams)}.")
+            raise PolicyError(f"{self.path} has no stream {shown(name)}{_suggest(name, self.streams)}.")
         return self.streams[name]
 
 
@@ -141,7 +141,7 @@ class _Table:
             value = float(value)
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             names = " or ".join(k.__name__ for k in kinds)
-            raise PolicyError(f"{self.policy}: {self.where}.{key} must be a {names}, not {_show(value)}.")
+            raise PolicyError(f"{self.policy}: {self.where}.{key} must be a {names}, not {shown(value)}.")
         if isinstance(value, float) and not math.isfinite(value):
             raise PolicyError(f"{self.policy}: {self.where}.{key} must be a finite number, not {value!r}.")
         return value
@@ -150,19 +150,13 @@ class _Table:
         """A list of strings (licenses, key files, variable names), or None when the key is not there."""
         values = self.take(key, list)
         if values is not None and not all(isinstance(v, str) for v in values):
-            raise PolicyError(f"{self.policy}: {self.where}.{key} must be a list of strings, not {_show(values)}.")
+            raise PolicyError(f"{self.policy}: {self.where}.{key} must be a list of strings, not {shown(values)}.")
         return tuple(values) if values is not None else None
 
     def done(self) -> None:
         for key in self.data:
-            raise PolicyError(f"{self.policy}: unknown key {_show(key)} in {self.where}"
+            raise PolicyError(f"{self.policy}: unknown key {shown(key)} in {self.where}"
                               f"{_suggest(key, self.known)}.")
-
-
-def _show(value: Any) -> str:
-    """``value`` as a message shows it: its repr, cut short (a policy value may be long)."""
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:50]}... ({len(text)} characters)"
 
 
 def _check_sizes(document: Any, path: Path) -> None:
@@ -174,16 +168,16 @@ def _check_sizes(document: Any, path: Path) -> None:
         if isinstance(value, dict):
             for key in value:
                 if len(key) > MAX_KEY_CHARS:
-                    raise PolicyError(f"{path}: the key {_show(key)} is {len(key)} characters long; keys are names "
+                    raise PolicyError(f"{path}: the key {shown(key)} is {len(key)} characters long; keys are names "
                                       f"of at most {MAX_KEY_CHARS}.")
             stack.extend(value.values())
         elif isinstance(value, list):
             stack.extend(value)
         elif isinstance(value, str) and len(value) > MAX_TEXT_CHARS:
-            raise PolicyError(f"{path}: the value {_show(value)} is {len(value)} characters long; no setting needs "
+            raise PolicyError(f"{path}: the value {shown(value)} is {len(value)} characters long; no setting needs "
                               f"more than {MAX_TEXT_CHARS}.")
         elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INTEGER:
-            raise PolicyError(f"{path}: the integer {_show(value)} is too large for any setting (at most "
+            raise PolicyError(f"{path}: the integer {shown(value)} is too large for any setting (at most "
                               f"{MAX_INTEGER}).")
 
 
@@ -191,7 +185,7 @@ def _path_text(value: str, path: Path) -> str:
     """``value`` checked as a path the operating system accepts (else every call on it would fail deep inside)."""
     encoded = os.fsencode(value)
     if not value or len(encoded) > MAX_PATH_BYTES or any(len(part) > MAX_NAME_BYTES for part in encoded.split(b"/")):
-        raise PolicyError(f"{path}: the path {_show(value)} is empty or too long (at most {MAX_PATH_BYTES} bytes, "
+        raise PolicyError(f"{path}: the path {shown(value)} is empty or too long (at most {MAX_PATH_BYTES} bytes, "
                           f"{MAX_NAME_BYTES} per folder or file name); give a shorter one.")
     return value
 
@@ -215,7 +209,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
         try:
             return (folder / _path_text(value, path)).resolve()
         except (OSError, RuntimeError) as exc:  # a symlink loop, a folder that cannot be read
-            raise PolicyError(f"{path}: the path {_show(value)} cannot be resolved ({exc}); fix it.") from exc
+            raise PolicyError(f"{path}: the path {shown(value)} cannot be resolved ({exc}); fix it.") from exc
 
     top = _Table(data, "the top level", path)
     home_value = os.environ.get("MERGEOPS_HOME") or top.take("home", str, "state")
@@ -227,14 +221,14 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     keys_table.done()
     if signer is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", signer):
         raise PolicyError(f"{path}: [keys] signer must be a key fingerprint 'sha256:<64 hex digits>' (as `mergeops "
-                          f"keygen` prints it), not {_show(signer)}.")
+                          f"keygen` prints it), not {shown(signer)}.")
     streams_data = top.take("streams", dict, required=True)
     top.done()
     if not streams_data:
         raise PolicyError(f"{path} defines no streams; add a [streams.NAME] table.")
     for name in streams_data:
         if not STREAM_NAME.fullmatch(name) or ".." in name:
-            raise PolicyError(f"{path}: the stream name {_show(name)} is not a safe name; name a stream with 1-64 "
+            raise PolicyError(f"{path}: the stream name {shown(name)} is not a safe name; name a stream with 1-64 "
                               "letters, digits, '_', '.' and '-' (no '..'), starting with a letter or digit.")
     streams = {name: _stream(name, table, path, local) for name, table in streams_data.items()}
     home = local(home_value)
@@ -307,9 +301,9 @@ def _stream(name: str, data: Any, path: Path, local: Any) -> StreamConfig:
     if not 1 <= keep <= MAX_KEEP:
         raise PolicyError(f"{path}: {where}.keep must be between 1 and {MAX_KEEP} versions, not {keep}.")
     if dtype not in OUTPUT_DTYPES:
-        raise PolicyError(f"{path}: {where}.dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {_show(dtype)}.")
+        raise PolicyError(f"{path}: {where}.dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {shown(dtype)}.")
     if vocab not in VOCAB_SETTINGS:
-        raise PolicyError(f"{path}: {where}.vocab must be one of {', '.join(VOCAB_SETTINGS)}, not {_show(vocab)}.")
+        raise PolicyError(f"{path}: {where}.vocab must be one of {', '.join(VOCAB_SETTINGS)}, not {shown(vocab)}.")
     params = method_class(method, f"{path}: {where}.method").check_params(params, f"{path}: [streams.{name}.params]")
     return StreamConfig(
         name=name, base=_hub_uri(base, f"{where}.base", path) if is_hub(base) else local(base), method=method,
@@ -337,24 +331,24 @@ def _watch(data: Any, where: str, path: Path, local: Any) -> WatchConfig:
         raise PolicyError(f"{path}: each {where} needs exactly one of 'path' (a local folder) or 'hub' (org/repo).")
     if config.marker is not None and (config.marker in ("", ".", "..") or "/" in config.marker):
         raise PolicyError(f"{path}: {where}.marker must be a file name in each checkpoint's folder (such as "
-                          f"'COMMITTED'), not {_show(config.marker)}.")
+                          f"'COMMITTED'), not {shown(config.marker)}.")
     if not config.revision or len(config.revision) > MAX_NAME_BYTES or not config.revision.isprintable():
         raise PolicyError(f"{path}: {where}.revision must be a branch, tag or commit id, not "
-                          f"{_show(config.revision)}.")
+                          f"{shown(config.revision)}.")
     return config
 
 
 def _seconds(value: float, least: float, where: str, path: Path) -> float:
     if not least <= value <= MAX_SECONDS:  # NaN fails this too
         raise PolicyError(f"{path}: {where} must be between {least:g} and {MAX_SECONDS:.0f} seconds, not "
-                          f"{_show(value)}.")
+                          f"{shown(value)}.")
     return value
 
 
 def _hub_repo(repo: str, where: str, path: Path) -> str:
     if not HUB_REPO.fullmatch(repo) or ".." in repo or "--" in repo:
         raise PolicyError(f"{path}: {where} must be a Hub repository id 'org/name' (letters, digits, '_', '.' and "
-                          f"'-'), not {_show(repo)}.")
+                          f"'-'), not {shown(repo)}.")
     return repo
 
 
@@ -364,7 +358,7 @@ def _hub_uri(text: str, where: str, path: Path) -> str:
     assert uri is not None
     _hub_repo(uri.repo, where, path)
     if uri.revision is not None and (not uri.revision or not uri.revision.isprintable()):
-        raise PolicyError(f"{path}: {where} names no usable revision after '@' in {_show(text)}; give a branch, tag "
+        raise PolicyError(f"{path}: {where} names no usable revision after '@' in {shown(text)}; give a branch, tag "
                           "or commit id, or drop the '@'.")
     return text
 
@@ -425,5 +419,5 @@ def _adapter_rank(data: Any, where: str, path: Path) -> int:
 
 def _number(value: Any, where: str, path: Path) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise PolicyError(f"{path}: {where} must be a finite number, not {_show(value)}.")
+        raise PolicyError(f"{path}: {where} must be a finite number, not {shown(value)}.")
     return float(value)

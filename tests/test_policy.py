@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tempfile
+from pathlib import Path
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 
 from mergeops.errors import PolicyError
-from mergeops.policy import load_policy
+from mergeops.policy import STREAM_NAME, load_policy
 
 GOOD = """
 home = "state"
@@ -231,3 +236,49 @@ def test_a_policy_file_that_is_too_large_or_a_fifo_is_refused(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(PolicyError, match=r"cannot read policy file .* FIFO"):
         load_policy(fifo)
+
+
+def toml_value(value) -> str:
+    """``value`` written as TOML (strings as JSON writes them: TOML reads the same escapes, and refuses the rest)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float):
+        return {"nan": "nan", "inf": "inf", "-inf": "-inf"}.get(repr(value), repr(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+ODD_TEXT = st.one_of(st.text(max_size=40), st.text(alphabet="./\x00-_ aé", max_size=12),
+                     st.just("x" * 5000), st.just(".."), st.just("/"), st.just(""))
+ODD_SCALAR = st.one_of(ODD_TEXT, st.integers(), st.integers(min_value=-(10**39), max_value=10**39),
+                       st.floats(allow_nan=True, allow_infinity=True), st.booleans())
+ODD_VALUE = st.recursive(ODD_SCALAR, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                             st.dictionaries(ODD_TEXT, inner, max_size=2)),
+                         max_leaves=6)
+SLOTS = ['home = "state"', 'base = "models/base"', 'output = "merged/a"', 'path = "registry"', "settle_seconds = 2",
+         "max_update_ratio = 4", 'licenses = ["mit"]', 'to = "published/a"', "alpha = 0.7"]
+
+
+@pytest.mark.timeout(300)
+@hypothesis.settings(max_examples=300, deadline=None, database=None)
+@hypothesis.seed(22)
+@hypothesis.given(slot=st.sampled_from([*SLOTS, "stream name"]), value=ODD_VALUE)
+def test_any_odd_value_anywhere_is_a_policy_or_a_one_sentence_policy_error(slot, value):
+    if slot == "stream name":
+        text = GOOD.replace("streams.a", f"streams.{json.dumps(value if isinstance(value, str) else 'a')}")
+    else:
+        text = GOOD.replace(slot, f"{slot.split(' = ')[0]} = {toml_value(value)}")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "policy.toml"
+        path.write_text(text, errors="surrogatepass")
+        try:
+            policy = load_policy(path)
+        except PolicyError as refusal:
+            assert "\n" not in str(refusal) and len(str(refusal)) < 1000, str(refusal)
+            return
+        assert all(STREAM_NAME.fullmatch(name) and ".." not in name for name in policy.streams)
