@@ -38,6 +38,7 @@ MAX_TEXT_CHARS = 16384  # any string value (an eval command is the longest)
 MAX_INTEGER = 2**53  # every count in a policy is far smaller; larger ones overflow SQLite and JSON readers
 MAX_PATH_BYTES, MAX_NAME_BYTES = 4095, 255  # Linux's PATH_MAX and NAME_MAX (beyond them, every os call fails)
 MAX_KEEP = 100_000
+MAX_STREAMS = 1000  # the daemon folds one arrival at a time: more streams than this is a policy gone wrong
 MAX_SECONDS = 7 * 24 * 3600.0  # poll_seconds, settle_seconds, eval_timeout
 
 
@@ -226,6 +227,9 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     top.done()
     if not streams_data:
         raise PolicyError(f"{path} defines no streams; add a [streams.NAME] table.")
+    if len(streams_data) > MAX_STREAMS:
+        raise PolicyError(f"{path} defines {len(streams_data)} streams, more than the {MAX_STREAMS} one daemon can "
+                          "serve; split it into several policies with homes of their own.")
     for name in streams_data:
         if not STREAM_NAME.fullmatch(name) or ".." in name:
             raise PolicyError(f"{path}: the stream name {shown(name)} is not a safe name; name a stream with 1-64 "
@@ -261,10 +265,18 @@ def _check_folders_apart(streams: dict[str, StreamConfig], home: Path, path: Pat
         if isinstance(s.base, Path):
             folders.append(("base", f"[streams.{name}].base", s.base))
         folders += [("watched", f"[[streams.{name}.watch]].path", w.path) for w in s.watch if w.path is not None]
+    # Each folder is looked up along its own path (itself and its parents), not compared with every other, and two
+    # entries per folder and kind are enough to find any pair: a policy of thousands of streams is checked in linear
+    # time.
+    at: dict[Path, list[int]] = {}
+    for i, (kind, _, folder) in enumerate(folders):
+        if sum(folders[j][0] == kind for j in at.get(folder, ())) < 2:
+            at.setdefault(folder, []).append(i)
     for i, (kind, what, folder) in enumerate(folders):
-        for other_kind, other, other_folder in folders[i + 1:]:
+        for j in (j for holder in (folder, *folder.parents) for j in at.get(holder, ()) if j != i):
+            other_kind, other, other_folder = folders[j]
             reason = _APART.get((kind, other_kind)) or _APART.get((other_kind, kind))
-            if reason is not None and (folder.is_relative_to(other_folder) or other_folder.is_relative_to(folder)):
+            if reason is not None:
                 raise PolicyError(f"{path}: {what} ({folder}) and {other} ({other_folder}) overlap (one is or holds "
                                   f"the other), so {reason}; give each a folder of its own.")
     _check_hubs_apart(streams, path)

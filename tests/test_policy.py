@@ -227,6 +227,14 @@ def test_odd_values_are_one_sentence_policy_errors(tmp_path, monkeypatch, change
     assert len(str(refusal)) < 600  # the value is cut short in the message
 
 
+@pytest.mark.timeout(60)
+def test_a_policy_of_more_than_a_thousand_streams_is_refused(tmp_path):
+    stream = '[streams.s{i}]\nbase = "b"\nmethod = "average"\n[[streams.s{i}.watch]]\npath = "r/{i}"\n'
+    expect_refusal(tmp_path, "".join(stream.format(i=i) for i in range(1001)), "1001 streams, more than the 1000")
+    assert len(load_policy(write(tmp_path, "".join(stream.format(i=i) for i in range(1000)))).streams) == 1000
+
+
+@pytest.mark.timeout(60)
 def test_a_policy_file_that_is_too_large_or_a_fifo_is_refused(tmp_path):
     big = tmp_path / "big.toml"
     big.write_text(GOOD + "# " + "x" * (2 << 20) + "\n")
