@@ -202,7 +202,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
     try:
         data = parse_toml(raw, path, finite_only=False)  # nan and inf are refused below, naming their key
     except UntrustedFileError as exc:
-        raise PolicyError(f"{path} is not a valid policy: {exc.reason}.") from exc
+        raise PolicyError(f"{path} {exc.reason}; correct the policy file.") from exc
     _check_sizes(data, path)
     folder = path.resolve().parent
 
