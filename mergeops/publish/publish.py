@@ -175,8 +175,11 @@ def _left_by_crash(target: Path, note: Path) -> bool:
     rename names it, and it holds exactly the files the note lists."""
     if target.is_symlink() or not target.is_dir() or not note.is_file():
         return False
-    pending = json.loads(note.read_text())
-    return pending["target"] == str(target) and _file_hashes(target) == pending["files"]
+    try:
+        pending = json.loads(note.read_text())
+        return bool(pending["target"] == str(target) and _file_hashes(target) == pending["files"])
+    except (OSError, ValueError, KeyError, TypeError):  # a note cut short by the crash: its rename never happened
+        return False
 
 
 def _recorded_names(ledger: Ledger, stream: StreamConfig, folder: Path) -> set[str]:

@@ -97,6 +97,14 @@ def test_a_copy_a_crash_left_between_its_rename_and_its_record_is_published_agai
         with pytest.raises(KeyboardInterrupt):
             publish(policy, "s", ledger=ledger)
     assert (tmp_path / "published" / "v0001" / "model.sig").is_file()  # in place, unrecorded
+    note = policy.home / "streams" / "s" / "publishing.json"  # what proves the copy is the one this stream renamed
+    proof = note.read_bytes()
+    left = snapshot(tmp_path / "published")
+    note.write_bytes(proof[:10])  # without the proof it could be anyone's: refused, and left alone
+    with pytest.raises(NotOurFolder, match="mergeops did not publish it there"):
+        publish(policy, "s")
+    assert snapshot(tmp_path / "published") == left
+    note.write_bytes(proof)
     publication = publish(policy, "s")
     assert publication.targets == (str(tmp_path / "published" / "v0001"),)
     with Ledger.open_readonly(policy.home) as ledger:
