@@ -7,6 +7,12 @@ stderr and exits with ``exit_code`` instead of showing a traceback.
 from __future__ import annotations
 
 
+def shown(value: object) -> str:
+    """``value`` as a message shows it: its repr, cut short (a value from a file may be long)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}... ({len(text)} characters)"
+
+
 class MergeopsError(Exception):
     """Base class: a problem the user can fix. Exit code 1 (a check found problems)."""
 

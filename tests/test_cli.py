@@ -273,3 +273,27 @@ def test_on_a_full_disk_reading_commands_work_and_a_fold_says_how_much_to_free(t
     audit = json.loads(mergeops("audit", "--policy", str(policy), "--json").stdout)
     assert audit["ok"] and audit["events"] == 2  # the stream's start and its one version: nothing half-recorded
     assert mergeops("fold", str(second), "--policy", str(policy)).returncode == 0  # it goes on once space is freed
+
+
+ODD_POLICIES = {
+    "deep nesting": "x = " + "[" * 100_000 + "]" * 100_000 + "\n",
+    "a huge integer": "keep = 1_000_000_000_000_000_000_000_000_000_000\n",
+    "a NUL in a path": 'output = "out\\u0000put"\n',
+    "a stream name with a slash": None,
+    "a stream watching its own output": '[[streams.s.watch]]\npath = "merged/s"\n',  # the default output
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", sorted(ODD_POLICIES))
+def test_an_odd_policy_is_one_line_on_stderr_and_exit_2(tmp_path, case):
+    text = 'home = "state"\n[streams.s]\nbase = "base"\nmethod = "average"\n' + (ODD_POLICIES[case] or "")
+    if ODD_POLICIES[case] is None:
+        text = text.replace("[streams.s]", '[streams."../s"]')
+    (tmp_path / "policy.toml").write_text(text)
+    for command in (["status"], ["daemon", "--once"]):
+        done = mergeops(*command, "--policy", str(tmp_path / "policy.toml"))
+        assert done.returncode == 2, done.stderr
+        assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith(f"mergeops: error: {tmp_path / 'policy.toml'}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.toml"]  # nothing was created

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mergeops.commit.folders import SPARE_STATE
+from mergeops.commit.owner import OWNER_FILE
 from mergeops.errors import PolicyError
 from mergeops.ledger import Ledger
 from mergeops.model import folder_digest
@@ -67,7 +68,7 @@ def test_versions_latest_link_and_pruning(stream):
     assert [r.version for r in results] == [1, 2, 3]
     out = policy.streams["s"].output
     assert os.readlink(out / "latest") == "v0003"
-    assert sorted(p.name for p in out.iterdir()) == ["latest", "v0002", "v0003"]  # keep = 2
+    assert sorted(p.name for p in out.iterdir()) == [OWNER_FILE, "latest", "v0002", "v0003"]  # keep = 2
     state_root = policy.home / "streams" / "s" / "state"
     assert sorted(p.name for p in state_root.iterdir()) == [SPARE_STATE, "v0003"]  # the spare: v0002's state
     assert results[-1].output_digest == folder_digest(out / "v0003")
@@ -249,7 +250,7 @@ def test_ota_rejects_a_checkpoint_without_curvature_and_says_how_to_make_it(tmp_
     result = fold_checkpoint(policy, "s", checkpoint)
     assert result.status == "rejected" and result.gate == "curvature"
     assert "mergeops curvature import" in result.reason
-    assert not policy.streams["s"].output.exists()
+    assert [p.name for p in policy.streams["s"].output.iterdir()] == [OWNER_FILE]  # no version
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1e-6], ids=["nan", "inf", "negative"])
@@ -277,7 +278,8 @@ def test_ota_rejects_weights_that_overflow_float32_instead_of_merging_garbage(tm
     result = fold_checkpoint(policy, "s", first)  # step 100: a multiplier of 1e40, past float32's 3.4e38
     assert result.status == "rejected" and result.gate == "curvature"
     assert "overflow float32" in result.reason and "penalty" in result.reason
-    assert list(policy.streams["s"].output.iterdir()) == []  # no version, and nothing half written
+    # no version, and nothing half written: only the folder's owner marker
+    assert [p.name for p in policy.streams["s"].output.iterdir()] == [OWNER_FILE]
 
 
 def test_mwa_rejects_a_checkpoint_without_its_metric(tmp_path):
@@ -431,7 +433,7 @@ def test_an_output_dtype_that_overflows_is_a_rejection_naming_the_tensor(tmp_pat
     result = fold_checkpoint(policy, "s", checkpoint)
     assert result.status == "rejected" and result.gate == "finite"
     assert "'model.norm.weight'" in result.reason and "float16" in result.reason
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [OWNER_FILE]  # no version
 
 
 def test_the_same_weights_with_other_files_beside_them_are_a_duplicate_not_a_new_version(stream, tmp_path):

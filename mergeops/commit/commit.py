@@ -12,6 +12,7 @@ from pathlib import Path
 from mergeops import __version__
 from mergeops.commit.card import Input, VersionFacts, card_files
 from mergeops.commit.folders import StreamFolders, version_dir
+from mergeops.commit.owner import Owner, claim
 from mergeops.durable import fsync_dir, write_durably
 from mergeops.ledger.kinds import CheckpointFacts, LedgerEvent, StreamStarted, VersionCommitted, VersionPruned
 from mergeops.ledger.store import Ledger, VersionRecord
@@ -47,13 +48,22 @@ class NextVersion:
 
 def next_version(policy: Policy, stream: StreamConfig, ledger: Ledger) -> NextVersion:
     """The stream's next version, its folders cleared of a crash's leftovers and ``latest`` at the head (a crash after
-    recording may have left it one step behind)."""
+    recording may have left it one step behind). The output folder must be this stream's (``owner.claim``) before
+    anything in it is removed."""
     head = ledger.head(stream.name)
+    owner = Owner(policy.home, stream.name, "output", f"[streams.{stream.name}].output")
+    claim(stream.output, owner, lambda: _recorded_names(ledger, stream))
     plan = NextVersion(stream, head, StreamFolders.of(policy.home, stream.name, stream.output))
     plan.discard()
     if head is not None:
         plan.folders.point_latest(Path(head.output))
     return plan
+
+
+def _recorded_names(ledger: Ledger, stream: StreamConfig) -> set[str]:
+    """The version folders this home's ledger records in the stream's output folder."""
+    output = stream.output.resolve()
+    return {Path(v.output).name for v in ledger.versions(stream.name) if Path(v.output).parent.resolve() == output}
 
 
 @dataclass(frozen=True)

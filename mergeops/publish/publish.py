@@ -9,11 +9,17 @@ is the protected model. With ``as_adapter = {rank = R}`` (or ``publish(..., as_a
 published is instead a PEFT LoRA adapter of the version against the stream's base (``adapter.py``), as
 ``to/vNNNN-lora-rR``; the base must still be the one the stream started from (its digest is checked). An adapter
 is added to the unprotected base, so it cannot be protected: ``protect`` with an adapter is refused.
+
+The ``to`` folder must be this stream's (``commit.owner.claim``): nothing in a folder of another home or stream, or
+one mergeops did not create, is touched. A ``to/vNNNN`` found there unrecorded is replaced only when it is the copy a
+crash left between its rename and its record: the copy named, file by file, in the stream's ``publishing.json``
+note, written before the rename.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -21,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergeops import keys
+from mergeops import keys, untrusted
 from mergeops.commit.card import public_name
-from mergeops.durable import copy_durably, fsync_dir
+from mergeops.commit.owner import NotOurFolder, Owner, claim
+from mergeops.durable import copy_durably, fsync_dir, write_durably
 from mergeops.errors import MergeopsError, UsageError
-from mergeops.hub_uri import HubUri
+from mergeops.hub_uri import HubUri, is_hub
 from mergeops.ledger.kinds import LedgerEvent, ProtectionRecorded, PublicationRecorded
 from mergeops.ledger.store import Ledger, writing
 from mergeops.model import folder_digest
@@ -90,16 +97,24 @@ def _publish(policy: Policy, stream: StreamConfig, config: PublishConfig, versio
                          "retained version.")
     name = f"v{record.version:04d}" + (f"-lora-r{config.as_adapter}" if config.as_adapter is not None else "")
     target = config.to / name if config.to is not None else None
+    if (to := config.to) is not None:  # before anything in it is removed: it must be this stream's
+        claim(to, Owner(policy.home, stream.name, "publish", f"[streams.{stream.name}.publish].to"),
+              lambda: _recorded_names(ledger, stream, to))
     staging_root = target.parent if target is not None else policy.home / "publishing"
     staging_root.mkdir(parents=True, exist_ok=True)
     for stale in staging_root.glob(f".{name}{TEMP_MARKER}*"):  # a crashed attempt's staging (the lock is ours)
         shutil.rmtree(stale, ignore_errors=True)
+    note = policy.home / "streams" / stream.name / "publishing.json"
     if target is not None and (target.exists() or target.is_symlink()):
         if str(target) in {p.target for p in ledger.publications(stream.name, record.version)}:
             raise AlreadyPublished(f"{target} exists already: {stream.name} version {record.version} was "
                                    "published.")
+        if not _left_by_crash(target, note):
+            raise NotOurFolder(f"{target} is in the publish folder, but mergeops did not publish it there (the ledger "
+                               "records no such publication); move it away and publish again; nothing in it was "
+                               "touched.")
         # Renamed into place but never recorded: a crash between the two. Like an uncommitted fold, redo it.
-        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+        shutil.rmtree(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}{TEMP_MARKER}", dir=staging_root))
     targets = []
     try:
@@ -124,9 +139,7 @@ def _publish(policy: Policy, stream: StreamConfig, config: PublishConfig, versio
             assert ledger.key is not None  # a writable ledger has the key
             sign_model_folder(ready, keys.signing_key_path(policy.keys))
             signer = keys.fingerprint(ledger.key.public_key())
-        # every file of the copy, card and signature included: the audit checks all of them
-        published_files = {p.relative_to(ready).as_posix(): file_sha256(p) for p in sorted(ready.rglob("*"))
-                           if p.is_file()}
+        published_files = _file_hashes(ready)  # card and signature included: the audit checks all of them
         if config.hub is not None:
             sha = upload_to_hub(ready, config.hub, message=f"mergeops: {stream.name} {name} "
                                 f"({stream.method}, {published_digest})")
@@ -134,6 +147,9 @@ def _publish(policy: Policy, stream: StreamConfig, config: PublishConfig, versio
         if target is not None:
             ready.chmod(0o755)
             fsync_dir(ready)
+            note.parent.mkdir(parents=True, exist_ok=True)
+            write_durably(note, json.dumps({"target": str(target), "files": published_files}).encode())
+            fsync_dir(note.parent)
             os.rename(ready, target)
             fsync_dir(target.parent)
             targets.append(str(target))
@@ -145,7 +161,32 @@ def _publish(policy: Policy, stream: StreamConfig, config: PublishConfig, versio
     events += [PublicationRecorded(stream.name, record.version, published_digest, ledger.relative(t), signer,
                                    published_files, recorded_adapter) for t in targets]
     ledger.record(*events)
+    note.unlink(missing_ok=True)
     return Publication(stream.name, record.version, tuple(targets), published_digest, signer, adapter)
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """The sha256 of every file in ``folder``, by its path relative to it."""
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _left_by_crash(target: Path, note: Path) -> bool:
+    """Whether ``target`` is the copy this stream renamed into place and did not record: the note written before the
+    rename names it, and it holds exactly the files the note lists."""
+    if target.is_symlink() or not target.is_dir() or not note.is_file():
+        return False
+    try:
+        pending = untrusted.read_json(note)
+        return bool(pending["target"] == str(target) and _file_hashes(target) == pending["files"])
+    except (OSError, MergeopsError, KeyError, TypeError):  # a note cut short by the crash: its rename never happened
+        return False
+
+
+def _recorded_names(ledger: Ledger, stream: StreamConfig, folder: Path) -> set[str]:
+    """The published copies this home's ledger records in ``folder``."""
+    targets = {Path(p.target) for v in ledger.versions(stream.name) for p in ledger.publications(stream.name, v.version)
+               if not is_hub(p.target)}
+    return {t.name for t in targets if t.parent.resolve() == folder.resolve()}
 
 
 def _stream_base(stream: StreamConfig, ledger: Ledger) -> Path:

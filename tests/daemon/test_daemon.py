@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from mergeops.commit.owner import OWNER_FILE
 from mergeops.keys import generate_keys
 from mergeops.ledger import Ledger
 from mergeops.model import ModelWriter, TensorSpec, folder_digest
@@ -342,7 +343,8 @@ def test_kill_9_during_auto_publish_publishes_every_version_exactly_once(tmp_pat
     assert [v for v, _, _ in published] == list(range(1, checkpoints + 1))  # each once, none lost
     for version, target, digest in published:
         assert target == str(tmp_path / "published" / f"v{version:04d}") and folder_digest(Path(target)) == digest
-    assert sorted(p.name for p in (tmp_path / "published").iterdir()) == [f"v{v:04d}" for v in range(1, 5)]
+    assert sorted(p.name for p in (tmp_path / "published").iterdir()) == [OWNER_FILE] + [f"v{v:04d}" for v in
+                                                                                       range(1, 5)]
     with Ledger.open_readonly(load_policy(policy).home) as ledger:
         assert ledger.db.execute("SELECT count(*) FROM queue WHERE state != 'merged'").fetchone()[0] == 0
     audit = subprocess.run([sys.executable, "-m", "mergeops", "audit", "--policy", str(policy)], capture_output=True,
@@ -380,3 +382,23 @@ def test_an_adapter_is_folded_once_its_weights_follow_its_config(tmp_path):
     loaded = load_policy(policy)
     with Ledger.open_readonly(loaded.home) as ledger:
         assert ledger.head("s").adapter["r"] == 8
+
+
+def snapshot(folder: Path) -> dict[str, object]:
+    return {p.relative_to(folder).as_posix(): os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file()
+            else "folder" for p in sorted(folder.rglob("*"))}
+
+
+def test_a_second_home_writing_to_the_first_homes_output_fails_its_arrival_and_deletes_nothing(tmp_path):
+    first = setup(tmp_path / "first")
+    drop(tmp_path / "first", "ck0", seed=1)
+    run_once(first)
+    shared = tmp_path / "first" / "out"
+    before = snapshot(shared)
+    second = setup(tmp_path / "second")  # its own home, and the first one's output folder
+    second.write_text(second.read_text().replace('output = "out"', f'output = "{shared}"'))
+    drop(tmp_path / "second", "ck0", seed=2)
+    failed = [line for line in run_once(second, expect=1) if line["event"] == "failed"]
+    assert len(failed) == 1 and f"{shared} is the output folder of stream 's' of the home" in failed[0]["error"]
+    assert snapshot(shared) == before  # the first home's version, card and latest link, byte for byte
+    assert status(second)["streams"]["s"]["failed"] == 1 and folded_sources(first) == ["ck0"]

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergeops.commit.owner import OWNER_FILE
 from mergeops.fold.methods import METHODS
 from mergeops.ledger import Ledger
 from mergeops.ledger.lineage import lineage
@@ -196,7 +197,7 @@ def test_an_adapter_that_does_not_fit_is_rejected_by_name_and_changes_nothing(tm
     result = fold_checkpoint(policy, None, adapter)
     assert result.status == "rejected"
     assert needle in result.reason, result.reason
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists() or [p.name for p in (tmp_path / "out").iterdir()] == [OWNER_FILE]
     with Ledger.open_readonly(policy.home) as ledger:
         assert [e["kind"] for e in ledger.events()] == ["checkpoint.rejected"]
         assert ledger.head("s") is None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from mergeops.errors import PolicyError
+from mergeops.errors import PolicyError, shown
 from mergeops.fold.methods.base import MergeMethod
 
 
@@ -33,4 +33,4 @@ def method_class(name: str, where: str = "method") -> type[MergeMethod]:
     try:
         return METHODS[name]
     except KeyError:
-        raise PolicyError(f"{where}: unknown merge method {name!r}; choose one of {', '.join(METHODS)}.") from None
+        raise PolicyError(f"{where}: unknown merge method {shown(name)}; choose one of {', '.join(METHODS)}.") from None

@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
-from mergeops.errors import PolicyError
+from mergeops.errors import PolicyError, shown
 from mergeops.model import StoredTensor
 from mergeops.model.finetune import FineTune, FineTuneTensor
 
@@ -137,18 +137,18 @@ class MergeMethod:
                 close = difflib.get_close_matches(key, list(cls.params), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else \
                     f" ({cls.name} takes {', '.join(cls.params) or 'no parameters'})"
-                raise PolicyError(f"{where}: unknown parameter {key!r} for method {cls.name}{hint}.")
+                raise PolicyError(f"{where}: unknown parameter {shown(key)} for method {cls.name}{hint}.")
             kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
             if float in kinds and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
                 names = " or ".join(k.__name__ for k in kinds)
-                raise PolicyError(f"{where}: {key} must be a {names}, not {value!r}.")
+                raise PolicyError(f"{where}: {key} must be a {names}, not {shown(value)}.")
             if isinstance(value, float) and not math.isfinite(value):
-                raise PolicyError(f"{where}: {key} must be a finite number, not {value!r}.")
+                raise PolicyError(f"{where}: {key} must be a finite number, not {shown(value)}.")
             problem = spec.check(value) if spec.check else None
             if problem:
-                raise PolicyError(f"{where}: {key} {problem}, not {value!r}.")
+                raise PolicyError(f"{where}: {key} {problem}, not {shown(value)}.")
             checked[key] = value
         return {key: checked.get(key, spec.default) for key, spec in cls.params.items()}
 
