@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,12 @@ def test_an_adapter_commit_without_safetensors_factors_is_refused_before_downloa
     with pytest.raises(RejectedError, match=f"{sha} has adapter_config.json but no adapter_model.safetensors"):
         registry(tmp_path, allow_pickle=True).check(commit)
     assert hub_server.resolve_requests(sha) == []
+
+
+@pytest.mark.timeout(20)
+def test_a_token_credential_that_is_a_fifo_is_a_usage_error_not_a_hang(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    os.mkfifo(tmp_path / "hf_token")
+    with pytest.raises(UsageError, match="hf_token: it is a FIFO, not a regular file"):
+        hub_token()
