@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -71,3 +73,37 @@ def map_ahead(function: Callable[[T], R], items: Sequence[T], workers: int, weig
             del result  # not kept while the next one is awaited
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+class TookTooLong(Exception):
+    """:func:`run_aside` stopped waiting for work that was given a time limit."""
+
+
+def run_aside(work: Callable[[], T], tick: Callable[[], None], seconds: float | None = None,
+              every: float = 0.25) -> T:
+    """``work()`` on a thread of its own while this thread calls ``tick()`` about every ``every`` seconds (to ping a
+    watchdog; it may raise, e.g. to stop waiting); :class:`TookTooLong` once ``seconds`` have passed. A blocking read
+    cannot be interrupted, only no longer waited for: a thread given up on is a daemon thread, left to end (or hang)
+    on its own, and what it returns is dropped."""
+    done: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            done["result"] = work()
+        except BaseException as exc:  # handed to the waiting thread, raised there
+            done["error"] = exc
+
+    worker = threading.Thread(target=target, name="mergeops-aside", daemon=True)
+    worker.start()
+    deadline = None if seconds is None else time.monotonic() + seconds
+    while True:
+        left = every if deadline is None else min(every, deadline - time.monotonic())
+        worker.join(timeout=max(left, 0.0))
+        if not worker.is_alive():
+            break
+        tick()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TookTooLong(f"it took longer than {seconds:g} s")
+    if "error" in done:
+        raise done["error"]
+    return done["result"]

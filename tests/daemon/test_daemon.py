@@ -131,7 +131,7 @@ def test_a_running_daemon_folds_arrivals_reports_status_and_stops_on_sigterm(tmp
         current = status(policy)
         assert current["streams"]["s"] | {"last_event": None} == {
             "latest_version": 3, "method": "average", "latest_output": str(tmp_path / "out" / "v0003"),
-            "folded": 3, "rejected": 0, "failed": 0, "pending": 0, "last_event": None}
+            "folded": 3, "rejected": 0, "failed": 0, "quarantined": 0, "pending": 0, "last_event": None}
         assert current["daemon"]["pid"] == process.pid and current["daemon"]["heartbeat_age_seconds"] < 30
         started = time.monotonic()
     finally:
