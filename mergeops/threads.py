@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,16 +74,10 @@ def map_ahead(function: Callable[[T], R], items: Sequence[T], workers: int, weig
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-class TookTooLong(Exception):
-    """:func:`run_aside` stopped waiting for work that was given a time limit."""
-
-
-def run_aside(work: Callable[[], T], tick: Callable[[], None], seconds: float | None = None,
-              every: float = 0.25) -> T:
+def run_aside(work: Callable[[], T], tick: Callable[[], None], every: float = 1.0) -> T:
     """``work()`` on a thread of its own while this thread calls ``tick()`` about every ``every`` seconds (to ping a
-    watchdog; it may raise, e.g. to stop waiting); :class:`TookTooLong` once ``seconds`` have passed. A blocking read
-    cannot be interrupted, only no longer waited for: a thread given up on is a daemon thread, left to end (or hang)
-    on its own, and what it returns is dropped."""
+    watchdog; it may raise, to stop waiting). A blocking call cannot be interrupted, only no longer waited for: a
+    thread given up on is a daemon thread, left to end on its own, and what it returns is dropped."""
     done: dict[str, Any] = {}
 
     def target() -> None:
@@ -95,15 +88,10 @@ def run_aside(work: Callable[[], T], tick: Callable[[], None], seconds: float | 
 
     worker = threading.Thread(target=target, name="mergeops-aside", daemon=True)
     worker.start()
-    deadline = None if seconds is None else time.monotonic() + seconds
-    while True:
-        left = every if deadline is None else min(every, deadline - time.monotonic())
-        worker.join(timeout=max(left, 0.0))
-        if not worker.is_alive():
-            break
-        tick()
-        if deadline is not None and time.monotonic() >= deadline:
-            raise TookTooLong(f"it took longer than {seconds:g} s")
+    while worker.is_alive():
+        worker.join(timeout=every)
+        if worker.is_alive():
+            tick()
     if "error" in done:
         raise done["error"]
     return done["result"]

@@ -262,8 +262,7 @@ class Daemon:
             raise MergeopsError(f"{source} was queued from a Hub watch the policy no longer has; add the watch back "
                                 "to fold it.")
         # Download on a daemon thread while this one keeps pinging the watchdog and can still stop.
-        return run_aside(lambda: hub.download(HubCommit(repo, sha, "", "")), lambda: self._between_tensors(0),
-                         every=1.0)
+        return run_aside(lambda: hub.download(HubCommit(repo, sha, "", "")), lambda: self._between_tensors(0))
 
     def _next_pending(self) -> QueueItem | None:
         items = self.ledger.queued("pending", limit=1)

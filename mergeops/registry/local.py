@@ -27,8 +27,8 @@ from typing import Literal
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from mergeops.isolated import Failed, TookTooLong, run_isolated
 from mergeops.model.finetune import scan_checkpoint
-from mergeops.threads import TookTooLong, run_aside
 
 IGNORED_SUFFIXES = (".tmp", ".incomplete")
 # Problems that mean "still being written"; any other problem is a finished but bad checkpoint, which is
@@ -94,12 +94,19 @@ def _refusing(folder: Path, fingerprint: str) -> Iterator[None]:
         raise FolderRefused(folder, fingerprint, str(exc)) from exc
     except TookTooLong as exc:
         raise FolderRefused(folder, fingerprint, _overtime()) from exc
+    except Failed as exc:
+        raise FolderRefused(folder, fingerprint, str(exc)) from exc
     except Exception as exc:
         raise FolderRefused(folder, fingerprint, f"{type(exc).__name__}: {exc}") from exc
 
 
 def _overtime() -> str:
     return f"its scan took longer than {FOLDER_SECONDS:g} s; a checkpoint's takes milliseconds"
+
+
+def _problem_codes(folder: Path) -> list[str]:
+    """What is wrong with the checkpoint in ``folder`` (run in a child process: only the codes travel back)."""
+    return [problem.code for problem in scan_checkpoint(folder)[1]]
 
 
 def _identity(folder: Path) -> str:
@@ -213,10 +220,10 @@ class LocalRegistry:
         if now - newest < self.settle_seconds:
             return "changing", None
         with _refusing(folder, fingerprint):
-            # reading the checkpoint's own files (headers, configs) on a thread of its own: the scan waits for it
-            # at most until the deadline, and stops waiting when asked to
-            _, problems = run_aside(lambda: scan_checkpoint(folder), tick, max(deadline - time.monotonic(), 0.0))
-        if any(p.code in _STILL_WRITING for p in problems) or (
+            # the checkpoint's own files (headers, configs) are read in a child process, killed at the deadline or
+            # when the scan is stopped: no input can hold the scan longer
+            codes = run_isolated(_problem_codes, (folder,), tick, max(deadline - time.monotonic(), 0.0))
+        if any(code in _STILL_WRITING for code in codes) or (
                 self.marker is not None and not (folder / self.marker).is_file()):
             return "incomplete", None
         return "ready", Candidate(folder, fingerprint, newest)
