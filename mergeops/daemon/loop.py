@@ -179,7 +179,9 @@ class Daemon:
         for stream, registry in self.registries:
             try:
                 found = registry.scan(self.ledger.fingerprints(stream), self._scan_tick)
-            except Exception as exc:  # the registry itself (its folder unreadable): the other watches go on
+            except BaseException as exc:  # the registry itself (its folder unreadable): the other watches go on
+                if _is_stop(exc):
+                    raise
                 self._report_once("scan_failed", stream, str(registry.path), exc)
                 continue
             waiting = waiting or bool(found.changing)
@@ -247,7 +249,9 @@ class Daemon:
             log("hub_unavailable", level="warning", stream=stream, repo=hub.repo, error=str(exc),
                 retry_after=exc.retry_after)
             return exc.retry_after
-        except Exception as exc:  # the watch itself (a repository gone, a reply that makes no sense): poll again later
+        except BaseException as exc:  # the watch itself (a repository gone, a reply that makes no sense): poll later
+            if _is_stop(exc):
+                raise
             self._report_once("hub_poll_failed", stream, hub.repo, exc)
         return poll_seconds
 
