@@ -2,12 +2,15 @@
 the interpreter for seconds, a read that blocks, a crash in C), the caller can stop waiting for it, and it is killed.
 
 Children are forked from a forkserver that has imported the work's module once, so starting one costs milliseconds
-and inherits none of the caller's threads, locks or open database connections.
+and inherits none of the caller's threads, locks or open database connections. As with any multiprocessing start
+method but fork, the program must be importable again: run as a module (`python -m`) or a script whose work is
+under ``if __name__ == "__main__"``.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import sys
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -35,7 +38,12 @@ def run_isolated(function: Callable[..., Any], args: tuple[Any, ...], tick: Call
     thread calls ``tick()`` about every ``every`` seconds (it may raise to stop waiting). :class:`TookTooLong` after
     ``seconds``, :class:`Failed` if the function raised or the child died. The child never outlives the call."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([function.__module__])  # honoured when the forkserver starts, the first time
+    # Honoured when the forkserver starts (the first time): the work's module, and its package as far as the program
+    # has imported it. multiprocessing runs the program's main script again in every child (as __mp_main__); with
+    # the imports it makes (the CLI's, for the `mergeops` script) done once in the server, a child starts in ms.
+    package = function.__module__.partition(".")[0]
+    context.set_forkserver_preload(sorted({function.__module__} | {
+        name for name in sys.modules if name.partition(".")[0] == package}))
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_run, args=(function, args, send), name="mergeops-isolated", daemon=True)
     deadline = time.monotonic() + seconds
