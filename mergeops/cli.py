@@ -196,11 +196,11 @@ def status(policy: Path = PolicyOption, as_json: bool = JsonOption) -> None:
     if as_json:
         _print_json(document)
         return
-    table = Table("stream", "latest", "method", "folded", "rejected", "failed", "pending", "last event")
+    table = Table("stream", "latest", "method", "folded", "rejected", "failed", "quarantined", "pending", "last event")
     for name, s in document["streams"].items():
         latest = f"v{s['latest_version']:04d}" if s["latest_version"] else "-"
         table.add_row(name, latest, s["method"], str(s["folded"]), str(s["rejected"]), str(s["failed"]),
-                      str(s["pending"]), s["last_event"] or "-")
+                      str(s["quarantined"]), str(s["pending"]), s["last_event"] or "-")
     out.print(table)
     d = document["daemon"]
     if d["running"]:
@@ -210,14 +210,14 @@ def status(policy: Path = PolicyOption, as_json: bool = JsonOption) -> None:
                   f"{d['status']})", markup=False)
     else:
         out.print("daemon: never ran on this home")
-    if any(s["rejected"] or s["failed"] for s in document["streams"].values()):
+    if any(s["rejected"] or s["failed"] or s["quarantined"] for s in document["streams"].values()):
         out.print("see why: mergeops rejections --policy " + str(policy), markup=False)
 
 
 @app.command()
 def rejections(policy: Path = PolicyOption, stream: str | None = typer.Option(None, help="Only this stream."),
                as_json: bool = JsonOption) -> None:
-    """Every rejected checkpoint and failed arrival: when, which checkpoint, which gate, why."""
+    """Every rejected checkpoint, failed and quarantined arrival or publication: when, which checkpoint, gate, why."""
     from mergeops.daemon.status import failures
     from mergeops.policy import load_policy
 
@@ -231,6 +231,26 @@ def rejections(policy: Path = PolicyOption, stream: str | None = typer.Option(No
     for f in found:
         table.add_row(*(escape(str(f[k] or "-")) for k in ("time", "stream", "checkpoint", "kind", "gate", "reason")))
     out.print(table if found else "no rejections and no failed arrivals")
+
+
+@app.command()
+def retry(policy: Path = PolicyOption, stream: str | None = typer.Option(None, help="Only this stream."),
+          checkpoint: str | None = typer.Argument(None, help="Only this checkpoint (as `rejections` lists it)."),
+          as_json: bool = JsonOption) -> None:
+    """Put quarantined folds and publications back in line (after fixing their cause): the daemon's next start tries
+    each again."""
+    from mergeops.daemon.status import retry as release
+    from mergeops.policy import load_policy
+
+    released = release(load_policy(policy), stream, checkpoint)
+    if as_json:
+        _print_json({"retried": released})
+        return
+    for r in released:
+        out.print(f"{r['stream']}: {r['kind']} of {r['checkpoint']} is tried again at the daemon's next start",
+                  markup=False)
+    if not released:
+        out.print("nothing is quarantined" + (f" for {checkpoint}" if checkpoint else ""), markup=False)
 
 
 @app.command()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -71,3 +72,26 @@ def map_ahead(function: Callable[[T], R], items: Sequence[T], workers: int, weig
             del result  # not kept while the next one is awaited
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_aside(work: Callable[[], T], tick: Callable[[], None], every: float = 1.0) -> T:
+    """``work()`` on a thread of its own while this thread calls ``tick()`` about every ``every`` seconds (to ping a
+    watchdog; it may raise, to stop waiting). A blocking call cannot be interrupted, only no longer waited for: a
+    thread given up on is a daemon thread, left to end on its own, and what it returns is dropped."""
+    done: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            done["result"] = work()
+        except BaseException as exc:  # handed to the waiting thread, raised there
+            done["error"] = exc
+
+    worker = threading.Thread(target=target, name="mergeops-aside", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(timeout=every)
+        if worker.is_alive():
+            tick()
+    if "error" in done:
+        raise done["error"]
+    return done["result"]

@@ -26,7 +26,7 @@ def test_help_lists_every_command():
     result = mergeops("--help")
     assert result.returncode == 0
     for command in ("inspect", "keygen", "fold", "daemon", "status", "lineage", "audit", "protect",
-                    "unprotect", "publish"):
+                    "unprotect", "publish", "rejections", "retry"):
         assert command in result.stdout
 
 

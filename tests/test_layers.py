@@ -15,7 +15,7 @@ PACKAGE = Path(mergeops.__file__).parent
 
 # Lowest first. A module may import modules of a lower rank, and of its own rank only within its own group.
 RANKS: list[tuple[str, ...]] = [
-    ("errors", "threads", "allocator", "systemd"),
+    ("errors", "threads", "allocator", "systemd", "isolated"),
     ("patterns", "untrusted"),  # what files mergeops did not write hold: the files themselves, regular expressions
     ("durable",),
     ("keys",),

@@ -102,9 +102,13 @@ class Rejection:
     reason: str
 
 
+QUARANTINED = "quarantined"  # a queued item that failed too often: never retried until `mergeops retry`
+
+
 @dataclass(frozen=True)
 class QueueItem:
-    """An arrival the daemon queued, and how far it got (``pending``, ``merged``, ``failed``, ...)."""
+    """An arrival the daemon queued, and how far it got (``pending``, ``merged``, ``failed``, ``publishing``,
+    ``quarantined``...)."""
 
     id: int
     stream: str
@@ -112,7 +116,14 @@ class QueueItem:
     fingerprint: str
     queued: str
     state: str
-    result: str | None  # the fold's result as JSON, or why it failed
+    result: str | None  # the fold's result as JSON
+    attempts: int = 0  # failed attempts so far (older ledgers: none counted)
+    error: str | None = None  # why the last attempt failed
+
+    @property
+    def publication(self) -> bool:
+        """Whether what failed is the publication of a folded version (else it is the fold)."""
+        return self.result is not None
 
 
 @dataclass(frozen=True)
@@ -120,7 +131,8 @@ class StreamCounts:
     folded: int
     rejected: int
     pending: int
-    failed: int
+    failed: int  # arrivals and publications that failed and are retried at the daemon's next start
+    quarantined: int
     last_event: str | None  # time of the stream's newest event
 
 
@@ -353,7 +365,8 @@ class Ledger:
                           (stream,))[0]["t"]
         return StreamCounts(folded=count("versions", ""), rejected=count("checkpoints", " AND status = 'rejected'"),
                             pending=count("queue", " AND state = 'pending'"),
-                            failed=count("queue", " AND state = 'failed'"), last_event=last)
+                            failed=len(self.failed(stream)), quarantined=len(self.queued(QUARANTINED, stream=stream)),
+                            last_event=last)
 
     def publications(self, stream: str, version: int) -> list[PublicationRecord]:
         """Where this version was published, oldest first."""
@@ -397,6 +410,11 @@ class Ledger:
             "INSERT OR IGNORE INTO queue (stream, source, fingerprint, queued, state) VALUES (?, ?, ?, ?, ?)",
             (stream, source, fingerprint, utc_now(), state)).rowcount)
 
+    def fingerprints(self, stream: str) -> set[tuple[str, str]]:
+        """Every (source, fingerprint) queued for ``stream``, in any state: the registry folders not to scan again."""
+        return {(r["source"], r["fingerprint"])
+                for r in self._rows("SELECT source, fingerprint FROM queue WHERE stream = ?", (stream,))}
+
     def is_queued(self, stream: str, source: str) -> bool:
         return bool(self._rows("SELECT 1 FROM queue WHERE stream = ? AND source = ?", (stream, source)))
 
@@ -411,6 +429,30 @@ class Ledger:
             self.db.execute("UPDATE queue SET state = ? WHERE id = ?", (state, item_id))
         else:
             self.db.execute("UPDATE queue SET state = ?, result = ? WHERE id = ?", (state, result, item_id))
+
+    def failed(self, stream: str) -> list[QueueItem]:
+        """The stream's failed arrivals, and its publications that failed, waiting for the daemon's next start."""
+        return [*self.queued("failed", stream=stream),
+                *(item for item in self.queued("publishing", stream=stream) if item.error is not None)]
+
+    def count_failure(self, item_id: int, error: str, retry_in: str, attempts_allowed: int) -> QueueItem:
+        """Count a failed attempt at a queued item and say why: it waits in state ``retry_in`` for the next try, or,
+        at ``attempts_allowed`` failures, is quarantined."""
+        self.db.execute("UPDATE queue SET attempts = attempts + 1, error = ?, state = CASE WHEN attempts + 1 >= ? "
+                        "THEN ? ELSE ? END WHERE id = ?", (error, attempts_allowed, QUARANTINED, retry_in, item_id))
+        return QueueItem(**self._rows("SELECT * FROM queue WHERE id = ?", (item_id,))[0])
+
+    def release_quarantined(self, stream: str | None = None, sources: set[str] | None = None) -> list[QueueItem]:
+        """Put quarantined items (of ``stream``, or from one of ``sources``, or all) back in line with no failed
+        attempts counted: each is tried again at the daemon's next start. Without the writer lock: the daemon never
+        touches a quarantined row, and a row it retries at its start is one this has released."""
+        if "attempts" not in self.db["queue"].columns_dict:  # a ledger from before quarantine: none
+            return []
+        found = [item for item in self.queued(QUARANTINED, stream=stream) if sources is None or item.source in sources]
+        for item in found:
+            self.db.execute("UPDATE queue SET state = ?, attempts = 0 WHERE id = ? AND state = ?",
+                            ("publishing" if item.publication else "failed", item.id, QUARANTINED))
+        return found
 
     def retry_failed(self) -> int:
         """Put failed arrivals back in line; how many."""

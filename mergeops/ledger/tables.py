@@ -76,6 +76,15 @@ def m003_adapters(db: Database) -> None:
     db["checkpoints"].add_column("adapter", str)
 
 
+@migrations()
+def m004_queue_attempts(db: Database) -> None:
+    """The daemon counts the failed attempts at a queued arrival or publication (it quarantines one that keeps
+    failing) and keeps the last failure's reason apart from the fold's result (a publication needs both)."""
+    db["queue"].add_column("attempts", int, not_null_default=0)
+    db["queue"].add_column("error", str)
+    db.execute("UPDATE queue SET error = result, result = NULL WHERE state = 'failed'")
+
+
 def _json(value: Any) -> str:
     return canonical(value)
 

@@ -12,9 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from mergeops.commit.owner import OWNER_FILE
+from mergeops.daemon.loop import ATTEMPTS
 from mergeops.keys import generate_keys
 from mergeops.ledger import Ledger
 from mergeops.model import ModelWriter, TensorSpec, folder_digest
@@ -78,6 +80,20 @@ def status(policy: Path) -> dict:
     return json.loads(result.stdout)
 
 
+def rejections(policy: Path) -> list[dict]:
+    listed = subprocess.run([sys.executable, "-m", "mergeops", "rejections", "--policy", str(policy), "--json"],
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    return json.loads(listed.stdout)["failures"]
+
+
+def retry(policy: Path, *args: str) -> str:
+    released = subprocess.run([sys.executable, "-m", "mergeops", "retry", "--policy", str(policy), *args],
+                              capture_output=True, text=True, timeout=60)
+    assert released.returncode == 0, released.stderr
+    return released.stdout
+
+
 def stop(process: subprocess.Popen, seconds: float = 10) -> None:
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=seconds) == 0
@@ -132,7 +148,7 @@ def test_a_running_daemon_folds_arrivals_reports_status_and_stops_on_sigterm(tmp
         current = status(policy)
         assert current["streams"]["s"] | {"last_event": None} == {
             "latest_version": 3, "method": "average", "latest_output": str(tmp_path / "out" / "v0003"),
-            "folded": 3, "rejected": 0, "failed": 0, "pending": 0, "last_event": None}
+            "folded": 3, "rejected": 0, "failed": 0, "quarantined": 0, "pending": 0, "last_event": None}
         assert current["daemon"]["pid"] == process.pid and current["daemon"]["heartbeat_age_seconds"] < 30
         started = time.monotonic()
     finally:
@@ -256,10 +272,7 @@ def test_an_arrival_that_failed_for_a_reason_outside_it_is_retried_at_the_next_s
     assert len(failed) == 1 and "base folder" in failed[0]["error"]
     seen = status(policy)
     assert seen["streams"]["s"]["failed"] == 1 and seen["daemon"]["status"] == "stopped"
-    listed = subprocess.run([sys.executable, "-m", "mergeops", "rejections", "--policy", str(policy), "--json"],
-                            capture_output=True, text=True, timeout=60)
-    assert listed.returncode == 0, listed.stderr
-    [failure] = json.loads(listed.stdout)["failures"]
+    [failure] = rejections(policy)
     assert failure["kind"] == "failed" and "base folder" in failure["reason"] and failure["checkpoint"].endswith("ck0")
     (tmp_path / "base-away").rename(tmp_path / "base")
     lines = run_once(policy)
@@ -402,3 +415,129 @@ def test_a_second_home_writing_to_the_first_homes_output_fails_its_arrival_and_d
     assert len(failed) == 1 and f"{shared} is the output folder of stream 's' of the home" in failed[0]["error"]
     assert snapshot(shared) == before  # the first home's version, card and latest link, byte for byte
     assert status(second)["streams"]["s"]["failed"] == 1 and folded_sources(first) == ["ck0"]
+
+
+@pytest.mark.timeout(400)
+def test_an_arrival_that_keeps_failing_is_quarantined_after_its_attempts_until_an_operator_retries_it(tmp_path):
+    policy = setup(tmp_path)
+    ready = drop(tmp_path, "ck0", seed=1)
+    (tmp_path / "base").rename(tmp_path / "base-away")  # a cause outside the arrival that is not fixed soon
+    outcomes = [next(line for line in run_once(policy, expect=1) if line["event"] in ("failed", "quarantined"))
+                for _ in range(ATTEMPTS)]  # one attempt per start
+    assert [(o["event"], o["attempts"]) for o in outcomes] == [("failed", 1), ("failed", 2), ("quarantined", 3)]
+    lines = run_once(policy)  # quarantined: not tried again, so this start has nothing that fails
+    assert next(line for line in lines if line["event"] == "started")["retrying_failed"] == 0
+    assert not any(line["event"] == "folding" for line in lines)
+    seen = status(policy)["streams"]["s"]
+    assert (seen["quarantined"], seen["failed"], seen["folded"]) == (1, 0, 0)
+    [quarantined] = rejections(policy)
+    assert (quarantined["kind"], quarantined["checkpoint"], quarantined["attempts"]) == ("quarantined", str(ready), 3)
+    assert "base folder" in quarantined["reason"]
+    (tmp_path / "base-away").rename(tmp_path / "base")  # the cause fixed; then the operator retries it
+    assert "fold of " + str(ready) in retry(policy, str(ready))
+    run_once(policy)
+    assert folded_sources(policy) == ["ck0"] and rejections(policy) == []
+
+
+@pytest.mark.timeout(400)
+def test_a_publication_target_that_is_a_file_fails_that_publication_until_quarantined_and_the_daemon_goes_on(
+        tmp_path):
+    """It crashed the daemon at every start, while it redid the queued publication."""
+    policy = setup(tmp_path)
+    target = tmp_path / "published"
+    target.write_text("a file where the policy says a folder\n")
+    with open(policy, "a") as f:
+        f.write(f'[streams.s.publish]\nto = "{target}"\n')
+    drop(tmp_path, "ck0", seed=1)
+    outcomes = [next(line for line in run_once(policy) if line["event"] in ("publish_failed", "quarantined"))
+                for _ in range(ATTEMPTS)]  # folded and published at the first start; the publication redone at each
+    assert [(o["event"], o["attempts"]) for o in outcomes] == [
+        ("publish_failed", 1), ("publish_failed", 2), ("quarantined", 3)]
+    assert outcomes[-1]["error"].startswith("publishing version 1: FileExistsError: ")
+    assert folded_sources(policy) == ["ck0"]  # the version stays committed
+    assert status(policy)["streams"]["s"]["quarantined"] == 1
+    [quarantined] = rejections(policy)
+    assert quarantined["kind"] == "quarantined" and quarantined["checkpoint"].endswith("ck0")
+    drop(tmp_path, "ck1", seed=2)
+    lines = run_once(policy)
+    assert next(line for line in lines if line["event"] == "started")["resuming_publications"] == 0
+    assert folded_sources(policy) == ["ck0", "ck1"]  # the next checkpoint is folded (its publication fails once)
+    assert [f["kind"] for f in rejections(policy)] == ["quarantined", "failed"]
+    target.unlink()
+    assert "publication of" in retry(policy)
+    run_once(policy)
+    assert [v for v, _, _ in published_versions(policy)] == [1, 2] and rejections(policy) == []
+
+
+def _deep_tree(root: Path) -> None:
+    folder = root / "registry" / "a-deep"
+    for _ in range(1200):  # deeper than Python's recursion limit: the old scan, and the registry's watch, crashed
+        folder = folder / "d"
+        folder.mkdir(parents=True)
+
+
+def remove_deep_tree(top: Path) -> None:
+    """What shutil.rmtree cannot remove (it recurses): pytest's clean-up of old temporary folders would crash."""
+    bottom = top
+    while (bottom / "d").is_dir():
+        bottom = bottom / "d"
+    while bottom != top.parent:
+        bottom.rmdir()
+        bottom = bottom.parent
+
+
+def _symlink_loop(root: Path) -> None:
+    os.symlink("self", drop(root, "a-loop", seed=2) / "self")  # the old scan crashed on it
+
+
+def _name_not_utf8(root: Path) -> None:
+    ready = drop(root, "a-name", seed=2)
+    os.rename(os.fsencode(ready), os.fsencode(ready) + b"-\xff")  # the old daemon could not record it, and crashed
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("hostile", "listed"), [(_deep_tree, None), (_symlink_loop, "a-loop"),
+                                                 (_name_not_utf8, "a-name-\\xff")])
+def test_a_hostile_registry_folder_is_recorded_once_and_the_good_checkpoint_behind_it_is_folded(tmp_path, hostile,
+                                                                                                 listed):
+    policy = setup(tmp_path)
+    hostile(tmp_path)
+    drop(tmp_path, "z-good", seed=3)
+    try:
+        for _ in range(2):  # and again at the next start
+            result = subprocess.run([sys.executable, "-m", "mergeops", "daemon", "--policy", str(policy), "--once"],
+                                    capture_output=True, text=True, timeout=120)
+            assert result.returncode in (0, 1) and "Traceback" not in result.stderr, result.stderr  # 1: a fold failed
+    finally:
+        if (tmp_path / "registry" / "a-deep").is_dir():
+            remove_deep_tree(tmp_path / "registry" / "a-deep")
+    assert folded_sources(policy) == ["z-good"]
+    found = rejections(policy)
+    if listed is not None:  # recorded, with its reason: once, however often the registry is scanned
+        [record] = found
+        assert record["checkpoint"].endswith(listed) and record["reason"]
+    else:  # no weights at its top: a checkpoint not yet written
+        assert found == []
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_in_the_middle_of_a_long_registry_scan_stops_the_daemon_within_seconds(tmp_path):
+    from tests.registry.test_local import write_header_bomb
+
+    policy = setup(tmp_path)
+    write_header_bomb(tmp_path / "registry" / "bomb", 500_000)  # some 20 s to read: within the scan's budget
+    time.sleep(0.5)  # settled
+    process = daemon(policy)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if json.loads(line)["event"] == "started":
+                break
+        time.sleep(2)  # reading the bomb's header
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert status(policy)["daemon"]["status"] == "stopped"
