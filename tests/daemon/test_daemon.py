@@ -453,7 +453,7 @@ def test_a_publication_target_that_is_a_file_fails_that_publication_until_quaran
                 for _ in range(ATTEMPTS)]  # folded and published at the first start; the publication redone at each
     assert [(o["event"], o["attempts"]) for o in outcomes] == [
         ("publish_failed", 1), ("publish_failed", 2), ("quarantined", 3)]
-    assert outcomes[-1]["error"].startswith("publishing version 1: FileExistsError: ")
+    assert outcomes[-1]["error"].startswith(f"publishing version 1: NotOurFolder: {target} is not a folder")
     assert folded_sources(policy) == ["ck0"]  # the version stays committed
     assert status(policy)["streams"]["s"]["quarantined"] == 1
     [quarantined] = rejections(policy)
