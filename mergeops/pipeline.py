@@ -20,7 +20,17 @@ from typing import Any, Literal
 
 from mergeops import __version__, gate
 from mergeops.commit.commit import Committed, NextVersion, commit, next_version
-from mergeops.errors import ModelFolderError, PolicyError, RejectedError, UsageError, disk_full, no_space
+from mergeops.commit.folders import StreamFolders
+from mergeops.errors import (
+    DiskFullError,
+    ModelFolderError,
+    PolicyError,
+    RejectedError,
+    UsageError,
+    disk_full,
+    full_disk_path,
+    no_space,
+)
 from mergeops.fold.engine import Folded, FoldJob, fold, output_dtype, read_scalars
 from mergeops.fold.methods import method_class
 from mergeops.fold.methods.base import Arrival, MergeMethod, PastCheckpoint
@@ -71,17 +81,42 @@ def fold_checkpoint(policy: Policy, stream_name: str | None, checkpoint: str | o
     facts = CheckpointFacts(source or str(Path(checkpoint).resolve()), utc_now())
     try:
         with writing(policy, ledger, role="fold") as writer:
+            head = writer.head(stream.name)
             try:
-                arrived = receive(Path(checkpoint), facts)
-            except RejectedError as rejection:
-                return _rejected(writer, stream, facts, rejection)
-            with arrived, quick_gil_handoff():
-                return _Pipeline(policy, stream, writer, arrived, progress).run(metrics_file)
-    except Exception as exc:  # a full disk anywhere: the version folders are gone, the ledger unchanged
+                try:
+                    arrived = receive(Path(checkpoint), facts)
+                except RejectedError as rejection:
+                    return _rejected(writer, stream, facts, rejection)
+                with arrived, quick_gil_handoff():
+                    return _Pipeline(policy, stream, writer, arrived, progress).run(metrics_file)
+            except Exception as exc:
+                if disk_full(exc):  # the disk may have filled before the version was recorded or after
+                    raise _no_space(policy, stream, writer, head.version if head else 0, exc) from exc
+                raise
+    except Exception as exc:  # a full disk before the ledger was open: nothing was recorded
         if disk_full(exc):
-            where = getattr(exc, "filename", None) or policy.home
-            raise no_space(Path(where).parent if Path(where).suffix else where, _space_needed(stream)) from exc
+            raise no_space(full_disk_path(exc, policy.home), _space_needed(stream)) from exc
         raise
+
+
+def _no_space(policy: Policy, stream: StreamConfig, ledger: Ledger, head_before: int,
+              exc: BaseException) -> DiskFullError:
+    """The full-disk error, saying what the ledger shows: nothing committed (the version's folders are gone), or the
+    version committed and which step after its record did not finish."""
+    where = full_disk_path(exc, policy.home)
+    try:
+        head = ledger.head(stream.name)
+    except Exception:  # the ledger cannot say: say so rather than guess
+        return no_space(where, committed=f"whether stream {stream.name!r} committed a version could not be read "
+                                         "from the ledger (`mergeops status` shows it)")
+    if head is None or head.version <= head_before:
+        return no_space(where, _space_needed(stream))
+    folders = StreamFolders.of(policy.home, stream.name, stream.output)
+    committed = f"version {head.version} of stream {stream.name!r} was committed"
+    latest, name = folders.latest(), Path(head.output).name
+    if latest != name:
+        committed += f", but `latest` still points at {latest or 'nothing'} (the next fold points it at {name})"
+    return no_space(where, committed=committed)
 
 
 class _AlreadyFolded(Exception):
