@@ -167,13 +167,13 @@ class _Pipeline:
         passed += gate.run(gates, subject, "inputs")
         started = self.ledger.started(self.stream.name)
         base_digest = started.base_digest if started else folder_digest(base.path)
+        subject.accepted_norms = self.ledger.update_norms(self.stream.name)
         try:
-            # fold
-            folded = self._fold(view, base_digest, method, plan, stack)
+            # fold (measuring ‖θ0‖ too while the stream has no update history to compare ‖τ‖ with)
+            folded = self._fold(view, base_digest, method, plan, stack, measure_base=not subject.accepted_norms)
             # gates on the candidate
             subject.candidate, subject.update_norm = plan.output_dir, folded.update_norm
-            if folded.update_norm is not None:
-                subject.accepted_norms = self.ledger.update_norms(self.stream.name)
+            subject.base_norm = folded.base_norm
             passed += gate.run(gates, subject, "candidate")
         except BaseException:  # a rejection, a duplicate or a crash: no version folder it wrote may stay
             plan.discard()
@@ -202,7 +202,7 @@ class _Pipeline:
         return method
 
     def _fold(self, checkpoint: FineTune, base_digest: str, method: MergeMethod, plan: NextVersion,
-              stack: ExitStack) -> Folded:
+              stack: ExitStack, *, measure_base: bool) -> Folded:
         history = tuple(PastCheckpoint(v.checkpoint, Path(v.source), v.metrics)
                         for v in self.ledger.versions(self.stream.name))
         method.begin(Arrival(checkpoint, self.digest, t=plan.number, metrics=self.checkpoint.metrics, history=history,
@@ -213,7 +213,7 @@ class _Pipeline:
             output_dir=plan.output_dir, state_dir=plan.state_dir, dtype=self.stream.dtype,
             metadata=lambda digest: self._metadata(plan, base_digest, digest), digest=self.digest,
             digest_known=lambda: self.checkpoint.digest_known, spare_state=plan.folders.spare_state,
-            measure_update=self.stream.gate.max_update_ratio is not None,
+            measure_base=measure_base,
             progress=self.progress))
 
     def _metadata(self, plan: NextVersion, base_digest: str, checkpoint_digest: str) -> dict[str, str]:
