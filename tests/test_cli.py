@@ -305,3 +305,22 @@ def test_a_disk_that_fills_after_the_version_is_recorded_says_the_version_was_co
     again = mergeops("fold", str(second), "--policy", str(policy), "--json")  # already folded, and latest catches up
     assert again.returncode == 0 and json.loads(again.stdout)["status"] == "duplicate", again.stderr
     assert (few_inodes_disk / "out" / "latest").readlink().name == "v0002"
+
+
+@pytest.mark.timeout(180)
+def test_publishing_to_a_full_disk_says_nothing_was_committed_and_records_nothing(tmp_path, small_disk):
+    from mergeops.synthetic import LlamaShape, write_base, write_finetune
+    from tests.fold.streams import write_policy
+
+    base = write_base(tmp_path / "base", LlamaShape(hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1,
+                                                    vocab=64), seed=0)
+    policy = write_policy(tmp_path, base, "average")
+    policy.write_text(policy.read_text() + f'[streams.s.publish]\nto = "{small_disk}/published"\nsign = false\n')
+    assert mergeops("fold", str(write_finetune(base, tmp_path / "ck", seed=1)), "--policy", str(policy)).returncode == 0
+    (small_disk / "published").mkdir()
+    fill(small_disk)
+    refused = mergeops("publish", "--policy", str(policy))
+    assert refused.returncode == 1 and "no space left on" in refused.stderr, refused.stderr
+    assert "nothing was committed" in refused.stderr and "Traceback" not in refused.stderr
+    assert list((small_disk / "published").iterdir()) == []
+    assert json.loads(mergeops("audit", "--policy", str(policy), "--json").stdout)["events"] == 2  # no publication

@@ -307,7 +307,7 @@ class _Fold:
 
 def _sum_sq(values: torch.Tensor) -> float:
     """Σ x² of a float32 piece: one BLAS dot (relative error ~2e-7 on a 1 MiB piece; pieces are summed in float64),
-    five to twenty-five times cheaper than squaring into a float64 sum, so measuring every fold costs next to nothing."""
+    5-25 times cheaper than squaring into a float64 sum, so measuring every fold costs next to nothing."""
     flat = values.reshape(-1)
     return float(torch.dot(flat, flat))
 
