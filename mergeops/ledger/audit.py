@@ -132,8 +132,9 @@ def _settle(ledger: Ledger, report: AuditReport, settle_seconds: float) -> None:
     deadline = time.monotonic() + settle_seconds
     doubts = report.doubts
     while True:
+        writing = is_held(ledger.home)  # before the check: a writer that lets go after it has committed what it wrote
         doubts = [d for d in doubts if not _explained_now(ledger, d)]
-        if not doubts or time.monotonic() >= deadline or not is_held(ledger.home):
+        if not doubts or not writing or time.monotonic() >= deadline:
             break
         time.sleep(0.2)
     for d in doubts:
