@@ -52,7 +52,8 @@ class RejectedError(MergeopsError):
 
 
 class DiskFullError(MergeopsError):
-    """The disk holding the home or an output folder is full; nothing was committed. Exit code 1."""
+    """The disk holding the home or an output folder is full; the message says what the ledger shows was committed.
+    Exit code 1."""
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -66,8 +67,12 @@ def disk_full(exc: BaseException) -> bool:
         phrase in str(exc) for phrase in ("database or disk is full", "disk I/O error"))
 
 
-def no_space(path: object, needed_bytes: int | None = None) -> DiskFullError:
-    """The one-sentence message for a full disk: where, how much is free, how much to free."""
+def no_space(path: object, needed_bytes: int | None = None, *, committed: str | None = None) -> DiskFullError:
+    """The one-sentence message for a full disk: where, how much is free, how much to free, and what was committed.
+
+    ``committed``: what the ledger shows was recorded before the disk filled and what did not finish after it
+    (e.g. "version 3 of stream 's' was committed, but `latest` still points at v0002"); None only when the ledger
+    shows that nothing was."""
     import shutil
 
     try:
@@ -75,5 +80,20 @@ def no_space(path: object, needed_bytes: int | None = None) -> DiskFullError:
     except OSError:
         free = 0
     need = f"free about {max(1, -(-(needed_bytes - free) // 2**20))} MB" if needed_bytes else "free some space"
-    return DiskFullError(f"no space left on {path} ({free / 2**20:.1f} MB free): {need} and run again; nothing was "
-                         "committed.")
+    where = f"no space left on {path} ({free / 2**20:.1f} MB free)"
+    if committed is None:
+        return DiskFullError(f"{where}: {need} and run again; nothing was committed.")
+    return DiskFullError(f"{where}: {committed}; {need}.")
+
+
+def full_disk_path(exc: BaseException, fallback: object) -> object:
+    """The folder on the full disk: the one holding the file the failing call named, else ``fallback``."""
+    import os
+
+    for name in (getattr(exc, "filename2", None), getattr(exc, "filename", None)):
+        if isinstance(name, str) and os.path.isabs(name):
+            folder = os.path.dirname(name)
+            while folder and not os.path.isdir(folder):
+                folder = os.path.dirname(folder)
+            return folder or fallback
+    return fallback

@@ -20,7 +20,17 @@ from typing import Any, Literal
 
 from mergeops import __version__, gate
 from mergeops.commit.commit import Committed, NextVersion, commit, next_version
-from mergeops.errors import ModelFolderError, PolicyError, RejectedError, UsageError, disk_full, no_space
+from mergeops.commit.folders import StreamFolders
+from mergeops.errors import (
+    DiskFullError,
+    ModelFolderError,
+    PolicyError,
+    RejectedError,
+    UsageError,
+    disk_full,
+    full_disk_path,
+    no_space,
+)
 from mergeops.fold.engine import Folded, FoldJob, fold, output_dtype, read_scalars
 from mergeops.fold.methods import method_class
 from mergeops.fold.methods.base import Arrival, MergeMethod, PastCheckpoint
@@ -71,17 +81,42 @@ def fold_checkpoint(policy: Policy, stream_name: str | None, checkpoint: str | o
     facts = CheckpointFacts(source or str(Path(checkpoint).resolve()), utc_now())
     try:
         with writing(policy, ledger, role="fold") as writer:
+            head = writer.head(stream.name)
             try:
-                arrived = receive(Path(checkpoint), facts)
-            except RejectedError as rejection:
-                return _rejected(writer, stream, facts, rejection)
-            with arrived, quick_gil_handoff():
-                return _Pipeline(policy, stream, writer, arrived, progress).run(metrics_file)
-    except Exception as exc:  # a full disk anywhere: the version folders are gone, the ledger unchanged
+                try:
+                    arrived = receive(Path(checkpoint), facts)
+                except RejectedError as rejection:
+                    return _rejected(writer, stream, facts, rejection)
+                with arrived, quick_gil_handoff():
+                    return _Pipeline(policy, stream, writer, arrived, progress).run(metrics_file)
+            except Exception as exc:
+                if disk_full(exc):  # the disk may have filled before the version was recorded or after
+                    raise _no_space(policy, stream, writer, head.version if head else 0, exc) from exc
+                raise
+    except Exception as exc:  # a full disk before the ledger was open: nothing was recorded
         if disk_full(exc):
-            where = getattr(exc, "filename", None) or policy.home
-            raise no_space(Path(where).parent if Path(where).suffix else where, _space_needed(stream)) from exc
+            raise no_space(full_disk_path(exc, policy.home), _space_needed(stream)) from exc
         raise
+
+
+def _no_space(policy: Policy, stream: StreamConfig, ledger: Ledger, head_before: int,
+              exc: BaseException) -> DiskFullError:
+    """The full-disk error, saying what the ledger shows: nothing committed (the version's folders are gone), or the
+    version committed and which step after its record did not finish."""
+    where = full_disk_path(exc, policy.home)
+    try:
+        head = ledger.head(stream.name)
+    except Exception:  # the ledger cannot say: say so rather than guess
+        return no_space(where, committed=f"whether stream {stream.name!r} committed a version could not be read "
+                                         "from the ledger (`mergeops status` shows it)")
+    if head is None or head.version <= head_before:
+        return no_space(where, _space_needed(stream))
+    folders = StreamFolders.of(policy.home, stream.name, stream.output)
+    committed = f"version {head.version} of stream {stream.name!r} was committed"
+    latest, name = folders.latest(), Path(head.output).name
+    if latest != name:
+        committed += f", but `latest` still points at {latest or 'nothing'} (the next fold points it at {name})"
+    return no_space(where, committed=committed)
 
 
 class _AlreadyFolded(Exception):
@@ -132,13 +167,13 @@ class _Pipeline:
         passed += gate.run(gates, subject, "inputs")
         started = self.ledger.started(self.stream.name)
         base_digest = started.base_digest if started else folder_digest(base.path)
+        subject.accepted_norms = self.ledger.update_norms(self.stream.name)
         try:
-            # fold
-            folded = self._fold(view, base_digest, method, plan, stack)
+            # fold (measuring ‖θ0‖ too while the stream has no update history to compare ‖τ‖ with)
+            folded = self._fold(view, base_digest, method, plan, stack, measure_base=not subject.accepted_norms)
             # gates on the candidate
             subject.candidate, subject.update_norm = plan.output_dir, folded.update_norm
-            if folded.update_norm is not None:
-                subject.accepted_norms = self.ledger.update_norms(self.stream.name)
+            subject.base_norm = folded.base_norm
             passed += gate.run(gates, subject, "candidate")
         except BaseException:  # a rejection, a duplicate or a crash: no version folder it wrote may stay
             plan.discard()
@@ -167,7 +202,7 @@ class _Pipeline:
         return method
 
     def _fold(self, checkpoint: FineTune, base_digest: str, method: MergeMethod, plan: NextVersion,
-              stack: ExitStack) -> Folded:
+              stack: ExitStack, *, measure_base: bool) -> Folded:
         history = tuple(PastCheckpoint(v.checkpoint, Path(v.source), v.metrics)
                         for v in self.ledger.versions(self.stream.name))
         method.begin(Arrival(checkpoint, self.digest, t=plan.number, metrics=self.checkpoint.metrics, history=history,
@@ -178,7 +213,7 @@ class _Pipeline:
             output_dir=plan.output_dir, state_dir=plan.state_dir, dtype=self.stream.dtype,
             metadata=lambda digest: self._metadata(plan, base_digest, digest), digest=self.digest,
             digest_known=lambda: self.checkpoint.digest_known, spare_state=plan.folders.spare_state,
-            measure_update=self.stream.gate.max_update_ratio is not None,
+            measure_base=measure_base,
             progress=self.progress))
 
     def _metadata(self, plan: NextVersion, base_digest: str, checkpoint_digest: str) -> dict[str, str]:

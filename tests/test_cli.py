@@ -222,17 +222,27 @@ def test_fold_rejects_a_protected_checkpoint_unless_explicitly_allowed(tmp_path)
     assert audit["events"] >= 3  # the rejection and the allowed fold are both on the record
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 3 MB tmpfs, to fill up for real (the tests run as root, as CI does)."""
-    mount = tmp_path / "disk"
+def mounted_tmpfs(mount, options: str):
+    """A tmpfs at ``mount`` to fill up for real (the tests run as root, as CI does); unmounted after the test."""
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs", str(mount)], capture_output=True,
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True,
                           text=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}); this test needs root")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs."""
+    yield from mounted_tmpfs(tmp_path / "disk", "size=3M")
+
+
+@pytest.fixture
+def few_inodes_disk(tmp_path):
+    """A tmpfs with room for data but few files: it fills at an exact count of files, folders and links."""
+    yield from mounted_tmpfs(tmp_path / "inodes", "size=64M,nr_inodes=400")
 
 
 def fill(disk) -> None:
@@ -297,3 +307,65 @@ def test_an_odd_policy_is_one_line_on_stderr_and_exit_2(tmp_path, case):
         assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
         assert done.stderr.startswith(f"mergeops: error: {tmp_path / 'policy.toml'}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.toml"]  # nothing was created
+
+
+def entries(folder) -> int:
+    return 1 + sum(1 for _ in folder.rglob("*"))
+
+
+@pytest.mark.timeout(180)
+def test_a_disk_that_fills_after_the_version_is_recorded_says_the_version_was_committed(tmp_path, few_inodes_disk):
+    """The output disk is left room for exactly the files of one more version: the fold writes it and the ledger
+    (on another disk) records it, then pointing `latest` at it needs one more file and the disk is full. The
+    message says what the ledger shows: the version was committed, `latest` is behind."""
+    from mergeops.keys import generate_keys
+    from mergeops.synthetic import LlamaShape, write_base, write_finetune
+
+    shape = LlamaShape(hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1, vocab=64)
+    write_base(tmp_path / "base", shape, seed=0)
+    generate_keys(tmp_path / "keys")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'home = "state"\n[keys]\nsigning = "keys/signing.pem"\n[streams.s]\nbase = "base"\n'
+                      f'method = "average"\noutput = "{few_inodes_disk}/out"\n')
+    first, second = (write_finetune(tmp_path / "base", tmp_path / f"ck{i}", seed=i + 1) for i in range(2))
+    assert mergeops("fold", str(first), "--policy", str(policy)).returncode == 0
+    fillers = []
+    try:  # use every free inode, then free as many as one version folder holds
+        while True:
+            fillers.append(few_inodes_disk / f"f{len(fillers)}")
+            fillers[-1].touch()
+    except OSError:
+        fillers.pop()
+    for path in fillers[-entries(few_inodes_disk / "out" / "v0001"):]:
+        path.unlink()
+    full = mergeops("fold", str(second), "--policy", str(policy))
+    assert full.returncode == 1 and "no space left on" in full.stderr, full.stderr
+    assert "version 2 of stream 's' was committed" in full.stderr and "nothing was committed" not in full.stderr
+    assert "`latest` still points at v0001" in full.stderr and "Traceback" not in full.stderr
+    assert (few_inodes_disk / "out" / "v0002").is_dir()
+    status = json.loads(mergeops("status", "--policy", str(policy), "--json").stdout)
+    assert status["streams"]["s"]["latest_version"] == 2
+    for path in fillers:
+        path.unlink(missing_ok=True)
+    again = mergeops("fold", str(second), "--policy", str(policy), "--json")  # already folded, and latest catches up
+    assert again.returncode == 0 and json.loads(again.stdout)["status"] == "duplicate", again.stderr
+    assert (few_inodes_disk / "out" / "latest").readlink().name == "v0002"
+
+
+@pytest.mark.timeout(180)
+def test_publishing_to_a_full_disk_says_nothing_was_committed_and_records_nothing(tmp_path, small_disk):
+    from mergeops.synthetic import LlamaShape, write_base, write_finetune
+    from tests.fold.streams import write_policy
+
+    base = write_base(tmp_path / "base", LlamaShape(hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1,
+                                                    vocab=64), seed=0)
+    policy = write_policy(tmp_path, base, "average")
+    policy.write_text(policy.read_text() + f'[streams.s.publish]\nto = "{small_disk}/published"\nsign = false\n')
+    assert mergeops("fold", str(write_finetune(base, tmp_path / "ck", seed=1)), "--policy", str(policy)).returncode == 0
+    (small_disk / "published").mkdir()
+    fill(small_disk)
+    refused = mergeops("publish", "--policy", str(policy))
+    assert refused.returncode == 1 and "no space left on" in refused.stderr, refused.stderr
+    assert "nothing was committed" in refused.stderr and "Traceback" not in refused.stderr
+    assert list((small_disk / "published").iterdir()) == []
+    assert json.loads(mergeops("audit", "--policy", str(policy), "--json").stdout)["events"] == 2  # no publication

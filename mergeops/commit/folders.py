@@ -56,6 +56,13 @@ class StreamFolders:
         tmp.symlink_to(target.name)
         os.replace(tmp, link)
 
+    def latest(self) -> str | None:
+        """The name of the version folder ``output/latest`` points at (None: no link)."""
+        try:
+            return os.readlink(self.output / "latest")
+        except OSError:
+            return None
+
     def prune(self, head: int, keep: int) -> None:
         """Keep the newest ``keep`` versions on disk, and only the head's state; the state before it becomes the
         spare. Outputs are removed, never recycled: a server may still have a pruned version's weights mapped."""

@@ -69,17 +69,19 @@ class FoldJob:
     digest: Callable[[], str]  # the checkpoint's digest, waiting for it (a duplicate raises, ending the fold)
     digest_known: Callable[[], bool]
     spare_state: Path | None = None  # an old state folder whose files the new state may overwrite
-    measure_update: bool = False  # sum ‖τ‖² (for the max_update_ratio gate)
+    measure_base: bool = False  # also sum ‖θ0‖² over the same tensors (a stream with no update history yet)
     progress: Callable[[int], None] | None = None  # bytes folded; 0 between tensors (the daemon's stop check)
 
 
 @dataclass(frozen=True)
 class Folded:
-    """What a fold wrote: the files of the merged model and of the new state (sha256 each), and ‖τ‖."""
+    """What a fold wrote: the files of the merged model and of the new state (sha256 each), ‖τ‖ over the floating
+    tensors, and ‖θ0‖ over the same tensors when it was asked for."""
 
     output_files: dict[str, str]
     state_files: dict[str, str]
-    update_norm: float | None
+    update_norm: float
+    base_norm: float | None = None
 
 
 def fold(job: FoldJob) -> Folded:
@@ -93,6 +95,7 @@ class _Fold:
     job: FoldJob
     zero_elements: dict[str, int] = field(default_factory=dict)  # per tensor, checkpoint elements in all-zero pieces
     update_sq: dict[str, float] = field(default_factory=dict)  # ‖τ‖² per tensor, summed exactly at the end
+    base_sq: dict[str, float] = field(default_factory=dict)  # ‖θ0‖² per tensor (measure_base)
 
     def __post_init__(self) -> None:
         job = self.job
@@ -112,8 +115,8 @@ class _Fold:
         output_files, state_files = self._fold_pass()
         if output_files is None:  # the merged tensors needed what only finishing told: a second pass
             output_files = self._merge_pass()
-        norm = math.sqrt(math.fsum(self.update_sq.values())) if job.measure_update else None
-        return Folded(output_files, state_files, norm)
+        base_norm = math.sqrt(math.fsum(self.base_sq.values())) if job.measure_base else None
+        return Folded(output_files, state_files, math.sqrt(math.fsum(self.update_sq.values())), base_norm)
 
     def _tick(self, nbytes: int) -> None:
         if self.job.progress:
@@ -216,9 +219,10 @@ class _Fold:
                 piece = Piece(name, start, stop)
                 new = self._checked_float(name, job.checkpoint.read(name, start, stop))
                 base = job.base.read(name, start, stop).float()
-                if job.measure_update:  # a tensor's pieces come in order on one thread
-                    self.update_sq[name] = self.update_sq.get(name, 0.0) + float(
-                        (new - base).square().sum(dtype=torch.float64))
+                # sums of squares of pieces already in memory (a tensor's pieces come in order on one thread)
+                self.update_sq[name] = self.update_sq.get(name, 0.0) + _sum_sq(new - base)
+                if job.measure_base:
+                    self.base_sq[name] = self.base_sq.get(name, 0.0) + _sum_sq(base)
                 new_state = job.method.fold(piece, base, new, self._state(name, start=start, stop=stop),
                                             prepared.piece(start, stop) if prepared is not None else None)
                 for kind, value in new_state.items():
@@ -238,8 +242,10 @@ class _Fold:
         numel = math.prod(shape)
         empty = torch.empty(0)
         new_state = self.job.method.fold(Piece(name, 0, numel), empty, empty, {}, prepared.piece(0, numel))
-        if self.job.measure_update:
-            self.update_sq[name] = prepared.update_sq  # type: ignore[attr-defined]
+        self.update_sq[name] = prepared.update_sq  # type: ignore[attr-defined]
+        if self.job.measure_base:  # the one case a fold does not read the base's values: read them for the norm
+            self.base_sq[name] = math.fsum(_sum_sq(self.job.base.read(name, start, stop).float())
+                                           for start, stop in piece_bounds(shape))
         for kind, value in new_state.items():
             state.write_piece(state_name(kind, name), 0, value)
 
@@ -298,6 +304,13 @@ class _Fold:
         if not torch.equal(new, base):
             raise RejectedError(f"integer tensor {name!r} differs from the base's; integer tensors (buffers, ids) "
                                 "must be identical in every checkpoint.")
+
+
+def _sum_sq(values: torch.Tensor) -> float:
+    """Σ x² of a float32 piece: one BLAS dot (relative error ~2e-7 on a 1 MiB piece; pieces are summed in float64),
+    5-25 times cheaper than squaring into a float64 sum, so measuring every fold costs next to nothing."""
+    flat = values.reshape(-1)
+    return float(torch.dot(flat, flat))
 
 
 def _finite_merged(name: str, merged: torch.Tensor) -> torch.Tensor:

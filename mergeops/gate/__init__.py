@@ -13,7 +13,7 @@ from mergeops.fold.methods.base import MergeMethod
 from mergeops.gate.base import PHASES, Gate, Phase, Subject
 from mergeops.gate.checkpoint import CurvatureGate, LicenseGate, MergeLockGate, MetricsGate, SignatureGate
 from mergeops.gate.eval import EvalGate, evaluate
-from mergeops.gate.update_ratio import UpdateRatioGate
+from mergeops.gate.update_ratio import BaseRelativeUpdateGate, UpdateRatioGate
 from mergeops.policy import GateConfig
 
 __all__ = ["PHASES", "Gate", "Phase", "Subject", "evaluate", "gates_for", "run"]
@@ -32,6 +32,7 @@ def gates_for(config: GateConfig, method: MergeMethod) -> list[Gate]:
         gates.append(CurvatureGate())
     if method.metrics_needed():
         gates.append(MetricsGate(method.metrics_needed(), config))
+    gates.append(BaseRelativeUpdateGate(config.max_base_relative_update))
     if config.max_update_ratio is not None:
         gates.append(UpdateRatioGate(config.max_update_ratio))
     if config.eval is not None:

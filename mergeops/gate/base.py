@@ -22,7 +22,8 @@ class Subject:
     metrics: dict[str, float]
     tick: Callable[[], None] | None = None  # call about once a second during long checks (the daemon's watchdog)
     candidate: Path | None = None
-    update_norm: float | None = None
+    update_norm: float | None = None  # ‖τ‖ over the floating tensors
+    base_norm: float | None = None  # ‖θ0‖ over the same tensors (measured while the stream has no update history)
     accepted_norms: list[float] = field(default_factory=list)  # update norms of the stream's accepted checkpoints
     mergelock: dict[str, Any] | None = None  # the marks of a protected checkpoint the policy allows, recorded with it
     eval_metrics: dict[str, float] = field(default_factory=dict)  # what the eval gate measured on the candidate

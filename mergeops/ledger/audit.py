@@ -6,6 +6,11 @@ off the end); the history tables against a replay of the events (an edited value
 every retained version's files, card and provenance against the sha256 recorded when they were written, and its
 ``latest`` link; every local published copy, file by file; and rollback: a version or published copy on disk
 beyond the last one the ledger records (the ledger was cut back, or a fold crashed before recording).
+
+It reads one snapshot of the ledger while the daemon may be folding. What a write committed after the snapshot can
+explain (a version folder beyond the snapshot's head, a pruned version's folder gone, the head's state recycled,
+``latest`` moved) is a doubt, not yet a problem: it is re-checked against the ledger as it is once the files are
+checked, waiting a bounded time while a writer holds the home's lock, and reported only if it still holds.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +31,24 @@ from mergeops import keys, untrusted
 from mergeops.errors import MergeopsError, ModelFolderError, UntrustedFileError
 from mergeops.hub_uri import SCHEME, is_hub
 from mergeops.ledger.events import Event, canonical, chain_problems
+from mergeops.ledger.lock import is_held
 from mergeops.ledger.store import HEAD_FILE, Ledger
 from mergeops.ledger.tables import HISTORY_TABLES, apply, migrations
 from mergeops.model import folder_digest
 from mergeops.model.digest import digest_files, file_sha256
+
+# How long a doubt may wait for the writer that holds the lock to commit what explains it: longer than the steps of a
+# fold between its version folder appearing and its record (candidate gates, cards), short enough for a prompt audit.
+SETTLE_SECONDS = 30.0
+Explained = Callable[[Ledger], bool]  # given the ledger as it is now: whether a later write explains a doubt
+
+
+@dataclass(frozen=True)
+class _Doubt:
+    kind: str
+    where: str
+    message: str
+    explained: Explained
 
 
 @dataclass
@@ -37,9 +57,14 @@ class AuditReport:
     versions_checked: int = 0
     files_checked: int = 0
     problems: list[dict[str, str]] = field(default_factory=list)
+    doubts: list[_Doubt] = field(default_factory=list, repr=False)
 
     def add(self, kind: str, where: str, message: str) -> None:
         self.problems.append({"kind": kind, "where": where, "message": message})
+
+    def doubt(self, kind: str, where: str, message: str, explained: Explained) -> None:
+        """A problem unless a write committed after the audit's snapshot explains it (see :func:`_settle`)."""
+        self.doubts.append(_Doubt(kind, where, message, explained))
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": not self.problems, "events": self.events, "versions_checked": self.versions_checked,
@@ -73,9 +98,11 @@ def trusted_key(policy_keys: keys.SigningKeyConfig, report: AuditReport) -> ec.E
 
 
 def audit(ledger: Ledger, public_key: ec.EllipticCurvePublicKey, report: AuditReport | None = None,
-          folders: Mapping[str, Iterable[Path]] | None = None) -> AuditReport:
+          folders: Mapping[str, Iterable[Path]] | None = None, *, settle_seconds: float = SETTLE_SECONDS
+          ) -> AuditReport:
     """Safe while a writer runs: the head file is read first (it only ever trails the database), and every
-    query runs in one read transaction, so the events and the tables are the same snapshot. ``folders``: per
+    query runs in one read transaction, so the events, the tables and the versions whose files are checked are the
+    same snapshot; doubts are settled after it (``settle_seconds``: the longest wait for a writer). ``folders``: per
     stream, the folders its versions and published copies go to (from the policy), searched for rollback
     evidence besides the ones the ledger names."""
     report = report or AuditReport()
@@ -94,6 +121,7 @@ def audit(ledger: Ledger, public_key: ec.EllipticCurvePublicKey, report: AuditRe
         _check_rollback(ledger, report, folders or {})
     finally:
         ledger.db.execute("ROLLBACK")
+    _settle(ledger, report, settle_seconds)
     return report
 
 
@@ -106,12 +134,61 @@ def _read_head(path: Path) -> str | None:
         return ""
 
 
-def _digest(folder: Path) -> str | None:
-    """The folder's digest, or None if it holds what no folder mergeops wrote holds (a FIFO, a link out of it)."""
+
+def _settle(ledger: Ledger, report: AuditReport, settle_seconds: float) -> None:
+    """Report each doubt that the ledger as it is now does not explain. While a writer holds the lock, a doubt may be
+    a fold between writing its folder and recording it (or between recording it and pointing ``latest``), so it
+    is re-checked until explained, the writer lets go, or ``settle_seconds`` pass."""
+    deadline = time.monotonic() + settle_seconds
+    doubts = report.doubts
+    while True:
+        writing = is_held(ledger.home)  # before the check: a writer that lets go after it has committed what it wrote
+        doubts = [d for d in doubts if not _explained_now(ledger, d)]
+        if not doubts or not writing or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    for d in doubts:
+        report.add(d.kind, d.where, d.message)
+    report.doubts = []
+
+
+def _explained_now(ledger: Ledger, doubt: _Doubt) -> bool:
+    ledger.db.execute("BEGIN")  # one snapshot for the doubt's queries
     try:
-        return folder_digest(folder)
-    except ModelFolderError:
-        return None
+        return doubt.explained(ledger)
+    except Exception:  # whatever cannot be read now does not explain anything
+        return False
+    finally:
+        ledger.db.execute("ROLLBACK")
+
+
+def _head_version(ledger: Ledger, stream: str) -> int:
+    rows = ledger._rows("SELECT max(version) AS version FROM versions WHERE stream = ?", (stream,))
+    return rows[0]["version"] or 0 if rows else 0
+
+
+def _moved_on(stream: str, version: int) -> Explained:
+    """Explained once the stream has a newer head (the fold that made it recycles this head's state)."""
+    return lambda now: _head_version(now, stream) > version
+
+
+def _pruned(stream: str, version: int) -> Explained:
+    """Explained once the ledger records the version pruned (its folder is removed after that record)."""
+    return lambda now: bool(now._rows("SELECT 1 FROM versions WHERE stream = ? AND version = ? AND pruned = 1",
+                                      (stream, version)))
+
+
+def _recorded_or_gone(stream: str, version: int, folder: Path) -> Explained:
+    """Explained once the ledger records the version (a fold committed it) or its folder is gone (a rejected fold's
+    candidate, removed)."""
+    return lambda now: _head_version(now, stream) >= version or not os.path.lexists(folder)
+
+
+def _latest_at_head(stream: str, link: Path) -> Explained:
+    def explained(now: Ledger) -> bool:
+        head = now._rows("SELECT path FROM versions WHERE stream = ? ORDER BY version DESC LIMIT 1", (stream,))
+        return bool(head) and link.is_symlink() and os.readlink(link) == now.located(head[0]["path"]).name
+    return explained
 
 
 def _check_head(path: Path, text: str | None, rows: list[dict[str, Any]], public_key: ec.EllipticCurvePublicKey,
@@ -173,48 +250,64 @@ def _check_outputs(ledger: Ledger, report: AuditReport) -> None:
                             "(SELECT max(version) FROM versions WHERE stream = v.stream)"):
         where = f"{head['stream']} v{head['version']:04d}"
         state = ledger.located(head["state_path"])
+        moved_on = _moved_on(head["stream"], head["version"])
         if not state.is_dir():
-            report.add("state", where, f"{where}: its method state {state} is missing; the next fold cannot run.")
-        elif _digest(state) != head["state_digest"]:
-            report.add("state", where, f"{where}: its method state in {state} was changed after it was written; "
-                       "every later version would build on it.")
+            report.doubt("state", where, f"{where}: its method state {state} is missing; the next fold cannot run.",
+                         moved_on)
+        elif _digest_or_none(state) != head["state_digest"]:
+            report.doubt("state", where, f"{where}: its method state in {state} was changed after it was written; "
+                         "every later version would build on it.", moved_on)
     for version in ledger._rows("SELECT stream, version, path, files, cards FROM versions WHERE pruned = 0"):
         where = f"{version['stream']} v{version['version']:04d}"
         folder = ledger.located(version["path"])
+        pruned = _pruned(version["stream"], version["version"])
         report.versions_checked += 1
-        if not folder.is_dir():
-            report.add("file", where, f"{where}: its folder {folder} is missing.")
-            continue
         recorded = json.loads(version["files"]) | json.loads(version["cards"] or "{}")
         try:
             listed = digest_files(folder)
         except ModelFolderError as exc:
-            report.add("file", where, f"{where}: {exc}")
+            if folder.is_dir():  # a FIFO or a link out of it: not what was written
+                report.add("file", where, f"{where}: {exc}")
+            else:
+                report.doubt("file", where, f"{where}: its folder {folder} is missing.", pruned)
             continue
         present = set(listed) | {n for n in json.loads(version["cards"] or "{}") if (folder / n).exists()}
-        _compare_files(folder, recorded, present, where, ("it was written", "the version was written"), report)
+        _compare_files(folder, recorded, present, where, ("it was written", "the version was written"), report,
+                       pruned)
     for head in ledger._rows("SELECT stream, version, path FROM versions v WHERE pruned = 0 AND version = "
                             "(SELECT max(version) FROM versions WHERE stream = v.stream)"):
         folder = ledger.located(head["path"])
         link = folder.parent / "latest"
         target = os.readlink(link) if link.is_symlink() else None
         if target != folder.name:
-            report.add("latest", str(link), f"{link} points at {target or 'nothing'}, not at the newest version "
-                       f"{folder.name} of stream {head['stream']}.")
+            report.doubt("latest", str(link), f"{link} points at {target or 'nothing'}, not at the newest version "
+                         f"{folder.name} of stream {head['stream']}.", _latest_at_head(head["stream"], link))
+
+
+def _digest_or_none(folder: Path) -> str | None:
+    """The folder's digest; None if it went away while it was read (a fold recycling it)."""
+    try:
+        return folder_digest(folder)
+    except (MergeopsError, OSError):
+        return None
 
 
 def _compare_files(folder: Path, recorded: dict[str, str], present: set[str], where: str, when: tuple[str, str],
-                   report: AuditReport) -> None:
-    """``when``: after what a file was changed, and after what one was added (for the messages)."""
+                   report: AuditReport, gone: Explained | None = None) -> None:
+    """``when``: after what a file was changed, and after what one was added (for the messages); ``gone``: what
+    explains a missing file (the version was pruned while it was checked), if anything does."""
     for name in sorted(recorded):
-        if name not in present:
-            report.add("file", where, f"{where}: file {name} is missing from {folder}.")
+        try:
+            found = file_sha256(folder / name) if name in present else None
+        except FileNotFoundError:
+            found = None
+        except UntrustedFileError:  # a FIFO or device in its place: not the file that was written
+            found = "not a regular file"
+        if found is None:
+            message = f"{where}: file {name} is missing from {folder}."
+            report.doubt("file", where, message, gone) if gone else report.add("file", where, message)
             continue
         report.files_checked += 1
-        try:
-            found = file_sha256(folder / name)
-        except UntrustedFileError:  # a FIFO or device in its place: not the file that was written
-            found = None
         if found != recorded[name]:
             report.add("file", where, f"{where}: file {name} in {folder} was changed after {when[0]}.")
     for name in sorted(present - recorded.keys()):
@@ -236,7 +329,7 @@ def _check_publications(ledger: Ledger, report: AuditReport) -> None:
         if recorded:
             present = {q.relative_to(folder).as_posix() for q in folder.rglob("*") if q.is_file()}
             _compare_files(folder, recorded, present, where, ("it was published", "it was published"), report)
-        elif _digest(folder) != p["output_digest"]:
+        elif _digest_or_none(folder) != p["output_digest"]:
             report.add("published", where, f"{where}: the published copy {folder} was changed after it was published.")
 
 
@@ -252,6 +345,7 @@ def _check_rollback(ledger: Ledger, report: AuditReport, folders: Mapping[str, I
             for child in sorted(root.iterdir()) if root.is_dir() else []:
                 match = re.fullmatch(r"v(\d{4,})(?:-.+)?", child.name)  # a version, or a copy of one (v0003-lora-r64)
                 if match and int(match.group(1)) > head["version"]:
-                    report.add("rollback", str(child), f"{child} is on disk, but the ledger's last version of stream "
-                               f"{head['stream']} is v{head['version']:04d}: events were removed from the ledger (or "
-                               "a fold crashed before recording it; the stream's next fold removes such a folder).")
+                    report.doubt("rollback", str(child), f"{child} is on disk, but the ledger's last version of stream "
+                                 f"{head['stream']} is v{head['version']:04d}: events were removed from the ledger (or "
+                                 "a fold crashed before recording it; the stream's next fold removes such a folder).",
+                                 _recorded_or_gone(head["stream"], int(match.group(1)), child))

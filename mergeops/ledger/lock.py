@@ -40,3 +40,20 @@ class WriterLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def is_held(home: Path) -> bool:
+    """Whether a writer holds ``home``'s lock now, read from the kernel's list of locks (/proc/locks) rather than by
+    trying the lock, which would make a writer starting at that moment fail. True where the list cannot be read:
+    callers use it to wait for a writer, and waiting costs only time."""
+    try:
+        info = os.stat(Path(home) / LOCK_FILE)
+    except FileNotFoundError:
+        return False  # no writer has ever run in this home
+    try:
+        listing = Path("/proc/locks").read_text()
+    except OSError:
+        return True
+    wanted = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    return any(fields[1] == "FLOCK" and wanted in fields for fields in map(str.split, listing.splitlines())
+               if len(fields) > 5)

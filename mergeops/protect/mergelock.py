@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import struct
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,16 @@ import torch
 
 from mergeops import __version__, untrusted
 from mergeops.attestation import IN_TOTO_STATEMENT
-from mergeops.errors import MergeopsError, ModelFolderError, UntrustedFileError, UsageError
+from mergeops.durable import fsync_dir
+from mergeops.errors import MergeopsError, UntrustedFileError, UsageError
 from mergeops.intake.validate import MERGELOCK_META, protection_marks
 from mergeops.keys import LOCK_KEY_BYTES, lock_key_fingerprint
 from mergeops.ledger.kinds import ProtectionRecorded
 from mergeops.ledger.store import Ledger, writing
 from mergeops.model import ModelFolder, ModelWriter, TensorSpec, folder_digest
-from mergeops.model.digest import digest_of_listing
+from mergeops.model.digest import digest_of_listing, folder_file_hashes
 from mergeops.model.readme import read_front_matter
-from mergeops.model.writer import WEIGHTS_SUFFIXES
+from mergeops.model.writer import TEMP_MARKER, WEIGHTS_SUFFIXES
 from mergeops.policy import Policy
 from mergeops.protect import checks
 from mergeops.protect.architectures import LayerUnit, Plan, resolve
@@ -83,7 +85,8 @@ def protect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
             raise UsageError(f"{source} is already MergeLock-protected ({metadata[f'{META}scheme']}); protect the "
                              "original model instead, or `mergeops unprotect` it first. Nothing was written.")
         plan = resolve(src)
-        source_digest = folder_digest(source)
+        source_hashes = folder_file_hashes(source)
+        source_digest = digest_of_listing(source_hashes)
         salt = os.urandom(SALT_BYTES) if random_salt else derived_salt(lock_key, source_digest)
         marks = {f"{META}scheme": SCHEME, f"{META}version": VERSION, f"{META}salt": salt.hex(),
                  f"{META}check": check_tag(lock_key, salt), f"{META}strength": str(strength),
@@ -99,6 +102,7 @@ def protect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
         headroom: dict[str, int] = {}
         changed: set[str] = set()
         left_out = _left_out(src)
+        not_carried = {name: source_hashes[name] for name in left_out if name in source_hashes}
         front = read_front_matter(source)
         kept = {name: _embed(source / name) for name in CARDS if (source / name).is_file()}
 
@@ -117,7 +121,7 @@ def protect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
 
         def cards(hashes: dict[str, str]) -> dict[str, bytes]:
             return _protected_cards(source_digest, digest_of_listing(hashes), plan, strength, front, kept,
-                                    attack.report(), parts=_parts(plan, strength))
+                                    attack.report(), parts=_parts(plan, strength), not_carried=not_carried)
 
         try:
             writer = ModelWriter(out, _specs(src), headers=headers, donor=source, carry=_carried, derived_files=cards)
@@ -168,8 +172,10 @@ def record_protection(policy: Policy, report: dict[str, Any], *, ledger: Ledger 
 def unprotect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], lock_key: bytes) -> dict[str, Any]:
     """Write the original files of the MergeLock-protected ``model_dir`` to ``out_dir``, byte for byte.
 
-    Raises UsageError (nothing written) when the model is not protected, was protected with another key or
-    another scheme, or its MergeLock metadata or config.json was changed.
+    The files are restored into a temporary folder beside ``out_dir`` and renamed into place only once they hash
+    to the source digest the protected copy records. Raises UsageError (nothing written) when the model is not
+    protected, was protected with another key or another scheme, or its MergeLock metadata or config.json was
+    changed; MergeopsError (nothing written) when the restored files are not the recorded source.
     """
     source, out = Path(model_dir), Path(out_dir)
     _check_key(lock_key)
@@ -202,17 +208,27 @@ def unprotect(model_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]
             raise UsageError(f"{source}'s MergeLock record (family {metadata.get(f'{META}family')}, "
                              f"q/k {metadata.get(f'{META}qk')}) does not match its config.json and tensors "
                              f"({plan.family.name}, {_qk_record(plan)}); was config.json changed? Nothing was written.")
+        record = _source_record(source)
         headers = {file: _original_header(source, file, header) for file, header in src.headers.items()}
-        source_digest = folder_digest(source)
-        writer = ModelWriter(out, _specs(src), headers=headers, donor=source, carry=_carried)
-        restored_cards = _source_cards(source)
-        writer.extra_files.update(restored_cards)
-        _rewrite(src, writer, plan, lambda unit: layer_transform(lock_key, salt, unit, strength), inverse=True,
-                 per_unit=None, gate=None)
-    return {"scheme": SCHEME, "source": str(source), "output": str(out), "source_digest": source_digest,
-            "output_digest": digest_of_listing(writer.file_hashes), "key_fingerprint": lock_key_fingerprint(lock_key),
+        protected_digest = folder_digest(source)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{TEMP_MARKER}", dir=out.parent))
+        try:
+            restored = staging / out.name
+            writer = ModelWriter(restored, _specs(src), headers=headers, donor=source, carry=_carried)
+            writer.extra_files.update(record.cards)
+            _rewrite(src, writer, plan, lambda unit: layer_transform(lock_key, salt, unit, strength), inverse=True,
+                     per_unit=None, gate=None)
+            output_digest = _check_restored(source, restored, record)
+            _check_out(out)
+            os.rename(restored, out)
+            fsync_dir(out.parent)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return {"scheme": SCHEME, "source": str(source), "output": str(out), "source_digest": protected_digest,
+            "output_digest": output_digest, "verified": "the restored files hash to the recorded source digest",
+            "key_fingerprint": lock_key_fingerprint(lock_key),
             "architecture": plan.architecture, "family": plan.family.label, "strength": strength,
-            "cards_restored": sorted(restored_cards),
+            "cards_restored": sorted(record.cards), "not_restored": sorted(record.not_carried),
             "tensors_total": len(src.tensors)}
 
 
@@ -372,14 +388,43 @@ def _embed(path: Path) -> dict[str, str]:
         return {"base64": base64.b64encode(data).decode()}
 
 
-def _source_cards(protected: Path) -> dict[str, bytes]:
-    """The source's README.md and provenance.json, kept in the protected provenance (empty if it was removed)."""
+@dataclasses.dataclass(frozen=True)
+class _SourceRecord:
+    """What the protected provenance records of the source: its digest, its cards, the files left out."""
+
+    digest: str
+    cards: dict[str, bytes]
+    not_carried: dict[str, str]  # relative path -> sha256 hex
+
+
+def _source_record(protected: Path) -> _SourceRecord:
+    """The source as the protected copy's provenance.json records it; a copy without that record cannot be checked,
+    so it is refused."""
     try:
-        kept = untrusted.read_json(protected / "provenance.json")["predicate"]["source"]["files"]
-        return {name: (entry["text"].encode() if "text" in entry else base64.b64decode(entry["base64"]))
-                for name, entry in kept.items() if name in CARDS}
-    except (ModelFolderError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
+        kept = untrusted.read_json(protected / "provenance.json")["predicate"]["source"]
+        digest = kept["digest"]
+        not_carried = kept.get("not_carried") or {}
+        cards = {name: (entry["text"].encode() if "text" in entry else base64.b64decode(entry["base64"]))
+                 for name, entry in kept.get("files", {}).items() if name in CARDS}
+        if not (isinstance(digest, str) and isinstance(not_carried, dict)
+                and all(isinstance(h, str) for h in not_carried.values())):
+            raise TypeError("a digest or file hash is not a string")
+    except (MergeopsError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MergeopsError(f"{protected / 'provenance.json'} does not record the source's digest ({exc}), so what "
+                            "unprotect restores cannot be checked; restore that file from the protected copy as it "
+                            "was written. Nothing was written.") from None
+    return _SourceRecord(digest, cards, not_carried)
+
+
+def _check_restored(protected: Path, restored: Path, record: _SourceRecord) -> str:
+    """The digest of the restored folder, once it (with the files protect left out) is the recorded source."""
+    hashes = folder_file_hashes(restored)
+    found = digest_of_listing({**record.not_carried, **hashes})
+    if found != record.digest:
+        raise MergeopsError(f"{protected} does not unprotect to the source it records: the restored files hash to "
+                            f"{found}, not {record.digest}, so its weights, MergeLock metadata or provenance.json "
+                            "were changed after protection. Nothing was written.")
+    return digest_of_listing(hashes)
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -475,7 +520,8 @@ def _parts(plan: Plan, strength: int) -> list[str]:
 
 
 def _protected_cards(source_digest: str, digest: str, plan: Plan, strength: int, front: dict[str, Any],
-                     kept: dict[str, dict[str, str]], risk: dict[str, Any], parts: list[str]) -> dict[str, bytes]:
+                     kept: dict[str, dict[str, str]], risk: dict[str, Any], parts: list[str],
+                     not_carried: dict[str, str]) -> dict[str, bytes]:
     lines = ["---"]
     base = front.get("base_model")
     if base:
@@ -508,7 +554,9 @@ The source's own card and provenance are kept in `provenance.json`.
                  "predicateType": PREDICATE_TYPE,
                  "predicate": {"transform": {"scheme": SCHEME, "version": VERSION, "strength": strength,
                                              "parts": parts},
-                               "source": {"digest": source_digest, "files": kept},
+                               # not_carried: the sha256 of each source file the copy leaves out, so that unprotect
+                               # can check what it restores against the source digest
+                               "source": {"digest": source_digest, "files": kept, "not_carried": not_carried},
                                "tool": {"name": "mergeops", "version": __version__}}}
     return {"README.md": ("\n".join(lines) + body).encode(),
             "provenance.json": (json.dumps(statement, indent=2) + "\n").encode()}

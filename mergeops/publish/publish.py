@@ -31,7 +31,7 @@ from mergeops import keys, untrusted
 from mergeops.commit.card import public_name
 from mergeops.commit.owner import NotOurFolder, Owner, claim
 from mergeops.durable import copy_durably, fsync_dir, write_durably
-from mergeops.errors import MergeopsError, UsageError
+from mergeops.errors import MergeopsError, UsageError, disk_full, full_disk_path, no_space
 from mergeops.hub_uri import HubUri, is_hub
 from mergeops.ledger.kinds import LedgerEvent, ProtectionRecorded, PublicationRecorded
 from mergeops.ledger.store import Ledger, writing
@@ -83,7 +83,22 @@ def publish(policy: Policy, stream_name: str | None, version: int | None = None,
                              "added to the unprotected base; publish it without --as-adapter.")
         config = dataclasses.replace(config, as_adapter=as_adapter)
     with writing(policy, ledger, role="publish") as writer:
-        return _publish(policy, stream, config, version, writer)
+        published_before = _publications(writer, stream, version)
+        try:
+            return _publish(policy, stream, config, version, writer)
+        except Exception as exc:
+            if disk_full(exc):  # say what the ledger shows, not what the code meant to do
+                recorded = _publications(writer, stream, version) - published_before
+                raise no_space(full_disk_path(exc, policy.home), committed=(
+                    f"stream {stream.name!r} was published and recorded at {', '.join(sorted(recorded))}"
+                    if recorded else None)) from exc
+            raise
+
+
+def _publications(ledger: Ledger, stream: StreamConfig, version: int | None) -> set[str]:
+    """The targets the ledger records for the version ``publish`` would publish."""
+    record = ledger.version(stream.name, version) if version is not None else ledger.head(stream.name)
+    return {p.target for p in ledger.publications(stream.name, record.version)} if record else set()
 
 
 def _publish(policy: Policy, stream: StreamConfig, config: PublishConfig, version: int | None,

@@ -28,7 +28,7 @@ def job(tmp_path: Path, base: ModelFolder, checkpoint: ModelFolder, method: str,
     return FoldJob(stream="s", base=base, checkpoint=view, old_state=old_state, method=instance,
                    output_dir=tmp_path / f"out{t}", state_dir=tmp_path / f"state{t}", dtype="base",
                    metadata=lambda d: {"mergeops.stream": "s", "parent": d}, digest=resolve,
-                   digest_known=lambda: True, measure_update=True)
+                   digest_known=lambda: True, measure_base=True)
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "opcm"])  # one pass, and two (merged after finish)
@@ -45,7 +45,9 @@ def test_two_folds_write_state_and_the_merged_model(tmp_path, method):
     assert_close(read_floats(tmp_path / "out2"), expected)
     assert set(folded.output_files) >= {"model.safetensors", "config.json"} and SCALARS_FILE in folded.state_files
     taus = [read_floats(c)["model.norm.weight"] - base["model.norm.weight"].double() for c in checkpoints]
-    assert done.update_norm is not None and folded.update_norm > done.update_norm > float(taus[0].norm())
+    assert folded.update_norm > done.update_norm > float(taus[0].norm())
+    floating = [t for t in base.values() if t.is_floating_point()]
+    assert done.base_norm == pytest.approx(float(torch.cat([t.double().flatten() for t in floating]).norm()))
     with ModelFolder.open(tmp_path / "state2") as state:
         assert state_name("sum", "model.norm.weight") in state.tensors
 

@@ -11,7 +11,7 @@ from mergeops import gate
 from mergeops.errors import RejectedError
 from mergeops.fold.methods import METHODS
 from mergeops.gate.checkpoint import CurvatureGate, LicenseGate, MergeLockGate, MetricsGate
-from mergeops.gate.update_ratio import UpdateRatioGate
+from mergeops.gate.update_ratio import BaseRelativeUpdateGate, UpdateRatioGate
 from mergeops.model import ModelFolder
 from mergeops.model.folder import CURVATURE_FILE
 from mergeops.policy import GateConfig
@@ -33,12 +33,13 @@ def method(name: str, **params):
 def test_the_policy_configures_which_gates_run_and_in_which_order():
     config = GateConfig(licenses=("mit",), max_update_ratio=3.0, eval="true {model}")
     names = [g.name for g in gate.gates_for(config, method("mwa"))]
-    assert names == ["mergelock", "licenses", "metrics", "max_update_ratio", "eval"]
-    assert [g.name for g in gate.gates_for(GateConfig(), method("ota"))] == ["mergelock", "curvature"]
+    assert names == ["mergelock", "licenses", "metrics", "max_base_relative_update", "max_update_ratio", "eval"]
+    assert [g.name for g in gate.gates_for(GateConfig(), method("ota"))] == ["mergelock", "curvature",
+                                                                            "max_base_relative_update"]
     assert [g.phase for g in gate.gates_for(config, method("average"))] == ["checkpoint", "checkpoint", "candidate",
-                                                                             "candidate"]
-    assert [g.name for g in gate.gates_for(GateConfig(), method("ota", metric="loss"))] == ["mergelock", "curvature",
-                                                                                           "metrics"]
+                                                                             "candidate", "candidate"]
+    assert [g.name for g in gate.gates_for(GateConfig(), method("ota", metric="loss"))] == [
+        "mergelock", "curvature", "metrics", "max_base_relative_update"]
 
 
 def test_an_unprotected_checkpoint_passes_the_mergelock_gate_unrecorded(subject):
@@ -83,3 +84,14 @@ def test_the_update_ratio_gate_compares_with_the_median_of_accepted_updates(subj
     assert caught.value.gate == "max_update_ratio"
     subject.accepted_norms = []  # the first checkpoint has nothing to compare with
     assert UpdateRatioGate(1.0).check(subject) == "max_update_ratio"
+
+
+def test_the_first_update_of_a_stream_is_bounded_relative_to_the_base_and_later_ones_by_their_history(subject):
+    subject.update_norm, subject.base_norm, subject.accepted_norms = 6.0, 10.0, []
+    assert BaseRelativeUpdateGate(0.6).check(subject) == "max_base_relative_update"
+    with pytest.raises(RejectedError, match=r"update norm 6 is 0\.6× the base's weight norm 10, above "
+                                            r"max_base_relative_update = 0\.5") as caught:
+        BaseRelativeUpdateGate(0.5).check(subject)
+    assert caught.value.gate == "max_base_relative_update"
+    subject.accepted_norms = [0.1]  # with history, max_update_ratio's comparison applies instead
+    assert BaseRelativeUpdateGate(0.5).check(subject) is None

@@ -108,6 +108,58 @@ def test_damaged_mergelock_metadata_is_refused_by_unprotect(model_dir, tmp_path)
         assert not (tmp_path / "out").exists()
 
 
+def replace_once(path, old: bytes, new: bytes) -> None:
+    """Edit ``path`` in place, same length: the safetensors layout stays valid, only the meaning changes."""
+    data = path.read_bytes()
+    assert len(old) == len(new) and data.count(old) == 1, (old, data.count(old))
+    path.write_bytes(data.replace(old, new))
+
+
+def flip_last_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.timeout(300)
+def test_unprotect_writes_nothing_unless_the_restored_files_are_the_recorded_source(model_dir, tmp_path):
+    """Each edit passes every check on the metadata alone; only hashing what was restored shows that it is not the
+    source, and then `mergeops unprotect` exits 1, prints no "restored" and leaves no folder behind."""
+    import shutil
+    import subprocess
+
+    source = model_dir("bert")
+    protect(source, tmp_path / "locked", KEY, strength=6)
+    key = tmp_path / "lock.key"
+    key.write_bytes(KEY)
+    key.chmod(0o600)
+    weights, provenance = "model.safetensors", "provenance.json"
+    recorded = json.loads((tmp_path / "locked" / provenance).read_text())["predicate"]["source"]["digest"]
+    edits = {
+        "strength in the metadata": lambda d: replace_once(d / weights, b'"mergelock.strength":"6"',
+                                                           b'"mergelock.strength":"5"'),
+        "a tensor's bytes": lambda d: flip_last_byte(d / weights),
+        "the kept original header": lambda d: replace_once(d / weights, b'\\"format\\":\\"pt\\"',
+                                                           b'\\"format\\":\\"tf\\"'),
+        "the recorded source digest": lambda d: replace_once(d / provenance, recorded.encode(),
+                                                             recorded[:-1].encode() + b"0" if recorded[-1] != "0"
+                                                             else recorded[:-1].encode() + b"1"),
+        "a removed provenance.json": lambda d: (d / provenance).unlink(),
+    }
+    for what, edit in edits.items():
+        copy = shutil.copytree(tmp_path / "locked", tmp_path / "edited")
+        edit(copy)
+        out = tmp_path / "out"
+        result = subprocess.run([sys.executable, "-m", "mergeops", "unprotect", str(copy), "--out", str(out),
+                                 "--key", str(key)], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, (what, result.stdout, result.stderr)
+        assert "restored" not in result.stdout and "Nothing was written" in result.stderr, what
+        assert files_in(tmp_path) == ["bert-0", "edited", "lock.key", "locked"], what  # no --out, no staging
+        shutil.rmtree(copy)
+    restored = unprotect(tmp_path / "locked", tmp_path / "out", KEY)  # the untouched copy restores the source
+    assert restored["output_digest"] == folder_digest(source) == recorded
+
+
 def test_an_unsupported_architecture_is_refused_before_anything_is_written(tmp_path):
     config = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                         intermediate_size=64)
@@ -167,6 +219,7 @@ def test_protected_card_keeps_base_model_license_and_the_source_provenance(model
     assert (tmp_path / "locked" / "trainer_state.json").is_file()
     restored = unprotect(tmp_path / "locked", tmp_path / "back", KEY)
     assert restored["cards_restored"] == ["README.md", "provenance.json"]
+    assert restored["not_restored"] == ["optimizer.pt"]  # left out, and checked against its recorded hash
     assert (tmp_path / "back" / "README.md").read_text() == original_card
     assert (tmp_path / "back" / "provenance.json").read_bytes() == (source / "provenance.json").read_bytes()
 
