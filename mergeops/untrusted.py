@@ -202,9 +202,8 @@ def _check_depth(document: Any, max_depth: int, path: str | os.PathLike[str]) ->
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def _check_strings(document: Any, path: str | os.PathLike[str]) -> None:
-    """Refuse a lone surrogate (``"\\ud800"``) in a key or string: it is no text, and it would fail later, far from
-    here, when the string is encoded (into the ledger, a message, a file name)."""
+def _leaves(document: Any) -> Iterator[Any]:
+    """Every key and scalar value of a parsed document (iteratively: a walk must not recurse)."""
     stack = [document]
     while stack:
         value = stack.pop()
@@ -213,7 +212,15 @@ def _check_strings(document: Any, path: str | os.PathLike[str]) -> None:
             stack.extend(value.values())
         elif isinstance(value, list):
             stack.extend(value)
-        elif isinstance(value, str):
+        else:
+            yield value
+
+
+def _check_strings(document: Any, path: str | os.PathLike[str]) -> None:
+    """Refuse a lone surrogate (``"\\ud800"``) in a key or string: it is no text, and it would fail later, far from
+    here, when the string is encoded (into the ledger, a message, a file name)."""
+    for value in _leaves(document):
+        if isinstance(value, str):
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as exc:
@@ -223,17 +230,10 @@ def _check_strings(document: Any, path: str | os.PathLike[str]) -> None:
 
 def _check_toml_values(document: Any, path: str | os.PathLike[str]) -> None:
     """TOML integers are unbounded and strings may hold NUL: refuse both where they would reach a path or a count."""
-    stack = [document]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend(value.values())
-            stack.extend(value.keys())
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** MAX_INT_DIGITS:
+    for value in _leaves(document):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** MAX_INT_DIGITS:
             raise UntrustedFileError(path, f"holds an integer of more than {MAX_INT_DIGITS} digits")
-        elif isinstance(value, str) and "\x00" in value:
+        if isinstance(value, str) and "\x00" in value:
             raise UntrustedFileError(path, f"holds a NUL character in {value[:40]!r}; remove it")
 
 

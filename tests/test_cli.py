@@ -260,7 +260,8 @@ def fill(disk) -> None:
     os.close(fd)
 
 
-def test_on_a_full_disk_reading_commands_work_and_a_fold_says_how_much_to_free(tmp_path, small_disk):
+def stream_folded_once(tmp_path, *, home: str, output: str):
+    """A stream of a small base with one checkpoint folded into it: its policy, and a second checkpoint to fold."""
     from mergeops.keys import generate_keys
     from mergeops.synthetic import LlamaShape, write_base, write_finetune
 
@@ -268,10 +269,15 @@ def test_on_a_full_disk_reading_commands_work_and_a_fold_says_how_much_to_free(t
     write_base(tmp_path / "base", shape, seed=0)
     generate_keys(tmp_path / "keys")
     policy = tmp_path / "policy.toml"
-    policy.write_text(f'home = "{small_disk}/state"\n[keys]\nsigning = "keys/signing.pem"\n[streams.s]\n'
-                      f'base = "base"\nmethod = "average"\noutput = "{small_disk}/out"\n')
+    policy.write_text(f'home = "{home}"\n[keys]\nsigning = "keys/signing.pem"\n[streams.s]\nbase = "base"\n'
+                      f'method = "average"\noutput = "{output}"\n')
     first, second = (write_finetune(tmp_path / "base", tmp_path / f"ck{i}", seed=i + 1) for i in range(2))
     assert mergeops("fold", str(first), "--policy", str(policy)).returncode == 0
+    return policy, second
+
+
+def test_on_a_full_disk_reading_commands_work_and_a_fold_says_how_much_to_free(tmp_path, small_disk):
+    policy, second = stream_folded_once(tmp_path, home=f"{small_disk}/state", output=f"{small_disk}/out")
     fill(small_disk)
     for command in (["status"], ["audit"], ["lineage", "s"], ["rejections"]):
         result = mergeops(*command, "--policy", str(policy))
@@ -318,17 +324,7 @@ def test_a_disk_that_fills_after_the_version_is_recorded_says_the_version_was_co
     """The output disk is left room for exactly the files of one more version: the fold writes it and the ledger
     (on another disk) records it, then pointing `latest` at it needs one more file and the disk is full. The
     message says what the ledger shows: the version was committed, `latest` is behind."""
-    from mergeops.keys import generate_keys
-    from mergeops.synthetic import LlamaShape, write_base, write_finetune
-
-    shape = LlamaShape(hidden=32, layers=1, intermediate=64, heads=2, kv_heads=1, vocab=64)
-    write_base(tmp_path / "base", shape, seed=0)
-    generate_keys(tmp_path / "keys")
-    policy = tmp_path / "policy.toml"
-    policy.write_text(f'home = "state"\n[keys]\nsigning = "keys/signing.pem"\n[streams.s]\nbase = "base"\n'
-                      f'method = "average"\noutput = "{few_inodes_disk}/out"\n')
-    first, second = (write_finetune(tmp_path / "base", tmp_path / f"ck{i}", seed=i + 1) for i in range(2))
-    assert mergeops("fold", str(first), "--policy", str(policy)).returncode == 0
+    policy, second = stream_folded_once(tmp_path, home="state", output=f"{few_inodes_disk}/out")
     fillers = []
     try:  # use every free inode, then free as many as one version folder holds
         while True:
