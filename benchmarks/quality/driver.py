@@ -39,14 +39,18 @@ def _toml(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} to TOML")
 
 
-def write_policy(path: Path, base: Path, signing_key: Path, methods: Sequence[Method], keep: int = 1) -> Path:
-    """A policy with one stream per method, all on ``base``; versions under ``merged/<stream>``, home ``state``."""
+def write_policy(path: Path, base: Path, signing_key: Path, methods: Sequence[Method], keep: int = 1,
+                 gate: dict[str, Any] | None = None) -> Path:
+    """A policy with one stream per method, all on ``base``; versions under ``merged/<stream>``, home ``state``;
+    ``gate``: settings of every stream's gate table."""
     lines = ["# written by benchmarks/quality", 'home = "state"', "", "[keys]", f"signing = {_toml(signing_key)}"]
     for m in methods:
         lines += ["", f"[streams.{m.key}]", f"base = {_toml(base)}", f"method = {_toml(m.method)}",
                   f'output = "merged/{m.key}"', f"keep = {keep}", 'dtype = "base"']
         if m.params:
             lines += ["", f"[streams.{m.key}.params]", *(f"{k} = {_toml(v)}" for k, v in m.params.items())]
+        if gate:
+            lines += ["", f"[streams.{m.key}.gate]", *(f"{k} = {_toml(v)}" for k, v in gate.items())]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
