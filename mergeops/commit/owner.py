@@ -62,6 +62,8 @@ def claim(folder: Path, owner: Owner, recorded: Callable[[], Collection[str]]) -
     if os.path.lexists(marker):
         _check_marker(folder, owner, untouched)
         return
+    for stale in folder.glob(f".{OWNER_FILE}{TEMP_MARKER}*"):  # a crash while it was written: that file is ours
+        stale.unlink()
     entries = sorted(folder.iterdir())
     if entries:
         known = set(recorded())
@@ -71,8 +73,12 @@ def claim(folder: Path, owner: Owner, recorded: Callable[[], Collection[str]]) -
                 raise NotOurFolder(f"{folder} holds {entry.name!r}, which mergeops did not write there for stream "
                                    f"{owner.stream!r} of the home {owner.home}; {untouched}")
     tmp = folder / f".{OWNER_FILE}{TEMP_MARKER}{os.getpid()}"
-    write_durably(tmp, json.dumps(owner.marker(folder), indent=1).encode() + b"\n")
-    os.replace(tmp, marker)
+    try:
+        write_durably(tmp, json.dumps(owner.marker(folder), indent=1).encode() + b"\n")
+        os.replace(tmp, marker)
+    except BaseException:  # a full disk: the folder stays as it was
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(folder)
 
 

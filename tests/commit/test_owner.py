@@ -93,3 +93,11 @@ def test_a_home_moved_together_with_its_folders_keeps_them(tmp_path):
     claim(tmp_path / "a" / "out", Owner(tmp_path / "a" / "home", "s", "output", "x"), set)
     (tmp_path / "a").rename(tmp_path / "b")
     claim(tmp_path / "b" / "out", Owner(tmp_path / "b" / "home", "s", "output", "x"), set)
+
+
+def test_a_marker_a_crash_left_half_written_is_cleared_and_the_folder_claimed(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / f".{OWNER_FILE}.tmp-4242").write_bytes(b'{"home": ')  # the process died while writing the marker
+    claim(folder, owner(tmp_path), set)
+    assert sorted(p.name for p in folder.iterdir()) == [OWNER_FILE]
