@@ -45,6 +45,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("ledger/store.py", "json.loads"): "rows of the ledger's SQLite database, which mergeops wrote",
     ("ledger/events.py", "json.loads"): "event payloads read from the ledger's SQLite database",
     ("ledger/audit.py", "json.loads"): "file listings in ledger rows (SQLite); files on disk go through the door",
+    ("ledger/lock.py", "Path.read_text"): "/proc/locks, the kernel's list of file locks (is a writer at work?)",
     ("patterns.py", "json.loads"): "the result lines of the pattern-matching child process mergeops runs itself",
     ("daemon/loop.py", "json.loads"): "the results of queued items, rows of the ledger's SQLite database",
 }
