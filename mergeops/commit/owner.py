@@ -28,6 +28,7 @@ from mergeops.untrusted import read_json, read_text
 
 OWNER_FILE = ".mergeops-owner.json"
 LATEST = "latest"  # the link in an output folder to its newest version
+_MARKER_TEMP = f".{OWNER_FILE}{TEMP_MARKER}"
 HOME_ID = "home-id"  # in the home: its id, which every marker it writes repeats
 
 
@@ -85,7 +86,9 @@ def claim(folder: Path, owner: Owner, recorded: Callable[[], Collection[str]]) -
     marker = folder / OWNER_FILE
     if os.path.lexists(marker) and _check_marker(folder, owner, untouched):
         return
-    entries = sorted(entry for entry in folder.iterdir() if entry.name != OWNER_FILE)
+    # a claim killed before its marker was renamed into place leaves the marker's temporary file: ours, removed below
+    unfinished = [e for e in folder.iterdir() if e.name.startswith(_MARKER_TEMP) and _regular(e)]
+    entries = sorted(entry for entry in folder.iterdir() if entry.name != OWNER_FILE and entry not in unfinished)
     if entries:
         known = set(recorded())
         for entry in entries:
@@ -93,10 +96,16 @@ def claim(folder: Path, owner: Owner, recorded: Callable[[], Collection[str]]) -
             if not ours and not (owner.role == "output" and entry.name == LATEST and entry.is_symlink()):
                 raise NotOurFolder(f"{folder} holds {entry.name!r}, which mergeops did not write there for stream "
                                    f"{owner.stream!r} of the home {owner.home}; {untouched}")
-    tmp = folder / f".{OWNER_FILE}{TEMP_MARKER}{os.getpid()}"
+    tmp = folder / f"{_MARKER_TEMP}{os.getpid()}"
     write_durably(tmp, json.dumps(owner.marker(folder), indent=1).encode() + b"\n")
     os.replace(tmp, marker)
+    for leftover in unfinished:
+        leftover.unlink(missing_ok=True)
     fsync_dir(folder)
+
+
+def _regular(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
 
 
 def _check_marker(folder: Path, owner: Owner, untouched: str) -> bool:

@@ -122,3 +122,12 @@ def test_a_marker_from_before_homes_had_ids_is_adopted_only_when_the_ledger_reco
     claim(folder, ours, lambda: {"v0001"})
     home_id = (tmp_path / "b" / "state" / HOME_ID).read_text().strip()
     assert json.loads((folder / OWNER_FILE).read_text())["home_id"] == home_id
+
+
+def test_a_claim_killed_before_its_marker_was_in_place_is_finished_by_the_next(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / f".{OWNER_FILE}.tmp-4242").write_text('{"home": "../home"')  # killed while writing it
+    claim(folder, owner(tmp_path), set)
+    assert [p.name for p in folder.iterdir()] == [OWNER_FILE]
+    assert json.loads((folder / OWNER_FILE).read_text())["stream"] == "s"
