@@ -97,8 +97,12 @@ def claim(folder: Path, owner: Owner, recorded: Callable[[], Collection[str]]) -
                 raise NotOurFolder(f"{folder} holds {entry.name!r}, which mergeops did not write there for stream "
                                    f"{owner.stream!r} of the home {owner.home}; {untouched}")
     tmp = folder / f"{_MARKER_TEMP}{os.getpid()}"
-    write_durably(tmp, json.dumps(owner.marker(folder), indent=1).encode() + b"\n")
-    os.replace(tmp, marker)
+    try:
+        write_durably(tmp, json.dumps(owner.marker(folder), indent=1).encode() + b"\n")
+        os.replace(tmp, marker)
+    except BaseException:  # a full disk: the folder is left as it was
+        tmp.unlink(missing_ok=True)
+        raise
     for leftover in unfinished:
         leftover.unlink(missing_ok=True)
     fsync_dir(folder)
