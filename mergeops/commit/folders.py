@@ -45,7 +45,7 @@ class StreamFolders:
             leftovers = [child for child in root.iterdir() if child.name.startswith(".") and TEMP_MARKER in child.name]
             leftovers += [folder for version, folder in _version_dirs(root) if version >= next_version]
             for child in leftovers:
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                _remove(child)
 
     def point_latest(self, target: Path) -> None:
         """Atomically point ``output/latest`` at ``target`` (a version folder)."""
@@ -68,12 +68,22 @@ class StreamFolders:
         spare. Outputs are removed, never recycled: a server may still have a pruned version's weights mapped."""
         for version, folder in _version_dirs(self.output):
             if version <= head - keep:
-                shutil.rmtree(folder)
+                _remove(folder)
         for version, folder in _version_dirs(self.state_root):
-            if version == head - 1 and _cleared(self.spare_state):
+            if version == head - 1 and _is_folder(folder) and _cleared(self.spare_state):
                 os.rename(folder, self.spare_state)
             elif version < head:
-                shutil.rmtree(folder)
+                _remove(folder)
+
+
+def _is_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _remove(path: Path) -> None:
+    """A folder with all it holds; a link or a file itself, never what a link points at (a link named like a version
+    made every prune, after its version was committed, fail)."""
+    shutil.rmtree(path) if _is_folder(path) else path.unlink()
 
 
 def _cleared(path: Path) -> bool:

@@ -220,7 +220,7 @@ class _Fold:
                 new = self._checked_float(name, job.checkpoint.read(name, start, stop))
                 base = job.base.read(name, start, stop).float()
                 # sums of squares of pieces already in memory (a tensor's pieces come in order on one thread)
-                self.update_sq[name] = self.update_sq.get(name, 0.0) + _sum_sq(new - base)
+                self.update_sq[name] = self.update_sq.get(name, 0.0) + _update_sq(new, base)
                 if job.measure_base:
                     self.base_sq[name] = self.base_sq.get(name, 0.0) + _sum_sq(base)
                 new_state = job.method.fold(piece, base, new, self._state(name, start=start, stop=stop),
@@ -310,7 +310,17 @@ def _sum_sq(values: torch.Tensor) -> float:
     """Σ x² of a float32 piece: one BLAS dot (relative error ~2e-7 on a 1 MiB piece; pieces are summed in float64),
     5-25 times cheaper than squaring into a float64 sum, so measuring every fold costs next to nothing."""
     flat = values.reshape(-1)
-    return float(torch.dot(flat, flat))
+    total = float(torch.dot(flat, flat))
+    # a square beyond float32's range (a value above ~1.8e19, finite in a checkpoint) is summed in float64: an
+    # infinite norm would pass no gate's comparison sensibly, and the ledger cannot record it
+    return total if math.isfinite(total) else float(torch.dot(flat.double(), flat.double()))
+
+
+def _update_sq(new: torch.Tensor, base: torch.Tensor) -> float:
+    """‖new − base‖² of a piece, finite for finite values: where their float32 difference overflows, it is taken in
+    float64."""
+    total = _sum_sq(new - base)
+    return total if math.isfinite(total) else _sum_sq(new.double() - base.double())
 
 
 def _finite_merged(name: str, merged: torch.Tensor) -> torch.Tensor:

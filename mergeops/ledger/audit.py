@@ -180,8 +180,11 @@ def _pruned(stream: str, version: int) -> Explained:
 
 def _recorded_or_gone(stream: str, version: int, folder: Path) -> Explained:
     """Explained once the ledger records the version (a fold committed it) or its folder is gone (a rejected fold's
-    candidate, removed)."""
-    return lambda now: _head_version(now, stream) >= version or not os.path.lexists(folder)
+    candidate, removed); and while a writer holds the lock and the folder has no provenance yet: a candidate its
+    gates still check (an eval may run for an hour), whose cards are written only once it passed. A committed
+    version's folder has them, so a rolled-back one is still reported."""
+    return lambda now: (_head_version(now, stream) >= version or not os.path.lexists(folder)
+                        or (is_held(now.home) and not os.path.lexists(folder / "provenance.json")))
 
 
 def _latest_at_head(stream: str, link: Path) -> Explained:

@@ -207,7 +207,9 @@ class Ledger:
             ledger.close()
             wal = home / f"{LEDGER_FILE}-wal"
             if wal.is_file() and wal.stat().st_size:
-                raise no_space(home) if disk_full(exc) else exc from None
+                raise no_space(home, committed=(  # a reader: what was committed is in the log it cannot read
+                    f"the ledger's newest records, in {wal.name}, cannot be read until SQLite can create its "
+                    "shared-memory file beside it")) if disk_full(exc) else exc from None
             ledger = cls(home, None, read_only=True, immutable=True)
         if not ledger.db["events"].exists():  # its first writer is creating it this moment
             ledger.close()

@@ -38,6 +38,19 @@ def test_pruning_keeps_the_newest_versions_and_makes_the_previous_state_the_spar
     assert sorted(p.name for p in folders.state_root.iterdir()) == [SPARE_STATE, "v0004"]
 
 
+def test_pruning_removes_a_link_named_like_a_version_and_not_what_it_points_at(tmp_path):
+    folders = StreamFolders.of(tmp_path / "home", "s", tmp_path / "out")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "model.safetensors").write_bytes(b"weights")
+    for version in (2, 3):
+        (folders.output / f"v{version:04d}").mkdir(parents=True)
+    (folders.output / "v0001").symlink_to(tmp_path / "elsewhere")
+    folders.state_root.mkdir(parents=True)
+    folders.prune(head=3, keep=1)
+    assert sorted(p.name for p in folders.output.iterdir()) == ["v0003"]
+    assert (tmp_path / "elsewhere" / "model.safetensors").read_bytes() == b"weights"
+
+
 def test_a_card_that_cannot_be_written_leaves_no_version_and_no_record(tmp_path, monkeypatch):
     base_path, base = make_base(tmp_path)
     checkpoint = make_checkpoints(tmp_path, base, 1)[0]

@@ -4,10 +4,11 @@ a folder of another home or stream, or one mergeops did not create, is refused w
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
-from mergeops.commit.owner import OWNER_FILE, NotOurFolder, Owner, claim
+from mergeops.commit.owner import HOME_ID, OWNER_FILE, NotOurFolder, Owner, claim
 
 
 def snapshot(folder):
@@ -24,7 +25,8 @@ def test_a_new_or_empty_folder_is_claimed_with_a_marker_naming_home_stream_and_r
     folder = tmp_path / "merged" / "s"
     claim(folder, owner(tmp_path), lambda: pytest.fail("a new folder needs no ledger"))
     marker = json.loads((folder / OWNER_FILE).read_text())
-    assert marker == {"home": "../../home", "stream": "s", "role": "output"}
+    home_id = (tmp_path / "home" / HOME_ID).read_text().strip()
+    assert marker == {"home": "../../home", "home_id": home_id, "stream": "s", "role": "output"} and len(home_id) == 32
     claim(folder, owner(tmp_path), lambda: pytest.fail("a marked folder needs no ledger"))  # ours: taken again
     (tmp_path / "empty").mkdir()
     claim(tmp_path / "empty", owner(tmp_path), set)
@@ -95,9 +97,37 @@ def test_a_home_moved_together_with_its_folders_keeps_them(tmp_path):
     claim(tmp_path / "b" / "out", Owner(tmp_path / "b" / "home", "s", "output", "x"), set)
 
 
-def test_a_marker_a_crash_left_half_written_is_cleared_and_the_folder_claimed(tmp_path):
+def test_a_folder_copied_without_its_home_into_another_project_is_refused_by_the_home_found_there(tmp_path):
+    # Two projects of one layout (home = "state", output = "merged/s"): the marker of the first project's folder,
+    # copied into the second, names the second's home by its relative path, but not by its id.
+    claim(tmp_path / "a" / "merged" / "s", Owner(tmp_path / "a" / "state", "s", "output", "x"), set)
+    (tmp_path / "a" / "merged" / "s" / "v0001").mkdir()
+    (tmp_path / "a" / "merged" / "s" / "v0001" / "model.safetensors").write_bytes(b"the first project's weights")
+    shutil.copytree(tmp_path / "a" / "merged", tmp_path / "b" / "merged", symlinks=True)
+    before = snapshot(tmp_path / "b" / "merged" / "s")
+    with pytest.raises(NotOurFolder, match=r"written by another home that lay where .* a copy of another project"):
+        claim(tmp_path / "b" / "merged" / "s", Owner(tmp_path / "b" / "state", "s", "output", "x"), set)
+    assert snapshot(tmp_path / "b" / "merged" / "s") == before
+
+
+def test_a_marker_from_before_homes_had_ids_is_adopted_only_when_the_ledger_records_what_the_folder_holds(tmp_path):
+    folder = tmp_path / "b" / "merged" / "s"
+    (folder / "v0001").mkdir(parents=True)
+    (folder / OWNER_FILE).write_text(json.dumps({"home": "../../state", "stream": "s", "role": "output"}))
+    ours = Owner(tmp_path / "b" / "state", "s", "output", "x")
+    before = snapshot(folder)
+    with pytest.raises(NotOurFolder, match="holds 'v0001', which mergeops did not write there"):
+        claim(folder, ours, set)  # copied from another project: this home's ledger records nothing there
+    assert snapshot(folder) == before
+    claim(folder, ours, lambda: {"v0001"})
+    home_id = (tmp_path / "b" / "state" / HOME_ID).read_text().strip()
+    assert json.loads((folder / OWNER_FILE).read_text())["home_id"] == home_id
+
+
+def test_a_claim_killed_before_its_marker_was_in_place_is_finished_by_the_next(tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
-    (folder / f".{OWNER_FILE}.tmp-4242").write_bytes(b'{"home": ')  # the process died while writing the marker
+    (folder / f".{OWNER_FILE}.tmp-4242").write_text('{"home": "../home"')  # killed while writing it
     claim(folder, owner(tmp_path), set)
-    assert sorted(p.name for p in folder.iterdir()) == [OWNER_FILE]
+    assert [p.name for p in folder.iterdir()] == [OWNER_FILE]
+    assert json.loads((folder / OWNER_FILE).read_text())["stream"] == "s"

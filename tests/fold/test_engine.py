@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,19 @@ def test_a_value_that_is_not_finite_stops_the_fold_naming_the_tensor(tmp_path):
             pytest.raises(RejectedError, match=r"model\.norm\.weight") as caught:
         fold(job(tmp_path, base_folder, checkpoint, "average"))
     assert caught.value.gate == "finite"
+
+
+def test_an_update_too_large_to_square_in_float32_has_a_finite_norm(tmp_path):
+    # 1e20 is finite in float32 and bfloat16, its square is not: a norm of inf could not be recorded (the ledger's
+    # JSON refuses it), and the fold crashed after writing the version instead of recording it or rejecting it.
+    base_path, base = make_base(tmp_path)
+    big = {n: t.clone() for n, t in base.items()}
+    big["model.norm.weight"][0] = 1e20
+    write_model(tmp_path / "big", big, config=CONFIG)
+    with ModelFolder.open(base_path) as base_folder, ModelFolder.open(tmp_path / "big") as checkpoint:
+        done = fold(job(tmp_path, base_folder, checkpoint, "average"))
+    assert done.update_norm == pytest.approx(1e20, rel=1e-6) and done.base_norm is not None
+    assert math.isfinite(done.base_norm)
 
 
 def test_an_integer_tensor_unlike_the_base_stops_the_fold(tmp_path):

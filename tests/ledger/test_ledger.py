@@ -21,6 +21,7 @@ from mergeops.pipeline import fold_checkpoint
 from mergeops.policy import load_policy
 from mergeops.publish.publish import publish
 from tests.fold.streams import make_base, make_checkpoints, write_policy
+from tests.test_cli import fill, mounted_tmpfs
 
 
 def run_audit(policy):
@@ -317,3 +318,38 @@ def test_a_copied_deployment_audits_its_own_files_not_the_original_ones(stream, 
         committed = [json.loads(e["payload"]) for e in ledger.events() if e["kind"] == "version.committed"]
     assert [c["path"] for c in committed] == ["../out/v0001", "../out/v0002", "../out/v0003"]  # relative to home
     assert committed[-1]["state_path"] == "streams/s/state/v0003"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    yield from mounted_tmpfs(tmp_path / "disk", "size=3M")
+
+
+@pytest.mark.timeout(120)
+def test_a_reader_that_cannot_read_the_ledgers_log_on_a_full_disk_does_not_say_nothing_was_committed(tmp_path,
+                                                                                                     small_disk):
+    """A writer killed with its records still in the write-ahead log, the log's shared-memory file gone (a copy, a
+    restore) and the disk full: `status` and `audit` cannot read those records, so they cannot say none was made."""
+    from mergeops.errors import DiskFullError
+    from mergeops.keys import generate_keys
+
+    generate_keys(tmp_path / "keys")
+    home = small_disk / "state"
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os
+from pathlib import Path
+from mergeops.keys import load_signing_key
+from mergeops.ledger import Ledger
+from mergeops.ledger.kinds import ProtectionRecorded
+ledger = Ledger.open(Path({str(home)!r}), load_signing_key(Path({str(tmp_path / "keys" / "signing.pem")!r})))
+ledger.record(ProtectionRecorded("sha256:" + "cd" * 32, "sha256:" + "ab" * 32, "/x", "k", "mergelock-v1"))
+os._exit(0)  # killed: the record stays in the log
+"""], capture_output=True, text=True, timeout=60)
+    assert killed.returncode == 0, killed.stderr
+    assert (home / "ledger.db-wal").stat().st_size > 0
+    (home / "ledger.db-shm").unlink()
+    fill(small_disk)
+    with pytest.raises(DiskFullError) as refused:
+        Ledger.open_readonly(home)
+    assert "nothing was committed" not in str(refused.value)
+    assert "newest records, in ledger.db-wal, cannot be read" in str(refused.value)

@@ -86,6 +86,8 @@ def _svd(core: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def product_sum_of_squares(left: torch.Tensor, right: torch.Tensor) -> float:
-    """‖left @ right‖² = trace((leftᵀ left)(right rightᵀ)) without forming the product."""
+    """‖left @ right‖² = trace((leftᵀ left)(right rightᵀ)) without forming the product. Never below 0: factors whose
+    product cancels (an adapter's columns that undo each other) round the trace to a tiny negative number, whose
+    square root would fail the fold."""
     left, right = left.double(), right.double()
-    return float(((left.T @ left) * (right @ right.T)).sum())
+    return max(0.0, float(((left.T @ left) * (right @ right.T)).sum()))

@@ -57,3 +57,11 @@ def test_a_zero_product_has_rank_zero_and_adding_nothing_keeps_it_so():
 def test_the_norm_of_a_product_comes_from_its_factors():
     left, right = factors(50, 4, 60, seed=3)
     assert product_sum_of_squares(left, right) == pytest.approx(float((left @ right).square().sum()), rel=1e-12)
+
+
+def test_the_norm_of_factors_that_cancel_is_never_negative():
+    # An adapter's rank-2 update whose two columns cancel: left @ right is ~1e-16, and the trace of the factors'
+    # Gram matrices rounds to below zero; a negative ‖τ‖² made the fold's square root fail (math domain error).
+    left = torch.tensor([[0.39229682087898254, 0.039229683578014374]])
+    right = torch.tensor([[-0.223564013838768], [2.235640048980713]])
+    assert product_sum_of_squares(left, right) >= 0.0
