@@ -35,6 +35,10 @@ PEFT_PREFIX = "base_model.model."  # PEFT names a module of the wrapped model wi
 _BASE_COPY = ".base_layer.weight"
 _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
 MAX_CONFIG_BYTES = 1 << 20
+# Pattern-module pairs one adapter's patterns are matched on: about 15 s at the 4 µs a pair takes. PEFT tests each pair
+# too; a real config has a few hundred patterns (one per module at most), while 1 MiB of them against the modules of a
+# 2 MB header would take the scan, and `inspect`, 45 minutes.
+MAX_PATTERN_TESTS = 1 << 22
 PEFT_DEFAULT_RANK, PEFT_DEFAULT_ALPHA = 8, 8  # LoraConfig's defaults, for a config that leaves them out
 
 # Settings that do not change the update (training, initialisation, bookkeeping), or that name modules, which the
@@ -79,6 +83,11 @@ class LoraSettings:
         regexes = [rule for rule in (self.target_modules, self.exclude_modules) if rule and isinstance(rule, str)]
         written = {_rule(rule): rule for rule in regexes}  # each pattern as matched -> as the config writes it
         written |= {_key_pattern(key): key for key in (*self.rank_pattern, *self.alpha_pattern)}
+        if len(written) * len(names) > MAX_PATTERN_TESTS:
+            raise patterns.PatternError(next(iter(written.values())), f"and the config's {len(written) - 1} other "
+                                        f"module patterns, matched against {len(names)} modules, make "
+                                        f"{len(written) * len(names)} tests, more than the {MAX_PATTERN_TESTS} "
+                                        "mergeops makes; name fewer patterns")
         try:
             matched = dict(zip(written, patterns.matching(list(written), names), strict=True))
         except patterns.PatternError as exc:  # named as the config writes it, not as PEFT composes it

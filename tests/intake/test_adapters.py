@@ -20,6 +20,7 @@ from mergeops.fold.methods import METHODS
 from mergeops.ledger import Ledger
 from mergeops.ledger.lineage import lineage
 from mergeops.model import ModelFolder
+from mergeops.model import adapter as adapter_module
 from mergeops.model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, layer_index
 from mergeops.model.folder import CURVATURE_FILE
 from mergeops.patterns import CHILD_SECONDS
@@ -228,6 +229,18 @@ def test_a_rank_pattern_and_an_alpha_pattern_scale_each_module_as_peft_does(tmp_
     adapter = make_adapter(base, tmp_path / "adapter", seed=4, rank=4, alpha=8, targets=["q_proj", "v_proj"],
                            rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 3})
     assert_folds_as_pefts_merged_model(tmp_path, base, adapter)
+
+
+def test_more_pattern_tests_than_the_bound_are_a_rejection_not_minutes_of_matching(tmp_path, monkeypatch):
+    """1 MiB of rank_pattern keys against the modules of a 2 MB header took 45 minutes (4 µs a pair)."""
+    base = tiny_base(tmp_path, "llama")
+    adapter = make_adapter(base, tmp_path / "adapter", seed=1, rank=4, alpha=8, targets=["q_proj", "v_proj"])
+    edit_config(adapter, rank_pattern={f"k{i}x": 4 for i in range(30)})  # 30 patterns, 4 modules
+    monkeypatch.setattr(adapter_module, "MAX_PATTERN_TESTS", 100)
+    result = fold_checkpoint(load_policy(write_policy(tmp_path, base, "task_arithmetic")), None, adapter)
+    assert result.status == "rejected"
+    assert ("'k0x' and the config's 29 other module patterns, matched against 4 modules, make 120 tests, more than "
+            "the 100 mergeops makes; name fewer patterns") in result.reason, result.reason
 
 
 def test_an_adapter_of_some_layers_folds_as_peft_merges_it(tmp_path):
