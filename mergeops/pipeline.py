@@ -155,7 +155,7 @@ class _Pipeline:
         plan = next_version(self.policy, self.stream, self.ledger)
         method = self._method(plan, stack)
         # intake
-        view = self.checkpoint.check_against_base(base, self.stream.vocab)
+        view = self.checkpoint.check_against_base(base, self.stream.vocab, self._tick)
         # gates on what the checkpoint is, then on what it brings for the method
         gates = gate.gates_for(self.stream.gate, method)
         subject = gate.Subject(self.checkpoint.folder, base, {}, self._tick)

@@ -73,6 +73,8 @@ def read_bytes(path: str | os.PathLike[str], *, max_bytes: int = MAX_CONFIG_BYTE
     """The bytes of the regular file ``path``, at most ``max_bytes`` of them."""
     with open_binary(path) as handle:
         size = os.fstat(handle.fileno()).st_size
+        if size == 0:  # nothing to read: a kernel's file that says 0 bytes (/proc/kmsg) would block the read forever
+            return b""
         if size > max_bytes:
             raise UntrustedFileError(path, f"is {size} bytes, larger than the {_size(max_bytes)} such a file may be")
         data = handle.read(max_bytes + 1)

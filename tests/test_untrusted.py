@@ -47,6 +47,16 @@ def test_dev_zero_as_a_config_is_refused_not_read_forever(tmp_path):
 
 
 @pytest.mark.timeout(20)
+@pytest.mark.skipif(not os.access("/proc/kmsg", os.R_OK), reason="only root may read /proc/kmsg")
+def test_a_kernel_file_that_says_it_is_empty_is_not_waited_on(tmp_path):
+    """/proc/kmsg is a regular file of 0 bytes whose read blocks until the kernel logs something: a config linked to
+    it is empty (so no JSON), not a process stopped for good."""
+    (tmp_path / "config.json").symlink_to("/proc/kmsg")
+    assert untrusted.read_bytes(tmp_path / "config.json") == b""
+    assert "is not valid JSON" in refusal(untrusted.read_json, tmp_path / "config.json")
+
+
+@pytest.mark.timeout(20)
 @pytest.mark.parametrize(("make", "words"), [
     (lambda p: p.mkdir(), "is a folder"),
     (lambda p: p.symlink_to(p.parent / "nowhere"), "cannot be opened (No such file or directory)"),

@@ -77,21 +77,23 @@ class Checkpoint:
                                    vocab_dropped=self.rows.dropped if self.rows is not None else None,
                                    metrics=self.metrics if with_metrics else None)
 
-    def check_against_base(self, base: ModelFolder, vocab: str = "reject") -> FineTune:
+    def check_against_base(self, base: ModelFolder, vocab: str = "reject", tick: Callable[[], None] = lambda: None
+                           ) -> FineTune:
         """Rejects a checkpoint that does not fit the base (tensor names, shapes, dtypes, config, tokenizer; an
         adapter's base and targets); returns it read as values of the base's tensors: buffers a full checkpoint
         leaves out are the base's, a head it ties is its input embeddings, and its vocabulary rows are matched to the
-        base's as the stream's ``vocab`` setting says."""
+        base's as the stream's ``vocab`` setting says. ``tick()`` is called while its tokenizer is read (it may raise
+        to stop)."""
         if self.adapter is not None:
             problems = adapter_problems_against_base(self.adapter, base)
             if problems:
                 raise RejectedError(problems[0].message)
-            tokenizer = adapter_tokenizer_problem(self.path, base)
+            tokenizer = adapter_tokenizer_problem(self.path, base, tick)
             if tokenizer:
                 raise RejectedError(tokenizer)
             self.view = AdapterFineTune(self.adapter, base)
         else:
-            self.view, self.rows = full_view(self.folder, base, vocab)
+            self.view, self.rows = full_view(self.folder, base, vocab, tick)
         return self.view
 
     def __enter__(self) -> Checkpoint:
@@ -102,14 +104,15 @@ class Checkpoint:
         self.folder.close()
 
 
-def full_view(folder: ModelFolder, base: ModelFolder, vocab: str) -> tuple[FullFineTune, RowMatch | None]:
+def full_view(folder: ModelFolder, base: ModelFolder, vocab: str, tick: Callable[[], None] = lambda: None
+              ) -> tuple[FullFineTune, RowMatch | None]:
     """A full checkpoint read as values of the base's tensors, and how its vocabulary rows were matched; raises
     RejectedError if it does not fit the base."""
     tied = tied_in_checkpoint(folder, base)
     problems = problems_against_base(folder, base, tied)
     if problems:
         raise RejectedError(problems[0].message)
-    match = vocab_rows(folder, base, tied, vocab)
+    match = vocab_rows(folder, base, tied, vocab, tick)
     return FullFineTune(folder, base, tied, match.rows if match is not None else None), match
 
 

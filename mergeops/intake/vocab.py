@@ -12,6 +12,7 @@ tensor it leaves out that its family ties is read as the checkpoint's own input 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from mergeops.errors import PolicyError, RejectedError
@@ -24,10 +25,14 @@ from mergeops.intake.tokenizer import (
     tokenizer_difference,
     tokenizer_files,
 )
+from mergeops.isolated import Failed, TookTooLong, run_isolated
 from mergeops.model import ModelFolder
 from mergeops.model.architectures import is_vocab, tied_weights
 
 _SHOWN = 3  # tokens named in a message
+# Reading both tokenizers, in a child process: a real one takes under a second; a 200 MB tokenizer.json of short
+# tokens took 50 s and 3 GB, and in the daemon's own process no SIGTERM or watchdog ping would get through meanwhile.
+TOKENIZER_SECONDS = 30.0
 
 
 def tied_in_checkpoint(checkpoint: ModelFolder, base: ModelFolder) -> dict[str, str]:
@@ -37,14 +42,15 @@ def tied_in_checkpoint(checkpoint: ModelFolder, base: ModelFolder) -> dict[str, 
             if output in base.tensors and output not in checkpoint.tensors and source in checkpoint.tensors}
 
 
-def vocab_rows(checkpoint: ModelFolder, base: ModelFolder, tied: dict[str, str], setting: str) -> RowMatch | None:
+def vocab_rows(checkpoint: ModelFolder, base: ModelFolder, tied: dict[str, str], setting: str,
+               tick: Callable[[], None] = lambda: None) -> RowMatch | None:
     """How the rows of the base's vocabulary-sized tensors are read from the checkpoint: None by row index, or
     matched by token string (``setting`` "base"). Raises RejectedError naming the tokenizer file, token or tensor
-    at fault."""
+    at fault. ``tick()`` is called while the tokenizers are read (it may raise to stop)."""
     names = [n for n in base.tensors if is_vocab(n) and tied.get(n, n) in checkpoint.tensors]
     base_rows = _rows(base, names, base.path.name)
     rows = _rows(checkpoint, [tied.get(n, n) for n in names], str(checkpoint.path))
-    ours, theirs, same = _tokenizers(checkpoint.path, base)
+    ours, theirs, same = _tokenizers(checkpoint.path, base, tick)
     if ours is None:
         if rows != base_rows:
             raise RejectedError(f"{checkpoint.path} has {rows} vocabulary rows where the base has {base_rows}, "
@@ -77,10 +83,10 @@ def vocab_rows(checkpoint: ModelFolder, base: ModelFolder, tied: dict[str, str],
     return match
 
 
-def adapter_tokenizer_problem(path: Path, base: ModelFolder) -> str | None:
+def adapter_tokenizer_problem(path: Path, base: ModelFolder, tick: Callable[[], None] = lambda: None) -> str | None:
     """Why the tokenizer a LoRA adapter ships cannot go with it, if it cannot: an adapter updates the base's rows by
     id, so its tokenizer must be the base's, tokens and ids included."""
-    ours, theirs, same = _tokenizers(path, base)
+    ours, theirs, same = _tokenizers(path, base, tick)
     if ours is None or theirs is None or same:
         return None
     difference = tokenizer_difference(ours, theirs)
@@ -93,23 +99,44 @@ def adapter_tokenizer_problem(path: Path, base: ModelFolder) -> str | None:
     return None
 
 
-def _tokenizers(path: Path, base: ModelFolder) -> tuple[Tokenizer | None, Tokenizer | None, bool]:
+def _tokenizers(path: Path, base: ModelFolder, tick: Callable[[], None]
+                ) -> tuple[Tokenizer | None, Tokenizer | None, bool]:
     """The checkpoint's tokenizer (None: it ships none), the base's (None: it has none, or the checkpoint ships none)
-    and whether their files are the same bytes (then the base's is the checkpoint's, not parsed twice)."""
+    and whether their files are the same bytes (then the base's is the checkpoint's, not parsed twice); read in a
+    child process within ``TOKENIZER_SECONDS``."""
+    try:
+        read = run_isolated(_read_tokenizers, (path, base.path), tick, TOKENIZER_SECONDS)
+    except TookTooLong as exc:
+        raise RejectedError(f"{path}'s tokenizer files took longer than {TOKENIZER_SECONDS:g} s to read; a real "
+                            "tokenizer's take under a second.") from exc
+    except Failed as exc:
+        raise RejectedError(f"{path}'s tokenizer files could not be read ({exc}).") from exc
+    if len(read) == 2:
+        whose, message = read
+        if whose == "base":
+            raise PolicyError(f"the stream's base has an unreadable tokenizer: {message}")
+        raise RejectedError(message)
+    return read
+
+
+def _read_tokenizers(path: Path, base_path: Path
+                     ) -> tuple[Tokenizer | None, Tokenizer | None, bool] | tuple[str, str]:
+    """What :func:`_tokenizers` returns, or ``(whose, message)`` if the checkpoint's or the base's tokenizer files
+    cannot be read (run in a child process: only the result travels back)."""
     try:
         files = tokenizer_files(path)
         ours = parse_tokenizer(path, files) if files else None
     except TokenizerFileError as exc:
-        raise RejectedError(str(exc)) from exc
+        return "checkpoint", str(exc)
     if ours is None:
         return None, None, False
     try:
-        base_files = tokenizer_files(base.path)
+        base_files = tokenizer_files(base_path)
         if base_files == files:
             return ours, ours, True
-        return ours, parse_tokenizer(base.path, base_files) if base_files else None, False
+        return ours, parse_tokenizer(base_path, base_files) if base_files else None, False
     except TokenizerFileError as exc:
-        raise PolicyError(f"the stream's base has an unreadable tokenizer: {exc}") from exc
+        return "base", str(exc)
 
 
 def _rows(folder: ModelFolder, names: list[str], where: str) -> int:

@@ -35,18 +35,21 @@ PEFT_PREFIX = "base_model.model."  # PEFT names a module of the wrapped model wi
 _BASE_COPY = ".base_layer.weight"
 _FACTOR_KEY = re.compile(r"^(?P<module>.+)\.(?P<factor>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
 MAX_CONFIG_BYTES = 1 << 20
+# Pattern-module pairs one adapter's patterns are matched on: about 15 s at the 4 µs a pair takes. PEFT tests each pair
+# too; a real config has a few hundred patterns (one per module at most), while 1 MiB of them against the modules of a
+# 2 MB header would take the scan, and `inspect`, 45 minutes.
+MAX_PATTERN_TESTS = 1 << 22
 PEFT_DEFAULT_RANK, PEFT_DEFAULT_ALPHA = 8, 8  # LoraConfig's defaults, for a config that leaves them out
 
 # Settings that do not change the update (training, initialisation, bookkeeping), or that name modules, which the
 # weights' keys say exactly.
 _INERT_SETTINGS = frozenset({
-    "auto_mapping", "base_model_name_or_path", "exclude_modules", "inference_mode", "init_lora_weights",
-    "layers_pattern", "layers_to_transform", "loftq_config", "lora_dropout", "megatron_config", "megatron_core",
-    "peft_version", "qalora_group_size", "revision", "target_modules", "task_type", "eva_config", "corda_config",
-    "lora_ga_config", "ensure_weight_tying",
+    "auto_mapping", "base_model_name_or_path", "exclude_modules", "inference_mode", "init_lora_weights", "loftq_config",
+    "lora_dropout", "megatron_config", "megatron_core", "peft_version", "qalora_group_size", "revision",
+    "target_modules", "task_type", "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying",
 })
 _UNDERSTOOD_SETTINGS = frozenset({"peft_type", "r", "lora_alpha", "use_rslora", "fan_in_fan_out", "rank_pattern",
-                                  "alpha_pattern", "bias"})
+                                  "alpha_pattern", "bias", "layers_to_transform", "layers_pattern"})
 _REFUSED_HINTS = {
     "use_dora": "DoRA rescales each weight's columns by a learned magnitude, so its update is not B·A",
     "modules_to_save": "it replaces whole modules",
@@ -70,6 +73,7 @@ class LoraSettings:
     base_model: str | None
     target_modules: str | tuple[str, ...]  # PEFT's: a regular expression, names (matched as suffixes), "all-linear"
     exclude_modules: str | tuple[str, ...]
+    layers: frozenset[int] | None = None  # PEFT's layers_to_transform: only modules of these layers are adapted
 
     def modules(self, names: Sequence[str]) -> dict[str, ModuleSettings]:
         """PEFT's settings of each module of ``names``: whether its target and exclude rules adapt it (factors of any
@@ -79,6 +83,11 @@ class LoraSettings:
         regexes = [rule for rule in (self.target_modules, self.exclude_modules) if rule and isinstance(rule, str)]
         written = {_rule(rule): rule for rule in regexes}  # each pattern as matched -> as the config writes it
         written |= {_key_pattern(key): key for key in (*self.rank_pattern, *self.alpha_pattern)}
+        if len(written) * len(names) > MAX_PATTERN_TESTS:
+            raise patterns.PatternError(next(iter(written.values())), f"and the config's {len(written) - 1} other "
+                                        f"module patterns, matched against {len(names)} modules, make "
+                                        f"{len(written) * len(names)} tests, more than the {MAX_PATTERN_TESTS} "
+                                        "mergeops makes; name fewer patterns")
         try:
             matched = dict(zip(written, patterns.matching(list(written), names), strict=True))
         except patterns.PatternError as exc:  # named as the config writes it, not as PEFT composes it
@@ -100,7 +109,8 @@ class LoraSettings:
 
         return {module: ModuleSettings(
             targeted=(self.target_modules == "all-linear" or named(self.target_modules, module))
-            and not (self.exclude_modules and named(self.exclude_modules, module)),
+            and not (self.exclude_modules and named(self.exclude_modules, module))
+            and (self.layers is None or layer_index(module) in self.layers),
             rank=value(self.rank_pattern, module, self.rank),
             alpha=float(value(self.alpha_pattern, module, self.alpha))) for module in names}
 
@@ -116,7 +126,8 @@ class LoraSettings:
                 "fan_in_fan_out": self.fan_in_fan_out, "target_modules": targets,
                 "base_model_name_or_path": self.base_model,
                 **({"rank_pattern": dict(self.rank_pattern)} if self.rank_pattern else {}),
-                **({"alpha_pattern": dict(self.alpha_pattern)} if self.alpha_pattern else {})}
+                **({"alpha_pattern": dict(self.alpha_pattern)} if self.alpha_pattern else {}),
+                **({"layers_to_transform": sorted(self.layers)} if self.layers is not None else {})}
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,19 @@ class ModuleSettings:
     targeted: bool
     rank: int
     alpha: float
+
+
+def layer_index(module: str) -> int | None:
+    r"""PEFT's layer number of a module, for layers_to_transform without layers_pattern: what
+    re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module) finds, the first part of the name after its second that is all
+    digits and not its last part. Found without the regex: the name is untrusted, and the lazy match is quadratic."""
+    parts = module.split(".")
+    for k in range(2, len(parts) - 1):
+        if "\n" in ".".join(parts[:k - 1]):  # ".*?" stops at a line break
+            return None
+        if parts[k].isdecimal():  # \d: any decimal digit, as int() reads them
+            return int(parts[k])
+    return None
 
 
 def _rule(rule: str) -> patterns.Pattern:
@@ -207,6 +231,14 @@ def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
             except patterns.PatternError as exc:
                 return problem(f"has a {key} {exc}")
         rules[key] = value
+    layers = config.get("layers_to_transform")
+    layers = [layers] if _layer(layers) else layers if layers != [] else None
+    if layers is not None and not (isinstance(layers, list) and all(_layer(i) for i in layers)):
+        return problem("has a layers_to_transform that is neither a layer number nor a list of them")
+    if layers is not None and config.get("layers_pattern"):
+        return problem(f"sets layers_pattern = {json.dumps(config['layers_pattern'])[:80]} with layers_to_transform, "
+                       "which cannot be merged (mergeops finds layers only as PEFT does without a pattern); retrain "
+                       "without it, or merge the adapter into a full checkpoint first", "unsupported_adapter")
     for key in ("use_rslora", "fan_in_fan_out"):
         if not isinstance(config.get(key, False), bool):
             return problem(f"has {key} = {config[key]!r}; it must be true or false")
@@ -215,11 +247,16 @@ def read_settings(path: Path) -> tuple[LoraSettings | None, Problem | None]:
         return problem("has a base_model_name_or_path that is not a string")
     return LoraSettings(rank, float(alpha), config.get("use_rslora", False), config.get("fan_in_fan_out", False),
                         keyed["rank_pattern"], keyed["alpha_pattern"], base_model,
-                        rules["target_modules"], rules["exclude_modules"]), None
+                        rules["target_modules"], rules["exclude_modules"],
+                        frozenset(layers) if layers is not None else None), None
 
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 20
+
+
+def _layer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 20
 
 
 def _finite_number(value: Any) -> bool:
@@ -384,8 +421,8 @@ def _targets(folder: ModelFolder, settings: LoraSettings
     for module, factors in pairs.items():
         if not configured[module].targeted:
             return refused("untargeted_module", f"{where} holds factors of module {module!r}, which {ADAPTER_CONFIG}'s "
-                           "target_modules does not name (PEFT would ignore them); the adapter's files do not belong "
-                           "together.", next(iter(factors.values())))
+                           "target_modules, exclude_modules and layers_to_transform do not adapt (PEFT would ignore "
+                           "them); the adapter's files do not belong together.", next(iter(factors.values())))
         embedding = "lora_embedding_A" in factors or "lora_embedding_B" in factors
         a, b = (factors.get("lora_embedding_A"), factors.get("lora_embedding_B")) if embedding else \
             (factors.get("lora_A"), factors.get("lora_B"))

@@ -113,7 +113,7 @@ def _identity(folder: Path) -> str:
     """The folder's own fingerprint, for a folder whose files could not be listed: it changes when an entry of it is
     added, removed or renamed (one that cannot even be looked at: the error, which its walk meets again)."""
     try:
-        info = folder.stat()
+        info = folder.lstat()  # a link's own: it changes when the link is replaced, not when what it names does
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -214,6 +214,9 @@ class LocalRegistry:
         with _refusing(folder, identity):
             if source != str(folder):
                 raise _Unacceptable("its name is not UTF-8; rename it")
+            if folder.is_symlink():  # it could lead anywhere: /proc, another stream's output, the home
+                raise _Unacceptable(f"it is a symbolic link (to {printable(os.readlink(folder))}), which is not "
+                                    "followed into a folder; put the checkpoint itself in the registry")
             newest, fingerprint = _newest_change(folder, deadline, tick)
         if (source, fingerprint) in known:
             return "known", None

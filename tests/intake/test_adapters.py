@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from mergeops.fold.methods import METHODS
 from mergeops.ledger import Ledger
 from mergeops.ledger.lineage import lineage
 from mergeops.model import ModelFolder
-from mergeops.model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from mergeops.model import adapter as adapter_module
+from mergeops.model.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, layer_index
 from mergeops.model.folder import CURVATURE_FILE
 from mergeops.patterns import CHILD_SECONDS
 from mergeops.pipeline import fold_checkpoint
@@ -152,7 +154,15 @@ REJECTIONS = {
                        "has no tensor 'model.layers.9.self_attn.q_proj.weight'"),
     "factors of a module not targeted": (
         lambda a: rewrite_weights(a, rename_first_pair("model.layers.0.self_attn.k_proj")),
-        "target_modules does not name (PEFT would ignore them)"),
+        "target_modules, exclude_modules and layers_to_transform do not adapt (PEFT would ignore them)"),
+    "factors of a layer layers_to_transform leaves out": (
+        lambda a: edit_config(a, layers_to_transform=[0]),
+        "holds factors of module 'model.layers.1.self_attn.q_proj', which adapter_config.json's target_modules, "
+        "exclude_modules and layers_to_transform do not adapt (PEFT would ignore them)"),
+    "layers found by a pattern": (lambda a: edit_config(a, layers_to_transform=[0, 1], layers_pattern="layers"),
+                                  "sets layers_pattern = \"layers\" with layers_to_transform"),
+    "layers that are no numbers": (lambda a: edit_config(a, layers_to_transform=["0"]),
+                                   "has a layers_to_transform that is neither a layer number nor a list of them"),
     "a factor twice": (lambda a: rewrite_weights(a, lambda t: t | {
         next(n for n in t if n.endswith("lora_A.weight")).removesuffix(".weight"): next(iter(t.values())).clone()}),
                        "two lora_A factors"),
@@ -221,6 +231,34 @@ def test_a_rank_pattern_and_an_alpha_pattern_scale_each_module_as_peft_does(tmp_
     assert_folds_as_pefts_merged_model(tmp_path, base, adapter)
 
 
+def test_more_pattern_tests_than_the_bound_are_a_rejection_not_minutes_of_matching(tmp_path, monkeypatch):
+    """1 MiB of rank_pattern keys against the modules of a 2 MB header took 45 minutes (4 µs a pair)."""
+    base = tiny_base(tmp_path, "llama")
+    adapter = make_adapter(base, tmp_path / "adapter", seed=1, rank=4, alpha=8, targets=["q_proj", "v_proj"])
+    edit_config(adapter, rank_pattern={f"k{i}x": 4 for i in range(30)})  # 30 patterns, 4 modules
+    monkeypatch.setattr(adapter_module, "MAX_PATTERN_TESTS", 100)
+    result = fold_checkpoint(load_policy(write_policy(tmp_path, base, "task_arithmetic")), None, adapter)
+    assert result.status == "rejected"
+    assert ("'k0x' and the config's 29 other module patterns, matched against 4 modules, make 120 tests, more than "
+            "the 100 mergeops makes; name fewer patterns") in result.reason, result.reason
+
+
+def test_an_adapter_of_some_layers_folds_as_peft_merges_it(tmp_path):
+    base = tiny_base(tmp_path, "llama")
+    adapter = make_adapter(base, tmp_path / "adapter", seed=6, rank=4, alpha=8, targets=["q_proj", "v_proj"],
+                           layers_to_transform=[1])
+    assert_folds_as_pefts_merged_model(tmp_path, base, adapter)
+
+
+@pytest.mark.parametrize("module", [
+    "model.layers.0.self_attn.q_proj", "model.layers.11.mlp.experts.3.w1", "transformer.h.7.attn.c_attn", "a.b.3",
+    "a.3.b", "a.b.3.c", "a.b..3.c", "a.b.03.c", "a\n.b.3.c", "a.b\n.3.c", "a.b.\u0661.c", "a.b.3x.c", "a.b.c.d.4.e",
+    "", "a", "a.b", ".b.3.c", "a.b.3.", "a.b.-3.c", "a.b. 3.c"])
+def test_a_modules_layer_number_is_the_one_pefts_layers_to_transform_finds(module):
+    found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)  # peft's, when layers_pattern is not set
+    assert layer_index(module) == (int(found["idx"]) if found else None)
+
+
 def test_patterns_with_repeated_groups_and_lookarounds_are_read_as_peft_reads_them(tmp_path):
     """Patterns are matched in bounded time, so none is refused for its shape: a repeated group goes through RE2, a
     lookahead through Python's re in a child."""
@@ -242,7 +280,7 @@ def test_a_config_pattern_that_backtracks_catastrophically_is_matched_quickly_by
     folded = subprocess.run([sys.executable, "-m", "mergeops", "fold", str(adapter), "--policy", str(policy)],
                             capture_output=True, text=True, timeout=60)
     assert folded.returncode == 3, folded.stderr
-    assert "target_modules does not name" in folded.stderr and "Traceback" not in folded.stderr
+    assert "layers_to_transform do not adapt" in folded.stderr and "Traceback" not in folded.stderr
     with Ledger.open_readonly(load_policy(policy).home) as ledger:
         assert [e["kind"] for e in ledger.events()] == ["checkpoint.rejected"]
 

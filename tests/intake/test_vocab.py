@@ -5,11 +5,13 @@ mismatches, and what stays a rejection."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 
 from mergeops.errors import RejectedError
+from mergeops.intake import vocab
 from mergeops.intake.checkpoint import receive
 from mergeops.ledger.kinds import CheckpointFacts
 from mergeops.model import ModelFolder
@@ -170,3 +172,46 @@ def test_a_model_without_vocabulary_sized_tensors_has_no_rows_to_match(tmp_path)
         write_model(tmp_path / name, tensors)
         word_tokenizer(words).save_pretrained(tmp_path / name)
     assert checked(tmp_path / "base", tmp_path / "ck").rows is None
+
+
+def write_huge_vocabulary(checkpoint, tokens: int) -> None:  # type: ignore[no-untyped-def]
+    """A tokenizer.json of ``tokens`` short tokens: well under its size cap, and slow to read (some 4 µs a token)."""
+    with open(checkpoint / "tokenizer.json", "w") as f:
+        f.write('{"model": {"type": "WordLevel", "vocab": {' + ",".join(f'"t{i}":{i}' for i in range(tokens)) + "}}}")
+
+
+@pytest.mark.timeout(60)
+def test_a_tokenizer_that_takes_longer_than_its_budget_to_read_is_rejected_not_waited_on(tmp_path, monkeypatch):
+    base = save_model(tmp_path / "base", "llama", WORDS)
+    checkpoint = finetune(base, tmp_path / "ck", seed=1)
+    write_huge_vocabulary(checkpoint, 3_000_000)
+    monkeypatch.setattr(vocab, "TOKENIZER_SECONDS", 0.5)
+    started = time.monotonic()
+    with pytest.raises(RejectedError, match=r"tokenizer files took longer than 0.5 s to read"):
+        checked(base, checkpoint, vocab="base")
+    assert time.monotonic() - started < 10  # reading it whole takes about 13 s
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_asked_for_while_a_tokenizer_is_read_is_honoured_at_once(tmp_path):
+    """The daemon's tick raises when it is asked to stop; a 50 MB vocabulary must not hold it for the 13 s its reading
+    takes."""
+    base = save_model(tmp_path / "base", "llama", WORDS)
+    checkpoint = finetune(base, tmp_path / "ck", seed=1)
+    write_huge_vocabulary(checkpoint, 3_000_000)
+
+    class Stop(Exception):
+        pass
+
+    ticks = []
+
+    def tick() -> None:
+        ticks.append(time.monotonic())
+        if len(ticks) > 2:
+            raise Stop
+
+    with receive(checkpoint, CheckpointFacts(str(checkpoint))) as taken, ModelFolder.open(base) as opened:
+        started = time.monotonic()
+        with pytest.raises(Stop):
+            taken.check_against_base(opened, "base", tick)
+    assert time.monotonic() - started < 5

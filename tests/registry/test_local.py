@@ -60,6 +60,23 @@ def test_links_are_not_followed_into_folders_and_a_dangling_or_looping_one_is_ju
     assert [c.path for c in found.ready] == [ready] and not found.changing and not found.refused
 
 
+def test_a_link_in_the_registry_is_refused_not_followed_into_the_folder_it_names(tmp_path):
+    """A link to a folder outside (a checkpoint, /proc, another stream's output) is refused by name, not read."""
+    write_base(tmp_path / "base", SMALL, seed=0)
+    outside = write_finetune(tmp_path / "base", tmp_path / "elsewhere", seed=1)
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    (registry / "a-linked").symlink_to(outside)
+    (registry / "b-proc").symlink_to("/proc")
+    found = LocalRegistry(registry, settle_seconds=0).scan(now=settled())
+    assert not found.ready and not found.incomplete
+    assert [(r.path.name, r.reason) for r in found.refused] == [
+        (name, f"it is a symbolic link (to {target}), which is not followed into a folder; put the checkpoint itself "
+               "in the registry") for name, target in (("a-linked", outside), ("b-proc", "/proc"))]
+    known = {(r.source, r.fingerprint) for r in found.refused}
+    assert LocalRegistry(registry, settle_seconds=0).scan(known, now=settled()).refused == []  # refused once
+
+
 def test_a_folder_whose_scan_takes_longer_than_its_budget_is_refused_and_the_next_one_is_scanned(tmp_path,
                                                                                                  monkeypatch):
     write_header_bomb(tmp_path / "registry" / "a-bomb", 300_000)
