@@ -12,11 +12,14 @@ tensor it leaves out that its family ties is read as the checkpoint's own input 
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 from mergeops.errors import PolicyError, RejectedError
 from mergeops.intake.tokenizer import (
+    TOKENIZER_FILES,
     RowMatch,
     Tokenizer,
     TokenizerFileError,
@@ -33,6 +36,9 @@ _SHOWN = 3  # tokens named in a message
 # Reading both tokenizers, in a child process: a real one takes under a second; a 200 MB tokenizer.json of short
 # tokens took 50 s and 3 GB, and in the daemon's own process no SIGTERM or watchdog ping would get through meanwhile.
 TOKENIZER_SECONDS = 30.0
+# Tokenizer files up to this size (every real tokenizer but the largest vocabularies) are parsed in this process, in
+# well under 2 s: a child costs more than it bounds (in a fresh `mergeops fold`, starting its forkserver took 2.3 s).
+IN_PROCESS_TOKENIZER_BYTES = 16 << 20
 
 
 def tied_in_checkpoint(checkpoint: ModelFolder, base: ModelFolder) -> dict[str, str]:
@@ -105,7 +111,9 @@ def _tokenizers(path: Path, base: ModelFolder, tick: Callable[[], None]
     and whether their files are the same bytes (then the base's is the checkpoint's, not parsed twice); read in a
     child process within ``TOKENIZER_SECONDS``."""
     try:
-        read = run_isolated(_read_tokenizers, (path, base.path), tick, TOKENIZER_SECONDS)
+        small = _tokenizer_bytes(path) <= IN_PROCESS_TOKENIZER_BYTES
+        read = _read_tokenizers(path, base.path) if small else \
+            run_isolated(_read_tokenizers, (path, base.path), tick, TOKENIZER_SECONDS)
     except TookTooLong as exc:
         raise RejectedError(f"{path}'s tokenizer files took longer than {TOKENIZER_SECONDS:g} s to read; a real "
                             "tokenizer's take under a second.") from exc
@@ -117,6 +125,15 @@ def _tokenizers(path: Path, base: ModelFolder, tick: Callable[[], None]
             raise PolicyError(f"the stream's base has an unreadable tokenizer: {message}")
         raise RejectedError(message)
     return read
+
+
+def _tokenizer_bytes(folder: Path) -> float:
+    """The size of the tokenizer files in ``folder`` as they say (infinite if one cannot be asked: the child reads
+    and names it)."""
+    try:
+        return sum(os.stat(folder / name).st_size for name in TOKENIZER_FILES if os.path.lexists(folder / name))
+    except OSError:
+        return math.inf
 
 
 def _read_tokenizers(path: Path, base_path: Path

@@ -174,6 +174,18 @@ def test_a_model_without_vocabulary_sized_tensors_has_no_rows_to_match(tmp_path)
     assert checked(tmp_path / "base", tmp_path / "ck").rows is None
 
 
+def test_a_tokenizer_of_a_real_size_is_read_in_this_process_without_a_child(tmp_path, monkeypatch):
+    """A child (and, in a fresh `mergeops fold`, its forkserver) costs seconds; a real tokenizer parses in less."""
+    base = save_model(tmp_path / "base", "llama", WORDS)
+    checkpoint = finetune(base, tmp_path / "ck", seed=1, added=["<new>"])
+
+    def no_child(*args):  # type: ignore[no-untyped-def]
+        raise AssertionError("a small tokenizer was read in a child process")
+
+    monkeypatch.setattr(vocab, "run_isolated", no_child)
+    assert checked(base, checkpoint, vocab="base").rows is not None
+
+
 def write_huge_vocabulary(checkpoint, tokens: int) -> None:  # type: ignore[no-untyped-def]
     """A tokenizer.json of ``tokens`` short tokens: well under its size cap, and slow to read (some 4 µs a token)."""
     with open(checkpoint / "tokenizer.json", "w") as f:
