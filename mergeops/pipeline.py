@@ -169,8 +169,11 @@ class _Pipeline:
         base_digest = started.base_digest if started else folder_digest(base.path)
         subject.accepted_norms = self.ledger.update_norms(self.stream.name)
         try:
-            # fold (measuring ‖θ0‖ too while the stream has no update history to compare ‖τ‖ with)
-            folded = self._fold(view, base_digest, method, plan, stack, measure_base=not subject.accepted_norms)
+            # fold, measuring ‖τ‖ where a gate compares it: with the stream's update history (max_update_ratio), or
+            # with ‖θ0‖ while the stream has none (its first fold), which it then starts
+            first = not subject.accepted_norms
+            folded = self._fold(view, base_digest, method, plan, stack, measure_base=first,
+                                measure_update=first or self.stream.gate.max_update_ratio is not None)
             # gates on the candidate
             subject.candidate, subject.update_norm = plan.output_dir, folded.update_norm
             subject.base_norm = folded.base_norm
@@ -202,7 +205,7 @@ class _Pipeline:
         return method
 
     def _fold(self, checkpoint: FineTune, base_digest: str, method: MergeMethod, plan: NextVersion,
-              stack: ExitStack, *, measure_base: bool) -> Folded:
+              stack: ExitStack, *, measure_base: bool, measure_update: bool) -> Folded:
         history = tuple(PastCheckpoint(v.checkpoint, Path(v.source), v.metrics)
                         for v in self.ledger.versions(self.stream.name))
         method.begin(Arrival(checkpoint, self.digest, t=plan.number, metrics=self.checkpoint.metrics, history=history,
@@ -213,7 +216,7 @@ class _Pipeline:
             output_dir=plan.output_dir, state_dir=plan.state_dir, dtype=self.stream.dtype,
             metadata=lambda digest: self._metadata(plan, base_digest, digest), digest=self.digest,
             digest_known=lambda: self.checkpoint.digest_known, spare_state=plan.folders.spare_state,
-            measure_base=measure_base,
+            measure_update=measure_update, measure_base=measure_base,
             progress=self.progress))
 
     def _metadata(self, plan: NextVersion, base_digest: str, checkpoint_digest: str) -> dict[str, str]:

@@ -69,6 +69,7 @@ class FoldJob:
     digest: Callable[[], str]  # the checkpoint's digest, waiting for it (a duplicate raises, ending the fold)
     digest_known: Callable[[], bool]
     spare_state: Path | None = None  # an old state folder whose files the new state may overwrite
+    measure_update: bool = True  # sum ‖τ‖² (for the update gates; about 8% of an elementwise fold's time)
     measure_base: bool = False  # also sum ‖θ0‖² over the same tensors (a stream with no update history yet)
     progress: Callable[[int], None] | None = None  # bytes folded; 0 between tensors (the daemon's stop check)
 
@@ -80,7 +81,7 @@ class Folded:
 
     output_files: dict[str, str]
     state_files: dict[str, str]
-    update_norm: float
+    update_norm: float | None  # None: not measured (no gate needed it)
     base_norm: float | None = None
 
 
@@ -116,7 +117,8 @@ class _Fold:
         if output_files is None:  # the merged tensors needed what only finishing told: a second pass
             output_files = self._merge_pass()
         base_norm = math.sqrt(math.fsum(self.base_sq.values())) if job.measure_base else None
-        return Folded(output_files, state_files, math.sqrt(math.fsum(self.update_sq.values())), base_norm)
+        update_norm = math.sqrt(math.fsum(self.update_sq.values())) if job.measure_update else None
+        return Folded(output_files, state_files, update_norm, base_norm)
 
     def _tick(self, nbytes: int) -> None:
         if self.job.progress:
@@ -220,7 +222,8 @@ class _Fold:
                 new = self._checked_float(name, job.checkpoint.read(name, start, stop))
                 base = job.base.read(name, start, stop).float()
                 # sums of squares of pieces already in memory (a tensor's pieces come in order on one thread)
-                self.update_sq[name] = self.update_sq.get(name, 0.0) + _update_sq(new, base)
+                if job.measure_update:
+                    self.update_sq[name] = self.update_sq.get(name, 0.0) + _update_sq(new, base)
                 if job.measure_base:
                     self.base_sq[name] = self.base_sq.get(name, 0.0) + _sum_sq(base)
                 new_state = job.method.fold(piece, base, new, self._state(name, start=start, stop=stop),

@@ -76,3 +76,23 @@ def test_the_policy_sets_the_bound_and_once_norms_are_recorded_the_history_decid
         (tmp_path / "bad.toml").write_text(written)
         result = mergeops("status", "--policy", str(tmp_path / "bad.toml"))
         assert result.returncode == 2 and "max_base_relative_update" in result.stderr, (bad, result.stderr)
+
+
+@pytest.mark.parametrize(("ratio", "recorded"), [(None, 1), (5.0, 3)])
+def test_the_update_norm_is_measured_where_a_gate_compares_it(tmp_path, ratio, recorded):
+    """The first fold always (the bound against the base); later ones only under max_update_ratio (it costs about 8%
+    of an elementwise fold)."""
+    from mergeops.ledger import Ledger
+    from mergeops.pipeline import fold_checkpoint
+    from mergeops.policy import load_policy
+    from tests.fold.streams import make_base, make_checkpoints
+
+    base_path, base = make_base(tmp_path)
+    path = write_policy(tmp_path, base_path, "average")
+    if ratio is not None:
+        path.write_text(path.read_text() + f"[streams.s.gate]\nmax_update_ratio = {ratio}\n")
+    policy = load_policy(path)
+    for checkpoint in make_checkpoints(tmp_path, base, 3):
+        assert fold_checkpoint(policy, "s", checkpoint).status == "merged"
+    with Ledger.open_readonly(policy.home) as ledger:
+        assert len(ledger.update_norms("s")) == recorded
