@@ -220,6 +220,7 @@ def test_a_stop_asked_for_while_a_tokenizer_is_read_is_honoured_at_once(tmp_path
         if len(ticks) > 2:
             raise Stop
 
-    with receive(checkpoint, CheckpointFacts(str(checkpoint))) as taken, ModelFolder.open(base) as opened:
-        with pytest.raises(Stop):  # raised by a tick while the child reads: the read did not hold the caller
-            taken.check_against_base(opened, "base", tick)
+    # raised by a tick while the child reads: the read did not hold the caller
+    with receive(checkpoint, CheckpointFacts(str(checkpoint))) as taken, ModelFolder.open(base) as opened, \
+            pytest.raises(Stop):
+        taken.check_against_base(opened, "base", tick)
